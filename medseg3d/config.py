@@ -1,0 +1,246 @@
+"""Pydantic models for everything that crosses a boundary: dataset.json, plans, configs, checkpoints.
+
+Every file medseg3d reads or writes goes through one of these models, so a bad file fails early
+with a message that names the field. Nothing here can name a Python object to import: networks
+are chosen by registry name only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg3d.atomic import write_text_atomic
+from medseg3d.errors import MedsegError
+
+Device = Literal["auto", "cpu", "cuda"]
+NormScheme = Literal["ct", "zscore", "none"]
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+# Network options are plain data: numbers, strings, booleans and lists of them, never objects.
+Scalar = int | float | str | bool
+OptionValue = Scalar | list[Scalar] | list[list[Scalar]]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(BaseModel):
+    """``dataset.json`` in the nnU-Net v2 or the Medical Segmentation Decathlon format.
+
+    Both are normalised to nnU-Net v2 fields: ``channel_names`` {"0": "CT"} and
+    ``labels`` {"background": 0, "liver": 1}. MSD's ``modality`` and id->name ``labels`` are
+    converted; its ``training`` list of image/label pairs is kept.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = "dataset"
+    description: str = ""
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    numTraining: int | None = Field(default=None, ge=0)
+    file_ending: str = ".nii.gz"
+    training: list[dict[str, str]] | None = None
+    licence: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_decathlon(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("dataset.json must hold a JSON object")
+        data = dict(data)
+        if "channel_names" not in data and "modality" in data:
+            data["channel_names"] = data.pop("modality")
+        labels = data.get("labels")
+        if isinstance(labels, dict) and labels and all(
+                str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
+            data["labels"] = {v: int(k) for k, v in labels.items()}
+        return data
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_valid(cls, labels: dict[str, int]) -> dict[str, int]:
+        values = list(labels.values())
+        if 0 not in values:
+            raise ValueError("labels must declare background as 0")
+        if len(set(values)) != len(values):
+            raise ValueError("labels repeat a value (region labels are not supported)")
+        if min(values) < 0:
+            raise ValueError("label values must be >= 0")
+        return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+
+    @field_validator("channel_names")
+    @classmethod
+    def _channels_valid(cls, channels: dict[str, str]) -> dict[str, str]:
+        if not channels:
+            raise ValueError("channel_names must list at least one channel")
+        if sorted(int(k) for k in channels) != list(range(len(channels))):
+            raise ValueError("channel_names keys must be 0, 1, ... n-1")
+        return {str(k): v for k, v in sorted(channels.items(), key=lambda kv: int(kv[0]))}
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def is_ct(self) -> list[bool]:
+        return [v.strip().upper() == "CT" for v in self.channel_names.values()]
+
+
+class ChannelNorm(Frozen):
+    """Intensity normalisation of one input channel (CT: clip + global z-score; MR: per image)."""
+
+    scheme: NormScheme = "zscore"
+    mean: float = 0.0
+    std: float = 1.0
+    lower: float | None = None
+    upper: float | None = None
+
+
+class Plan(Frozen):
+    """How a dataset is preprocessed and sampled. Spacing and patch are in canonical RAS axis order."""
+
+    spacing: Triple
+    patch_size: IntTriple
+    batch_size: int = Field(default=2, ge=1)
+    normalization: list[ChannelNorm]
+    labels: dict[str, int]
+    median_shape: IntTriple | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.normalization)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def label_values(self) -> list[int]:
+        """Label value written to disk for each class index (class 0 is background)."""
+        return sorted(self.labels.values())
+
+    @property
+    def class_names(self) -> list[str]:
+        by_value = {v: k for k, v in self.labels.items()}
+        return [by_value[v] for v in self.label_values]
+
+
+class NetworkConfig(Frozen):
+    """A network by registry name plus its plain-data options."""
+
+    name: str
+    options: dict[str, OptionValue] = Field(default_factory=dict)
+
+
+class TrainConfig(Frozen):
+    """Everything ``medseg3d train`` needs; saved as ``train_config.json`` beside the run."""
+
+    dataset: str
+    output: str
+    network: NetworkConfig
+    epochs: int = Field(default=50, ge=1)
+    iterations_per_epoch: int = Field(default=50, ge=1)
+    val_every: int = Field(default=5, ge=1)
+    fold: int = Field(default=0, ge=-1)  # -1: train on all cases, validate on the training cases
+    num_folds: int = Field(default=5, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    device: Device = "auto"
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0)
+    amp: bool = True
+    augment: Literal["none", "light", "strong"] = "light"
+    plan_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceConfig(Frozen):
+    """Sliding-window and output options of ``medseg3d predict`` and the napari widget."""
+
+    device: Device = "auto"
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    batch_size: int = Field(default=2, ge=1)
+    tta: bool = False
+    save_probabilities: bool = False
+    max_memory_gb: float | None = Field(default=None, gt=0)
+
+
+class CheckpointMeta(Frozen):
+    """The JSON that travels beside ``*.safetensors`` weights: all prediction needs."""
+
+    format_version: Literal[1] = 1
+    network: NetworkConfig
+    plan: Plan
+    epoch: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    dataset_name: str = ""
+    created: str = ""
+
+
+class TrainingData(Frozen):
+    name: str
+    sources: list[str] = Field(default_factory=list)
+    licence: str = ""
+    cases: int | None = None
+
+
+class ModelCard(Frozen):
+    """``models/<name>/card.yaml``: a shipped model's identity, provenance and weights checksum."""
+
+    name: str
+    description: str
+    weights: str = "model.safetensors"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    task: str = ""
+    training_data: TrainingData
+    command: str
+    hardware: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    intended_use: str = "research only; not a medical device"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model_file(model: type[M], path: str | Path) -> M:
+    """Parse a JSON or YAML file into ``model``; raise a one-line MedsegError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise MedsegError("file not found", path) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedsegError(f"cannot read ({exc})", path) from exc
+    try:
+        # safe_load builds plain data only: no YAML tags can construct Python objects.
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0]
+        raise MedsegError(f"not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({first})",
+                          path) from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise MedsegError(f"invalid {model.__name__}: {_first_error(exc)}", path) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def save_model_file(obj: BaseModel, path: str | Path) -> None:
+    """Write a pydantic model as JSON (or YAML by suffix), atomically."""
+    path = Path(path)
+    data = obj.model_dump(mode="json")
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else \
+        json.dumps(data, indent=2) + "\n"
+    write_text_atomic(path, text)

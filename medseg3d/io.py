@@ -1,0 +1,283 @@
+"""Read and write volumes without ever losing their geometry.
+
+Array / affine contract (written once, used everywhere):
+
+* ``Volume.array`` is indexed ``[i, j, k]`` (plus a trailing channel axis for multi-channel
+  images) in the file's own voxel order, exactly as nibabel returns it.
+* ``Volume.affine`` maps voxel indices ``(i, j, k, 1)`` to world millimetres in RAS+ (nibabel's
+  convention). Files read with SimpleITK (LPS, arrays in ``z, y, x``) are converted to this
+  contract on read and converted back on write.
+* ``Volume.header`` is the NIfTI header as read (or synthesised for SimpleITK files). Label maps
+  are written with a copy of it, so the sform, qform and their codes are preserved byte for byte.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from medseg3d.atomic import atomic_path
+from medseg3d.errors import MedsegError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+
+# LPS (ITK) <-> RAS (NIfTI): flip the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class SitkGeometry:
+    """Exact ITK geometry of a file read with SimpleITK, kept to write labels back identically."""
+
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """An image or label map with the geometry needed to put it back where it came from."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path | None = None
+    sitk_geometry: SitkGeometry | None = field(default=None, repr=False)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def num_channels(self) -> int:
+        return 1 if self.array.ndim == 3 else int(self.array.shape[3])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def volume_suffix(path: str | Path) -> str:
+    """The volume-format suffix of ``path`` (``.nii.gz``, ``.nrrd`` ...) or ``''``."""
+    name = str(path).lower()
+    return next((s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
+def case_name(path: str | Path) -> str:
+    """File name without its volume suffix: ``liver_3.nii.gz`` -> ``liver_3``."""
+    name = Path(path).name
+    suffix = volume_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else Path(name).stem
+
+
+def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
+    """Read a 3D volume (or 4D with channels last when ``allow_channels``); raise MedsegError if bad."""
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError("file not found", path)
+    if path.is_dir():
+        raise MedsegError("is a folder, expected a volume file", path)
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}", path)
+    if path.stat().st_size == 0:
+        raise MedsegError("file is empty", path)
+    volume = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_sitk(path)
+    return _checked(volume, path, allow_channels)
+
+
+def read_labels(path: str | Path, *, reference: Volume | None = None) -> Volume:
+    """Read a label map as integers; with ``reference``, check it lies on the same voxel grid."""
+    volume = read_volume(path)
+    data = volume.array
+    rounded = np.rint(data)
+    if not np.allclose(rounded, data, atol=1e-3):
+        raise MedsegError("label map holds non-integer values", path)
+    if rounded.min() < 0:
+        raise MedsegError(f"label map holds negative values ({int(rounded.min())})", path)
+    labels = Volume(rounded.astype(np.int32), volume.affine, volume.header, volume.path,
+                    volume.sitk_geometry)
+    if reference is not None:
+        check_same_grid(reference, labels)
+    return labels
+
+
+def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
+    """Raise MedsegError naming the label file when it is not on the image's voxel grid."""
+    if image.spatial_shape != labels.spatial_shape:
+        raise MedsegError(f"label grid {labels.spatial_shape} differs from its image grid "
+                          f"{image.spatial_shape} ({image.path})", labels.path)
+    if not np.allclose(image.affine, labels.affine, atol=atol):
+        raise MedsegError(f"label affine differs from its image's ({image.path}); resample the "
+                          "labels onto the image grid first", labels.path)
+
+
+def _read_nifti(path: Path) -> Volume:
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            img = nib.Nifti1Image.from_image(img)
+        shape = img.shape
+        declared = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+        if declared > 64 * 2**30:
+            raise MedsegError(f"header declares shape {shape}, {declared / 2**30:.0f} GiB of voxels; "
+                              "refusing to read", path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except MedsegError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise MedsegError(f"file is truncated or corrupt ({exc})", path) from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise MedsegError("not a NIfTI file (no valid header)", path) from exc
+    except (OSError, ValueError, MemoryError) as exc:
+        raise MedsegError(f"cannot read voxel data ({_short(exc)})", path) from exc
+    header = img.header.copy()
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        raise MedsegError("has neither sform nor qform (both codes 0): its orientation is unknown",
+                          path)
+    return Volume(data, img.affine.astype(np.float64), header, path)
+
+
+def _read_sitk(path: Path) -> Volume:
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise MedsegError(f"cannot read image ({_short(exc)})", path) from exc
+    if img.GetDimension() != 3:
+        raise MedsegError(f"expected a 3D image, got {img.GetDimension()}D", path)
+    geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    data = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x[, c])
+    data = np.ascontiguousarray(np.moveaxis(data, [0, 1, 2], [2, 1, 0]))
+    affine = _LPS_TO_RAS @ _itk_affine(geometry)
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header.set_xyzt_units("mm")
+    return Volume(data, affine, header, path, geometry)
+
+
+def _itk_affine(geometry: SitkGeometry) -> np.ndarray:
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(geometry.spacing, dtype=np.float64)
+    affine[:3, 3] = geometry.origin
+    return affine
+
+
+def _checked(volume: Volume, path: Path, allow_channels: bool) -> Volume:
+    array = volume.array
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 5 and array.shape[3] == 1 and allow_channels:  # NIfTI (x, y, z, t=1, c)
+        array = array[:, :, :, 0, :]
+    if array.ndim < 3:
+        raise MedsegError(f"expected a 3D volume, got a {array.ndim}D image of shape "
+                          f"{array.shape}", path)
+    if array.ndim == 4 and not allow_channels:
+        raise MedsegError(f"expected a 3D volume, got 4D shape {array.shape} (several channels "
+                          "or time points)", path)
+    if array.ndim > 4:
+        raise MedsegError(f"expected a 3D volume, got {array.ndim}D shape {array.shape}", path)
+    if min(array.shape[:3]) < 2:
+        raise MedsegError(f"volume is too thin to be 3D: shape {array.shape}", path)
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise MedsegError(f"contains {bad} NaN or infinite voxels", path)
+    affine = volume.affine
+    if not np.all(np.isfinite(affine)):
+        raise MedsegError("affine holds NaN or infinite values", path)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise MedsegError(f"affine is singular (voxel spacing {np.round(spacing, 6).tolist()})",
+                          path)
+    return Volume(array, affine, volume.header, path, volume.sitk_geometry)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """Smallest unsigned integer type that holds ``max_label``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label value {max_label} too large")
+
+
+def write_labels(labels: np.ndarray, reference: Volume, path: str | Path) -> Path:
+    """Write ``labels`` on ``reference``'s grid, with its affine, codes and shape, atomically."""
+    labels = np.asarray(labels)
+    if labels.shape[:3] != reference.spatial_shape:
+        raise ValueError(f"labels shape {labels.shape} != reference shape {reference.spatial_shape}")
+    data = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
+    return write_array(data, reference, path)
+
+
+def write_array(data: np.ndarray, reference: Volume, path: str | Path) -> Path:
+    """Write any array (labels, probabilities with channels last) on ``reference``'s grid."""
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", path)
+    with atomic_path(path) as tmp:
+        if suffix in NIFTI_SUFFIXES:
+            header = reference.header.copy()
+            header.set_data_dtype(data.dtype)
+            header.set_slope_inter(1.0, 0.0)
+            # affine=None keeps the header's sform/qform (and codes) exactly as read.
+            nib.Nifti1Image(data, None, header).to_filename(str(tmp))
+        else:
+            sitk.WriteImage(_to_sitk(data, reference), str(tmp), useCompression=True)
+    return path
+
+
+def _to_sitk(data: np.ndarray, reference: Volume) -> sitk.Image:
+    array = np.moveaxis(data, [0, 1, 2], [2, 1, 0])
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=data.ndim == 4)
+    if reference.sitk_geometry is not None:
+        g = reference.sitk_geometry
+        img.SetOrigin(g.origin)
+        img.SetSpacing(g.spacing)
+        img.SetDirection(g.direction)
+    else:
+        itk = _LPS_TO_RAS @ reference.affine
+        spacing = np.linalg.norm(itk[:3, :3], axis=0)
+        img.SetOrigin(tuple(itk[:3, 3]))
+        img.SetSpacing(tuple(spacing))
+        img.SetDirection(tuple((itk[:3, :3] / spacing).ravel()))
+    return img
+
+
+def describe(volume: Volume) -> dict[str, object]:
+    """Summary for ``medseg3d info``: shape, spacing, orientation, intensities, header codes."""
+    array = volume.array
+    return {
+        "file": str(volume.path),
+        "shape": list(array.shape),
+        "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "orientation": volume.orientation,
+        "oblique": bool(np.any(np.abs(np.abs(volume.affine[:3, :3] /
+                                              np.array(volume.spacing)).max(axis=0) - 1) > 1e-4)),
+        "sform_code": int(volume.header["sform_code"]),
+        "qform_code": int(volume.header["qform_code"]),
+        "intensity_min": float(array.min()),
+        "intensity_max": float(array.max()),
+        "intensity_mean": float(array.mean()),
+        "physical_size_mm": [round(s * n, 1) for s, n in zip(volume.spacing, array.shape[:3],
+                                                              strict=True)],
+    }
