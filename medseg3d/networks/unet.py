@@ -1,51 +1,91 @@
-"""Residual U-Net with instance norm: the CNN baseline (after nnU-Net's residual encoder U-Net).
+"""Residual 3D U-Net with instance norm: the CNN baseline.
 
-Wraps MONAI's ``DynUNet``, which already implements residual blocks, instance norm, strided
-convolutions and deep supervision well; medseg3d adds presets and the Segmenter attributes.
+After nnU-Net's residual-encoder U-Net (Isensee et al., "nnU-Net Revisited", MICCAI 2024,
+https://arxiv.org/abs/2404.09556): residual blocks, instance norm, leaky ReLU, strided
+convolutions down, transposed convolutions up, skips concatenated. Written out flat so the skip
+connections are visible (MONAI's recursive builders hide them, and DynUNet's shared modules make
+its state dict alias tensors, which safetensors rejects).
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import DynUNet
 from torch import nn
 
 from medseg3d.networks.registry import register_network
 
-__all__ = ["UNet3d", "unet", "unet_large"]
+__all__ = ["ResidualBlock", "UNet3d", "unet", "unet_large"]
+
+
+class ResidualBlock(nn.Module):
+    """conv-norm-act-conv-norm plus a (projected) shortcut, then act."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride, bias=False),
+                nn.InstanceNorm3d(out_channels, affine=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
 
 
 class UNet3d(nn.Module):
-    """Residual 3D U-Net: ``len(filters)`` levels, each halving resolution after the first."""
+    """Residual U-Net: ``len(filters)`` levels; every level after the first halves resolution."""
 
     whole_volume = False
 
-    def __init__(self, in_channels: int, out_channels: int, filters: list[int] | tuple[int, ...] =
-                 (16, 32, 64, 128, 256), residual: bool = True, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int,
+                 filters: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),
+                 blocks_per_level: int = 1) -> None:
         super().__init__()
-        levels = len(filters)
-        self.size_divisor = 2 ** (levels - 1)
-        self.net = DynUNet(
-            spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-            kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
-            upsample_kernel_size=[2] * (levels - 1), filters=list(filters),
-            norm_name="instance", act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-            res_block=residual, dropout=dropout or None, deep_supervision=False,
-        )
+        self.size_divisor = 2 ** (len(filters) - 1)
+        self.encoder = nn.ModuleList()
+        previous = in_channels
+        for level, width in enumerate(filters):
+            blocks = [ResidualBlock(previous, width, stride=1 if level == 0 else 2)]
+            blocks += [ResidualBlock(width, width) for _ in range(blocks_per_level - 1)]
+            self.encoder.append(nn.Sequential(*blocks))
+            previous = width
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for deep, shallow in zip(filters[:0:-1], filters[-2::-1], strict=True):
+            self.upsample.append(nn.ConvTranspose3d(deep, shallow, 2, 2, bias=False))
+            self.decoder.append(ResidualBlock(2 * shallow, shallow))
+        self.head = nn.Conv3d(filters[0], out_channels, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for up, block in zip(self.upsample, self.decoder, strict=True):
+            x = block(torch.cat([up(x), skips.pop()], dim=1))
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.head(self.forward_features(x))
 
 
 @register_network("unet")
 def unet(in_channels: int, out_channels: int, **options: object) -> UNet3d:
-    """Small residual U-Net (about 5 M parameters) that trains on a CPU."""
+    """Small residual U-Net (16..256 filters, 5 levels) that trains on a CPU."""
     options = {"filters": [16, 32, 64, 128, 256], **options}
     return UNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
 
 
 @register_network("unet_large")
 def unet_large(in_channels: int, out_channels: int, **options: object) -> UNet3d:
-    """nnU-Net-sized residual U-Net (32..320 filters, 6 levels) for GPUs."""
-    options = {"filters": [32, 64, 128, 256, 320, 320], **options}
+    """nnU-Net-sized residual U-Net (32..320 filters, 6 levels, 2 blocks a level) for GPUs."""
+    options = {"filters": [32, 64, 128, 256, 320, 320], "blocks_per_level": 2, **options}
     return UNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]

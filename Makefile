@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint data models screenshot benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[napari,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+data: $(STAMP)
+	$(BIN)/python data/prepare.py BrainMaskT1
+
+demo: $(STAMP)
+	$(BIN)/python data/demo.py
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/sliding_window.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

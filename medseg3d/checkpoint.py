@@ -1,0 +1,78 @@
+"""Checkpoints: ``NAME.safetensors`` weights beside ``NAME.json`` metadata (``CheckpointMeta``).
+
+Nothing here unpickles: weights are safetensors, metadata is JSON validated by pydantic, and the
+network is rebuilt from its registry name, so a checkpoint from a stranger cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medseg3d.atomic import atomic_path
+from medseg3d.config import CheckpointMeta, load_model_file, save_model_file
+from medseg3d.errors import MedsegError
+from medseg3d.networks import build_network
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write tensors to a safetensors file atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a truncated file) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError("weights file not found", path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MedsegError(f"not a valid safetensors file ({str(exc).splitlines()[0][:120]}); "
+                          "medseg3d never loads pickled weights", path) from exc
+
+
+def save_checkpoint(network: nn.Module, meta: CheckpointMeta, stem: str | Path) -> Path:
+    """Write ``stem.safetensors`` then ``stem.json``; the JSON, written last, marks it complete."""
+    stem = Path(stem)
+    weights = stem.with_suffix(".safetensors")
+    save_tensors(_unwrap(network).state_dict(), weights)
+    save_model_file(meta, stem.with_suffix(".json"))
+    return weights
+
+
+def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the network named in ``weights``' JSON and load its weights."""
+    weights = Path(weights)
+    if weights.suffix != ".safetensors":
+        raise MedsegError("model weights must be a .safetensors file", weights)
+    meta = load_model_file(CheckpointMeta, weights.with_suffix(".json"))
+    network = build_network(meta.network.name, meta.plan.num_channels, meta.plan.num_classes,
+                            **meta.network.options)
+    state = load_tensors(weights)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MedsegError(f"weights do not match network {meta.network.name!r} "
+                          f"({str(exc).splitlines()[0][:160]})", weights) from exc
+    return network.to(device).eval(), meta
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if hasattr(network, "module") else network

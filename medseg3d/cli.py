@@ -1,0 +1,322 @@
+"""``medseg3d``: train, predict, evaluate, info, models. Expected mistakes exit 1 with one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from medseg3d.config import (
+    Device,
+    InferenceConfig,
+    NetworkConfig,
+    TrainConfig,
+    load_model_file,
+)
+from medseg3d.errors import MedsegError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="3D medical image segmentation: train, predict, evaluate.")
+console = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn MedsegError into one red line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedsegError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _networks() -> list[str]:
+    from medseg3d.networks import list_networks
+
+    return list_networks()
+
+
+def _check_network(name: str) -> str:
+    if name not in _networks():
+        raise typer.BadParameter(f"unknown network {name!r}; choose from {', '.join(_networks())}")
+    return name
+
+
+def _triple(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected three integers like 96,96,96, got {text!r}") from None
+    if len(values) != 3 or min(values) < 1:
+        raise typer.BadParameter(f"expected three positive integers, got {text!r}")
+    return values
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _memory(text: str | None) -> float | None:
+    if text is None:
+        return None
+    units = {"tb": 1024, "gb": 1, "g": 1, "mb": 1 / 1024, "m": 1 / 1024}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            try:
+                return float(lowered[: -len(unit)]) * factor
+            except ValueError:
+                break
+    try:
+        return float(lowered)
+    except ValueError:
+        raise typer.BadParameter(f"expected a size like 2GB or 512MB, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net or Decathlon layout).")],
+    model: Annotated[str, typer.Option("--model", "-m", callback=_check_network,
+                                       help="Network name (see `medseg3d models`).")] = "unet",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    iterations: Annotated[int, typer.Option("--iterations", min=1,
+                                            help="Iterations per epoch.")] = 50,
+    val_every: Annotated[int, typer.Option(min=1)] = 5,
+    fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
+    device: Annotated[Device, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "light",
+    patch_size: Annotated[str | None, typer.Option(help="Override the plan, e.g. 64,64,64.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    spacing: Annotated[str | None, typer.Option(help="Target spacing in mm, e.g. 1,1,1.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option",
+                                                     help="Network option KEY=VALUE.")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
+    config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
+) -> None:
+    """Train a segmenter on a dataset folder."""
+    from medseg3d.training import train as run_training
+
+    overrides: dict[str, Any] = {}
+    if patch_size:
+        overrides["patch_size"] = _triple(patch_size)
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    if spacing:
+        try:
+            overrides["spacing"] = [float(v) for v in spacing.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
+    output = output or Path("runs") / f"{dataset.name}_{model}"
+    if resume and (output / "train_config.json").is_file():
+        train_config = load_model_file(TrainConfig, output / "train_config.json")
+    elif config is not None:
+        base = load_model_file(TrainConfig, config).model_dump()
+        train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
+                                                   "output": str(output)})
+    else:
+        try:
+            train_config = TrainConfig(
+                dataset=str(dataset), output=str(output),
+                network=NetworkConfig(name=model, options=_options(option or [])),
+                epochs=epochs, iterations_per_epoch=iterations, val_every=val_every, fold=fold,
+                device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
+                plan_overrides=overrides, num_workers=workers)
+        except ValueError as exc:
+            raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
+    with _progress() as bar:
+        task = bar.add_task("training", total=train_config.epochs
+                            * train_config.iterations_per_epoch)
+
+        def on_progress(step: int, total: int, loss: float, best: float) -> None:
+            best_text = f"  best Dice {best:.3f}" if best >= 0 else ""
+            bar.update(task, completed=step, total=total,
+                       description=f"training  loss {loss:.4f}{best_text}")
+
+        best = run_training(train_config, resume=resume, log=bar.console.print,
+                            progress=on_progress)
+    out.print(f"best checkpoint: {best}")
+    out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
+
+
+@app.command()
+@user_errors
+def predict(
+    input: Annotated[Path, typer.Argument(help="A scan, or a folder of scans.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file or folder.")
+                      ] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name, run folder "
+                                       "or .safetensors checkpoint.")] = "brainmask",
+    device: Annotated[Device, typer.Option()] = "auto",
+    overlap: Annotated[float, typer.Option(min=0.0, max=0.95)] = 0.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 2,
+    tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    save_probabilities: Annotated[bool, typer.Option()] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 2GB.")] = None,
+    num_parts: Annotated[int, typer.Option(min=1, help="Split a folder into N parts.")] = 1,
+    part_id: Annotated[int, typer.Option(min=0, help="Which part this job runs.")] = 0,
+    resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output exists.")
+                      ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Segment a scan or a folder; outputs keep each input's exact geometry."""
+    from medseg3d import cohort
+    from medseg3d.api import load_model
+    from medseg3d.inference import label_volumes
+
+    config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
+                             save_probabilities=save_probabilities,
+                             max_memory_gb=_memory(max_memory))
+    cases = cohort.shard(cohort.find_inputs(input), num_parts, part_id)
+    single = input.is_file()
+    jobs = []
+    for case in cases:
+        if single:
+            target = output or case.files[0].with_name(f"{case.case_id}_seg.nii.gz")
+        else:
+            if output is None:
+                raise MedsegError("predicting a folder needs --output FOLDER", input)
+            target = output / f"{case.case_id}.nii.gz"
+        if target.resolve() in {f.resolve() for f in case.files}:
+            raise MedsegError("output would overwrite its input; choose another --output", target)
+        if target.exists() and not overwrite:
+            if resume:
+                continue
+            raise MedsegError("output exists; pass --continue to skip finished cases or "
+                              "--overwrite to replace them", target)
+        jobs.append((case, target))
+    if not jobs:
+        out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
+        return
+    predictor = load_model(model, device)
+    writer = cohort.BackgroundWriter()
+    started = time.perf_counter()
+    with _progress() as bar, ThreadPoolExecutor(1) as reader:
+        files_task = bar.add_task("cases", total=len(jobs))
+        windows_task = bar.add_task("windows", total=None)
+        for (case, target), future in zip(jobs, cohort.prefetched([c for c, _ in jobs], reader),
+                                          strict=True):
+            volume = future[1].result()
+            bar.reset(windows_task, description=f"{case.case_id}")
+
+            def on_windows(done: int, total: int) -> None:
+                bar.update(windows_task, completed=done, total=total)
+
+            prediction = predictor.predict_volume(volume, config, progress=on_windows)
+            writer.submit(functools.partial(cohort.write_prediction, prediction.labels,
+                                            prediction.probabilities, volume, target))
+            bar.advance(files_task)
+            if len(jobs) <= 20:
+                _print_volumes(bar.console, case.case_id, target,
+                               label_volumes(prediction.labels, volume.spacing, predictor.plan))
+        writer.close()
+    out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
+              + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
+
+
+def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list) -> None:
+    table = Table(title=f"{case_id} -> {path}", title_justify="left")
+    table.add_column("label")
+    table.add_column("value", justify="right")
+    table.add_column("voxels", justify="right")
+    table.add_column("volume (mL)", justify="right")
+    for row in rows:
+        table.add_row(row.name, str(row.value), f"{row.voxels:,}", f"{row.millilitres:.2f}")
+    target_console.print(table)
+
+
+@app.command()
+@user_errors
+def info(path: Annotated[Path, typer.Argument(help="A volume file.")]) -> None:
+    """Show a volume's shape, spacing, orientation and intensity range."""
+    from medseg3d.io import describe, read_volume
+
+    summary = describe(read_volume(path, allow_channels=True))
+    table = Table(show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def models(verify: Annotated[bool, typer.Option(help="Check weights' SHA-256.")] = False) -> None:
+    """List shipped models and the network names that `train --model` accepts."""
+    from medseg3d.zoo import find_model, list_models, weights_of
+
+    table = Table(title="shipped models", title_justify="left")
+    for column in ("name", "labels", "description", *(("sha256",) if verify else ())):
+        table.add_column(column)
+    failures = 0
+    for card in list_models():
+        model_dir = find_model(card.name)
+        meta_labels = ""
+        try:
+            _, weights = weights_of(model_dir, verify=verify)  # type: ignore[arg-type]
+            meta = json.loads(weights.with_suffix(".json").read_text())
+            meta_labels = ", ".join(k for k in meta["plan"]["labels"] if k != "background")
+            status = ("ok",) if verify else ()
+        except MedsegError as exc:
+            failures += 1
+            status = (f"FAILED: {exc}",)
+        table.add_row(card.name, meta_labels, card.description, *status)
+    out.print(table)
+    out.print("networks: " + ", ".join(_networks()))
+    if failures:
+        raise MedsegError(f"{failures} shipped model(s) failed verification")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=False, disable=not sys.stderr.isatty() and False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Predict many scans: find inputs, shard them across jobs, skip finished ones, overlap I/O.
+
+A folder is split deterministically into ``num_parts`` (case ``i`` goes to part ``i % n`` of the
+sorted case list), so a SLURM array or Kubernetes indexed job can run one part per task; outputs
+appear atomically, so a part killed mid-way is simply rerun with ``--continue``. Reading the next
+scan and compressing the previous result run in background threads while the current scan is
+segmented, which keeps the accelerator busy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg3d.errors import MedsegError
+from medseg3d.io import (
+    VOLUME_SUFFIXES,
+    Volume,
+    case_name,
+    read_volume,
+    volume_suffix,
+    write_array,
+    write_labels,
+)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One scan to segment: its channel files (one, or nnU-Net's ``_0000``, ``_0001`` ...)."""
+
+    case_id: str
+    files: tuple[Path, ...]
+
+
+def find_inputs(path: Path) -> list[InputCase]:
+    """Cases in a file or folder, sorted by case id; nnU-Net channel files are grouped."""
+    if path.is_file():
+        return [InputCase(case_name(path), (path,))]
+    if not path.is_dir():
+        raise MedsegError("file or folder not found", path)
+    try:
+        files = sorted(p for p in path.iterdir() if volume_suffix(p) and p.is_file()
+                       and not p.name.startswith("."))
+    except PermissionError as exc:
+        raise MedsegError("folder is not readable", path) from exc
+    if not files:
+        raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)})", path)
+    matches = [_CHANNEL.match(case_name(p)) for p in files]
+    if all(matches):
+        groups: dict[str, list[Path]] = {}
+        for match, file in zip(matches, files, strict=True):
+            groups.setdefault(match["case"], []).append(file)  # type: ignore[index]
+        return [InputCase(case, tuple(sorted(fs))) for case, fs in sorted(groups.items())]
+    return [InputCase(case_name(p), (p,)) for p in files]
+
+
+def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCase]:
+    """The deterministic ``part_id``-th of ``num_parts`` parts of ``cases``."""
+    if not 0 <= part_id < num_parts:
+        raise MedsegError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    return cases[part_id::num_parts]
+
+
+def read_input(case: InputCase) -> Volume:
+    """Read a case, stacking channel files (channels last) after checking they share a grid."""
+    if len(case.files) == 1:
+        return read_volume(case.files[0], allow_channels=True)
+    channels = [read_volume(f) for f in case.files]
+    first = channels[0]
+    for other in channels[1:]:
+        if other.spatial_shape != first.spatial_shape or not np.allclose(other.affine,
+                                                                         first.affine, atol=1e-3):
+            raise MedsegError(f"channel grid differs from {first.path}", other.path)
+    return Volume(np.stack([c.array for c in channels], -1), first.affine, first.header, first.path,
+                  first.sitk_geometry)
+
+
+def prefetched(cases: list[InputCase], pool: ThreadPoolExecutor
+               ) -> Iterator[tuple[InputCase, Future[Volume]]]:
+    """Yield each case with a future of its volume, the next one already being read."""
+    pending: Future[Volume] | None = None
+    for i, case in enumerate(cases):
+        current = pending if pending is not None else pool.submit(read_input, case)
+        pending = pool.submit(read_input, cases[i + 1]) if i + 1 < len(cases) else None
+        yield case, current
+
+
+class BackgroundWriter:
+    """Writes results in a worker thread; ``close`` waits and re-raises the first write error."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(1) if enabled else None
+        self._futures: list[Future[None]] = []
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        if self._pool is None:
+            fn()
+            return
+        # Bound the queue: results waiting to be written hold whole label maps in memory.
+        pending = [f for f in self._futures if not f.done()]
+        if len(pending) >= 2:
+            pending[0].result()
+        self._futures.append(self._pool.submit(fn))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+
+
+def write_prediction(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume,
+                     output: Path) -> None:
+    """Write labels (and probabilities as ``*_probabilities``) on the input's grid."""
+    write_labels(labels, volume, output)
+    if probabilities is not None:
+        suffix = volume_suffix(output)
+        prob_path = output.with_name(output.name[: -len(suffix)] + "_probabilities" + suffix)
+        write_array(probabilities.astype(np.float32), volume, prob_path)

@@ -1,0 +1,139 @@
+"""Dataset folders (nnU-Net v2 and Medical Segmentation Decathlon layouts): find, validate, split.
+
+nnU-Net v2: ``dataset.json`` + ``imagesTr/CASE_0000.nii.gz`` (``_0001`` ... for more channels) +
+``labelsTr/CASE.nii.gz`` (+ optional ``imagesTs/``). Decathlon: ``dataset.json`` with a
+``training`` list of ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` and
+4D images holding the channels in their last axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg3d.config import DatasetSpec, load_model_file
+from medseg3d.errors import MedsegError
+from medseg3d.io import Volume, case_name, check_same_grid, read_labels, read_volume
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its image file(s) and label file."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path
+    channels_in_file: bool = False  # Decathlon: one 4D file holds all channels
+
+
+def load_spec(dataset_dir: str | Path) -> DatasetSpec:
+    """Read and validate ``dataset.json`` of a dataset folder."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise MedsegError("dataset folder not found", dataset_dir)
+    return load_model_file(DatasetSpec, dataset_dir / "dataset.json")
+
+
+def find_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case]:
+    """List the training cases of a folder; missing images or labels give a MedsegError."""
+    dataset_dir = Path(dataset_dir)
+    cases = _decathlon_cases(dataset_dir, spec) if spec.training else _nnunet_cases(dataset_dir,
+                                                                                     spec)
+    if not cases:
+        raise MedsegError("no training cases found (expected labelsTr/CASE"
+                          f"{spec.file_ending} or a 'training' list)", dataset_dir)
+    if spec.numTraining is not None and spec.numTraining != len(cases):
+        raise MedsegError(f"numTraining is {spec.numTraining} but {len(cases)} labelled cases "
+                          "were found", dataset_dir / "dataset.json")
+    return cases
+
+
+def _nnunet_cases(root: Path, spec: DatasetSpec) -> list[Case]:
+    labels_dir, images_dir = root / "labelsTr", root / "imagesTr"
+    for folder in (labels_dir, images_dir):
+        if not folder.is_dir():
+            raise MedsegError("folder missing (nnU-Net layout needs imagesTr/ and labelsTr/)",
+                              folder)
+    try:
+        label_files = sorted(p for p in labels_dir.iterdir() if p.name.endswith(spec.file_ending))
+        image_names = {p.name for p in images_dir.iterdir()}
+    except PermissionError as exc:
+        raise MedsegError("folder is not readable", exc.filename) from exc
+    cases = []
+    for label in label_files:
+        case_id = label.name[: -len(spec.file_ending)]
+        images = tuple(images_dir / f"{case_id}_{c:04d}{spec.file_ending}"
+                       for c in range(spec.num_channels))
+        for image in images:
+            if image.name not in image_names:
+                raise MedsegError(f"image of case {case_id!r} is missing", image)
+        cases.append(Case(case_id, images, label))
+    labelled = {c.case_id for c in cases}
+    orphans = sorted(n for n in image_names if n.endswith(spec.file_ending)
+                     and n[: -len(spec.file_ending) - 5] not in labelled)
+    if orphans:
+        raise MedsegError(f"image has no label in labelsTr/ ({len(orphans)} such file(s))",
+                          images_dir / orphans[0])
+    return cases
+
+
+def _decathlon_cases(root: Path, spec: DatasetSpec) -> list[Case]:
+    cases = []
+    for entry in spec.training or []:
+        if "image" not in entry or "label" not in entry:
+            raise MedsegError("each 'training' entry needs 'image' and 'label'",
+                              root / "dataset.json")
+        image, label = root / entry["image"], root / entry["label"]
+        for path in (image, label):
+            if not path.is_file():
+                raise MedsegError("listed in dataset.json but missing", path)
+        cases.append(Case(case_name(label), (image,), label, channels_in_file=True))
+    return cases
+
+
+def read_case(case: Case, spec: DatasetSpec) -> tuple[Volume, Volume]:
+    """Read a case's image (channels last when more than one) and its validated label map."""
+    if case.channels_in_file:
+        image = read_volume(case.images[0], allow_channels=True)
+    else:
+        channels = [read_volume(p) for p in case.images]
+        for other in channels[1:]:
+            check_same_grid(channels[0], other)
+        image = channels[0] if len(channels) == 1 else Volume(
+            np.stack([c.array for c in channels], axis=-1), channels[0].affine,
+            channels[0].header, channels[0].path)
+    if image.num_channels != spec.num_channels:
+        raise MedsegError(f"has {image.num_channels} channel(s), dataset.json declares "
+                          f"{spec.num_channels}", case.images[0])
+    labels = read_labels(case.label, reference=image)
+    found = set(np.unique(labels.array).astype(int).tolist())
+    undeclared = sorted(found - set(spec.labels.values()))
+    if undeclared:
+        raise MedsegError(f"label values {undeclared} are not declared in dataset.json "
+                          f"(declared: {sorted(spec.labels.values())})", case.label)
+    return image, labels
+
+
+def validate_dataset(dataset_dir: str | Path) -> tuple[DatasetSpec, list[Case]]:
+    """Check the whole folder (every image/label pair is read once); return spec and cases."""
+    spec = load_spec(dataset_dir)
+    cases = find_cases(dataset_dir, spec)
+    for case in cases:
+        read_case(case, spec)
+    return spec, cases
+
+
+def split_cases(cases: list[Case], fold: int, num_folds: int, seed: int) -> tuple[list[Case],
+                                                                                 list[Case]]:
+    """Deterministic k-fold split; fold -1 (or a single case) trains and validates on everything."""
+    if fold < 0 or len(cases) < 2:
+        return list(cases), list(cases)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    num_folds = min(num_folds, len(cases))
+    fold = fold % num_folds
+    val_idx = set(order[fold::num_folds].tolist())
+    train = [c for i, c in enumerate(cases) if i not in val_idx]
+    val = [c for i, c in enumerate(cases) if i in val_idx]
+    return train, val

@@ -1,0 +1,88 @@
+"""Predict one volume: preprocess to the plan grid, sliding window (or whole volume), restore.
+
+The output always lies on the input's own voxel grid (same shape and voxel order), so writing it
+with the input's header reproduces the input geometry exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
+from medseg3d.io import Volume
+from medseg3d.preprocessing import preprocess_image, restore_labels, restore_probabilities
+from medseg3d.sliding_window import sliding_window
+
+# A patch-free network sees the whole volume unless that exceeds this many voxels per window
+# batch, where prediction falls back to sliding windows of the plan's patch.
+WHOLE_VOLUME_MAX_VOXELS = 256**3
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Labels (and optionally softmax probabilities, channels last) on the input's grid."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def window_for(network: nn.Module, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The window to slide: the whole (padded) volume for patch-free networks, else the patch."""
+    if getattr(network, "whole_volume", False):
+        divisor = int(getattr(network, "size_divisor", 1))
+        whole = tuple(-(-s // divisor) * divisor for s in shape)
+        if int(np.prod(whole)) <= WHOLE_VOLUME_MAX_VOXELS:
+            return whole  # type: ignore[return-value]
+    return plan.patch_size
+
+
+def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
+                   config: InferenceConfig = InferenceConfig(), *,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Prediction:
+    """Segment ``volume`` with ``network``; see the module docstring for the geometry contract."""
+    plan = meta.plan
+    device = resolve_device(config.device)
+    network = network.to(device).eval()
+    image, grid = preprocess_image(volume, plan)
+    output = sliding_window(
+        network, image, window=window_for(network, plan, tuple(image.shape[1:])),
+        num_classes=plan.num_classes, overlap=config.overlap, batch_size=config.batch_size,
+        mirror_axes=(0, 1, 2) if config.tta else (), device=device,
+        output="probabilities" if config.save_probabilities else "labels",
+        progress=progress, should_stop=should_stop,
+    )
+    if config.save_probabilities:
+        classes = output.argmax(0).to(torch.uint8)
+        return Prediction(restore_labels(classes, grid, plan), restore_probabilities(output, grid))
+    return Prediction(restore_labels(output, grid, plan))
+
+
+@dataclass(frozen=True)
+class LabelVolume:
+    """Size of one label in a prediction."""
+
+    name: str
+    value: int
+    voxels: int
+    millilitres: float
+
+
+def label_volumes(labels: np.ndarray, spacing: tuple[float, ...], plan: Plan) -> list[LabelVolume]:
+    """Voxel count and volume in mL of every foreground label of ``plan``."""
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(plan.label_values) + 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return [LabelVolume(name, value, int(counts[value]), float(counts[value]) * voxel_ml)
+            for name, value in plan.labels.items() if value != 0]

@@ -1,0 +1,129 @@
+"""Bring a volume onto a plan's grid and back: reorient to RAS, resample, normalise.
+
+Every step records what it did in a ``GridTransform`` so that predictions made on the plan grid
+are put back on the exact voxel grid of the input (same shape, same voxel order). The network
+sees arrays indexed ``[x, y, z]`` in canonical RAS order (closest to the file's axes, so an
+oblique file is never resampled across axes, only permuted and flipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg3d.config import ChannelNorm, Plan
+from medseg3d.errors import MedsegError
+from medseg3d.io import Volume
+
+
+@dataclass(frozen=True)
+class GridTransform:
+    """How an input grid maps to the plan grid: a permutation/flip, then a resize."""
+
+    original_shape: tuple[int, int, int]
+    to_canonical: np.ndarray  # nibabel orientation transform, original -> RAS
+    canonical_shape: tuple[int, int, int]
+    canonical_spacing: tuple[float, float, float]
+    plan_shape: tuple[int, int, int]
+
+    @property
+    def resampled(self) -> bool:
+        return self.plan_shape != self.canonical_shape
+
+
+def canonical_orientation(affine: np.ndarray) -> np.ndarray:
+    """Orientation transform from the affine's voxel axes to the closest RAS axes."""
+    return nib.orientations.io_orientation(affine)
+
+
+def reorient(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Apply an orientation transform to the first three axes of ``array`` (channels stay last)."""
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+
+
+def plan_grid(volume: Volume, spacing: tuple[float, float, float]) -> GridTransform:
+    """The transform that takes ``volume``'s grid to canonical RAS at ``spacing`` mm."""
+    ornt = canonical_orientation(volume.affine)
+    axes = ornt[:, 0].astype(int)
+    canonical_shape = [0, 0, 0]
+    canonical_spacing = [0.0, 0.0, 0.0]
+    for src, dst in enumerate(axes):
+        canonical_shape[dst] = volume.spatial_shape[src]
+        canonical_spacing[dst] = volume.spacing[src]
+    plan_shape = tuple(max(1, round(n * s / t)) for n, s, t in
+                       zip(canonical_shape, canonical_spacing, spacing, strict=True))
+    return GridTransform(volume.spatial_shape, ornt, tuple(canonical_shape),  # type: ignore[arg-type]
+                         tuple(canonical_spacing), plan_shape)  # type: ignore[arg-type]
+
+
+def resize(tensor: torch.Tensor, shape: tuple[int, ...], *, labels: bool = False) -> torch.Tensor:
+    """Resize a ``(C, X, Y, Z)`` tensor; trilinear for images, nearest for label maps."""
+    if tuple(tensor.shape[1:]) == tuple(shape):
+        return tensor
+    mode = "nearest-exact" if labels else "trilinear"
+    src = tensor[None].float() if labels else tensor[None]
+    out = F.interpolate(src, size=tuple(shape), mode=mode,
+                        **({} if labels else {"align_corners": False}))[0]
+    return out.to(tensor.dtype) if labels else out
+
+
+def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:
+    """Normalise a channels-first image in place of a copy; CT uses dataset stats, MR its own."""
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, norm in enumerate(norms):
+        channel = image[c].astype(np.float32, copy=False)
+        if norm.scheme == "ct":
+            lower = norm.lower if norm.lower is not None else -np.inf
+            upper = norm.upper if norm.upper is not None else np.inf
+            out[c] = (np.clip(channel, lower, upper) - norm.mean) / max(norm.std, 1e-8)
+        elif norm.scheme == "zscore":
+            out[c] = (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+        else:
+            out[c] = channel
+    return out
+
+
+def preprocess_image(volume: Volume, plan: Plan) -> tuple[torch.Tensor, GridTransform]:
+    """Volume -> normalised ``(C, X, Y, Z)`` float tensor on the plan grid, plus how to undo it."""
+    grid = plan_grid(volume, plan.spacing)
+    array = volume.array if volume.array.ndim == 4 else volume.array[..., None]
+    if array.shape[3] != plan.num_channels:
+        raise MedsegError(f"image has {array.shape[3]} channel(s) but the model expects "
+                          f"{plan.num_channels}", volume.path)
+    canonical = np.moveaxis(reorient(array, grid.to_canonical), 3, 0)
+    image = torch.from_numpy(normalize(canonical, plan.normalization))
+    return resize(image, grid.plan_shape), grid
+
+
+def preprocess_labels(labels: Volume, grid: GridTransform, plan: Plan) -> torch.Tensor:
+    """Label map -> class indices ``(X, Y, Z)`` (uint8) on the plan grid of its image."""
+    lookup = np.zeros(max(plan.label_values) + 1, dtype=np.uint8)
+    lookup[plan.label_values] = np.arange(len(plan.label_values), dtype=np.uint8)
+    classes = lookup[np.clip(labels.array, 0, len(lookup) - 1).astype(np.int64)]
+    canonical = torch.from_numpy(reorient(classes, grid.to_canonical))
+    return resize(canonical[None], grid.plan_shape, labels=True)[0]
+
+
+def restore_labels(classes: torch.Tensor, grid: GridTransform, plan: Plan) -> np.ndarray:
+    """Class indices on the plan grid -> label values on the input's original voxel grid."""
+    canonical = resize(classes[None], grid.canonical_shape, labels=True)[0].numpy()
+    values = np.asarray(plan.label_values)
+    out_dtype = np.uint8 if values.max() <= 255 else np.uint16
+    labels = values.astype(out_dtype)[canonical.astype(np.int64)]
+    return reorient(labels, _inverse(grid.to_canonical))
+
+
+def restore_probabilities(probabilities: torch.Tensor, grid: GridTransform) -> np.ndarray:
+    """``(K, X, Y, Z)`` probabilities on the plan grid -> ``(i, j, k, K)`` on the original grid."""
+    canonical = resize(probabilities, grid.canonical_shape).clamp_(0, 1)
+    channels_last = np.moveaxis(canonical.numpy(), 0, 3)
+    return reorient(channels_last, _inverse(grid.to_canonical)).astype(np.float32)
+
+
+def _inverse(ornt: np.ndarray) -> np.ndarray:
+    # io_orientation maps original -> RAS; this maps RAS back to the original axes.
+    return nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)

@@ -1,0 +1,53 @@
+"""Shipped models: ``models/<name>/card.yaml`` + weights, verified by SHA-256 before use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medseg3d.checkpoint import sha256_of
+from medseg3d.config import ModelCard, load_model_file
+from medseg3d.errors import MedsegError
+
+DEFAULT_MODEL = "brainmask"
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for shipped models: ``$MEDSEG3D_MODELS`` (os.pathsep list), then models/."""
+    extra = [Path(p) for p in os.environ.get("MEDSEG3D_MODELS", "").split(os.pathsep) if p]
+    return [*extra, Path(__file__).resolve().parents[1] / "models"]
+
+
+def list_models() -> list[ModelCard]:
+    """Cards of every shipped model found, by name."""
+    cards: dict[str, ModelCard] = {}
+    for root in model_dirs():
+        for card_path in sorted(root.glob("*/card.yaml")):
+            card = load_model_file(ModelCard, card_path)
+            cards.setdefault(card.name, card)
+    return [cards[name] for name in sorted(cards)]
+
+
+def find_model(name: str) -> Path | None:
+    """Folder of the shipped model called ``name``, or None."""
+    for root in model_dirs():
+        if (root / name / "card.yaml").is_file():
+            return root / name
+    return None
+
+
+def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
+    """The card and weights path of a shipped model; with ``verify``, check the SHA-256."""
+    card = load_model_file(ModelCard, model_dir / "card.yaml")
+    weights = model_dir / card.weights
+    if Path(card.weights).name != card.weights:
+        raise MedsegError("card 'weights' must be a file name in the model folder",
+                          model_dir / "card.yaml")
+    if not weights.is_file():
+        raise MedsegError("weights file named by card.yaml is missing", weights)
+    if verify:
+        actual = sha256_of(weights)
+        if actual != card.sha256:
+            raise MedsegError(f"SHA-256 mismatch (card {card.sha256[:12]}..., file "
+                              f"{actual[:12]}...): the file was changed or is incomplete", weights)
+    return card, weights

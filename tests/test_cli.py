@@ -1,0 +1,93 @@
+"""The CLI as a user runs it: predict keeps geometry; mistakes give one line and exit 1."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from synthetic import ellipsoid_case, make_affine, save_nifti
+from typer.testing import CliRunner
+
+from medseg3d.api import Model
+from medseg3d.checkpoint import save_checkpoint
+from medseg3d.cli import app
+from medseg3d.config import ChannelNorm, Plan
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """An untrained tiny U-Net checkpoint (predictions are arbitrary; geometry is what matters)."""
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
+                labels={"background": 0, "sphere": 1})
+    model = Model.from_network("unet", plan, filters=[4, 8])
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    return save_checkpoint(model.network, model.meta, path)
+
+
+def _run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.mark.parametrize("codes, spacing, oblique", [("RAS", (1, 1, 1), 0.0),
+                                                     ("LPS", (0.8, 0.8, 2.0), 0.0),
+                                                     ("LIA", (1.2, 1.0, 1.0), 0.25)])
+def test_predict_file_keeps_exact_geometry(tmp_path, model_file, codes, spacing, oblique):
+    image, _ = ellipsoid_case((20, 18, 17))
+    src = save_nifti(image, make_affine(spacing, codes, oblique), tmp_path / "scan.nii.gz",
+                     sform_code=2, qform_code=1)
+    result = _run("predict", src, "-o", tmp_path / "seg.nii.gz", "--model", model_file,
+                  "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    seg, original = nib.load(tmp_path / "seg.nii.gz"), nib.load(src)
+    assert seg.shape == original.shape
+    assert np.array_equal(seg.affine, original.affine)
+    assert seg.header["sform_code"] == 2 and seg.header["qform_code"] == 1
+    assert "sphere" in result.output  # the per-label volume table
+
+
+def test_predict_folder_shards_and_continues(tmp_path, model_file):
+    scans = tmp_path / "scans"
+    for i in range(5):
+        save_nifti(ellipsoid_case((16, 16, 16), seed=i)[0], np.eye(4), scans / f"s{i}_0000.nii.gz")
+    out = tmp_path / "masks"
+    for part in (0, 1):
+        result = _run("predict", scans, "-o", out, "--model", model_file, "--device", "cpu",
+                      "--num-parts", 2, "--part-id", part)
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"s{i}.nii.gz" for i in range(5)]
+    again = _run("predict", scans, "-o", out, "--model", model_file)
+    assert again.exit_code == 1 and "--continue" in again.output
+    (out / "s3.nii.gz").unlink()
+    resumed = _run("predict", scans, "-o", out, "--model", model_file, "--continue")
+    assert resumed.exit_code == 0 and "wrote 1 segmentation" in resumed.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "missing.nii.gz", "--model", "MODEL"], "not found"),
+    (["predict", "SCAN", "--model", "nonexistent_model"], "no model called"),
+    (["predict", "SCAN", "--model", "MODEL", "--part-id", "3", "--num-parts", "2"], "part-id"),
+    (["info", "missing.nii.gz"], "file not found"),
+    (["train", "nowhere", "--epochs", "1"], "dataset folder not found"),
+])
+def test_user_errors_are_one_line(tmp_path, model_file, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    save_nifti(np.zeros((8, 8, 8), np.float32), np.eye(4), tmp_path / "scan.nii.gz")
+    args = [{"MODEL": str(model_file), "SCAN": "scan.nii.gz"}.get(a, a) for a in args]
+    result = _run(*args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_unknown_network_is_rejected_at_parse_time(dataset_dir):
+    result = _run("train", dataset_dir, "--model", "resnet9000")
+    assert result.exit_code == 2 and "unknown network" in result.output
+
+
+def test_info_and_models(tmp_path):
+    src = save_nifti(np.zeros((8, 9, 10), np.float32), make_affine((1, 1, 2), "LPS"),
+                     tmp_path / "a.nii.gz")
+    result = _run("info", src)
+    assert result.exit_code == 0 and "LPS" in result.output and "[8, 9, 10]" in result.output
+    result = _run("models")
+    assert result.exit_code == 0 and "unet" in result.output

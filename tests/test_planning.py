@@ -1,0 +1,35 @@
+"""Planning: spacing, patch size and normalisation follow from the dataset."""
+
+import numpy as np
+
+from medseg3d.config import DatasetSpec
+from medseg3d.planning import fingerprint_case, make_plan
+
+
+def _fingerprint(spacing, shape, values=None):
+    values = np.random.default_rng(0).normal(40, 10, 1000) if values is None else values
+    return {"spacing": spacing, "shape": shape, "samples": [values]}
+
+
+def test_plan_from_fingerprints():
+    spec = DatasetSpec(channel_names={"0": "CT"}, labels={"background": 0, "liver": 1})
+    fps = [_fingerprint((1.0, 1.0, 3.0), (200, 200, 60)), _fingerprint((0.8, 0.8, 5.0),
+                                                                       (250, 250, 40))]
+    plan = make_plan(spec, fps, size_divisor=16, max_patch_voxels=64**3)
+    assert plan.spacing[0] == 0.9 and plan.spacing[2] < 4.0  # coarse axis takes a low percentile
+    assert all(p % 16 == 0 for p in plan.patch_size)
+    assert np.prod(plan.patch_size) <= 64**3
+    norm = plan.normalization[0]
+    assert norm.scheme == "ct" and 30 < norm.mean < 50 and norm.lower < norm.upper
+
+
+def test_mr_uses_per_image_zscore(dataset_dir):
+    from medseg3d.dataset import read_case, validate_dataset
+
+    spec, cases = validate_dataset(dataset_dir)
+    rng = np.random.default_rng(0)
+    fps = [fingerprint_case(*read_case(c, spec), rng) for c in cases]
+    plan = make_plan(spec, fps, size_divisor=8)
+    assert plan.normalization[0].scheme == "zscore"
+    assert plan.patch_size == (32, 32, 32) and plan.spacing == (1.0, 1.0, 1.0)
+    assert plan.label_values == [0, 1] and plan.class_names == ["background", "sphere"]
