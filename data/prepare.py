@@ -507,6 +507,9 @@ ABDOMEN = DatasetRecipe(
     licence="Apache-2.0 (TotalSegmentator). Prepared locally; never committed.",
     reference="Wasserthal et al. Radiology: AI 2023, TotalSegmentator.",
     builders=[ts_example_ct, ts_example_dicom, ts_aorta_cta],
+    held_out={"ts_aorta_cta": "only its aorta is annotated (other organs in view are unlabelled), "
+                              "so training on it would teach that the liver is background; it "
+                              "serves as an aorta-only test case"},
 )
 
 RECIPES = {recipe.name: recipe for recipe in (BRAIN, ABDOMEN)}

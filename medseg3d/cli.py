@@ -268,6 +268,45 @@ def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list
 
 @app.command()
 @user_errors
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Prediction folder (or, with --model, a "
+                                                     "dataset folder).")],
+    references: Annotated[Path | None, typer.Argument(help="Reference label folder.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Predict the dataset's "
+                                              "test cases (imagesTs/labelsTs) with this model "
+                                              "first.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where metrics.json/csv "
+                                                "(and predictions) go.")] = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Surface Dice tolerance, mm.")] = 2.0,
+    device: Annotated[Device, typer.Option()] = "auto",
+) -> None:
+    """Dice, HD95 and surface Dice per case and class (PRED_DIR REF_DIR, or --model M DATASET)."""
+    from medseg3d.evaluation import evaluate_folders
+
+    if model is not None:
+        dataset = predictions
+        split = "Ts" if (dataset / "labelsTs").is_dir() else "Tr"
+        output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
+        predictions, references = output / "predictions", dataset / f"labels{split}"
+        predict(dataset / f"images{split}", output=predictions, model=model, device=device,
+                overlap=0.5, batch_size=2, tta=False, save_probabilities=False, max_memory=None,
+                num_parts=1, part_id=0, resume=False, overwrite=True)
+    if references is None:
+        raise MedsegError("give PRED_DIR REF_DIR, or --model MODEL DATASET_DIR")
+    summary = evaluate_folders(predictions, references, out_dir=output or predictions,
+                               tolerance_mm=tolerance)
+    table = Table(title=f"{len(summary.cases)} case(s), NSD tolerance {tolerance} mm",
+                  title_justify="left")
+    for column in ("class", "Dice", "HD95 (mm)", "NSD", "cases"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, m in summary.mean.items():
+        table.add_row(name, f"{m.dice:.4f}", f"{m.hd95_mm:.2f}", f"{m.nsd:.4f}", str(m.n_cases))
+    out.print(table)
+    out.print(f"mean Dice {summary.mean_dice:.4f}, metrics in {output or predictions}")
+
+
+@app.command()
+@user_errors
 def info(path: Annotated[Path, typer.Argument(help="A volume file.")]) -> None:
     """Show a volume's shape, spacing, orientation and intensity range."""
     from medseg3d.io import describe, read_volume

@@ -15,12 +15,21 @@ from torch import nn
 
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
 from medseg3d.io import Volume
-from medseg3d.preprocessing import preprocess_image, restore_labels, restore_probabilities
+from medseg3d.preprocessing import (
+    preprocess_image,
+    resize,
+    restore_labels,
+    restore_probabilities,
+)
 from medseg3d.sliding_window import sliding_window
 
 # A patch-free network sees the whole volume unless that exceeds this many voxels per window
 # batch, where prediction falls back to sliding windows of the plan's patch.
 WHOLE_VOLUME_MAX_VOXELS = 256**3
+# When the plan grid differs from the input grid, probabilities are resampled (trilinear) before
+# the argmax, as nnU-Net does: smoother boundaries than nearest-neighbour label resampling. Above
+# this size the engine's streamed labels are resampled instead, to bound memory.
+SMOOTH_RESTORE_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -57,17 +66,23 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
     device = resolve_device(config.device)
     network = network.to(device).eval()
     image, grid = preprocess_image(volume, plan)
+    smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4
+                                 <= SMOOTH_RESTORE_MAX_BYTES)
+    want_probabilities = config.save_probabilities or smooth
     output = sliding_window(
         network, image, window=window_for(network, plan, tuple(image.shape[1:])),
         num_classes=plan.num_classes, overlap=config.overlap, batch_size=config.batch_size,
         mirror_axes=(0, 1, 2) if config.tta else (), device=device,
-        output="probabilities" if config.save_probabilities else "labels",
+        output="probabilities" if want_probabilities else "labels",
         progress=progress, should_stop=should_stop,
     )
+    if not want_probabilities:
+        return Prediction(restore_labels(output, grid, plan))
+    probabilities = resize(output, grid.canonical_shape)
+    labels = restore_labels(probabilities.argmax(0).to(torch.uint8), grid, plan)
     if config.save_probabilities:
-        classes = output.argmax(0).to(torch.uint8)
-        return Prediction(restore_labels(classes, grid, plan), restore_probabilities(output, grid))
-    return Prediction(restore_labels(output, grid, plan))
+        return Prediction(labels, restore_probabilities(probabilities, grid))
+    return Prediction(labels)
 
 
 @dataclass(frozen=True)

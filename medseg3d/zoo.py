@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from medseg3d.atomic import write_bytes_atomic
 from medseg3d.checkpoint import sha256_of
-from medseg3d.config import ModelCard, load_model_file
+from medseg3d.config import ModelCard, TrainingData, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
 
 DEFAULT_MODEL = "brainmask"
@@ -51,3 +52,22 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
             raise MedsegError(f"SHA-256 mismatch (card {card.sha256[:12]}..., file "
                               f"{actual[:12]}...): the file was changed or is incomplete", weights)
     return card, weights
+
+
+def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
+                  training_data: TrainingData, hardware: str, metrics: dict[str, float],
+                  root: Path | None = None) -> Path:
+    """Copy a run's best checkpoint into ``models/<name>/`` and write its card with the SHA-256."""
+    target = (root or model_dirs()[-1]) / name
+    target.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        source = run_dir / f"checkpoint_best{suffix}"
+        if not source.is_file():
+            raise MedsegError("run has no best checkpoint", source)
+        write_bytes_atomic(target / f"model{suffix}", source.read_bytes())
+    card = ModelCard(name=name, description=description, weights="model.safetensors",
+                     sha256=sha256_of(target / "model.safetensors"), task=task,
+                     training_data=training_data, command=command, hardware=hardware,
+                     metrics=metrics)
+    save_model_file(card, target / "card.yaml")
+    return target

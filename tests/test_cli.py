@@ -91,3 +91,14 @@ def test_info_and_models(tmp_path):
     assert result.exit_code == 0 and "LPS" in result.output and "[8, 9, 10]" in result.output
     result = _run("models")
     assert result.exit_code == 0 and "unet" in result.output
+
+
+def test_evaluate_with_model_on_dataset(tmp_path, model_file):
+    from synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    result = _run("evaluate", "--model", model_file, root, "-o", tmp_path / "ev", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ev" / "metrics.json").is_file() and "sphere" in result.output
+    again = _run("evaluate", tmp_path / "ev" / "predictions", root / "labelsTr")
+    assert again.exit_code == 0 and "mean Dice" in again.output
