@@ -132,6 +132,8 @@ def train(
     option: Annotated[list[str] | None, typer.Option("--option",
                                                      help="Network option KEY=VALUE.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
+    budget: Annotated[float | None, typer.Option(help="Wall-clock budget in minutes; stops "
+                                                 "after the epoch that passes it.")] = None,
     config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
 ) -> None:
@@ -162,7 +164,7 @@ def train(
                 network=NetworkConfig(name=model, options=_options(option or [])),
                 epochs=epochs, iterations_per_epoch=iterations, val_every=val_every, fold=fold,
                 device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
-                plan_overrides=overrides, num_workers=workers)
+                plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget)
         except ValueError as exc:
             raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
     with _progress() as bar:

@@ -157,6 +157,7 @@ class TrainConfig(Frozen):
     num_workers: int = Field(default=0, ge=0)
     amp: bool = True
     augment: Literal["none", "light", "strong"] = "light"
+    time_budget_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that ends past it
     plan_overrides: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -366,6 +366,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
         save_checkpoint(network, meta, output / stem)
 
     total_steps = config.epochs * config.iterations_per_epoch
+    run_started = time.perf_counter()
     for epoch in range(state.epoch, config.epochs):
         started = time.perf_counter()
         dataset = PatchDataset(data.train, transform, config.iterations_per_epoch * plan.batch_size,
@@ -387,7 +388,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = EpochRecord(epoch=epoch + 1, train_loss=loss, learning_rate=lr, seconds=0.0)
-        last = epoch + 1 == config.epochs
+        out_of_time = _out_of_time(config, time.perf_counter() - run_started, rank, device)
+        last = epoch + 1 == config.epochs or out_of_time
         if (epoch + 1) % config.val_every == 0 or last:
             dice = validate(model, data.val, plan, device, rank)
             record.val_dice = dice
@@ -407,6 +409,11 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
             save_state(state_path, model, optimizer, state)
             write_logs(output, state.history)
             log(_epoch_line(record, config.epochs))
+        if out_of_time:
+            if rank.is_main:
+                log(f"time budget of {config.time_budget_minutes} min reached after epoch "
+                    f"{epoch + 1}")
+            break
     if rank.world > 1:
         dist.barrier()
     best = output / "checkpoint_best.safetensors"
@@ -414,6 +421,16 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     if rank.world > 1 and dist.is_initialized():
         dist.destroy_process_group()  # avoids gloo's abort at interpreter exit
     return best
+
+
+def _out_of_time(config: TrainConfig, elapsed_s: float, rank: Rank, device: torch.device) -> bool:
+    """True when the wall-clock budget is spent (rank 0 decides, so all ranks stop together)."""
+    if config.time_budget_minutes is None:
+        return False
+    flag = torch.tensor([float(elapsed_s >= 60 * config.time_budget_minutes)], device=device)
+    if rank.world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _epoch_line(record: EpochRecord, epochs: int) -> str:
