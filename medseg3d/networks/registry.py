@@ -66,3 +66,16 @@ def build_network(name: str, in_channels: int, out_channels: int, **options: obj
         if not hasattr(net, attr):
             raise TypeError(f"network {name!r} lacks the Segmenter attribute {attr!r}")
     return net
+
+
+def pad_to_divisor(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad ``(B, C, D, H, W)`` at the far end of each axis to a multiple of ``divisor``.
+
+    Returns the padded tensor and the index that crops an output of the padded size back.
+    """
+    size = x.shape[2:]
+    pad = [(-s) % divisor for s in size]
+    if any(pad):
+        # F.pad lists the last axis first; padding only at the far end keeps the crop simple.
+        x = torch.nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+    return x, (slice(None), slice(None), *(slice(0, s) for s in size))

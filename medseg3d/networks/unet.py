@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg3d.networks.registry import register_network
+from medseg3d.networks.registry import pad_to_divisor, register_network
 
 __all__ = ["ResidualBlock", "UNet3d", "unet", "unet_large"]
 
@@ -74,7 +74,8 @@ class UNet3d(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        x, crop = pad_to_divisor(x, self.size_divisor)
+        return self.head(self.forward_features(x))[crop]
 
 
 @register_network("unet")

@@ -1,0 +1,163 @@
+"""3D MLP-Mixer segmenter: patch embedding, token- and channel-mixing MLPs, voxel-shuffle decoder.
+
+After Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision", NeurIPS 2021,
+https://arxiv.org/abs/2105.01601 (layout after timm's ``mlp_mixer.py``).
+
+A Conv3d with kernel = stride = ``patch_size`` turns each p³ cube into one token. Mixer blocks
+alternate a token-mixing MLP (across all tokens, per channel) and a channel-mixing MLP (per token),
+each after a LayerNorm and inside a residual. The token MLP's weights have one row per token, so the
+token count, and with it the spatial input size, is fixed at construction (``input_size``).
+
+Fixed input size, and how other sizes are handled:
+
+* ``fixed_input_size`` holds ``input_size``; ``medseg3d.inference.window_for`` always slides a
+  window of exactly that size, and training overrides the plan's patch size with it.
+* ``forward`` accepts smaller inputs (each axis <= ``input_size``) by zero-padding them at the far
+  end and cropping the logits back; a larger input raises ``ValueError`` (use a sliding window).
+
+Decoder: the paper classifies images, so the segmentation head is ours. Token features are
+expanded to ``decoder_channels * p³`` channels by a 1x1x1 convolution and rearranged into full
+resolution (voxel shuffle, the 3D pixel shuffle); a light 3x3x3 convolution of the full-resolution
+input is concatenated (so that boundaries inside a patch can follow image edges), and a 3x3x3
+convolution plus a 1x1x1 head give the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg3d.networks.registry import register_network
+
+__all__ = [
+    "MixerBlock3d",
+    "MixerSegmenter3d",
+    "Mlp",
+    "PatchEmbed3d",
+    "mixer3d",
+    "voxel_shuffle",
+]
+
+
+def voxel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C*f³, D, H, W) -> (B, C, D*f, H*f, W*f): the 3D version of ``nn.PixelShuffle``."""
+    b, c, d, h, w = x.shape
+    out = c // factor**3
+    if out * factor**3 != c:
+        raise ValueError(f"channels ({c}) must be a multiple of factor**3 ({factor**3})")
+    x = x.view(b, out, factor, factor, factor, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, out, d * factor, h * factor, w * factor)
+
+
+class PatchEmbed3d(nn.Module):
+    """Non-overlapping p³ cubes -> tokens (B, N, dim), N = prod(grid)."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """Linear - GELU - Linear along the last axis."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MixerBlock3d(nn.Module):
+    """x + TokenMLP(LN(x))ᵀ, then x + ChannelMLP(LN(x)); x is (B, N, dim)."""
+
+    def __init__(self, dim: int, num_tokens: int, token_ratio: float = 0.5,
+                 channel_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        # timm sizes the token MLP's hidden layer from the channel width (0.5 * dim), not from N
+        self.mlp_tokens = Mlp(num_tokens, max(1, int(token_ratio * dim)))
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp_channels = Mlp(dim, int(channel_ratio * dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.mlp_channels(self.norm2(x))
+
+
+def _conv_norm_act(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.InstanceNorm3d(out_channels, affine=True),
+                         nn.LeakyReLU(0.01, inplace=True))
+
+
+def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
+    values = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(values) != 3:
+        raise ValueError(f"input_size needs one or three integers, got {size!r}")
+    return values  # type: ignore[return-value]
+
+
+class MixerSegmenter3d(nn.Module):
+    """3D MLP-Mixer with a voxel-shuffle decoder; see the module docstring for the input size."""
+
+    whole_volume = False
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 input_size: int | Sequence[int] = 64, patch_size: int = 8, dim: int = 128,
+                 depth: int = 4, token_ratio: float = 0.5, channel_ratio: float = 4.0,
+                 decoder_channels: int = 8, skip_channels: int = 8) -> None:
+        super().__init__()
+        size = _triple(input_size)
+        if any(s % patch_size for s in size):
+            raise ValueError(f"input_size {size} must be a multiple of patch_size {patch_size}")
+        self.size_divisor = patch_size
+        self.fixed_input_size = size
+        self.grid = tuple(s // patch_size for s in size)
+        num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.patch_embed = PatchEmbed3d(in_channels, dim, patch_size)
+        self.blocks = nn.Sequential(*[MixerBlock3d(dim, num_tokens, token_ratio, channel_ratio)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.expand = nn.Conv3d(dim, decoder_channels * patch_size**3, 1)
+        self.skip = _conv_norm_act(in_channels, skip_channels)
+        self.fuse = _conv_norm_act(decoder_channels + skip_channels, decoder_channels)
+        self.head = nn.Conv3d(decoder_channels, out_channels, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features (B, dim, *grid) of an input of exactly ``fixed_input_size``."""
+        tokens = self.norm(self.blocks(self.patch_embed(x)))
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)
+
+    def forward_head(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits from token features and the input (for the skip)."""
+        up = voxel_shuffle(self.expand(features), self.size_divisor)
+        return self.head(self.fuse(torch.cat([up, self.skip(x)], dim=1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[2:])
+        if size == self.fixed_input_size:
+            return self.forward_head(self.forward_features(x), x)
+        if any(s > f for s, f in zip(size, self.fixed_input_size, strict=True)):
+            raise ValueError(f"input {size} is larger than the fixed input size "
+                             f"{self.fixed_input_size} that the token MLPs were built for; "
+                             "predict with a sliding window of that size")
+        pad = [f - s for s, f in zip(size, self.fixed_input_size, strict=True)]
+        padded = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        logits = self.forward_head(self.forward_features(padded), padded)
+        return logits[:, :, :size[0], :size[1], :size[2]]
+
+
+@register_network("mixer3d")
+def mixer3d(in_channels: int, out_channels: int, **options: object) -> MixerSegmenter3d:
+    """Small 3D MLP-Mixer (64³ input, 8³ patches -> 512 tokens, dim 128, depth 4) for CPUs."""
+    options = {"input_size": 64, "patch_size": 8, "dim": 128, "depth": 4, **options}
+    return MixerSegmenter3d(in_channels, out_channels, **options)  # type: ignore[arg-type]

@@ -1,0 +1,101 @@
+"""3D MLP-Mixer: shapes, the fixed token count, global token mixing, checkpoints, training patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from synthetic import make_dataset
+
+from medseg3d.checkpoint import load_checkpoint, save_checkpoint
+from medseg3d.config import ChannelNorm, CheckpointMeta, NetworkConfig, Plan, TrainConfig
+from medseg3d.inference import window_for
+from medseg3d.networks import build_network
+from medseg3d.networks.mixer import MixerSegmenter3d, voxel_shuffle
+from medseg3d.training import train
+
+TINY = {"input_size": [16, 8, 12], "patch_size": 4, "dim": 16, "depth": 2}
+
+
+
+def tiny_net(**options: object) -> MixerSegmenter3d:
+    torch.manual_seed(0)
+    return build_network("mixer3d", 1, 3, **{**TINY, **options}).eval()  # type: ignore[return-value]
+
+
+def test_voxel_shuffle_matches_an_explicit_loop() -> None:
+    f, c = 2, 3
+    x = torch.randn(2, c * f**3, 2, 3, 4)
+    y = voxel_shuffle(x, f)
+    assert y.shape == (2, c, 4, 6, 8)
+    for i in range(f):
+        for j in range(f):
+            for k in range(f):
+                sub = x[:, [ch * f**3 + i * f * f + j * f + k for ch in range(c)]]
+                assert torch.equal(y[:, :, i::f, j::f, k::f], sub)
+
+
+def test_output_shape_and_token_count() -> None:
+    net = tiny_net()
+    assert net.fixed_input_size == (16, 8, 12) and net.size_divisor == 4
+    assert net.whole_volume is False
+    # (16/4) * (8/4) * (12/4) = 24 tokens: the token MLP's input width
+    assert net.blocks[0].mlp_tokens.fc1.in_features == 24
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 16, 8, 12)).shape == (2, 3, 16, 8, 12)
+
+
+def test_smaller_inputs_are_padded_and_larger_ones_refused() -> None:
+    net = tiny_net()
+    x = torch.randn(1, 1, 13, 8, 5)
+    with torch.no_grad():
+        small = net(x)
+        padded = net(F.pad(x, (0, 7, 0, 0, 0, 3)))
+    assert small.shape == (1, 3, 13, 8, 5)
+    assert torch.allclose(small, padded[:, :, :13, :, :5])
+    with pytest.raises(ValueError, match="fixed input size"):
+        net(torch.randn(1, 1, 20, 8, 12))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_net(input_size=18)
+
+
+def test_token_mixing_reaches_every_patch() -> None:
+    """Unlike a CNN of the same depth, one changed voxel changes logits in the farthest patch."""
+    net = tiny_net()
+    x = torch.randn(1, 1, 16, 8, 12)
+    y = x.clone()
+    y[0, 0, 0, 0, 0] += 5.0
+    with torch.no_grad():
+        change = (net(x) - net(y)).abs()
+    assert change[..., 12:, 4:, 8:].amax() > 1e-6
+
+
+def test_window_is_always_the_fixed_input_size() -> None:
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(32, 32, 32), normalization=[ChannelNorm()],
+                labels={"background": 0, "a": 1, "b": 2})
+    assert window_for(tiny_net(), plan, (100, 90, 80)) == (16, 8, 12)
+
+
+def test_checkpoint_round_trip_keeps_the_input_size(tmp_path) -> None:
+    net = tiny_net()
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 8, 12), normalization=[ChannelNorm()],
+                labels={"background": 0, "a": 1, "b": 2})
+    meta = CheckpointMeta(network=NetworkConfig(name="mixer3d", options=TINY), plan=plan)
+    weights = save_checkpoint(net, meta, tmp_path / "mixer")
+    restored, _ = load_checkpoint(weights)
+    x = torch.randn(1, 1, 16, 8, 12)
+    assert restored.fixed_input_size == (16, 8, 12)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x), net(x))
+
+
+def test_training_uses_the_fixed_input_size_as_patch(tmp_path) -> None:
+    dataset = make_dataset(tmp_path / "data", num_cases=3, shape=(16, 16, 16))
+    config = TrainConfig(dataset=str(dataset), output=str(tmp_path / "run"),
+                         network=NetworkConfig(name="mixer3d", options={**TINY, "input_size": 8}),
+                         epochs=1, iterations_per_epoch=1, val_every=1, device="cpu",
+                         augment="none", plan_overrides={"patch_size": [16, 16, 16]})
+    train(config, log=lambda *_: None)
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["patch_size"] == [8, 8, 8]
