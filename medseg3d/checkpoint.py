@@ -62,9 +62,19 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu"
     weights = Path(weights)
     if weights.suffix != ".safetensors":
         raise MedsegError("model weights must be a .safetensors file", weights)
-    meta = load_model_file(CheckpointMeta, weights.with_suffix(".json"))
-    network = build_network(meta.network.name, meta.plan.num_channels, meta.plan.num_classes,
-                            **meta.network.options)
+    meta_path = weights.with_suffix(".json")
+    meta = load_model_file(CheckpointMeta, meta_path)
+    try:
+        network = build_network(meta.network.name, meta.plan.num_channels, meta.plan.num_classes,
+                                **meta.network.options)
+    except MedsegError as exc:
+        if exc.path is not None:
+            raise
+        raise MedsegError(str(exc), meta_path) from exc  # name the file holding the bad name
+    except (TypeError, ValueError, RuntimeError, LookupError, ArithmeticError) as exc:
+        # options that a network constructor rejects in its own way
+        raise MedsegError(f"bad options for network {meta.network.name!r} ({_first_line(exc)})",
+                          meta_path) from exc
     state = load_tensors(weights)
     try:
         network.load_state_dict(state)
@@ -72,6 +82,10 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu"
         raise MedsegError(f"weights do not match network {meta.network.name!r} "
                           f"({str(exc).splitlines()[0][:160]})", weights) from exc
     return network.to(device).eval(), meta
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:

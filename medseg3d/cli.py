@@ -1,13 +1,11 @@
-"""``medseg3d``: train, predict, evaluate, info, models. Expected mistakes exit 1 with one line."""
+"""``medseg3d``: train, predict, evaluate, compare, info, models. Expected mistakes exit 1 with one line."""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -138,6 +136,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
 ) -> None:
     """Train a segmenter on a dataset folder."""
+    from medseg3d.atomic import remove_stale_temps_in
+    from medseg3d.training import current_rank
     from medseg3d.training import train as run_training
 
     overrides: dict[str, Any] = {}
@@ -151,6 +151,9 @@ def train(
         except ValueError:
             raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
     output = output or Path("runs") / f"{dataset.name}_{model}"
+    main_rank = current_rank().is_main  # under torchrun only rank 0 writes files and reports
+    if resume and main_rank:
+        remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
     if resume and (output / "train_config.json").is_file():
         train_config = load_model_file(TrainConfig, output / "train_config.json")
     elif config is not None:
@@ -167,7 +170,7 @@ def train(
                 plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget)
         except ValueError as exc:
             raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
-    with _progress() as bar:
+    with _progress(enabled=main_rank) as bar:
         task = bar.add_task("training", total=train_config.epochs
                             * train_config.iterations_per_epoch)
 
@@ -178,8 +181,9 @@ def train(
 
         best = run_training(train_config, resume=resume, log=bar.console.print,
                             progress=on_progress)
-    out.print(f"best checkpoint: {best}")
-    out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
+    if main_rank:
+        out.print(f"best checkpoint: {best}")
+        out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
 
 
 @app.command()
@@ -205,7 +209,9 @@ def predict(
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
     from medseg3d import cohort
     from medseg3d.api import load_model
-    from medseg3d.inference import label_volumes
+    from medseg3d.atomic import remove_stale_temps
+    from medseg3d.inference import Prediction, label_volumes
+    from medseg3d.io import Volume, geometry_warning
 
     config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
                              save_probabilities=save_probabilities,
@@ -222,6 +228,8 @@ def predict(
             target = output / f"{case.case_id}.nii.gz"
         if target.resolve() in {f.resolve() for f in case.files}:
             raise MedsegError("output would overwrite its input; choose another --output", target)
+        for written in (target, cohort.probabilities_path(target)):
+            remove_stale_temps(written)  # left by a run killed mid-write
         if target.exists() and not overwrite:
             if resume:
                 continue
@@ -231,28 +239,32 @@ def predict(
     if not jobs:
         out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
         return
+    for folder in sorted({target.parent for _, target in jobs}):
+        cohort.check_writable(folder)  # fail before the model runs, not after
     predictor = load_model(model, device)
-    writer = cohort.BackgroundWriter()
     started = time.perf_counter()
-    with _progress() as bar, ThreadPoolExecutor(1) as reader:
+    with _progress() as bar:
         files_task = bar.add_task("cases", total=len(jobs))
         windows_task = bar.add_task("windows", total=None)
-        for (case, target), future in zip(jobs, cohort.prefetched([c for c, _ in jobs], reader),
-                                          strict=True):
-            volume = future[1].result()
+
+        def on_read(case: cohort.InputCase, volume: Volume) -> None:
+            if (warning := geometry_warning(volume)) is not None:
+                bar.console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False,
+                                  soft_wrap=True)
             bar.reset(windows_task, description=f"{case.case_id}")
 
-            def on_windows(done: int, total: int) -> None:
-                bar.update(windows_task, completed=done, total=total)
+        def on_windows(done: int, total: int) -> None:
+            bar.update(windows_task, completed=done, total=total)
 
-            prediction = predictor.predict_volume(volume, config, progress=on_windows)
-            writer.submit(functools.partial(cohort.write_prediction, prediction.labels,
-                                            prediction.probabilities, volume, target))
+        def on_done(case: cohort.InputCase, target: Path, volume: Volume,
+                    prediction: Prediction) -> None:
             bar.advance(files_task)
             if len(jobs) <= 20:
                 _print_volumes(bar.console, case.case_id, target,
                                label_volumes(prediction.labels, volume.spacing, predictor.plan))
-        writer.close()
+
+        cohort.predict_cases(predictor, jobs, config, on_read=on_read, on_windows=on_windows,
+                             on_done=on_done)
     out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
               + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
 
@@ -307,6 +319,86 @@ def evaluate(
     out.print(f"mean Dice {summary.mean_dice:.4f}, metrics in {output or predictions}")
 
 
+def _network_options(pairs: list[str], networks: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, dot, rest = pair.partition(".")
+        if not dot or name not in networks or "=" not in rest:
+            raise typer.BadParameter(f"--option expects NETWORK.KEY=VALUE for one of "
+                                     f"{', '.join(networks)}, got {pair!r}")
+        options.setdefault(name, {}).update(_options([rest]))
+    return options
+
+
+@app.command()
+@user_errors
+def compare(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder; imagesTs/labelsTs are the "
+                                            "test cases (else the validation fold).")],
+    models: Annotated[str, typer.Option("--models", help="Comma-separated network names.")
+                      ] = "unet,asmlp3d,patchfree,mixer3d",
+    budget: Annotated[str, typer.Option(help="Training budget per network: 20m, 90s, 1.5h.")
+                      ] = "20m",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Comparison folder.")
+                      ] = None,
+    spacing: Annotated[str | None, typer.Option(help="Plan spacing in mm, e.g. 3,3,3.")] = None,
+    patch_size: Annotated[str | None, typer.Option(help="Plan patch, e.g. 48,48,48 (also the "
+                                                   "input size of fixed-size networks).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Network option "
+                                                     "NETWORK.KEY=VALUE, e.g. unet.filters=[8,16]."
+                                                     )] = None,
+    iterations: Annotated[int, typer.Option("--iterations", min=1,
+                                            help="Iterations per epoch.")] = 20,
+    fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[Device, typer.Option()] = "auto",
+    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "light",
+    reuse_runs: Annotated[bool, typer.Option(help="Score finished runs in OUT/runs again "
+                                             "instead of retraining them.")] = False,
+) -> None:
+    """Train each network with the same budget, seed and split; compare accuracy and cost."""
+    from medseg3d.compare import compare as run_comparison
+    from medseg3d.compare import parse_budget
+
+    networks = [name.strip() for name in models.split(",") if name.strip()]
+    for name in networks:
+        _check_network(name)
+    try:
+        minutes = parse_budget(budget)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if augment not in ("none", "light", "strong"):
+        raise typer.BadParameter(f"--augment must be none, light or strong, got {augment!r}")
+    overrides: dict[str, Any] = {}
+    if patch_size:
+        overrides["patch_size"] = _triple(patch_size)
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    if spacing:
+        try:
+            overrides["spacing"] = [float(v) for v in spacing.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
+    output = output or Path("runs") / f"compare_{dataset.name}"
+    result = run_comparison(dataset, networks, minutes, output,
+                            options=_network_options(option or [], networks),
+                            plan_overrides=overrides, seed=seed, fold=fold,
+                            iterations_per_epoch=iterations, device=device, augment=augment,
+                            reuse_runs=reuse_runs, log=console.print)
+    table = Table(title=f"{result.dataset}: {minutes:g} min per network, {len(result.test_cases)} "
+                  f"held-out case(s) ({result.test_split}), {result.machine}", title_justify="left")
+    for column in ("network", "params", "epochs", "Dice", "HD95 (mm)", "NSD", "s/case",
+                   "peak MB"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for r in result.rows:
+        table.add_row(r.network, f"{r.parameters / 1e6:.2f} M", str(r.epochs), f"{r.mean_dice:.4f}",
+                      f"{r.mean_hd95_mm:.2f}", f"{r.mean_nsd:.4f}",
+                      f"{r.predict_seconds_per_case:.2f}", f"{r.peak_memory_mb:.0f}")
+    out.print(table)
+    out.print(f"wrote comparison.json, comparison.csv, comparison.png and slices.png to {output}")
+
+
 @app.command()
 @user_errors
 def info(path: Annotated[Path, typer.Argument(help="A volume file.")]) -> None:
@@ -348,10 +440,10 @@ def models(verify: Annotated[bool, typer.Option(help="Check weights' SHA-256.")]
         raise MedsegError(f"{failures} shipped model(s) failed verification")
 
 
-def _progress() -> Progress:
+def _progress(enabled: bool = True) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    transient=False, disable=not sys.stderr.isatty() and False)
+                    transient=False, disable=not enabled)
 
 
 def main() -> None:

@@ -9,11 +9,14 @@ segmented, which keeps the accelerator busy.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +30,11 @@ from medseg3d.io import (
     write_array,
     write_labels,
 )
+
+if TYPE_CHECKING:
+    from medseg3d.api import Model
+    from medseg3d.config import InferenceConfig
+    from medseg3d.inference import Prediction
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -68,6 +76,19 @@ def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCas
     return cases[part_id::num_parts]
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made there, before any work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise MedsegError("output folder is a file", folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A real file, not os.access: root, read-only mounts and ACLs all answer honestly.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MedsegError(f"output folder is not writable ({exc.strerror or exc})", folder) from exc
+
+
 def read_input(case: InputCase) -> Volume:
     """Read a case, stacking channel files (channels last) after checking they share a grid."""
     if len(case.files) == 1:
@@ -90,6 +111,17 @@ def prefetched(cases: list[InputCase], pool: ThreadPoolExecutor
         current = pending if pending is not None else pool.submit(read_input, case)
         pending = pool.submit(read_input, cases[i + 1]) if i + 1 < len(cases) else None
         yield case, current
+
+
+def read_cases(cases: list[InputCase], ahead: bool = True) -> Iterator[tuple[InputCase, Volume]]:
+    """Each case with its volume; with ``ahead`` the next one is read in a thread meanwhile."""
+    if not ahead:
+        for case in cases:
+            yield case, read_input(case)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        for case, future in prefetched(cases, pool):
+            yield case, future.result()
 
 
 class BackgroundWriter:
@@ -122,6 +154,37 @@ def write_prediction(labels: np.ndarray, probabilities: np.ndarray | None, volum
     """Write labels (and probabilities as ``*_probabilities``) on the input's grid."""
     write_labels(labels, volume, output)
     if probabilities is not None:
-        suffix = volume_suffix(output)
-        prob_path = output.with_name(output.name[: -len(suffix)] + "_probabilities" + suffix)
-        write_array(probabilities.astype(np.float32), volume, prob_path)
+        write_array(probabilities.astype(np.float32), volume, probabilities_path(output))
+
+
+def probabilities_path(output: Path) -> Path:
+    """Where the probabilities of the labels written to ``output`` go (``*_probabilities``)."""
+    suffix = volume_suffix(output)
+    return output.with_name(f"{output.name[: len(output.name) - len(suffix)]}_probabilities{suffix}")
+
+
+def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: InferenceConfig, *,
+                  overlap_io: bool = True,
+                  on_read: Callable[[InputCase, Volume], None] | None = None,
+                  on_windows: Callable[[int, int], None] | None = None,
+                  on_done: Callable[[InputCase, Path, Volume, Prediction], None] | None = None
+                  ) -> None:
+    """Segment each ``(case, output path)`` job and write the result there.
+
+    With ``overlap_io`` the next scan is read and the previous result written in background
+    threads while the current scan is segmented; without it each case is read, segmented and
+    written in turn (the baseline of ``benchmarks/cohort_io.py``). ``on_read`` runs once a case's
+    volume is in memory, ``on_windows`` reports sliding-window progress, ``on_done`` runs after
+    its result was handed to the writer.
+    """
+    writer = BackgroundWriter(enabled=overlap_io)
+    volumes = read_cases([case for case, _ in jobs], ahead=overlap_io)
+    for (case, target), (_, volume) in zip(jobs, volumes, strict=True):
+        if on_read is not None:
+            on_read(case, volume)
+        prediction = model.predict_volume(volume, config, progress=on_windows)
+        writer.submit(functools.partial(write_prediction, prediction.labels,
+                                        prediction.probabilities, volume, target))
+        if on_done is not None:
+            on_done(case, target, volume, prediction)
+    writer.close()

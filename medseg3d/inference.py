@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
+from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
 from medseg3d.preprocessing import (
+    GridTransform,
     preprocess_image,
     resize,
     restore_labels,
     restore_probabilities,
 )
-from medseg3d.sliding_window import sliding_window
+from medseg3d.sliding_window import estimate_memory_bytes, sliding_window
 
 # A patch-free network sees the whole volume unless that exceeds this many voxels per window
 # batch, where prediction falls back to sliding windows of the plan's patch.
@@ -49,6 +51,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def window_for(network: nn.Module, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The window to slide: the whole (padded) volume for patch-free networks, else the patch."""
+    fixed = getattr(network, "fixed_input_size", None)
+    if fixed is not None:  # token-mixing MLPs are built for one input size only
+        return tuple(int(s) for s in fixed)  # type: ignore[return-value]
     if getattr(network, "whole_volume", False):
         divisor = int(getattr(network, "size_divisor", 1))
         whole = tuple(-(-s // divisor) * divisor for s in shape)
@@ -69,9 +74,14 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
     smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4
                                  <= SMOOTH_RESTORE_MAX_BYTES)
     want_probabilities = config.save_probabilities or smooth
+    window = window_for(network, plan, tuple(image.shape[1:]))
+    batch_size = config.batch_size
+    if config.max_memory_gb is not None:
+        batch_size, want_probabilities = fit_memory(tuple(image.shape), grid, plan.num_classes,
+                                                    window, config, want_probabilities, volume)
     output = sliding_window(
-        network, image, window=window_for(network, plan, tuple(image.shape[1:])),
-        num_classes=plan.num_classes, overlap=config.overlap, batch_size=config.batch_size,
+        network, image, window=window,
+        num_classes=plan.num_classes, overlap=config.overlap, batch_size=batch_size,
         mirror_axes=(0, 1, 2) if config.tta else (), device=device,
         output="probabilities" if want_probabilities else "labels",
         progress=progress, should_stop=should_stop,
@@ -83,6 +93,48 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
     if config.save_probabilities:
         return Prediction(labels, restore_probabilities(probabilities, grid))
     return Prediction(labels)
+
+
+def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
+                  window: tuple[int, int, int], batch_size: int, probabilities: bool,
+                  save_probabilities: bool = False) -> int:
+    """Peak bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image, without the network's."""
+    canonical = int(np.prod(grid.canonical_shape))
+    image = int(np.prod(shape)) * 4
+    engine = estimate_memory_bytes(shape, num_classes, window, batch_size,
+                                   "probabilities" if probabilities else "labels")
+    if probabilities:  # resized probabilities and their argmax; saved: a channels-last copy too
+        restore = num_classes * canonical * 4 * (3 if save_probabilities else 1) + canonical * 9
+    else:  # class indices, their int64 lookup index and the label values
+        restore = canonical * 10
+    return image + engine + restore
+
+
+def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
+               window: tuple[int, int, int], config: InferenceConfig, probabilities: bool,
+               volume: Volume) -> tuple[int, bool]:
+    """Window batch and output kind that fit ``config.max_memory_gb``, else a one-line MedsegError.
+
+    Fallbacks keep quality first: a smaller window batch (slower, same result), then streamed
+    labels instead of probabilities (nearest-neighbour instead of smooth restore) unless
+    probabilities were asked for.
+    """
+    limit = float(config.max_memory_gb or 0) * 2**30
+    options = [(config.batch_size, probabilities), (1, probabilities)]
+    if probabilities and not config.save_probabilities:
+        options += [(config.batch_size, False), (1, False)]
+    for batch_size, kind in options:
+        need = memory_needed(shape, grid, num_classes, window, batch_size, kind,
+                             config.save_probabilities)
+        if need <= limit:
+            return batch_size, kind
+    raise MedsegError(f"prediction needs about {_size(need)} even with window batch 1 and "
+                      f"{'probabilities' if kind else 'streamed labels'}, more than the memory "
+                      f"limit of {_size(limit)}", volume.path)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.2f} MB"
 
 
 @dataclass(frozen=True)

@@ -125,30 +125,94 @@ def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
                           "labels onto the image grid first", labels.path)
 
 
+# Deflate never compresses better than about 1032:1, so a .gz file smaller than this share of the
+# voxel bytes its header declares cannot hold them: refuse before allocating the array.
+_MAX_GZIP_RATIO = 1100
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI1_SIZEOF_HDR = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, little / big endian
+_NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
+
+
 def _read_nifti(path: Path) -> Volume:
+    size = path.stat().st_size
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            img = nib.Nifti1Image.from_image(img)
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        gzipped = magic[:2] == _GZIP_MAGIC
+        # nibabel logs and silently "fixes" zero or negative pixdims; checked below instead.
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = _load_nifti(path, magic)
         shape = img.shape
-        declared = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+        dtype = img.get_data_dtype()
+        if dtype.kind not in "biuf":
+            raise MedsegError(f"voxel type {dtype} is not supported (expected integers or floats)",
+                              path)
+        declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if declared > 64 * 2**30:
             raise MedsegError(f"header declares shape {shape}, {declared / 2**30:.0f} GiB of voxels; "
                               "refusing to read", path)
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        needed = declared if gzipped else int(img.dataobj.offset) + declared
+        if needed > (size * _MAX_GZIP_RATIO if gzipped else size):
+            raise MedsegError(f"header declares shape {shape} ({_human(declared)} of voxels) but "
+                              f"the file holds only {size:,} bytes (truncated, or a bad header)", path)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, in one line
+            data = np.asarray(img.dataobj, dtype=np.float32)
+        if int(img.header["sform_code"]) == 0:
+            pixdim = _stored_pixdim(path, gzipped, type(img.header))
     except MedsegError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise MedsegError(f"file is truncated or corrupt ({exc})", path) from exc
-    except nib.filebasedimages.ImageFileError as exc:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
         raise MedsegError("not a NIfTI file (no valid header)", path) from exc
-    except (OSError, ValueError, MemoryError) as exc:
+    except PermissionError as exc:
+        raise MedsegError("file is not readable (permission denied)", path) from exc
+    except (OSError, ValueError, TypeError, MemoryError) as exc:
         raise MedsegError(f"cannot read voxel data ({_short(exc)})", path) from exc
-    header = img.header.copy()
-    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
-        raise MedsegError("has neither sform nor qform (both codes 0): its orientation is unknown",
+    if dtype.kind in "biu" and not np.isfinite(data).all():
+        raise MedsegError(f"intensities overflow float32 after scaling (scl_slope "
+                          f"{float(img.dataobj.slope):g}, scl_inter {float(img.dataobj.inter):g})",
                           path)
-    return Volume(data, img.affine.astype(np.float64), header, path)
+    # Without an sform the grid comes from pixdim (qform, or pixdim alone when both codes are 0,
+    # as nibabel and ITK read such files); a zero or non-finite size there is unknown, not 1 mm.
+    if int(img.header["sform_code"]) == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+        raise MedsegError(f"has no sform and its pixdim gives no usable voxel size "
+                          f"({pixdim.tolist()})", path)
+    return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)
+
+
+def _load_nifti(path: Path, magic: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
+    if path.name.lower().endswith(".gz") and magic[:2] != _GZIP_MAGIC:
+        # Some tools write plain NIfTI under a .nii.gz name; SimpleITK reads those, so do we.
+        if magic in _NIFTI1_SIZEOF_HDR:
+            return nib.Nifti1Image.from_bytes(path.read_bytes())
+        if magic in _NIFTI2_SIZEOF_HDR:
+            return nib.Nifti2Image.from_bytes(path.read_bytes())
+        raise MedsegError("not a gzip file, nor a NIfTI file, though named .gz", path)
+    img = nib.load(str(path))
+    return img if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) else nib.Nifti1Image.from_image(img)
+
+
+def _stored_pixdim(path: Path, gzipped: bool, header_class: type) -> np.ndarray:
+    """pixdim[1:4] as stored in the file, before nibabel's silent fixes."""
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
+        return np.asarray(header_class.from_fileobj(fh, check=False)["pixdim"][1:4], np.float64)
+
+
+def _human(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
+def geometry_warning(volume: Volume) -> str | None:
+    """One line of caution for a readable but ambiguous geometry, else None."""
+    if (volume.sitk_geometry is None and int(volume.header["sform_code"]) == 0
+            and int(volume.header["qform_code"]) == 0):
+        return (f"{volume.path}: has neither sform nor qform, so its orientation is a guess "
+                f"({volume.orientation} from pixdim, as nibabel reads it); the output keeps the "
+                "same header")
+    return None
 
 
 def _read_sitk(path: Path) -> Volume:

@@ -81,7 +81,9 @@ def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:
             upper = norm.upper if norm.upper is not None else np.inf
             out[c] = (np.clip(channel, lower, upper) - norm.mean) / max(norm.std, 1e-8)
         elif norm.scheme == "zscore":
-            out[c] = (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+            # float64 statistics: float32 sums of squares overflow for |values| above ~1e17
+            mean, std = float(channel.mean(dtype=np.float64)), float(channel.std(dtype=np.float64))
+            out[c] = (channel - mean) / max(std, 1e-8)
         else:
             out[c] = channel
     return out

@@ -5,14 +5,21 @@
 ``validate`` every ``val_every`` epochs (sliding window, per-class Dice), ``end_epoch`` (metrics
 log, ``progress.png``, checkpoints). ``--resume`` reloads ``training_state.safetensors`` — one
 file holding weights, optimizer, scheduler, history and RNG state, so a kill at any moment leaves
-either the previous or the next state, never a mix. Under ``torchrun`` the same loop runs with
-DDP; only rank 0 writes files.
+either the previous or the next state, never a mix.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the same loop runs with DDP: gloo on
+CPU, NCCL on GPUs. Every rank samples ``iterations_per_epoch`` batches per epoch from its own share
+of the training cases (``rank_share``), so the effective batch is ``world × batch_size``; DDP
+averages the gradients, so all ranks hold the same weights after every step. Validation cases are
+split across ranks and the scores gathered. Only rank 0 writes files and logs; on ``--resume``
+every rank loads the state file (which needs the run folder on a filesystem all nodes share).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,6 +162,15 @@ def patch_transform(plan: Plan, augment: str) -> T.Compose:
             T.RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0)),
         ]
     return T.Compose(steps)
+
+
+def rank_share(items: list[dict], rank: Rank) -> list[dict]:
+    """The training cases that ``rank`` samples patches from: every ``world``-th case.
+
+    Deterministic and disjoint across ranks, so together the ranks cover every case once per
+    sweep; with fewer cases than ranks each rank samples from all of them (with its own seed).
+    """
+    return items[rank.index::rank.world] if len(items) >= rank.world else items
 
 
 class PatchDataset(Dataset):
@@ -324,9 +340,24 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     if not resume and state_path.is_file():
         raise MedsegError("folder already holds a training run; pass --resume to continue it or "
                           "choose another --output", output)
-    if rank.world > 1 and not dist.is_initialized():
+    owns_group = rank.world > 1 and not dist.is_initialized()
+    if owns_group:
         backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
         dist.init_process_group(backend)
+    try:
+        return _train(config, rank, resume, log if rank.is_main else _quiet, progress)
+    finally:
+        if owns_group and dist.is_initialized():
+            # A group left to interpreter exit makes gloo abort now and then ("terminate called
+            # without an active exception"); _train's model and DDP reducer are freed by now.
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
+           progress: Callable[[int, int, float, float], None] | None) -> Path:
+    """``train``'s loop, run inside the process group when distributed; ``log`` is rank 0's."""
+    output = Path(config.output)
+    state_path = output / "training_state.safetensors"
     device = resolve_device(config.device)
     if device.type == "cuda" and rank.world > 1:
         device = torch.device("cuda", rank.local)
@@ -336,7 +367,11 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     torch.manual_seed(config.seed)
 
     probe = build_network(config.network.name, 1, 2, **config.network.options)
-    data = prepare_data(config, int(probe.size_divisor), rank, log if rank.is_main else _quiet)
+    fixed = getattr(probe, "fixed_input_size", None)
+    if fixed is not None:  # token-mixing MLPs accept one input size: patches must have it
+        config = config.model_copy(update={
+            "plan_overrides": {**config.plan_overrides, "patch_size": [int(s) for s in fixed]}})
+    data = prepare_data(config, int(probe.size_divisor), rank, log)
     del probe
     plan = data.plan
     model = build_network(config.network.name, plan.num_channels, plan.num_classes,
@@ -350,6 +385,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
         state = load_state(state_path, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
         log(f"resumed after epoch {state.epoch}")
+        if rank.world > 1:
+            dist.barrier()  # every rank has read the state before rank 0 may overwrite it
     if rank.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -369,7 +406,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     run_started = time.perf_counter()
     for epoch in range(state.epoch, config.epochs):
         started = time.perf_counter()
-        dataset = PatchDataset(data.train, transform, config.iterations_per_epoch * plan.batch_size,
+        dataset = PatchDataset(rank_share(data.train, rank), transform,
+                               config.iterations_per_epoch * plan.batch_size,
                                seed=config.seed * 100_003 + epoch * 101 + rank.index)
         loader = DataLoader(dataset, batch_size=plan.batch_size, num_workers=config.num_workers,
                             pin_memory=device.type == "cuda")
@@ -415,12 +453,8 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
                     f"{epoch + 1}")
             break
     if rank.world > 1:
-        dist.barrier()
-    best = output / "checkpoint_best.safetensors"
-    del model, optimizer
-    if rank.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()  # avoids gloo's abort at interpreter exit
-    return best
+        dist.barrier()  # no rank may exit (torchrun ends the job) before rank 0's last writes
+    return output / "checkpoint_best.safetensors"
 
 
 def _out_of_time(config: TrainConfig, elapsed_s: float, rank: Rank, device: torch.device) -> bool:

@@ -1,5 +1,9 @@
 """The CLI as a user runs it: predict keeps geometry; mistakes give one line and exit 1."""
 
+import os
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -102,3 +106,28 @@ def test_evaluate_with_model_on_dataset(tmp_path, model_file):
     assert (tmp_path / "ev" / "metrics.json").is_file() and "sphere" in result.output
     again = _run("evaluate", tmp_path / "ev" / "predictions", root / "labelsTr")
     assert again.exit_code == 0 and "mean Dice" in again.output
+
+
+def test_predict_parts_running_side_by_side_write_each_output_once(tmp_path, model_file):
+    scans, out = tmp_path / "scans", tmp_path / "masks"
+    for i in range(6):
+        save_nifti(ellipsoid_case((16, 16, 16), seed=i)[0], np.eye(4), scans / f"s{i}.nii.gz")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two jobs share the machine, as array tasks do
+
+    def run_parts(*extra: str) -> list[str]:
+        jobs = [subprocess.Popen([sys.executable, "-m", "medseg3d", "predict", str(scans), "-o",
+                                  str(out), "--model", str(model_file), "--device", "cpu",
+                                  "--num-parts", "2", "--part-id", str(part), *extra],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=env) for part in (0, 1)]
+        logs = [job.communicate(timeout=300)[0] for job in jobs]
+        assert [job.returncode for job in jobs] == [0, 0], logs
+        return logs
+
+    logs = run_parts()
+    assert all("wrote 3 segmentation(s)" in log for log in logs), logs  # 3 + 3: none done twice
+    assert sorted(os.listdir(out)) == [f"s{i}.nii.gz" for i in range(6)]  # no temporary files
+    (out / "s1.nii.gz").unlink()
+    logs = run_parts("--continue")
+    assert "nothing to do" in logs[0] and "wrote 1 segmentation(s)" in logs[1], logs
+    assert sorted(os.listdir(out)) == [f"s{i}.nii.gz" for i in range(6)]

@@ -1,0 +1,47 @@
+"""Shared helpers of the peer scripts: evaluate a mask on colin27 and record it in peers.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg3d.atomic import write_text_atomic
+from medseg3d.evaluation import evaluate_case
+from medseg3d.io import read_labels, read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT / "data" / "BrainMaskT1"
+TEST_IMAGE = DATASET / "imagesTs" / "colin27_0000.nii.gz"
+TEST_LABEL = DATASET / "labelsTs" / "colin27.nii.gz"
+PEERS_JSON = ROOT / "docs" / "comparison" / "BrainMaskT1" / "peers.json"
+PEER_RUNS = ROOT / "runs" / "peers"  # git-ignored: masks derived from third-party scans stay here
+
+
+def evaluate_mask(mask_path: Path, image_path: Path = TEST_IMAGE,
+                  label_path: Path = TEST_LABEL) -> dict[str, Any]:
+    """Dice, HD95 (mm) and NSD@2 mm of a brain mask file against the reference, both on the image grid."""
+    image = read_volume(image_path)
+    pred = read_labels(mask_path, reference=image)  # raises if the mask is not on the input grid
+    ref = read_labels(label_path, reference=image)
+    metrics = evaluate_case(np.asarray(pred.array > 0, np.uint8), np.asarray(ref.array > 0, np.uint8),
+                            image.spacing, {"brain": 1}, tolerance_mm=2.0)["brain"]
+    return {"dice": metrics["dice"], "hd95_mm": metrics["hd95_mm"], "nsd": metrics["nsd"],
+            "pred_voxels": metrics["pred_voxels"], "ref_voxels": metrics["ref_voxels"]}
+
+
+def record_peer(row: dict[str, Any], path: Path = PEERS_JSON) -> Path:
+    """Insert or replace the row of ``row['method']`` in peers.json (a list of rows), atomically."""
+    rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if r.get("method") != row["method"]] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def load_average() -> str:
+    """The 1-minute load average and core count, to document how busy the machine was."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"

@@ -1,0 +1,390 @@
+"""The plugin's logic without Qt: volume <-> layer geometry, label detection, the segmentation job.
+
+Geometry contract (what the reader, the widget and the writer agree on):
+
+* A layer's ``data`` is the file's array reoriented to the closest canonical (RAS) axis order with
+  nibabel's ``io_orientation`` / ``apply_orientation``: data axis 0 runs towards the patient's
+  right, 1 towards anterior, 2 towards superior. napari crashes in 2D ("Singular matrix") when a
+  layer's affine permutes axes, so the permutation and flips are applied to the array instead.
+* The layer's ``affine`` is what remains of the file's affine after that reorientation:
+  ``source_affine @ inv_ornt_aff(ornt, source_shape)``. It maps data indices to world RAS
+  millimetres, so every voxel sits exactly where the file puts it. For an oblique file it keeps a
+  small rotation, which napari accepts (in 2D it ignores only the out-of-slice part of it).
+* ``layer.metadata["medseg3d"]`` holds plain data (see :func:`source_metadata`): the source
+  affine, shape, NIfTI header bytes, path, ITK geometry and the orientation ``ornt``. The writer
+  undoes the reorientation with it and writes with the source header, so a label map saved from
+  napari has exactly the affine, qform/sform codes and shape of the file that was opened.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from medseg3d.errors import Cancelled, MedsegError
+from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, volume_suffix
+
+__all__ = [
+    "METADATA_KEY",
+    "JobProgress",
+    "LabelVolume",
+    "SegmentationResult",
+    "SegmentationModel",
+    "canonical_to_source",
+    "data_to_world_matrix",
+    "label_features",
+    "label_volumes",
+    "layer_kwargs_from",
+    "looks_like_labels",
+    "reference_volume",
+    "segmentation_job",
+    "source_metadata",
+    "volume_to_layer_data",
+]
+
+METADATA_KEY = "medseg3d"
+LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
+
+# A file name with one of these words holds labels, whatever its dtype.
+_LABEL_WORDS = ("seg", "label", "mask")
+# Without such a word, an integer file with at most this many distinct values is a label map;
+# 8-bit MR scans use (nearly) all 256 values, label maps rarely more than a few dozen.
+_MAX_IMPLICIT_LABELS = 64
+_CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def source_metadata(volume: Volume) -> dict[str, Any]:
+    """Plain data that lets the writer restore ``volume``'s exact geometry (see module doc)."""
+    ornt = io_orientation(volume.affine)
+    geometry = volume.sitk_geometry
+    return {
+        "source_affine": np.array(volume.affine, dtype=np.float64),
+        "source_shape": tuple(int(s) for s in volume.spatial_shape),
+        "source_header": bytes(volume.header.binaryblock),
+        "header_class": type(volume.header).__name__,
+        # binaryblock holds the fixed header only; extensions (comments, DICOM, AFNI) travel apart.
+        "header_extensions": [(int(ext.get_code()), bytes(ext.get_content()))
+                              for ext in getattr(volume.header, "extensions", [])],
+        "source_path": str(volume.path) if volume.path is not None else None,
+        "orientation": ornt.tolist(),
+        "source_orientation": volume.orientation,
+        "sitk_geometry": None if geometry is None else {
+            "origin": list(geometry.origin), "spacing": list(geometry.spacing),
+            "direction": list(geometry.direction)},
+    }
+
+
+def volume_to_layer_data(volume: Volume) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(data, layer_affine, metadata)``: the array in canonical axis order placed in RAS mm."""
+    meta = source_metadata(volume)
+    ornt = np.asarray(meta["orientation"])
+    data = np.ascontiguousarray(apply_orientation(volume.array, ornt))
+    layer_affine = volume.affine @ inv_ornt_aff(ornt, volume.spatial_shape)
+    return data, layer_affine, meta
+
+
+def canonical_to_source(data: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """Undo the reader's reorientation: layer data back in the source file's voxel order."""
+    ornt = np.asarray(meta["orientation"], dtype=float)
+    back = ornt_transform(_CANONICAL, ornt)
+    array = apply_orientation(np.asarray(data), back)
+    shape = tuple(meta["source_shape"])
+    if array.shape[:3] != shape:
+        raise MedsegError(f"layer shape {array.shape[:3]} (in source order) differs from the "
+                          f"source file's {shape}; it cannot be saved on that file's grid")
+    return np.ascontiguousarray(array)
+
+
+def reference_volume(meta: Mapping[str, Any]) -> Volume:
+    """A data-free Volume with the source geometry, as ``medseg3d.io.write_labels`` expects."""
+    header_class = nib.Nifti2Header if meta.get("header_class") == "Nifti2Header" \
+        else nib.Nifti1Header
+    extensions = [nib.nifti1.Nifti1Extension(code, content)
+                  for code, content in meta.get("header_extensions", [])]
+    header = header_class(binaryblock=meta["source_header"], extensions=extensions)
+    geometry = meta.get("sitk_geometry")
+    sitk_geometry = None if geometry is None else SitkGeometry(
+        tuple(geometry["origin"]), tuple(geometry["spacing"]), tuple(geometry["direction"]))
+    # write_labels reads only the shape of the reference array: a broadcast view costs no memory.
+    shape = tuple(int(s) for s in meta["source_shape"])
+    array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+    path = meta.get("source_path")
+    return Volume(array, np.array(meta["source_affine"], dtype=np.float64), header,
+                  Path(path) if path else None, sitk_geometry)
+
+
+def reference_from_affine(affine: np.ndarray, shape: tuple[int, ...]) -> Volume:
+    """A reference for a layer that was not read by medseg3d: its data->world affine as RAS mm."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_sform(affine, code=1)
+    header.set_qform(affine, code=1)
+    header.set_xyzt_units("mm")
+    array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+    return Volume(array, np.asarray(affine, dtype=np.float64), header)
+
+
+def data_to_world_matrix(affine: np.ndarray | None = None, *, scale: Any = None,
+                         translate: Any = None, rotate: Any = None,
+                         shear: Any = None) -> np.ndarray:
+    """A napari layer's data -> world matrix: ``affine`` after scale, shear, rotate, translate."""
+    from napari.utils.transforms import CompositeAffine  # napari's transform maths, no Qt
+
+    composite = CompositeAffine(
+        scale=(1, 1, 1) if scale is None else scale,
+        translate=(0, 0, 0) if translate is None else translate,
+        rotate=rotate, shear=shear, ndim=3).affine_matrix
+    outer = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    return outer @ composite
+
+
+def layer_kwargs_from(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Layer data and the kwargs shared by image and label layers of ``volume``."""
+    data, layer_affine, meta = volume_to_layer_data(volume)
+    kwargs = {
+        "name": name,
+        "affine": layer_affine,
+        "metadata": {METADATA_KEY: meta},
+        # Every layer declares mm so napari keeps using units when label layers join images.
+        "units": ("mm", "mm", "mm"),
+        "axis_labels": ("x (R)", "y (A)", "z (S)"),
+    }
+    return data, kwargs
+
+
+# --------------------------------------------------------------------------- label detection
+
+
+def on_disk_dtype(volume: Volume) -> np.dtype:
+    """The dtype stored in the file (``medseg3d.io`` always returns float32 arrays)."""
+    if volume.path is not None and volume_suffix(volume.path) not in NIFTI_SUFFIXES:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(volume.path))
+            reader.ReadImageInformation()
+            pixel = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID()))
+        except RuntimeError:
+            return np.dtype(np.float32)
+        return pixel.dtype
+    slope, inter = volume.header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        # Scaled integers are real-valued intensities, not label values.
+        return np.dtype(np.float32)
+    return volume.header.get_data_dtype()
+
+
+def looks_like_labels(volume: Volume) -> bool:
+    """True for a label map: integer values and a label-ish name, or few distinct integers."""
+    array = volume.array
+    if array.ndim != 3:
+        return False
+    path = volume.path
+    named = path is not None and (
+        any(word in path.name.lower() for word in _LABEL_WORDS)
+        or path.parent.name.lower().startswith("labels"))
+    integer_file = np.issubdtype(on_disk_dtype(volume), np.integer)
+    if not (named or integer_file):
+        return False
+    # A scan shows its many grey values in a sparse sample already: skip the full count.
+    if not named and np.unique(array[::4, ::4, ::4]).size > _MAX_IMPLICIT_LABELS:
+        return False
+    if array.min() < 0 or array.max() >= 2**16:
+        return False
+    as_int = array.astype(np.int64)
+    if not np.array_equal(as_int, array):
+        return False
+    distinct = int(np.count_nonzero(np.bincount(as_int.ravel())))
+    return named or distinct <= _MAX_IMPLICIT_LABELS
+
+
+# --------------------------------------------------------------------------- results
+
+
+class LabelVolume(NamedTuple):
+    """One row of the volume table."""
+
+    value: int
+    name: str
+    voxels: int
+    millilitres: float
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm³ (|det| of the affine's 3x3 part)."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+
+def label_volumes(labels: np.ndarray, affine: np.ndarray,
+                  names: Mapping[str, int] | None = None) -> list[LabelVolume]:
+    """Voxel count and volume in mL of every foreground label (named ones even when empty)."""
+    counts = np.bincount(np.asarray(labels).astype(np.int64, copy=False).ravel())
+    by_value = {int(v): k for k, v in (names or {}).items()}
+    values = sorted({v for v in by_value if v != 0} | {int(v) for v in np.flatnonzero(counts)
+                                                        if v != 0})
+    ml_per_voxel = voxel_volume_mm3(affine) / 1000.0
+    rows = []
+    for value in values:
+        voxels = int(counts[value]) if value < len(counts) else 0
+        rows.append(LabelVolume(value, by_value.get(value, f"label {value}"), voxels,
+                                voxels * ml_per_voxel))
+    return rows
+
+
+def label_features(names: Mapping[str, int]) -> dict[str, list[Any]]:
+    """A napari Labels ``features`` table: row per label value, so the status bar shows names."""
+    items = sorted(names.items(), key=lambda kv: kv[1])
+    return {"index": [v for _, v in items], "name": [k for k, _ in items]}
+
+
+# --------------------------------------------------------------------------- segmentation job
+
+
+class SegmentationModel(Protocol):
+    """What the job needs from ``medseg3d.load_model(...)``."""
+
+    name: str
+    labels: dict[str, int]
+    num_channels: int
+
+    def predict(self, image: np.ndarray, affine: np.ndarray | None = None, *,
+                overlap: float = 0.5, tta: bool = False,
+                progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray: ...
+
+
+class JobProgress(NamedTuple):
+    """Yielded by the job: windows done of total (total 0 while the model loads)."""
+
+    done: int
+    total: int
+    message: str
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """What a finished job returns."""
+
+    labels: np.ndarray
+    label_names: dict[str, int]
+    model_name: str
+
+
+def load_model(source: str | Path, device: str = "auto") -> SegmentationModel:
+    """``medseg3d.load_model`` imported late: importing the plugin must not import torch."""
+    import medseg3d
+
+    return medseg3d.load_model(source, device=device)
+
+
+def check_image(image: np.ndarray, model: SegmentationModel, layer_name: str = "image") -> None:
+    """Raise MedsegError when ``image`` cannot be segmented by ``model``."""
+    if image.ndim != 3:
+        raise MedsegError(f"layer {layer_name!r} is {image.ndim}D with shape {image.shape}; "
+                          "medseg3d segments 3D volumes (one channel)")
+    if min(image.shape) < 2:
+        raise MedsegError(f"layer {layer_name!r} is too thin to be 3D: shape {image.shape}")
+    channels = int(getattr(model, "num_channels", 1))
+    if channels != 1:
+        raise MedsegError(f"model {model.name!r} expects {channels} input channels; layer "
+                          f"{layer_name!r} is a single-channel volume")
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise MedsegError(f"layer {layer_name!r} has dtype {image.dtype}; expected real numbers")
+
+
+_DONE = object()
+
+
+def segmentation_job(
+    model: str | Path | SegmentationModel,
+    image: np.ndarray,
+    affine: np.ndarray,
+    *,
+    device: str = "auto",
+    overlap: float = 0.5,
+    tta: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    layer_name: str = "image",
+) -> Generator[JobProgress, None, SegmentationResult]:
+    """Segment ``image`` (data axes, ``affine`` data -> RAS mm); yield progress, return labels.
+
+    Prediction runs in a helper thread because ``predict`` reports progress through a callback
+    and a generator can only yield from its own frame. Closing the generator early (or
+    ``should_stop`` returning True) stops prediction at the next window. Errors come out as
+    MedsegError or Cancelled: napari's generator worker turns a RuntimeError into a mere
+    warning, so torch's RuntimeErrors must not escape unwrapped.
+    """
+    image = np.asarray(image)
+    if isinstance(model, str | Path):
+        yield JobProgress(0, 0, f"loading model {model}")
+        try:
+            model = load_model(model, device=device)
+        except (MedsegError, Cancelled):
+            raise
+        except Exception as exc:
+            raise MedsegError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
+    check_image(image, model, layer_name)
+    if should_stop is not None and should_stop():
+        raise Cancelled
+
+    events: queue.SimpleQueue[object] = queue.SimpleQueue()
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def stopping() -> bool:
+        return stop.is_set() or (should_stop is not None and bool(should_stop()))
+
+    def run() -> None:
+        try:
+            outcome["labels"] = model.predict(
+                image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
+                overlap=overlap, tta=tta, progress=lambda done, total: events.put((done, total)),
+                should_stop=stopping)
+        except BaseException as exc:  # handed to the generator's thread, re-raised there
+            outcome["error"] = exc
+        finally:
+            events.put(_DONE)
+
+    yield JobProgress(0, 0, f"segmenting with {model.name}")
+    thread = threading.Thread(target=run, name="medseg3d-predict", daemon=True)
+    thread.start()
+    try:
+        while (event := events.get()) is not _DONE:
+            done, total = event  # type: ignore[misc]
+            yield JobProgress(int(done), int(total), f"window {done}/{total}")
+    finally:
+        stop.set()  # no-op after a normal finish; stops prediction when the job is closed early
+        thread.join()
+    error = outcome.get("error")
+    if isinstance(error, MedsegError | Cancelled):
+        raise error
+    if error is not None:
+        raise MedsegError(f"segmentation failed: {type(error).__name__}: {error}") from error
+    labels = np.asarray(outcome["labels"])
+    if labels.shape != image.shape:
+        raise MedsegError(f"model returned labels of shape {labels.shape} for an image of shape "
+                          f"{image.shape}")
+    return SegmentationResult(labels, dict(model.labels), str(model.name))
+
+
+def run_to_end(job: Generator[JobProgress, None, SegmentationResult],
+               on_progress: Callable[[JobProgress], None] | None = None) -> SegmentationResult:
+    """Drive a job without an event loop (scripts, tests); return its result."""
+    while True:
+        try:
+            step = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(step)

@@ -1,0 +1,98 @@
+"""Memory limits: predict picks a plan that fits ``max_memory_gb`` or stops with the number needed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bad_inputs import write
+from synthetic import ellipsoid_case, make_affine
+from test_reliability_corpus import assert_one_line_error
+from typer.testing import CliRunner
+
+from medseg3d import inference
+from medseg3d.api import Model
+from medseg3d.checkpoint import save_checkpoint
+from medseg3d.cli import app
+from medseg3d.config import ChannelNorm, InferenceConfig, Plan
+from medseg3d.io import read_volume
+from medseg3d.preprocessing import preprocess_image
+
+# The plan's 1.5 mm grid differs from the 1 mm scan, so by default the engine returns
+# probabilities for a smooth restore: the fallback to streamed labels has something to save.
+PLAN = Plan(spacing=(1.5, 1.5, 1.5), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
+            labels={"background": 0, "sphere": 1, "blob": 2})
+SHAPE = (40, 36, 32)
+GB = 2**30
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Model, Path, Path]:
+    """A tiny 3-class model, its checkpoint and a 1 mm scan on its own folder."""
+    root = tmp_path_factory.mktemp("memory")
+    model = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8])
+    weights = save_checkpoint(model.network, model.meta, root / "tiny")
+    scan = root / "scan.nii.gz"
+    write(scan, ellipsoid_case(SHAPE, num_classes=3)[0], make_affine((1.0, 1.0, 1.0), "LPS"))
+    return model, weights, scan
+
+
+def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
+    """``memory_needed`` for the scan under the given choice."""
+    image, grid = preprocess_image(read_volume(scan), PLAN)
+    return inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
+                                   batch_size, probabilities)
+
+
+@pytest.mark.parametrize("chosen, next_better", [
+    ((1, True), (4, True)),     # enough for batch 1 with probabilities: only the batch shrinks
+    ((4, False), (1, True)),    # probabilities do not fit at all: labels streamed, batch kept
+])
+def test_plan_falls_back_to_fit_the_limit(setup, monkeypatch: pytest.MonkeyPatch,
+                                          chosen: tuple[int, bool],
+                                          next_better: tuple[int, bool]) -> None:
+    model, _, scan = setup
+    low, high = needs(scan, *chosen), needs(scan, *next_better)
+    assert low < high, "the test volume no longer separates the fallbacks"
+    seen = {}
+    real = inference.sliding_window
+
+    def spy(*args: object, **kwargs: object):
+        seen.update(batch_size=kwargs["batch_size"], output=kwargs["output"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "sliding_window", spy)
+    config = InferenceConfig(device="cpu", batch_size=4, overlap=0.0,
+                             max_memory_gb=(low + high) / 2 / GB)
+    volume = read_volume(scan)
+    prediction = model.predict_volume(volume, config)
+    assert prediction.labels.shape == SHAPE
+    assert (seen["batch_size"], seen["output"] == "probabilities") == chosen
+    unlimited = model.predict_volume(volume, InferenceConfig(device="cpu", batch_size=4, overlap=0.0))
+    if chosen[1]:  # same output kind: a smaller batch changes nothing
+        assert np.array_equal(prediction.labels, unlimited.labels)
+
+
+def test_impossible_limit_is_one_line_with_the_number(setup, tmp_path: Path) -> None:
+    _, weights, scan = setup
+    result = CliRunner().invoke(app, ["predict", str(scan), "-o", str(tmp_path / "seg.nii.gz"),
+                                      "--model", str(weights), "--device", "cpu",
+                                      "--max-memory", "0.01MB"])
+    assert result.exit_code == 1
+    line = assert_one_line_error(result.output, r"needs about \d+\.\d+ MB", scan)
+    needed = float(re.search(r"needs about (\d+\.\d+) MB", line)[1])
+    assert needed == pytest.approx(needs(scan, 1, False) / 2**20, abs=0.05)
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_generous_limit_through_the_cli(setup, tmp_path: Path) -> None:
+    _, weights, scan = setup
+    out = tmp_path / "seg.nii.gz"
+    result = CliRunner().invoke(app, ["predict", str(scan), "-o", str(out), "--model",
+                                      str(weights), "--device", "cpu", "--max-memory", "2GB"])
+    assert result.exit_code == 0, result.output
+    assert nib.load(out).shape == SHAPE and np.array_equal(nib.load(out).affine,
+                                                           nib.load(scan).affine)
