@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     display = ensure_display()
     import napari
-    from medseg3d_napari._widget import SegmentWidget, layer_world_affine
     from qtpy.QtWidgets import QApplication
+
+    from medseg3d_napari._widget import SegmentWidget, layer_world_affine
 
     viewer = napari.Viewer(show=True, title="medseg3d")
     viewer.window.resize(1500, 900)

@@ -7,6 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from plugin_helpers import ORIENTATIONS, ThresholdModel, write_case
+from synthetic import make_affine, save_nifti
+
+from medseg3d.errors import Cancelled, MedsegError
+from medseg3d.io import read_volume
 from medseg3d_napari._core import (
     canonical_to_source,
     label_volumes,
@@ -15,11 +20,6 @@ from medseg3d_napari._core import (
     segmentation_job,
     volume_to_layer_data,
 )
-from plugin_helpers import ORIENTATIONS, ThresholdModel, write_case
-from synthetic import make_affine, save_nifti
-
-from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io import read_volume
 
 
 @pytest.mark.parametrize("orientation", list(ORIENTATIONS))

@@ -10,13 +10,13 @@ import napari
 import nibabel as nib
 import numpy as np
 import pytest
-from medseg3d_napari import _sample_data, _widget
-from medseg3d_napari._widget import SegmentWidget, layer_world_affine
 from plugin_helpers import ThresholdModel, write_case
 from pytestqt.qtbot import QtBot
 from qtpy.QtCore import Qt
 
 from medseg3d.errors import MedsegError
+from medseg3d_napari import _sample_data, _widget
+from medseg3d_napari._widget import SegmentWidget, layer_world_affine
 
 pytestmark = pytest.mark.filterwarnings("ignore:Non-orthogonal slicing:UserWarning")
 
