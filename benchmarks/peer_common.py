@@ -34,9 +34,13 @@ def evaluate_mask(mask_path: Path, image_path: Path = TEST_IMAGE,
 
 
 def record_peer(row: dict[str, Any], path: Path = PEERS_JSON) -> Path:
-    """Insert or replace the row of ``row['method']`` in peers.json (a list of rows), atomically."""
+    """Replace the row of ``row['method']`` in peers.json (a list of rows) or append it, atomically."""
     rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in rows if r.get("method") != row["method"]] + [row]
+    methods = [r.get("method") for r in rows]
+    if row["method"] in methods:  # keep the row's place, so that re-runs give small diffs
+        rows[methods.index(row["method"])] = row
+    else:
+        rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(rows, indent=2) + "\n")
     return path
