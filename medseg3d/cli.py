@@ -78,6 +78,22 @@ def _triple(text: str | None) -> list[int] | None:
     return values
 
 
+def _plan_overrides(patch_size: str | None, batch_size: int | None, spacing: str | None
+                    ) -> dict[str, Any]:
+    """Plan fields given on the command line (validated again by ``Plan``)."""
+    overrides: dict[str, Any] = {}
+    if patch_size:
+        overrides["patch_size"] = _triple(patch_size)
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    if spacing:
+        try:
+            overrides["spacing"] = [float(v) for v in spacing.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
+    return overrides
+
+
 def _options(pairs: list[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -140,16 +156,7 @@ def train(
     from medseg3d.training import current_rank
     from medseg3d.training import train as run_training
 
-    overrides: dict[str, Any] = {}
-    if patch_size:
-        overrides["patch_size"] = _triple(patch_size)
-    if batch_size:
-        overrides["batch_size"] = batch_size
-    if spacing:
-        try:
-            overrides["spacing"] = [float(v) for v in spacing.split(",")]
-        except ValueError:
-            raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
+    overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"{dataset.name}_{model}"
     main_rank = current_rank().is_main  # under torchrun only rank 0 writes files and reports
     if resume and main_rank:
@@ -370,16 +377,7 @@ def compare(
         raise typer.BadParameter(str(exc)) from None
     if augment not in ("none", "light", "strong"):
         raise typer.BadParameter(f"--augment must be none, light or strong, got {augment!r}")
-    overrides: dict[str, Any] = {}
-    if patch_size:
-        overrides["patch_size"] = _triple(patch_size)
-    if batch_size:
-        overrides["batch_size"] = batch_size
-    if spacing:
-        try:
-            overrides["spacing"] = [float(v) for v in spacing.split(",")]
-        except ValueError:
-            raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
+    overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"compare_{dataset.name}"
     result = run_comparison(dataset, networks, minutes, output,
                             options=_network_options(option or [], networks),
