@@ -393,11 +393,10 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     rows = comparison.rows
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.get_cmap("tab10")
-    for i, r in enumerate(rows):
-        left.scatter(r.predict_seconds_per_case, r.mean_dice, s=60, color=colours(i))
-        left.annotate(f"{r.network}\nHD95 {r.mean_hd95_mm:.1f} mm",
-                      (r.predict_seconds_per_case, r.mean_dice), textcoords="offset points",
-                      xytext=(6, 4 if i % 2 == 0 else -22), fontsize=8)  # alternate: no overlap
+    for i, r in enumerate(rows):  # a legend, not point labels: nearby points would overlap
+        left.scatter(r.predict_seconds_per_case, r.mean_dice, s=60, color=colours(i),
+                     label=f"{r.network}: HD95 {r.mean_hd95_mm:.1f} mm")
+    left.legend(loc="lower left", fontsize=8)
     left.set_xlabel("prediction time per case (s)")
     left.set_ylabel("mean Dice (held-out)")
     left.set_ylim(min([0.0, *[r.mean_dice for r in rows if math.isfinite(r.mean_dice)]]), 1.0)
