@@ -53,6 +53,9 @@ from medseg3d.planning import fingerprint_case, make_plan
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.sliding_window import sliding_window
 
+# Training patch budget of patch-free networks: the whole median volume up to about 160³ voxels.
+PATCH_FREE_MAX_VOXELS = 160**3
+
 
 class EpochRecord(BaseModel):
     """One line of ``metrics.jsonl``."""
@@ -371,6 +374,10 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     if fixed is not None:  # token-mixing MLPs accept one input size: patches must have it
         config = config.model_copy(update={
             "plan_overrides": {**config.plan_overrides, "patch_size": [int(s) for s in fixed]}})
+    elif getattr(probe, "whole_volume", False) and "max_patch_voxels" not in config.plan_overrides:
+        # Patch-free networks are meant to see the whole (median) volume during training too.
+        config = config.model_copy(update={
+            "plan_overrides": {**config.plan_overrides, "max_patch_voxels": PATCH_FREE_MAX_VOXELS}})
     data = prepare_data(config, int(probe.size_divisor), rank, log)
     del probe
     plan = data.plan
