@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from medseg3d.atomic import write_bytes_atomic
-from medseg3d.checkpoint import sha256_of
+from medseg3d.checkpoint import load_tensors, save_tensors, sha256_of
 from medseg3d.config import ModelCard, TrainingData, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
 
@@ -56,7 +56,7 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
 
 def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
-                  root: Path | None = None) -> Path:
+                  root: Path | None = None, half: bool = False) -> Path:
     """Copy a run's best checkpoint into ``models/<name>/`` and write its card with the SHA-256."""
     target = (root or model_dirs()[-1]) / name
     target.mkdir(parents=True, exist_ok=True)
@@ -65,6 +65,11 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
         if not source.is_file():
             raise MedsegError("run has no best checkpoint", source)
         write_bytes_atomic(target / f"model{suffix}", source.read_bytes())
+    if half:
+        # fp16 storage halves the file; load_state_dict casts back to the network's fp32.
+        weights = load_tensors(target / "model.safetensors")
+        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+                     target / "model.safetensors")
     card = ModelCard(name=name, description=description, weights="model.safetensors",
                      sha256=sha256_of(target / "model.safetensors"), task=task,
                      training_data=training_data, command=command, hardware=hardware,

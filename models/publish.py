@@ -22,6 +22,7 @@ def main() -> None:
         parser.add_argument(f"--{option}", required=True)
     parser.add_argument("--data-source", action="append", default=[])
     parser.add_argument("--metrics", default="{}", help="JSON object of held-out metrics")
+    parser.add_argument("--fp16", action="store_true", help="store the weights as float16")
     args = parser.parse_args()
     meta = json.loads((args.run_dir / "checkpoint_best.json").read_text())
     target = publish_model(
@@ -29,6 +30,7 @@ def main() -> None:
         task=args.task, hardware=args.hardware, metrics=json.loads(args.metrics),
         training_data=TrainingData(name=args.data_name, sources=args.data_source,
                                    licence=args.data_licence, cases=None),
+        half=args.fp16,
     )
     print(f"published {target} (trained {meta['epoch']} epochs)")
 
