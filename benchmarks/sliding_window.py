@@ -11,13 +11,8 @@ Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device c
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +23,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from medseg3d.memory import PeakMemory  # noqa: E402
 from medseg3d.sliding_window import estimate_memory_bytes, sliding_window  # noqa: E402
 
 WINDOW = (96, 96, 96)
@@ -53,79 +49,6 @@ class TimedNetwork(torch.nn.Module):
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         return y
-
-
-def _rss() -> int:
-    """Resident set size of this process in bytes."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil  # not Linux: fall back to psutil
-
-        return psutil.Process().memory_info().rss
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS so the next run's RSS baseline is honest."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak memory above the starting point: RSS sampled by a thread plus the kernel's high-water
-    mark (reset through ``/proc/self/clear_refs`` where allowed); on CUDA, max_memory_allocated."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakMemory:
-        _release_freed_memory()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._base = _rss()
-        self._hwm = self._reset_high_water_mark()
-        self._max = self._base
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._max = max(self._max, _rss())
-
-    @staticmethod
-    def _reset_high_water_mark() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _high_water_mark() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        top = max(self._max, self._high_water_mark() if self._hwm else 0)
-        self.peak = top - self._base
 
 
 @dataclass
@@ -214,9 +137,9 @@ def bench_case(
             res = results[name]
             res.seconds.append(seconds)
             res.forward_seconds.append(timed.seconds)
-            res.peak_bytes.append(peak.peak)
+            res.peak_bytes.append(peak.peak_bytes)
             res.labels = labels
-            print(f"  {name:14s} run {r + 1}: {seconds:7.1f} s, peak {peak.peak / MiB:7.0f} MiB",
+            print(f"  {name:14s} run {r + 1}: {seconds:7.1f} s, peak {peak.peak_bytes / MiB:7.0f} MiB",
                   file=sys.stderr, flush=True)
             del labels
     ours = results["ours"]
@@ -237,7 +160,7 @@ def bench_case(
               f"| {t / statistics.median(ours.seconds):.2f} "
               f"| {mem / max(1, statistics.median(ours.peak_bytes)):.2f} "
               f"| {agree[0]:.3f}% | {agree[1]:.3f}% |")
-    print(f"\nPeak memory of one forward of a batch alone: {forward_peak.peak / MiB:.0f} MiB "
+    print(f"\nPeak memory of one forward of a batch alone: {forward_peak.peak_bytes / MiB:.0f} MiB "
           f"(part of every engine's peak); estimate_memory_bytes for ours: {estimate / MiB:.0f} "
           "MiB (the network not included).")
 

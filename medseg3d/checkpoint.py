@@ -51,7 +51,7 @@ def save_checkpoint(network: nn.Module, meta: CheckpointMeta, stem: str | Path) 
     """Write ``stem.safetensors`` then ``stem.json``; the JSON, written last, marks it complete."""
     stem = Path(stem)
     weights = stem.with_suffix(".safetensors")
-    save_tensors(_unwrap(network).state_dict(), weights)
+    save_tensors(unwrap(network).state_dict(), weights)
     save_model_file(meta, stem.with_suffix(".json"))
     return weights
 
@@ -88,5 +88,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
     return network.module if hasattr(network, "module") else network

@@ -103,16 +103,6 @@ def read_input(case: InputCase) -> Volume:
                   first.sitk_geometry)
 
 
-def prefetched(cases: list[InputCase], pool: ThreadPoolExecutor
-               ) -> Iterator[tuple[InputCase, Future[Volume]]]:
-    """Yield each case with a future of its volume, the next one already being read."""
-    pending: Future[Volume] | None = None
-    for i, case in enumerate(cases):
-        current = pending if pending is not None else pool.submit(read_input, case)
-        pending = pool.submit(read_input, cases[i + 1]) if i + 1 < len(cases) else None
-        yield case, current
-
-
 def read_cases(cases: list[InputCase], ahead: bool = True) -> Iterator[tuple[InputCase, Volume]]:
     """Each case with its volume; with ``ahead`` the next one is read in a thread meanwhile."""
     if not ahead:
@@ -120,8 +110,12 @@ def read_cases(cases: list[InputCase], ahead: bool = True) -> Iterator[tuple[Inp
             yield case, read_input(case)
         return
     with ThreadPoolExecutor(1) as pool:
-        for case, future in prefetched(cases, pool):
-            yield case, future.result()
+        future = pool.submit(read_input, cases[0]) if cases else None
+        for i, case in enumerate(cases):
+            volume = future.result()  # type: ignore[union-attr]
+            if i + 1 < len(cases):
+                future = pool.submit(read_input, cases[i + 1])
+            yield case, volume
 
 
 class BackgroundWriter:

@@ -21,13 +21,11 @@ class names); only those classes are scored for that case.
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -46,6 +44,7 @@ from medseg3d.errors import MedsegError
 from medseg3d.evaluation import CaseMetrics, ClassMetrics, Summary, evaluate_case, summarise
 from medseg3d.inference import resolve_device
 from medseg3d.io import write_labels
+from medseg3d.memory import PeakMemory
 from medseg3d.networks import build_network
 from medseg3d.preprocessing import canonical_orientation, reorient
 from medseg3d.training import train
@@ -54,7 +53,6 @@ __all__ = [
     "ClassScore",
     "Comparison",
     "ComparisonRow",
-    "PeakMemory",
     "compare",
     "held_out_cases",
     "parse_budget",
@@ -155,73 +153,6 @@ def _annotated_labels(dataset_dir: Path, case_id: str, labels: dict[str, int]) -
     if not annotated:
         return labels
     return {name: value for name, value in labels.items() if value == 0 or name in annotated}
-
-
-def _rss_bytes() -> float:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            return float(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return float(psutil.Process().memory_info().rss)
-        except ImportError:
-            return math.nan
-
-
-def _release_free_heap() -> None:
-    """Give freed heap pages back to the OS, so that RSS growth measures new allocations."""
-    # glibc keeps freed blocks (even large ones, once its mmap threshold has grown) mapped:
-    # without the trim, memory freed by training or by an earlier network hides a new peak.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Context manager: peak memory growth in MB of what runs inside it (see module docstring)."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
-        self.device, self.interval_s = device, interval_s
-        self.peak_mb = math.nan
-        self.measure: Literal["cpu_rss_delta", "cuda_max_allocated"] = (
-            "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._base = self._peak = 0.0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = float(torch.cuda.memory_allocated(self.device))
-        else:
-            gc.collect()
-            _release_free_heap()
-            self._base = self._peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = float(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            assert self._thread is not None
-            self._thread.join()
-            peak = max(self._peak, _rss_bytes())
-        self.peak_mb = (peak - self._base) / 2**20
 
 
 def _train_one(config: TrainConfig, reuse: bool, log: Callable[[str], None]) -> float:

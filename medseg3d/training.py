@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medseg3d.atomic import atomic_path, write_text_atomic
-from medseg3d.checkpoint import save_checkpoint
+from medseg3d.checkpoint import save_checkpoint, unwrap
 from medseg3d.config import (
     CheckpointMeta,
     NetworkConfig,
@@ -211,7 +211,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
         with torch.autocast(device.type, enabled=amp):
             logits = model(image)
             loss = loss_fn(logits.float(), label)
-            core = model.module if hasattr(model, "module") else model
+            core = unwrap(model)
             if hasattr(core, "auxiliary_loss"):
                 loss = loss + core.auxiliary_loss(image, label)
         scaler.scale(loss).backward()
@@ -237,7 +237,7 @@ def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> l
 def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.device,
              rank: Rank) -> dict[str, float]:
     """Sliding-window Dice per class over the validation cases (split across DDP ranks)."""
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     core.eval()
     scores = []
     for item in items[rank.index::rank.world]:
@@ -259,7 +259,7 @@ def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.devi
 def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                state: TrainingState) -> None:
     """Everything needed to resume, in one atomically written safetensors file."""
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     tensors = {f"model.{k}": v for k, v in core.state_dict().items()}
     opt = optimizer.state_dict()
     keys: dict[str, list[str]] = {}
@@ -285,7 +285,7 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise MedsegError(f"cannot resume: damaged training state ({exc})", path) from exc
     state = TrainingState.model_validate_json(meta["training_state"])
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     core.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict({
         "state": {int(pid): {n: tensors[f"optim.{pid}.{n}"] for n in names}
