@@ -9,6 +9,10 @@ layout (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json`
 cases go to ``imagesTs/`` + ``labelsTs/``. Volumes keep the geometry of the file they came from
 (no resampling); a label stored in another voxel order than its image is flipped/permuted onto
 the image grid, which is exact. Third-party files are never committed: see data/README.md.
+
+``BrainMaskT1`` also builds ``BrainMaskT1Stress`` (:func:`build_stress`): fixed, seeded variants
+of each held-out head (thick slices averaged from thin ones, other storage orders, an oblique
+affine, bias field, noise, gamma, field-of-view crops), the test of generalisation.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -112,6 +117,7 @@ class DatasetRecipe:
     reference: str
     builders: list[Callable[[Path], Case]]
     held_out: dict[str, str] = field(default_factory=dict)  # case id -> why it is held out
+    stress: bool = False  # also build <name>Stress from the held-out cases (build_stress)
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -495,6 +501,7 @@ BRAIN = DatasetRecipe(
     held_out={"colin27": "the only single real subject with skull and scalp (the others are "
                          "multi-subject averages or skull-stripped): the most realistic test of "
                          "skull stripping, so it is never trained on"},
+    stress=True,
 )
 
 ABDOMEN = DatasetRecipe(
@@ -586,6 +593,340 @@ def print_table(rows: list[dict[str, object]]) -> None:
               f"{r['orientation']:<6} {r['dtype']:<7} {counts}")
 
 
+# ----------------------------------------------------------------------------- stress test set
+
+
+@dataclass(frozen=True)
+class Head:
+    """An image and its brain fraction (0..1 per voxel) on one grid, with that grid's affine.
+
+    The mask stays a fraction through every step (resampling averages it like the image) and
+    becomes the label ``fraction >= 0.5`` only when written.
+    """
+
+    image: np.ndarray
+    brain: np.ndarray
+    affine: np.ndarray
+
+
+Step = tuple[Callable[..., Head], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One stress variant: a name for its files, what it does in words, and its steps in order."""
+
+    name: str
+    what: str
+    steps: tuple[Step, ...]
+
+
+def _side(affine: np.ndarray, side: str) -> tuple[int, int]:
+    """The voxel axis closest to world side ``side`` (R L A P S I) and +1/-1, its index step there."""
+    world, sign = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1),
+                   "I": (2, -1)}[side]
+    ornt = nib.io_orientation(affine)
+    axis = int(np.flatnonzero(ornt[:, 0] == world)[0])
+    return axis, int(ornt[axis, 1]) * sign
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def _along(affine: np.ndarray, axis: int, first: float, step: float) -> np.ndarray:
+    """The affine of a grid whose index ``a`` along ``axis`` is old index ``first + a * step``."""
+    change = np.eye(4)
+    change[axis, axis], change[axis, 3] = step, first
+    return affine @ change
+
+
+def _map_axis(data: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
+    """New slice ``a`` along ``axis`` = sum over old slices ``b`` of ``weights[a, b] * data[b]``."""
+    old = np.moveaxis(data, axis, 0)
+    new = np.zeros((len(weights), *old.shape[1:]))
+    for a, row in enumerate(weights):  # a fixed order of float adds: bit-identical every run
+        for b in np.flatnonzero(row):
+            new[a] += row[b] * old[b]
+    return np.moveaxis(new, 0, axis)
+
+
+def _centres(n: int, step: float) -> np.ndarray:
+    """Centres, in old voxel indices, of the whole new voxels of ``step`` old voxels that fit in
+    ``n`` old ones (extent -0.5 .. n - 0.5), centred to the nearest whole old voxel.
+
+    Starting on an old voxel's edge matters: with a slab edge through the middle of a slice, a
+    brain fraction of exactly 0.5 is common and ``>= 0.5`` would grow the mask by several %.
+    """
+    count = int(np.floor(n / step + 1e-9))
+    first_edge = -0.5 + np.floor((n - count * step) / 2 + 1e-9)
+    return first_edge + step * (np.arange(count) + 0.5)
+
+
+def _box_weights(n: int, step: float) -> np.ndarray:
+    """Slice profile: each new voxel averages the old ones it covers, weighted by the overlap."""
+    centres = _centres(n, step)[:, None]
+    old = np.arange(n)[None, :]
+    overlap = (np.minimum(centres + step / 2, old + 0.5)
+               - np.maximum(centres - step / 2, old - 0.5))
+    return np.clip(overlap, 0, None) / step
+
+
+def _linear_weights(n: int, step: float) -> np.ndarray:
+    """Linear interpolation at the new centres (the nearest old voxel beyond the last centre)."""
+    centres = _centres(n, step)
+    return np.stack([np.interp(centres, np.arange(n), row) for row in np.eye(n)], axis=1)
+
+
+def thick_slices(head: Head, inplane_mm: float, thick_mm: float, slice_side: str) -> Head:
+    """Thick slices along the axis towards ``slice_side``, in-plane voxels of ``inplane_mm``.
+
+    Each thick voxel is the overlap-weighted mean of the source slices inside its slab (a box
+    slice profile, as a thick acquisition integrates signal), not a dropped slice; in plane the
+    image is linearly interpolated. New voxel centres lie at the slabs' centres, the new grid is
+    centred in the source field of view, and the affine says so exactly.
+    """
+    slice_axis, _ = _side(head.affine, slice_side)
+    image, brain, affine = head.image, head.brain, head.affine
+    for axis, old_mm in enumerate(_spacing(head.affine)):
+        new_mm = thick_mm if axis == slice_axis else inplane_mm
+        if np.isclose(new_mm, old_mm):
+            continue
+        n, step = image.shape[axis], new_mm / old_mm
+        weights = (_box_weights if axis == slice_axis else _linear_weights)(n, step)
+        image, brain = _map_axis(image, axis, weights), _map_axis(brain, axis, weights)
+        affine = _along(affine, axis, float(_centres(n, step)[0]), step)
+    return Head(image, brain, affine)
+
+
+def reorient(head: Head, axcodes: str) -> Head:
+    """The same voxels stored in another axis order (e.g. LPS): lossless, world positions kept."""
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(head.affine),
+                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
+    affine = head.affine @ nib.orientations.inv_ornt_aff(ornt, head.image.shape)
+    return Head(nib.orientations.apply_orientation(head.image, ornt),
+                nib.orientations.apply_orientation(head.brain, ornt), affine)
+
+
+def oblique(head: Head, degrees: float, about_side: str) -> Head:
+    """The array unchanged, its affine rotated by ``degrees`` about a world axis through its centre."""
+    a, b = [i for i in range(3) if i != "RAS".index(about_side)]
+    angle = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[[a, a, b, b], [a, b, a, b]] = (np.cos(angle), -np.sin(angle), np.sin(angle),
+                                            np.cos(angle))
+    centre = head.affine @ np.append((np.asarray(head.image.shape) - 1) / 2, 1)
+    to_centre, back = np.eye(4), np.eye(4)
+    to_centre[:3, 3], back[:3, 3] = -centre[:3], centre[:3]
+    return Head(head.image, head.brain, back @ rotation @ to_centre @ head.affine)
+
+
+def bias_field(head: Head, amplitude: float, seed: int, knots: int = 4) -> Head:
+    """Multiply by a smooth random field spanning 1 - amplitude .. 1 + amplitude over the FOV."""
+    coarse = np.random.default_rng(seed).standard_normal((knots,) * 3)
+    zoom = np.asarray(head.image.shape) / knots
+    field = ndi.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)
+    field = 2 * (field - field.min()) / (field.max() - field.min()) - 1
+    return Head(head.image * (1 + amplitude * field), head.brain, head.affine)
+
+
+def rician_noise(head: Head, fraction: float, seed: int) -> Head:
+    """Magnitude of the image plus complex Gaussian noise, sigma = ``fraction`` x brain mean."""
+    sigma = fraction * float(head.image[head.brain >= 0.5].mean())
+    rng = np.random.default_rng(seed)
+    real = head.image + rng.normal(0.0, sigma, head.image.shape)
+    imaginary = rng.normal(0.0, sigma, head.image.shape)
+    return Head(np.hypot(real, imaginary), head.brain, head.affine)
+
+
+def gamma(head: Head, exponent: float) -> Head:
+    """Contrast change: intensities scaled to 0..1, raised to ``exponent``, scaled back."""
+    low, high = float(head.image.min()), float(head.image.max())
+    scaled = (head.image - low) / (high - low)
+    return Head(low + (high - low) * scaled**exponent, head.brain, head.affine)
+
+
+def _window(head: Head, axis: int, start: int, stop: int) -> Head:
+    """Old indices start..stop-1 along ``axis``; indices outside the FOV become background."""
+    n = head.image.shape[axis]
+    before, after = max(0, -start), max(0, stop - n)
+    keep = [slice(None)] * 3
+    keep[axis] = slice(max(0, start), min(n, stop))
+    pad = [(0, 0)] * 3
+    pad[axis] = (before, after)
+    image = np.pad(head.image[tuple(keep)], pad, constant_values=float(head.image.min()))
+    brain = np.pad(head.brain[tuple(keep)], pad)
+    return Head(image, brain, _along(head.affine, axis, float(start), 1.0))
+
+
+def crop_to_brain(head: Head, margin_mm: float, sides: str) -> Head:
+    """Cut the FOV ``margin_mm`` past the brain on each of ``sides``; never cuts brain, never pads."""
+    spacing = _spacing(head.affine)
+    for side in sides:
+        axis, step = _side(head.affine, side)
+        others = tuple(i for i in range(3) if i != axis)
+        occupied = np.flatnonzero(np.any(head.brain >= 0.5, axis=others))
+        margin = int(np.ceil(margin_mm / spacing[axis] - 1e-9))
+        n = head.image.shape[axis]
+        if step > 0:
+            head = _window(head, axis, 0, min(n, int(occupied.max()) + margin + 1))
+        else:
+            head = _window(head, axis, max(0, int(occupied.min()) - margin), n)
+    return head
+
+
+def pad_fov(head: Head, side: str, mm: float) -> Head:
+    """Extend the FOV by ``mm`` of background (the image minimum) on ``side``."""
+    axis, step = _side(head.affine, side)
+    extra = int(np.ceil(mm / _spacing(head.affine)[axis] - 1e-9))
+    n = head.image.shape[axis]
+    return _window(head, axis, 0, n + extra) if step > 0 else _window(head, axis, -extra, n)
+
+
+def _variant(name: str, what: str, step: Callable[..., Head], **params: Any) -> Variant:
+    return Variant(name, what, ((step, params),))
+
+
+def _combined(*parts: Variant) -> Variant:
+    return Variant("-".join(p.name for p in parts), "; then ".join(p.what for p in parts),
+                   tuple(s for p in parts for s in p.steps))
+
+
+AX_2X2X3 = _variant("ax2x2x3", "axial 3 mm slices, 2x2 mm in plane", thick_slices,
+                    inplane_mm=2.0, thick_mm=3.0, slice_side="S")
+COR_1X1X5 = _variant("cor1x1x5", "coronal 5 mm slices, 1x1 mm in plane", thick_slices,
+                     inplane_mm=1.0, thick_mm=5.0, slice_side="A")
+LPS = _variant("lps", "stored LPS (DICOM order)", reorient, axcodes="LPS")
+PIR = _variant("pir", "stored PIR (sagittal slices first)", reorient, axcodes="PIR")
+BIAS = _variant("bias30", "bias field +-30 %", bias_field, amplitude=0.3, seed=13)
+NOISE = _variant("noise5", "Rician noise, sigma 5 % of the brain mean", rician_noise,
+                 fraction=0.05, seed=31)
+GAMMA_HIGH = _variant("gamma1p6", "gamma 1.6", gamma, exponent=1.6)
+
+STRESS_VARIANTS: tuple[Variant, ...] = (
+    _variant("ax1x1x3", "axial 3 mm slices, 1x1 mm in plane", thick_slices, inplane_mm=1.0,
+             thick_mm=3.0, slice_side="S"),
+    AX_2X2X3,
+    COR_1X1X5,
+    _variant("ax0p9x0p9x6p5", "axial 6.5 mm slices, 0.9x0.9 mm in plane", thick_slices,
+             inplane_mm=0.9, thick_mm=6.5, slice_side="S"),
+    _variant("lsa", "stored LSA", reorient, axcodes="LSA"),
+    LPS,
+    PIR,
+    _variant("oblique15", "affine tilted 15 degrees about the left-right axis (array unchanged)",
+             oblique, degrees=15.0, about_side="R"),
+    BIAS,
+    NOISE,
+    _variant("gamma0p6", "gamma 0.6", gamma, exponent=0.6),
+    GAMMA_HIGH,
+    _variant("tight", "FOV cut 8 mm past the brain on every side (no neck, scalp and face cut)",
+             crop_to_brain, margin_mm=8.0, sides="RLAPSI"),
+    _variant("topcut", "FOV cut 3 mm above the brain (skull vault removed)", crop_to_brain,
+             margin_mm=3.0, sides="S"),
+    _variant("longneck", "FOV extended 40 mm below with background", pad_fov, side="I", mm=40.0),
+    _combined(AX_2X2X3, BIAS, NOISE),
+    _combined(LPS, AX_2X2X3),
+    _combined(PIR, COR_1X1X5, GAMMA_HIGH),
+)
+
+
+def apply_variant(head: Head, variant: Variant) -> Head:
+    """Run a variant's steps in order."""
+    for step, params in variant.steps:
+        head = step(head, **params)
+    return head
+
+
+def _cast_like(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round and clip to an integer ``dtype`` (the source's), or cast to a float one."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    return data.astype(dtype)
+
+
+def _stress_header(source: nib.Nifti1Header, shape: tuple[int, ...],
+                   affine: np.ndarray) -> nib.Nifti1Header:
+    """The source header with a new shape and affine; sform/qform codes kept (1 if both were 0)."""
+    header = source.copy()
+    header.set_data_shape(shape)
+    sform_code, qform_code = int(source["sform_code"]), int(source["qform_code"])
+    header.set_qform(affine, code=qform_code)
+    header.set_sform(affine, code=sform_code or (0 if qform_code else 1))
+    return header
+
+
+def brain_ml(labels: np.ndarray, affine: np.ndarray) -> float:
+    """Volume of the label-1 voxels in millilitres."""
+    return float(np.count_nonzero(labels)) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000
+
+
+def build_stress(dataset: Path, out: Path,
+                 variants: tuple[Variant, ...] = STRESS_VARIANTS) -> list[dict[str, object]]:
+    """Write every variant of every test case of ``dataset`` to ``out``; one row per variant."""
+    spec = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+    rows, entries = [], {}
+    for case_id, info in spec["cases"].items():
+        if info["split"] != "test":
+            continue
+        image_path = dataset / "imagesTs" / f"{case_id}_0000.nii.gz"
+        read_labels(dataset / "labelsTs" / f"{case_id}.nii.gz", reference=read_volume(image_path))
+        source = nib.load(str(image_path))
+        mask = np.asanyarray(nib.load(str(dataset / "labelsTs" / f"{case_id}.nii.gz")).dataobj)
+        head = Head(np.asanyarray(source.dataobj).astype(np.float64), (mask == 1).astype(np.float64),
+                    source.affine)
+        source_ml = brain_ml(mask == 1, source.affine)
+        for variant in variants:
+            row, entry = _write_variant(case_id, head, source.header, variant, out)
+            rows.append({**row, "source_ml": source_ml})
+            entries[f"{case_id}_{variant.name}"] = {**entry, "brain_ml_source": round(source_ml, 2)}
+    meta = {key: spec[key] for key in ("channel_names", "labels", "licence", "reference",
+                                       "file_ending") if key in spec}
+    description = (f"Stress test set derived from the held-out heads of {spec['name']} "
+                   "(data/prepare.py): thick slices, orientations, bias, noise, gamma, FOV.")
+    name = f"{spec['name']}Stress"
+    write_text_atomic(out / "dataset.json", json.dumps(
+        {"name": name, "description": description, **meta, "numTraining": 0}, indent=2) + "\n")
+    write_text_atomic(out / "stress.json", json.dumps(
+        {"name": name, "source": spec["name"], "description": description,
+         "variants": entries}, indent=2) + "\n")
+    return rows
+
+
+def _write_variant(case_id: str, head: Head, header: nib.Nifti1Header, variant: Variant,
+                   out: Path) -> tuple[dict[str, object], dict[str, object]]:
+    result = apply_variant(head, variant)
+    labels = (result.brain >= 0.5).astype(np.uint8)
+    image = _cast_like(result.image, header.get_data_dtype())
+    case = Case(f"{case_id}_{variant.name}", image, labels,
+                _stress_header(header, image.shape, result.affine), case_id, variant.what)
+    image_path, label_path = write_case(case, out, "imagesTs", "labelsTs")
+    written = read_volume(image_path)
+    read_labels(label_path, reference=written)  # proves the pair is on one grid
+    ml = brain_ml(labels, written.affine)
+    row = {"variant": case.case_id, "shape": written.spatial_shape,
+           "spacing": tuple(round(s, 3) for s in written.spacing),
+           "orientation": written.orientation, "brain_ml": ml}
+    entry = {"case": case_id, "variant": variant.name, "what": variant.what,
+             "steps": [{"op": step.__name__, **params} for step, params in variant.steps],
+             "image": f"imagesTs/{image_path.name}", "label": f"labelsTs/{label_path.name}",
+             "shape": list(written.spatial_shape), "spacing_mm": list(row["spacing"]),
+             "orientation": written.orientation, "brain_ml": round(ml, 2)}
+    return row, entry
+
+
+def print_stress_table(rows: list[dict[str, object]]) -> None:
+    """Print one line per stress variant: grid, orientation, brain volume and its change."""
+    print(f"{'variant':<36} {'shape':<13} {'spacing (mm)':<15} {'orient':<6} {'brain mL':>9} "
+          f"{'change':>7}")
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])  # type: ignore[union-attr]
+        spacing = "x".join(f"{s:g}" for s in r["spacing"])  # type: ignore[union-attr]
+        change = 100 * (r["brain_ml"] / r["source_ml"] - 1)  # type: ignore[operator]
+        print(f"{r['variant']:<36} {shape:<13} {spacing:<15} {r['orientation']:<6} "
+              f"{r['brain_ml']:>9.1f} {change:>+6.2f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: build the chosen dataset(s) and print what was built."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -594,14 +935,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for raw/ downloads and the datasets (default: data/)")
     args = parser.parse_args(argv)
     chosen = list(RECIPES.values()) if args.dataset == "all" else [RECIPES[args.dataset]]
+    stressed = [recipe for recipe in chosen if recipe.stress]
     try:
         rows = [row for recipe in chosen for row in build(recipe, args.out)]
+        stress_rows = [row for recipe in stressed for row in build_stress(
+            args.out / recipe.name, args.out / f"{recipe.name}Stress")]
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_table(rows)
+    if stress_rows:
+        print()
+        print_stress_table(stress_rows)
     for recipe in chosen:
         print(f"wrote {args.out / recipe.name}")
+    for recipe in stressed:
+        print(f"wrote {args.out / recipe.name}Stress")
     return 0
 
 

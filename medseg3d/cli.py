@@ -318,11 +318,16 @@ def evaluate(
                                tolerance_mm=tolerance)
     table = Table(title=f"{len(summary.cases)} case(s), NSD tolerance {tolerance} mm",
                   title_justify="left")
-    for column in ("class", "Dice", "HD95 (mm)", "NSD", "cases"):
+    for column in ("class", "Dice", "min Dice", "HD95 (mm)", "max HD95", "NSD", "cases"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, m in summary.mean.items():
-        table.add_row(name, f"{m.dice:.4f}", f"{m.hd95_mm:.2f}", f"{m.nsd:.4f}", str(m.n_cases))
+        table.add_row(name, f"{m.dice:.4f}", f"{m.min_dice:.4f}", f"{m.hd95_mm:.2f}",
+                      f"{m.max_hd95_mm:.2f}", f"{m.nsd:.4f}", str(m.n_cases))
     out.print(table)
+    for name, m in summary.mean.items():
+        if m.n_cases > 1:  # a mean hides the failures: name the worst cases
+            out.print(f"worst {name}: Dice {m.min_dice:.4f} ({m.min_dice_case}), HD95 "
+                      f"{m.max_hd95_mm:.2f} mm ({m.max_hd95_case})", highlight=False, soft_wrap=True)
     out.print(f"mean Dice {summary.mean_dice:.4f}, metrics in {output or predictions}")
 
 

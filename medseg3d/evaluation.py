@@ -14,7 +14,9 @@ Empty masks: both empty gives Dice 1, NSD 1 and HD95 NaN (no surface, nothing to
 empty gives Dice 0, NSD 0 and HD95 infinity. Each class result carries a ``status`` that says
 which case applied. Class means in the summary skip both-empty cases (a class that is absent and
 not predicted says nothing about the model) and average HD95 over finite values only; the
-counts of empty cases are reported beside the means.
+counts of empty cases are reported beside the means. The worst case per class (lowest Dice and
+NSD, largest HD95, with the case names) is reported beside the mean, over the same cases; its
+HD95 is infinity when one mask of a scored case is empty, since a mean hides such a failure.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class CaseMetrics(_Model):
 
 
 class ClassSummary(_Model):
-    """Per-class means over cases; ``n_cases`` counts the cases that entered the Dice/NSD means."""
+    """Per-class means and worst values over cases; ``n_cases`` counts the cases scored."""
 
     dice: float
     hd95_mm: float
@@ -89,6 +91,12 @@ class ClassSummary(_Model):
     n_both_empty: int
     n_pred_empty: int
     n_ref_empty: int
+    min_dice: float = Field(math.nan, description="worst case's Dice (NaN when none scored)")
+    min_dice_case: str = ""
+    max_hd95_mm: float = Field(math.nan, description="worst case's HD95, infinity for an empty "
+                                                     "mask")
+    max_hd95_case: str = ""
+    min_nsd: float = math.nan
 
 
 class Summary(_Model):
@@ -164,6 +172,15 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _worst(scored: list[tuple[str, ClassMetrics]], metric: str,
+           largest: bool) -> tuple[str, float]:
+    """The (case, value) with the lowest, or with ``largest`` the largest, ``metric``."""
+    if not scored:
+        return "", math.nan
+    case, result = (max if largest else min)(scored, key=lambda cr: getattr(cr[1], metric))
+    return case, float(getattr(result, metric))
+
+
 def summarise(cases: list[CaseMetrics], labels: dict[str, int], tolerance_mm: float,
               unmatched: list[str] | None = None) -> Summary:
     """Per-class means (both-empty cases skipped, HD95 over finite values) and overall means."""
@@ -171,15 +188,20 @@ def summarise(cases: list[CaseMetrics], labels: dict[str, int], tolerance_mm: fl
     for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
         if value == 0:
             continue
-        results = [c.classes[name] for c in cases if name in c.classes]
-        scored = [r for r in results if r.status != "both_empty"]
-        finite = [r.hd95_mm for r in scored if math.isfinite(r.hd95_mm)]
+        named = [(c.case, c.classes[name]) for c in cases if name in c.classes]
+        results = [r for _, r in named]
+        scored = [(case, r) for case, r in named if r.status != "both_empty"]
+        finite = [r.hd95_mm for _, r in scored if math.isfinite(r.hd95_mm)]
+        dice_case, min_dice = _worst(scored, "dice", largest=False)
+        hd95_case, max_hd95 = _worst(scored, "hd95_mm", largest=True)
         mean[name] = ClassSummary(
-            dice=_mean([r.dice for r in scored]), hd95_mm=_mean(finite),
-            nsd=_mean([r.nsd for r in scored]), n_cases=len(scored), n_hd95=len(finite),
+            dice=_mean([r.dice for _, r in scored]), hd95_mm=_mean(finite),
+            nsd=_mean([r.nsd for _, r in scored]), n_cases=len(scored), n_hd95=len(finite),
             n_both_empty=sum(r.status == "both_empty" for r in results),
             n_pred_empty=sum(r.status == "pred_empty" for r in results),
-            n_ref_empty=sum(r.status == "ref_empty" for r in results))
+            n_ref_empty=sum(r.status == "ref_empty" for r in results),
+            min_dice=min_dice, min_dice_case=dice_case, max_hd95_mm=max_hd95,
+            max_hd95_case=hd95_case, min_nsd=_worst(scored, "nsd", largest=False)[1])
     dices = [s.dice for s in mean.values() if math.isfinite(s.dice)]
     nsds = [s.nsd for s in mean.values() if math.isfinite(s.nsd)]
     return Summary(tolerance_mm=tolerance_mm, labels=labels, cases=cases, mean=mean,
@@ -263,6 +285,9 @@ def write_metrics(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
                              m.status, m.ref_voxels, m.pred_voxels])
     for name, s in summary.mean.items():
         writer.writerow(["mean", name, _fmt(s.dice), _fmt(s.hd95_mm), _fmt(s.nsd),
+                         f"n={s.n_cases}", "", ""])
+    for name, s in summary.mean.items():  # each column's worst value, possibly from other cases
+        writer.writerow(["worst", name, _fmt(s.min_dice), _fmt(s.max_hd95_mm), _fmt(s.min_nsd),
                          f"n={s.n_cases}", "", ""])
     write_text_atomic(csv_path, buffer.getvalue())
     return json_path, csv_path

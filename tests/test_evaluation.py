@@ -179,3 +179,33 @@ def test_missing_prediction_is_an_error(tmp_path: Path) -> None:
     _write(tmp_path / "pred" / "a.nii.gz", ref, np.eye(4))
     with pytest.raises(MedsegError, match="no prediction for 1 reference case"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+
+
+def test_summary_reports_the_worst_case_beside_the_mean(tmp_path: Path) -> None:
+    ref = np.zeros((20, 16, 18), np.uint8)
+    ref[4:12, 4:10, 4:12] = 1
+    _write(tmp_path / "ref" / "good.nii.gz", ref, LIA)
+    _write(tmp_path / "pred" / "good.nii.gz", ref, LIA)
+    _write(tmp_path / "ref" / "shifted.nii.gz", ref, LIA)
+    _write(tmp_path / "pred" / "shifted.nii.gz", np.roll(ref, 2, axis=1), LIA)  # 4 mm along j
+    _write(tmp_path / "ref" / "missed.nii.gz", ref, LIA)
+    _write(tmp_path / "pred" / "missed.nii.gz", np.zeros_like(ref), LIA)
+
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref",
+                               labels={"background": 0, "x": 1}, out_dir=tmp_path / "out")
+
+    x = summary.mean["x"]
+    assert (x.min_dice, x.min_dice_case, x.min_nsd) == (0.0, "missed", 0.0)
+    # The empty prediction is the worst HD95 (infinity), though the mean skips it.
+    assert math.isinf(x.max_hd95_mm) and x.max_hd95_case == "missed"
+    assert x.hd95_mm == pytest.approx(2.0)  # mean of 0 and 4 mm
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "out" / "metrics.csv").open())}
+    assert (rows["worst"]["dice"], rows["worst"]["hd95_mm"]) == ("0", "inf")
+    text = (tmp_path / "out" / "metrics.json").read_text()
+    assert Summary.model_validate_json(text).mean["x"].max_hd95_case == "missed"
+
+    (tmp_path / "ref" / "missed.nii.gz").unlink()
+    finite = evaluate_folders(tmp_path / "pred", tmp_path / "ref",
+                              labels={"background": 0, "x": 1}).mean["x"]
+    assert (finite.max_hd95_mm, finite.max_hd95_case) == (pytest.approx(4.0), "shifted")
+    assert finite.min_dice_case == "shifted" and finite.min_dice < finite.dice < 1.0
