@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg3d.checkpoint import load_checkpoint
+from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint
 from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
 from medseg3d.inference import Prediction, predict_volume, resolve_device
@@ -92,10 +92,10 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:
         _, weights = weights_of(path)
         return weights, path.name
     if path.is_dir():
-        for stem in ("checkpoint_best", "checkpoint_latest"):
-            if (path / f"{stem}.safetensors").is_file():
-                return path / f"{stem}.safetensors", path.name
-        raise MedsegError("folder holds no checkpoint_best/checkpoint_latest.safetensors nor "
+        weights = run_checkpoint(path)
+        if weights is not None:
+            return weights, path.name
+        raise MedsegError(f"folder holds no {'/'.join(RUN_CHECKPOINTS)}.safetensors nor "
                           "card.yaml", path)
     if path.suffix in (".safetensors", ".json"):
         return path.with_suffix(".safetensors"), path.stem

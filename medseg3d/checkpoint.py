@@ -88,6 +88,20 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
+# Which checkpoint of a run folder prediction uses: the final weights (the weight average at the
+# end of the run, as nnU-Net's checkpoint_final), else the best by validation, else the latest.
+RUN_CHECKPOINTS = ("checkpoint_final", "checkpoint_best", "checkpoint_latest")
+
+
+def run_checkpoint(run_dir: Path) -> Path | None:
+    """The weights a training run folder predicts with, or None when it holds no checkpoint."""
+    for stem in RUN_CHECKPOINTS:
+        weights = run_dir / f"{stem}.safetensors"
+        if weights.is_file() and weights.with_suffix(".json").is_file():
+            return weights
+    return None
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
     return network.module if hasattr(network, "module") else network

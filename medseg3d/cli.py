@@ -135,19 +135,25 @@ def train(
     iterations: Annotated[int, typer.Option("--iterations", min=1,
                                             help="Iterations per epoch.")] = 50,
     val_every: Annotated[int, typer.Option(min=1)] = 5,
-    fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
+    fold: Annotated[int | None, typer.Option(
+        min=-1, help="Fold of a 5-fold split; -1: all cases, validated on themselves. Default: "
+        "fold 0, or all cases without validation when there are fewer than 10.")] = None,
     device: Annotated[Device, typer.Option()] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "light",
+    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
     patch_size: Annotated[str | None, typer.Option(help="Override the plan, e.g. 64,64,64.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     spacing: Annotated[str | None, typer.Option(help="Target spacing in mm, e.g. 1,1,1.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option",
                                                      help="Network option KEY=VALUE.")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
-    budget: Annotated[float | None, typer.Option(help="Wall-clock budget in minutes; stops "
-                                                 "after the epoch that passes it.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps in all (instead of "
+                                              "epochs x iterations).")] = None,
+    budget: Annotated[float | None, typer.Option(help="Wall-clock budget in minutes: the plan is "
+                                                 "fitted to it, the learning rate anneals over "
+                                                 "it and training stops at the step that ends "
+                                                 "it (or at --steps).")] = None,
     config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
 ) -> None:
@@ -174,7 +180,8 @@ def train(
                 network=NetworkConfig(name=model, options=_options(option or [])),
                 epochs=epochs, iterations_per_epoch=iterations, val_every=val_every, fold=fold,
                 device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
-                plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget)
+                plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget,
+                steps=steps)
         except ValueError as exc:
             raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
     with _progress(enabled=main_rank) as bar:
@@ -186,10 +193,10 @@ def train(
             bar.update(task, completed=step, total=total,
                        description=f"training  loss {loss:.4f}{best_text}")
 
-        best = run_training(train_config, resume=resume, log=bar.console.print,
-                            progress=on_progress)
+        final = run_training(train_config, resume=resume, log=bar.console.print,
+                             progress=on_progress)
     if main_rank:
-        out.print(f"best checkpoint: {best}")
+        out.print(f"final checkpoint: {final}")
         out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
 
 
@@ -365,7 +372,7 @@ def compare(
     fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[Device, typer.Option()] = "auto",
-    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "light",
+    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
     reuse_runs: Annotated[bool, typer.Option(help="Score finished runs in OUT/runs again "
                                              "instead of retraining them.")] = False,
 ) -> None:

@@ -112,6 +112,7 @@ class Plan(Frozen):
     normalization: list[ChannelNorm]
     labels: dict[str, int]
     median_shape: IntTriple | None = None
+    reasons: dict[str, str] = Field(default_factory=dict)  # why each value was chosen
 
     @property
     def num_channels(self) -> int:
@@ -140,24 +141,34 @@ class NetworkConfig(Frozen):
 
 
 class TrainConfig(Frozen):
-    """Everything ``medseg3d train`` needs; saved as ``train_config.json`` beside the run."""
+    """Everything ``medseg3d train`` needs; saved as ``train_config.json`` beside the run.
+
+    Length: ``steps`` optimizer steps when given, else ``epochs x iterations_per_epoch``; with
+    ``time_budget_minutes`` the run ends at the first step past the budget (or at ``steps``), and
+    the learning rate anneals over whichever of the two ends first. An epoch is only the unit of
+    validation, checkpoints and log lines.
+    """
 
     dataset: str
     output: str
     network: NetworkConfig
     epochs: int = Field(default=50, ge=1)
     iterations_per_epoch: int = Field(default=50, ge=1)
+    steps: int | None = Field(default=None, ge=1)
     val_every: int = Field(default=5, ge=1)
-    fold: int = Field(default=0, ge=-1)  # -1: train on all cases, validate on the training cases
+    # None: 5-fold fold 0 when there are enough cases (MIN_CASES_FOR_VALIDATION), else all cases
+    # with no validation; -1: all cases, validated on the training cases (no honest selection).
+    fold: int | None = Field(default=None, ge=-1)
     num_folds: int = Field(default=5, ge=2)
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     device: Device = "auto"
     seed: int = 0
     num_workers: int = Field(default=0, ge=0)
-    amp: bool = True
-    augment: Literal["none", "light", "strong"] = "light"
-    time_budget_minutes: float | None = Field(default=None, gt=0)  # stop after the epoch that ends past it
+    amp: bool = True  # fp16 autocast on CUDA, bf16 on CPUs that compute it natively
+    ema: float | None = Field(default=0.99, gt=0, lt=1)  # decay of the weight average; None: off
+    augment: Literal["none", "light", "strong"] = "strong"
+    time_budget_minutes: float | None = Field(default=None, gt=0)
     plan_overrides: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -61,14 +61,32 @@ def plan_grid(volume: Volume, spacing: tuple[float, float, float]) -> GridTransf
 
 
 def resize(tensor: torch.Tensor, shape: tuple[int, ...], *, labels: bool = False) -> torch.Tensor:
-    """Resize a ``(C, X, Y, Z)`` tensor; trilinear for images, nearest for label maps."""
+    """Resize a ``(C, X, Y, Z)`` tensor; trilinear for images, ``resize_labels`` for label maps."""
     if tuple(tensor.shape[1:]) == tuple(shape):
         return tensor
-    mode = "nearest-exact" if labels else "trilinear"
-    src = tensor[None].float() if labels else tensor[None]
-    out = F.interpolate(src, size=tuple(shape), mode=mode,
-                        **({} if labels else {"align_corners": False}))[0]
-    return out.to(tensor.dtype) if labels else out
+    if labels:
+        return torch.stack([resize_labels(channel, shape) for channel in tensor])
+    return F.interpolate(tensor[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
+
+
+def resize_labels(classes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Resize an ``(X, Y, Z)`` class map at the image's sample points: per-class linear, argmax.
+
+    Nearest-neighbour picks a different sample point than the trilinear image resize (at an even
+    factor, half an input voxel away), which would misregister every label against its image.
+    One class at a time keeps memory at two volumes whatever the number of classes.
+    """
+    if tuple(classes.shape) == tuple(shape):
+        return classes
+    best_score = torch.full(tuple(shape), -1.0)
+    best = torch.zeros(tuple(shape), dtype=classes.dtype)
+    for value in torch.unique(classes).tolist():
+        onehot = (classes == value).float()[None, None]
+        score = F.interpolate(onehot, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+        better = score > best_score
+        best[better] = value
+        best_score = torch.where(better, score, best_score)
+    return best
 
 
 def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:

@@ -1,18 +1,24 @@
 """Train a segmenter on a dataset folder: a short loop of named steps.
 
-``train(config)`` = plan the dataset, preprocess the cases once, then per epoch: ``train_epoch``
-(random foreground-oversampled patches, MONAI augmentation, Dice+CE, AMP on CUDA),
-``validate`` every ``val_every`` epochs (sliding window, per-class Dice), ``end_epoch`` (metrics
-log, ``progress.png``, checkpoints). ``--resume`` reloads ``training_state.safetensors`` — one
-file holding weights, optimizer, scheduler, history and RNG state, so a kill at any moment leaves
-either the previous or the next state, never a mix.
+``train(config)`` = split and plan the dataset, preprocess the cases once, then step until the
+run's length (``TrainConfig.steps``, ``epochs x iterations_per_epoch``, or the wall-clock budget)
+is spent: ``train_step`` (random foreground-oversampled patches, augmentation, Dice+CE, bf16
+autocast on CPUs with native bf16, fp16 AMP on CUDA; the learning rate follows a poly schedule
+over the fraction of the run that is spent, so a budgeted run anneals fully) and, every
+``iterations_per_epoch`` steps, ``end_epoch`` (validation when due, metrics log, ``progress.png``,
+checkpoints). An exponential moving average of the weights (``ema``) is what is validated and
+saved. At the end ``checkpoint_final`` holds the weights that prediction uses by default.
+``--resume`` reloads ``training_state.safetensors``: one file holding weights, average, optimizer,
+step, elapsed time, history and RNG state, so a kill at any moment leaves either the previous or
+the next state, never a mix.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the same loop runs with DDP: gloo on
-CPU, NCCL on GPUs. Every rank samples ``iterations_per_epoch`` batches per epoch from its own share
-of the training cases (``rank_share``), so the effective batch is ``world × batch_size``; DDP
-averages the gradients, so all ranks hold the same weights after every step. Validation cases are
-split across ranks and the scores gathered. Only rank 0 writes files and logs; on ``--resume``
-every rank loads the state file (which needs the run folder on a filesystem all nodes share).
+CPU, NCCL on GPUs. Every rank samples its batches from its own share of the training cases
+(``rank_share``), so the effective batch is ``world x batch_size``; DDP averages the gradients, so
+all ranks hold the same weights after every step. Rank 0 decides when a budget is spent, and its
+plan (which times this device) is broadcast. Validation cases are split across ranks and the
+scores gathered. Only rank 0 writes files and logs; on ``--resume`` every rank loads the state file
+(which needs the run folder on a filesystem all nodes share).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai import transforms as T
+from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from pydantic import BaseModel
 from safetensors import safe_open
@@ -36,9 +43,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.augmentation import patch_transform, prepare_item
 from medseg3d.checkpoint import save_checkpoint, unwrap
 from medseg3d.config import (
     CheckpointMeta,
+    DatasetSpec,
     NetworkConfig,
     Plan,
     TrainConfig,
@@ -49,18 +58,26 @@ from medseg3d.dataset import Case, find_cases, load_spec, read_case, split_cases
 from medseg3d.errors import MedsegError
 from medseg3d.inference import resolve_device, window_for
 from medseg3d.networks import build_network
-from medseg3d.planning import fingerprint_case, make_plan
+from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
+from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.sliding_window import sliding_window
 
 # Training patch budget of patch-free networks: the whole median volume up to about 160³ voxels.
 PATCH_FREE_MAX_VOXELS = 160**3
+# Fewer cases than this: train on all of them and predict with the final weights (see choose_split).
+MIN_CASES_FOR_VALIDATION = 10
+# Without a budget, a CPU run is planned to finish its steps within about this many minutes.
+CPU_PLAN_MINUTES = 60
+# Seconds between progress lines in the log (runs without a terminal show nothing else).
+LOG_EVERY_S = 60.0
 
 
 class EpochRecord(BaseModel):
     """One line of ``metrics.jsonl``."""
 
     epoch: int
+    step: int = 0  # optimizer steps done at the end of this epoch
     train_loss: float
     learning_rate: float
     seconds: float
@@ -72,11 +89,12 @@ class TrainingState(BaseModel):
     """Non-tensor part of ``training_state.safetensors`` (stored in its metadata)."""
 
     epoch: int  # epochs completed
+    step: int = 0  # optimizer steps completed
+    elapsed_seconds: float = 0.0  # training wall time so far (counts against the budget)
     best_dice: float = -1.0
     history: list[EpochRecord] = []
     optimizer_groups: list[dict] = []
     optimizer_keys: dict[str, list[str]] = {}
-    scheduler: dict = {}
     config: TrainConfig
 
 
@@ -93,6 +111,15 @@ class Rank:
         return self.index == 0
 
 
+@dataclass(frozen=True)
+class NetworkTraits:
+    """What planning needs to know about a network."""
+
+    size_divisor: int
+    whole_volume: bool
+    fixed_input_size: tuple[int, ...] | None
+
+
 @dataclass
 class TrainingData:
     plan: Plan
@@ -102,69 +129,165 @@ class TrainingData:
     case_ids: dict[str, list[str]] = field(default_factory=dict)
 
 
+@dataclass
+class RunLength:
+    """How far a run is: steps against ``total`` steps, seconds against the budget."""
+
+    total: int | None
+    budget_s: float | None
+    started: float  # perf_counter of the (virtual) start: resumed runs count earlier time
+
+    def fraction(self, step: int) -> float:
+        """Fraction of the run spent (the larger of steps and time), in [0, 1]."""
+        parts = [0.0]
+        if self.total:
+            parts.append(step / self.total)
+        if self.budget_s:
+            parts.append((time.perf_counter() - self.started) / self.budget_s)
+        return min(1.0, max(parts))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def estimated_total(self, step: int) -> int:
+        """Steps the run will have done when it ends (extrapolated from the pace so far)."""
+        fraction = self.fraction(step)
+        guess = round(step / fraction) if fraction > 0 and step else (self.total or 0)
+        return min(guess, self.total) if self.total else guess
+
+
+def total_steps(config: TrainConfig) -> int | None:
+    """Optimizer steps the run may take; None when only the wall-clock budget ends it."""
+    if config.steps is not None:
+        return config.steps
+    if config.time_budget_minutes is not None:
+        return None
+    return config.epochs * config.iterations_per_epoch
+
+
 # ---------------------------------------------------------------- data
 
 
-def prepare_data(config: TrainConfig, size_divisor: int, rank: Rank, log) -> TrainingData:
+def choose_split(cases: list[Case], config: TrainConfig) -> tuple[list[Case], list[Case], str]:
+    """Training and validation cases, and a sentence that says what the split is.
+
+    With fewer than ``MIN_CASES_FOR_VALIDATION`` cases a held-out fold is one or two cases: too
+    few to choose a checkpoint by, and a large share of scarce training data. The default then
+    trains on everything, validates on nothing and predicts with the final weights (as nnU-Net
+    predicts with ``checkpoint_final``).
+    """
+    fold = config.fold
+    if fold is None:
+        if len(cases) < MIN_CASES_FOR_VALIDATION:
+            return list(cases), [], (f"all {len(cases)} cases, no validation (fewer than "
+                                     f"{MIN_CASES_FOR_VALIDATION}); prediction uses the final "
+                                     "weights")
+        fold = 0
+    train_cases, val_cases = split_cases(cases, fold, config.num_folds, config.seed)
+    if fold < 0:
+        return train_cases, val_cases, (f"all {len(cases)} cases, validated on the training "
+                                        "cases themselves (--fold -1)")
+    return train_cases, val_cases, (f"fold {fold} of {config.num_folds}: "
+                                    f"{len(train_cases)} training, {len(val_cases)} validation")
+
+
+def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -> TrainingData:
     """Validate the dataset folder, plan it (or reuse the run's plan) and preprocess every case."""
     spec = load_spec(config.dataset)
     cases = find_cases(config.dataset, spec)
-    train_cases, val_cases = split_cases(cases, config.fold, config.num_folds, config.seed)
+    train_cases, val_cases, split_text = choose_split(cases, config)
+    log(f"split: {split_text}")
     volumes = {c.case_id: read_case(c, spec) for c in cases}
     plan_path = Path(config.output) / "plan.json"
     if plan_path.is_file() and config.plan_overrides.get("_reuse", True):
         plan = load_model_file(Plan, plan_path)
     else:
-        rng = np.random.default_rng(config.seed)
-        fingerprints = [fingerprint_case(*volumes[c.case_id], rng) for c in train_cases]
-        overrides = {k: v for k, v in config.plan_overrides.items() if not k.startswith("_")}
-        budget = overrides.pop("max_patch_voxels", 96**3)
-        plan = make_plan(spec, fingerprints, size_divisor=size_divisor, max_patch_voxels=budget)
-        plan = Plan.model_validate({**plan.model_dump(), **overrides})
+        plan = _make_plan(config, spec, [volumes[c.case_id] for c in train_cases], network, log)
+        if rank.world > 1:  # the budget fit timed this device: every rank takes rank 0's plan
+            shared = [plan]
+            dist.broadcast_object_list(shared, src=0)
+            plan = shared[0]
         if rank.is_main:
             save_model_file(plan, plan_path)
     log(f"plan: spacing {plan.spacing} mm, patch {plan.patch_size}, batch {plan.batch_size}, "
         f"classes {plan.class_names}")
+    rng = np.random.default_rng(config.seed)
 
-    def items(subset: list[Case]) -> list[dict[str, torch.Tensor]]:
-        out = []
+    def items(subset: list[Case], for_training: bool) -> list[dict]:
+        out: list[dict] = []
         for case in subset:
             image_vol, label_vol = volumes[case.case_id]
             image, grid = preprocess_image(image_vol, plan)
             labels = preprocess_labels(label_vol, grid, plan)
-            out.append({"image": image, "label": labels[None], "case": case.case_id})
+            item = (prepare_item(image, labels, plan.patch_size, rng) if for_training
+                    else {"image": image, "label": labels[None]})
+            out.append({**item, "case": case.case_id})
         return out
 
-    return TrainingData(plan, items(train_cases), items(val_cases), spec.name,
+    return TrainingData(plan, items(train_cases, True), items(val_cases, False), spec.name,
                         {"train": [c.case_id for c in train_cases],
                          "val": [c.case_id for c in val_cases]})
 
 
-def patch_transform(plan: Plan, augment: str) -> T.Compose:
-    """MONAI patch sampling (foreground oversampled) and augmentation on preprocessed tensors."""
-    keys = ["image", "label"]
-    steps: list = [
-        T.SpatialPadd(keys, spatial_size=plan.patch_size),
-        T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=plan.patch_size,
-                                 pos=1, neg=1, num_samples=1, allow_smaller=True),
-    ]
-    if augment in ("light", "strong"):
-        steps += [
-            T.RandAffined(keys, prob=0.25, rotate_range=(0.26, 0.26, 0.26),
-                          scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
-                          padding_mode="zeros"),
-            T.RandGaussianNoised("image", prob=0.15, std=0.1),
-            T.RandScaleIntensityd("image", factors=0.25, prob=0.2),
-            T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.2),
-        ]
-    if augment == "strong":
-        steps += [
-            T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
-            T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
-                                  sigma_z=(0.5, 1.0)),
-            T.RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0)),
-        ]
-    return T.Compose(steps)
+def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: NetworkTraits,
+               log: Callable[[str], None]) -> Plan:
+    """nnU-Net-style plan, fitted to the budget (or to a CPU), then the user's overrides."""
+    rng = np.random.default_rng(config.seed)
+    fingerprints = [fingerprint_case(image, labels, rng) for image, labels in volumes]
+    overrides = {k: v for k, v in config.plan_overrides.items() if not k.startswith("_")}
+    max_voxels = overrides.pop("max_patch_voxels", 96**3)
+    plan = make_plan(spec, fingerprints, size_divisor=network.size_divisor,
+                     max_patch_voxels=max_voxels)
+    allowance = step_allowance(config)
+    fits = network.fixed_input_size is None and not network.whole_volume
+    if allowance is not None and fits and not {"spacing", "patch_size"} & overrides.keys():
+        seconds_per_voxel = measure_step_cost(config, spec, network)
+        plan = fit_plan_to_budget(plan, step_allowance_s=allowance[0],
+                                  seconds_per_voxel=seconds_per_voxel,
+                                  size_divisor=network.size_divisor, why=allowance[1])
+        log(f"plan fitted to {allowance[1]}: {plan.reasons['spacing']}")
+    reasons = {**plan.reasons, **{k: "set by the user" for k in overrides}}
+    return Plan.model_validate({**plan.model_dump(), **overrides, "reasons": reasons})
+
+
+def step_allowance(config: TrainConfig) -> tuple[float, str] | None:
+    """Seconds one optimizer step may cost, and why; None keeps nnU-Net's plan (GPU, no budget)."""
+    if config.time_budget_minutes is not None:
+        steps = config.steps or MIN_BUDGET_STEPS
+        return (60 * config.time_budget_minutes / steps,
+                f"a {config.time_budget_minutes:g}-min budget of >= {steps} steps")
+    if resolve_device(config.device).type == "cpu":
+        steps = total_steps(config) or MIN_BUDGET_STEPS
+        return 60 * CPU_PLAN_MINUTES / steps, f"{steps} steps within {CPU_PLAN_MINUTES} min on a CPU"
+    return None
+
+
+def measure_step_cost(config: TrainConfig, spec: DatasetSpec, network: NetworkTraits) -> float:
+    """Seconds per input voxel of one training step of this network on this device."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_network(config.network.name, spec.num_channels, len(spec.labels),
+                          **config.network.options).to(device)
+    side = max(2 * network.size_divisor, 32)
+    shape = (2, spec.num_channels, side, side, side)
+    image = torch.randn(shape, device=device)
+    label = torch.randint(0, len(spec.labels), (2, 1, side, side, side), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    dtype = autocast_dtype(device) if config.amp else None
+    times = []
+    for _ in range(3):  # the first step pays for allocation and kernel selection
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(image).float(), label)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    # x1.25: patch sampling and augmentation run in the same thread as the step
+    return 1.25 * min(times[1:]) / (shape[0] * side**3)
 
 
 def rank_share(items: list[dict], rank: Rank) -> list[dict]:
@@ -189,39 +312,96 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng((self.seed, index))
         item = self.items[int(rng.integers(len(self.items)))]
         self.transform.set_random_state(seed=int(rng.integers(2**31)))
-        sample = self.transform({"image": item["image"], "label": item["label"]})
+        sample = self.transform({k: v for k, v in item.items() if k != "case"})
         sample = sample[0] if isinstance(sample, list) else sample
-        return {"image": torch.as_tensor(sample["image"]).float(),
-                "label": torch.as_tensor(sample["label"]).long()}
+        # Plain tensors: a MetaTensor dispatches every network op through Python.
+        return {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
+
+
+def _plain(x: object) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 # ---------------------------------------------------------------- steps
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module,
-                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                device: torch.device, amp: bool, on_step) -> float:
-    """One pass over ``loader``; returns the mean loss."""
+@dataclass
+class StepContext:
+    """What every training step uses and nothing changes during the run."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> float:
+    """One optimizer step on one batch; returns the loss."""
+    image = batch["image"].to(ctx.device, non_blocking=True)
+    label = batch["label"].to(ctx.device, non_blocking=True)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+        logits = ctx.model(image)
+        loss = ctx.loss_fn(logits.float(), label)
+        core = unwrap(ctx.model)
+        if hasattr(core, "auxiliary_loss"):
+            loss = loss + core.auxiliary_loss(image, label)
+    ctx.scaler.scale(loss).backward()
+    ctx.scaler.unscale_(ctx.optimizer)
+    torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), 12.0)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    return float(loss.detach())
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, ctx: StepContext,
+                before_step: Callable[[], None], after_step: Callable[[list[float]], bool]
+                ) -> list[float]:
+    """Step through ``loader`` until it ends or ``after_step`` says the run is over; the losses."""
     model.train()
-    total = 0.0
-    for step, batch in enumerate(loader):
-        image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp):
-            logits = model(image)
-            loss = loss_fn(logits.float(), label)
-            core = unwrap(model)
-            if hasattr(core, "auxiliary_loss"):
-                loss = loss + core.auxiliary_loss(image, label)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-        scaler.step(optimizer)
-        scaler.update()
-        total += float(loss.detach())
-        on_step(step + 1, total / (step + 1))
-    return total / max(len(loader), 1)
+    losses: list[float] = []
+    for batch in loader:
+        before_step()
+        losses.append(train_step(ctx, batch))
+        if after_step(losses):
+            break
+    return losses
+
+
+def poly_lr(base: float, fraction: float) -> float:
+    """nnU-Net's poly schedule over the fraction of the run that is spent."""
+    return base * (1.0 - min(fraction, 1.0)) ** 0.9
+
+
+class WeightAverage:
+    """Exponential moving average of a network's floating-point state (weights and buffers).
+
+    The decay warms up as ``(1 + n) / (10 + n)`` (capped at ``decay``), so a short run is not
+    dominated by its random initial weights.
+    """
+
+    def __init__(self, network: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.network = _copy_network(network)
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        mine = [t for t in self.network.state_dict().values() if t.is_floating_point()]
+        theirs = [t for t in unwrap(network).state_dict().values() if t.is_floating_point()]
+        torch._foreach_lerp_(mine, theirs, 1.0 - decay)
+
+
+def _copy_network(network: nn.Module) -> nn.Module:
+    import copy
+
+    twin = copy.deepcopy(unwrap(network))
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
 
 
 def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
@@ -257,10 +437,11 @@ def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.devi
 
 
 def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               state: TrainingState) -> None:
+               average: WeightAverage | None, state: TrainingState) -> None:
     """Everything needed to resume, in one atomically written safetensors file."""
-    core = unwrap(model)
-    tensors = {f"model.{k}": v for k, v in core.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
+    if average is not None:
+        tensors.update({f"ema.{k}": v for k, v in average.network.state_dict().items()})
     opt = optimizer.state_dict()
     keys: dict[str, list[str]] = {}
     for pid, pstate in opt["state"].items():
@@ -276,8 +457,9 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                   metadata={"training_state": state.model_dump_json()})
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
-    """Restore model, optimizer and RNG from ``save_state``'s file; return the rest."""
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               average: WeightAverage | None) -> TrainingState:
+    """Restore model, average, optimizer and RNG from ``save_state``'s file; return the rest."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -285,8 +467,11 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise MedsegError(f"cannot resume: damaged training state ({exc})", path) from exc
     state = TrainingState.model_validate_json(meta["training_state"])
-    core = unwrap(model)
-    core.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    unwrap(model).load_state_dict(_with_prefix(tensors, "model."))
+    if average is not None:
+        saved = _with_prefix(tensors, "ema.")
+        average.network.load_state_dict(saved or _with_prefix(tensors, "model."))
+        average.updates = state.step
     optimizer.load_state_dict({
         "state": {int(pid): {n: tensors[f"optim.{pid}.{n}"] for n in names}
                   for pid, names in state.optimizer_keys.items()},
@@ -294,6 +479,10 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
     })
     torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def write_logs(output: Path, history: list[EpochRecord]) -> None:
@@ -326,7 +515,6 @@ def write_logs(output: Path, history: list[EpochRecord]) -> None:
 
 # ---------------------------------------------------------------- driver
 
-
 def current_rank() -> Rank:
     """Rank from torchrun's environment (single process when absent)."""
     return Rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
@@ -334,7 +522,7 @@ def current_rank() -> Rank:
 
 
 def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None) -> Path:
-    """Run a training job; returns the path of the best checkpoint's weights."""
+    """Run a training job; returns the path of the final checkpoint's weights."""
     rank = current_rank()
     output = Path(config.output)
     state_path = output / "training_state.safetensors"
@@ -356,6 +544,21 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
             dist.destroy_process_group()
 
 
+def network_traits(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig]:
+    """The network's planning traits, and the config with the patch rules they impose."""
+    probe = build_network(config.network.name, 1, 2, **config.network.options)
+    fixed = getattr(probe, "fixed_input_size", None)
+    traits = NetworkTraits(int(probe.size_divisor), bool(getattr(probe, "whole_volume", False)),
+                           None if fixed is None else tuple(int(s) for s in fixed))
+    overrides = config.plan_overrides
+    if traits.fixed_input_size is not None:  # token-mixing MLPs accept one input size only
+        overrides = {**overrides, "patch_size": list(traits.fixed_input_size)}
+    elif traits.whole_volume and "max_patch_voxels" not in overrides:
+        # Patch-free networks are meant to see the whole (median) volume during training too.
+        overrides = {**overrides, "max_patch_voxels": PATCH_FREE_MAX_VOXELS}
+    return traits, config.model_copy(update={"plan_overrides": overrides})
+
+
 def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
            progress: Callable[[int, int, float, float], None] | None) -> Path:
     """``train``'s loop, run inside the process group when distributed; ``log`` is rank 0's."""
@@ -368,115 +571,163 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
         output.mkdir(parents=True, exist_ok=True)
         save_model_file(config, output / "train_config.json")
     torch.manual_seed(config.seed)
-
-    probe = build_network(config.network.name, 1, 2, **config.network.options)
-    fixed = getattr(probe, "fixed_input_size", None)
-    if fixed is not None:  # token-mixing MLPs accept one input size: patches must have it
-        config = config.model_copy(update={
-            "plan_overrides": {**config.plan_overrides, "patch_size": [int(s) for s in fixed]}})
-    elif getattr(probe, "whole_volume", False) and "max_patch_voxels" not in config.plan_overrides:
-        # Patch-free networks are meant to see the whole (median) volume during training too.
-        config = config.model_copy(update={
-            "plan_overrides": {**config.plan_overrides, "max_patch_voxels": PATCH_FREE_MAX_VOXELS}})
-    data = prepare_data(config, int(probe.size_divisor), rank, log)
-    del probe
+    traits, config = network_traits(config)
+    data = prepare_data(config, traits, rank, log)
     plan = data.plan
+    torch.manual_seed(config.seed)
     model = build_network(config.network.name, plan.num_channels, plan.num_classes,
                           **config.network.options).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: (1 - e / config.epochs) ** 0.9)  # nnU-Net's poly schedule
+    average = WeightAverage(model, config.ema) if config.ema else None
     state = TrainingState(epoch=0, config=config)
     if resume:
-        state = load_state(state_path, model, optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        log(f"resumed after epoch {state.epoch}")
+        state = load_state(state_path, model, optimizer, average)
+        log(f"resumed after epoch {state.epoch} (step {state.step})")
         if rank.world > 1:
             dist.barrier()  # every rank has read the state before rank 0 may overwrite it
     if rank.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    amp_dtype = autocast_dtype(device) if config.amp else None
+    ctx = StepContext(model, DiceCELoss(to_onehot_y=True, softmax=True, include_background=False,
+                                        batch=True),
+                      optimizer, torch.amp.GradScaler(device.type,
+                                                      enabled=amp_dtype == torch.float16),
+                      device, amp_dtype)
     transform = patch_transform(plan, config.augment)
+    budget_s = None if config.time_budget_minutes is None else 60 * config.time_budget_minutes
+    length = RunLength(total_steps(config), budget_s, time.perf_counter() - state.elapsed_seconds)
+    log(_run_line(config, length, amp_dtype, device))
+    eval_network = average.network if average is not None else unwrap(model)
     net_config = NetworkConfig(name=config.network.name, options=config.network.options)
 
-    def checkpoint(network: nn.Module, stem: str, epoch: int, metrics: dict[str, float]) -> None:
-        meta = CheckpointMeta(network=net_config, plan=plan, epoch=epoch, metrics=metrics,
+    def checkpoint(stem: str, metrics: dict[str, float]) -> None:
+        meta = CheckpointMeta(network=net_config, plan=plan, epoch=state.epoch, metrics=metrics,
                               dataset_name=data.dataset_name,
                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        save_checkpoint(network, meta, output / stem)
+        save_checkpoint(eval_network, meta, output / stem)
 
-    total_steps = config.epochs * config.iterations_per_epoch
-    run_started = time.perf_counter()
-    for epoch in range(state.epoch, config.epochs):
+    heartbeat = Heartbeat(log, length)
+    # A fresh run takes at least one step, however small its budget.
+    step, done = state.step, state.step > 0 and _finished(length, state.step, rank, device)
+    while not done:
         started = time.perf_counter()
-        dataset = PatchDataset(rank_share(data.train, rank), transform,
-                               config.iterations_per_epoch * plan.batch_size,
-                               seed=config.seed * 100_003 + epoch * 101 + rank.index)
-        loader = DataLoader(dataset, batch_size=plan.batch_size, num_workers=config.num_workers,
+        loader = DataLoader(PatchDataset(rank_share(data.train, rank), transform,
+                                         config.iterations_per_epoch * plan.batch_size,
+                                         seed=config.seed * 100_003 + state.epoch * 101
+                                         + rank.index),
+                            batch_size=plan.batch_size, num_workers=config.num_workers,
                             pin_memory=device.type == "cuda")
-        base = epoch * config.iterations_per_epoch
 
-        def on_step(step: int, loss: float, base: int = base, best: float = state.best_dice
-                    ) -> None:
+        def before_step() -> None:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(config.learning_rate, length.fraction(step))
+
+        def after_step(losses: list[float]) -> bool:
+            nonlocal step, done
+            step += 1
+            if average is not None:
+                average.update(model)
             if progress is not None and rank.is_main:
-                progress(base + step, total_steps, loss, best)
+                progress(step, length.estimated_total(step), float(np.mean(losses)),
+                         state.best_dice)
+            heartbeat.maybe(step, state.epoch + 1, losses, optimizer.param_groups[0]["lr"])
+            done = _finished(length, step, rank, device)
+            return done
 
-        loss = train_epoch(model, loader, loss_fn, optimizer, scaler, device, amp, on_step)
-        if rank.world > 1:
-            tensor = torch.tensor([loss], device=device)
-            dist.all_reduce(tensor)
-            loss = float(tensor) / rank.world
+        losses = train_epoch(model, loader, ctx, before_step, after_step)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        record = EpochRecord(epoch=epoch + 1, train_loss=loss, learning_rate=lr, seconds=0.0)
-        out_of_time = _out_of_time(config, time.perf_counter() - run_started, rank, device)
-        last = epoch + 1 == config.epochs or out_of_time
-        if (epoch + 1) % config.val_every == 0 or last:
-            dice = validate(model, data.val, plan, device, rank)
-            record.val_dice = dice
-            record.val_mean_dice = float(np.mean(list(dice.values()))) if dice else 0.0
+        record = EpochRecord(epoch=state.epoch + 1, step=step,
+                             train_loss=_mean_across(losses, rank, device), learning_rate=lr,
+                             seconds=0.0)
+        if data.val and ((state.epoch + 1) % config.val_every == 0 or done):
+            record.val_dice = validate(eval_network, data.val, plan, device, rank)
+            record.val_mean_dice = float(np.mean(list(record.val_dice.values())))
         record.seconds = round(time.perf_counter() - started, 2)
         improved = record.val_mean_dice is not None and record.val_mean_dice > state.best_dice
         state = state.model_copy(update={
-            "epoch": epoch + 1, "history": [*state.history, record],
-            "best_dice": record.val_mean_dice if improved else state.best_dice,
-            "scheduler": scheduler.state_dict()})
+            "epoch": state.epoch + 1, "step": step, "elapsed_seconds": length.elapsed(),
+            "history": [*state.history, record],
+            "best_dice": record.val_mean_dice if improved else state.best_dice})
         if rank.is_main:
-            metrics = {"val_mean_dice": record.val_mean_dice or 0.0, "train_loss": loss}
+            metrics = {"val_mean_dice": record.val_mean_dice or 0.0, "train_loss": record.train_loss}
             if improved:
-                checkpoint(model, "checkpoint_best", state.epoch,
-                           {**metrics, **(record.val_dice or {})})
-            checkpoint(model, "checkpoint_latest", state.epoch, metrics)
-            save_state(state_path, model, optimizer, state)
+                checkpoint("checkpoint_best", {**metrics, **(record.val_dice or {})})
+            checkpoint("checkpoint_latest", metrics)
+            save_state(state_path, model, optimizer, average, state)
             write_logs(output, state.history)
-            log(_epoch_line(record, config.epochs))
-        if out_of_time:
-            if rank.is_main:
-                log(f"time budget of {config.time_budget_minutes} min reached after epoch "
-                    f"{epoch + 1}")
-            break
+            log(_epoch_line(record, length))
+    if rank.is_main:
+        checkpoint("checkpoint_final", {"train_loss": state.history[-1].train_loss,
+                                        "steps": float(step)} if state.history else {})
+        log(f"finished: {step} steps in {_clock(length.elapsed())}; prediction uses "
+            f"{output / 'checkpoint_final.safetensors'}")
     if rank.world > 1:
         dist.barrier()  # no rank may exit (torchrun ends the job) before rank 0's last writes
-    return output / "checkpoint_best.safetensors"
+    return output / "checkpoint_final.safetensors"
 
 
-def _out_of_time(config: TrainConfig, elapsed_s: float, rank: Rank, device: torch.device) -> bool:
-    """True when the wall-clock budget is spent (rank 0 decides, so all ranks stop together)."""
-    if config.time_budget_minutes is None:
-        return False
-    flag = torch.tensor([float(elapsed_s >= 60 * config.time_budget_minutes)], device=device)
+def _finished(length: RunLength, step: int, rank: Rank, device: torch.device) -> bool:
+    """True when the run's steps or budget are spent (rank 0 decides; all ranks stop together)."""
+    flag = torch.tensor([float(length.fraction(step) >= 1.0)], device=device)
     if rank.world > 1:
         dist.broadcast(flag, src=0)
     return bool(flag.item())
 
 
-def _epoch_line(record: EpochRecord, epochs: int) -> str:
-    text = (f"epoch {record.epoch}/{epochs}  loss {record.train_loss:.4f}  "
-            f"lr {record.learning_rate:.2e}  {record.seconds:.1f}s")
+def _mean_across(values: list[float], rank: Rank, device: torch.device) -> float:
+    mean = float(np.mean(values)) if values else float("nan")
+    if rank.world > 1:
+        tensor = torch.tensor([mean], device=device)
+        dist.all_reduce(tensor)
+        mean = float(tensor) / rank.world
+    return mean
+
+
+class Heartbeat:
+    """A progress line every ``LOG_EVERY_S`` seconds: runs without a terminal show nothing else."""
+
+    def __init__(self, log: Callable[[str], None], length: RunLength) -> None:
+        self.log, self.length, self.last = log, length, time.perf_counter()
+        self.first_step: int | None = None
+
+    def maybe(self, step: int, epoch: int, losses: list[float], lr: float) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step, self.started = step, now
+        if now - self.last < LOG_EVERY_S:
+            return
+        self.last = now
+        fraction = self.length.fraction(step)
+        rate = (step - self.first_step) / max(now - self.started, 1e-9)
+        left = self.length.elapsed() * (1 - fraction) / max(fraction, 1e-9)
+        self.log(f"step {step}/{self.length.estimated_total(step)} ({fraction:.0%})  epoch {epoch}"
+                 f"  loss {np.mean(losses[-50:]):.4f}  {rate:.2f} it/s  lr {lr:.2e}  "
+                 f"{_clock(self.length.elapsed())} elapsed, ~{_clock(left)} left")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def _run_line(config: TrainConfig, length: RunLength, amp_dtype: torch.dtype | None,
+              device: torch.device) -> str:
+    ends = []
+    if length.total:
+        ends.append(f"{length.total} steps")
+    if length.budget_s:
+        ends.append(f"{config.time_budget_minutes:g} min")
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}.get(amp_dtype, "fp32")
+    until = " or ".join(ends) + (", whichever comes first" if len(ends) > 1 else "")
+    return (f"training {config.network.name} on {device.type} ({precision}, "
+            f"{torch.get_num_threads()} threads) for {until}")
+
+
+def _epoch_line(record: EpochRecord, length: RunLength) -> str:
+    text = (f"epoch {record.epoch}  step {record.step}/{length.estimated_total(record.step)}  "
+            f"loss {record.train_loss:.4f}  lr {record.learning_rate:.2e}  {record.seconds:.1f}s")
     if record.val_dice is not None:
         per_class = ", ".join(f"{k} {v:.3f}" for k, v in record.val_dice.items())
         text += f"  val Dice {record.val_mean_dice:.3f} ({per_class})"

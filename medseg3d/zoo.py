@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from medseg3d.atomic import write_bytes_atomic
-from medseg3d.checkpoint import load_tensors, save_tensors, sha256_of
+from medseg3d.checkpoint import load_tensors, run_checkpoint, save_tensors, sha256_of
 from medseg3d.config import ModelCard, TrainingData, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
 
@@ -57,14 +57,14 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
 def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
                   root: Path | None = None, half: bool = False) -> Path:
-    """Copy a run's best checkpoint into ``models/<name>/`` and write its card with the SHA-256."""
+    """Copy the checkpoint a run predicts with into ``models/<name>/``; write its card + SHA-256."""
+    weights = run_checkpoint(run_dir)
+    if weights is None:
+        raise MedsegError("run folder holds no checkpoint", run_dir)
     target = (root or model_dirs()[-1]) / name
     target.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
-        source = run_dir / f"checkpoint_best{suffix}"
-        if not source.is_file():
-            raise MedsegError("run has no best checkpoint", source)
-        write_bytes_atomic(target / f"model{suffix}", source.read_bytes())
+        write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())
     if half:
         # fp16 storage halves the file; load_state_dict casts back to the network's fp32.
         weights = load_tensors(target / "model.safetensors")

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 PROBE = Path(__file__).with_name("ddp_probe.py")
 RUN_FILES = {"plan.json", "train_config.json", "metrics.jsonl", "progress.png",
              "training_state.safetensors", "checkpoint_best.safetensors", "checkpoint_best.json",
-             "checkpoint_latest.safetensors", "checkpoint_latest.json"}
+             "checkpoint_latest.safetensors", "checkpoint_latest.json",
+             "checkpoint_final.safetensors", "checkpoint_final.json"}
 
 
 def _torchrun(record: Path, stop_after: int, *train_args: object) -> subprocess.CompletedProcess:
@@ -54,7 +55,7 @@ def test_torchrun_training_agrees_across_ranks_and_resumes(tmp_path):
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log
     assert "terminate called" not in log
-    assert log.count("best checkpoint:") == 1 and log.count("resumed after epoch 1") == 1
+    assert log.count("final checkpoint:") == 1 and log.count("resumed after epoch 1") == 1
 
     # Both ranks hold the same weights after every epoch: DDP averaged their gradients.
     for name in ("first", "resumed"):
@@ -64,8 +65,10 @@ def test_torchrun_training_agrees_across_ranks_and_resumes(tmp_path):
         # ... while each sampled a different half of the cases.
         assert not set(rank0[0]["cases"]) & set(rank1[0]["cases"])
         assert sorted(rank0[0]["cases"] + rank1[0]["cases"]) == [f"case{i:03d}" for i in range(4)]
-    latest = load_file(str(run / "checkpoint_latest.safetensors"))
-    assert weights_digest(latest) == _records(tmp_path / "resumed", 0)[0]["digest"]
+    # The state file holds the trained weights (checkpoints hold their moving average).
+    state = load_file(str(run / "training_state.safetensors"))
+    trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    assert weights_digest(trained) == _records(tmp_path / "resumed", 0)[0]["digest"]
 
     # One run folder, written by rank 0 alone, continued to the configured epoch count.
     assert set(os.listdir(run)) == RUN_FILES  # no second set, no temporary files left

@@ -33,3 +33,28 @@ def test_mr_uses_per_image_zscore(dataset_dir):
     assert plan.normalization[0].scheme == "zscore"
     assert plan.patch_size == (32, 32, 32) and plan.spacing == (1.0, 1.0, 1.0)
     assert plan.label_values == [0, 1] and plan.class_names == ["background", "sphere"]
+
+
+def _brain_plan():
+    spec = DatasetSpec(channel_names={"0": "T1"}, labels={"background": 0, "brain": 1})
+    fps = [_fingerprint((1.0, 1.0, 1.0), (200, 230, 200))]
+    return make_plan(spec, fps, size_divisor=32, max_patch_voxels=160**3)
+
+
+def test_budget_fit_coarsens_until_a_covering_patch_is_affordable():
+    from medseg3d.planning import MIN_PATCH_COVERAGE, fit_plan_to_budget
+
+    plan = _brain_plan()
+    cost = 7.5e-7  # s per voxel and step, as measured for the default U-Net in bf16 on one core
+    tight = fit_plan_to_budget(plan, step_allowance_s=0.6, seconds_per_voxel=cost,
+                               size_divisor=32, why="test")
+    loose = fit_plan_to_budget(plan, step_allowance_s=6.0, seconds_per_voxel=cost,
+                               size_divisor=32, why="test")
+    assert tight.spacing[0] > loose.spacing[0] >= 1.0
+    for fitted, allowance in ((tight, 0.6), (loose, 6.0)):
+        assert cost * fitted.batch_size * np.prod(fitted.patch_size) <= allowance
+        assert np.prod(fitted.patch_size) >= MIN_PATCH_COVERAGE * np.prod(fitted.median_shape)
+        assert all(p % 32 == 0 for p in fitted.patch_size)
+        assert "spacing" in fitted.reasons and "patch_size" in fitted.reasons
+    # the field of view in mm is kept when the grid coarsens
+    assert np.allclose(np.array(tight.median_shape) * tight.spacing, (200, 230, 200), atol=2.5)

@@ -79,3 +79,28 @@ def test_normalisation_schemes():
     z = normalize(image, [ChannelNorm(scheme="zscore")])
     assert abs(float(z.mean())) < 1e-5 and float(z.std()) == pytest.approx(1, rel=1e-4)
     assert torch.is_tensor(torch.from_numpy(z))
+
+
+def test_label_resampling_stays_registered_with_the_image():
+    """Labels resample at the image's sample points: a sphere's centre does not move."""
+    from medseg3d.preprocessing import resize, resize_labels
+
+    grid = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1)
+    sphere = (np.linalg.norm(grid - 19.5, axis=-1) < 12).astype(np.uint8)
+    labels = resize_labels(torch.from_numpy(sphere), (20, 20, 20))
+    image = resize(torch.from_numpy(sphere.astype(np.float32))[None], (20, 20, 20))[0]
+    centre = (np.argwhere(labels.numpy() > 0).mean(axis=0) + 0.5) * 2 - 0.5
+    assert np.allclose(centre, 19.5, atol=0.05)  # nearest-exact put it 0.5 voxel off
+    assert torch.equal(labels.bool(), image > 0.5)
+    back = resize_labels(labels, (40, 40, 40)).numpy()
+    assert abs(int(back.sum()) - int(sphere.sum())) / sphere.sum() < 0.03
+
+
+def test_label_resampling_keeps_every_class_value():
+    from medseg3d.preprocessing import resize_labels
+
+    classes = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    classes[2:14, 2:14, 2:14] = 7
+    classes[16:28, 16:28, 16:28] = 3
+    out = resize_labels(classes, (15, 15, 15))
+    assert sorted(torch.unique(out).tolist()) == [0, 3, 7] and out.dtype == torch.uint8

@@ -9,7 +9,7 @@ from medseg3d.config import NetworkConfig, TrainConfig
 from medseg3d.errors import MedsegError
 from medseg3d.training import train
 
-TINY_UNET = NetworkConfig(name="unet", options={"filters": [8, 16, 32]})
+TINY_UNET = NetworkConfig(name="unet", options={"filters": [8, 16, 32], "stem_stride": 1})
 
 
 @pytest.fixture
@@ -25,12 +25,14 @@ def _config(dataset_dir, output, **kwargs) -> TrainConfig:
 
 
 def test_short_training_reaches_high_dice(small_dataset, tmp_path):
-    best = train(_config(small_dataset, tmp_path / "run"), log=lambda *_: None)
-    meta = json.loads(best.with_suffix(".json").read_text())
-    assert meta["metrics"]["val_mean_dice"] > 0.9
+    final = train(_config(small_dataset, tmp_path / "run"), log=lambda *_: None)
     run = tmp_path / "run"
+    assert final == run / "checkpoint_final.safetensors"
+    meta = json.loads((run / "checkpoint_best.json").read_text())
+    assert meta["metrics"]["val_mean_dice"] > 0.9
     for name in ("plan.json", "train_config.json", "metrics.jsonl", "progress.png",
                  "checkpoint_latest.safetensors", "checkpoint_latest.json",
+                 "checkpoint_final.safetensors", "checkpoint_final.json",
                  "training_state.safetensors"):
         assert (run / name).is_file(), name
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -52,3 +54,58 @@ def test_resume_continues_to_the_same_epoch_count(small_dataset, tmp_path):
 def test_resume_without_state_is_an_error(dataset_dir, tmp_path):
     with pytest.raises(MedsegError, match="nothing to resume"):
         train(_config(dataset_dir, tmp_path / "none"), resume=True)
+
+
+def test_few_cases_train_on_all_without_validation(tmp_path):
+    from medseg3d.training import choose_split
+
+    dataset = make_dataset(tmp_path / "three", num_cases=3, shape=(16, 16, 16))
+    from medseg3d.dataset import find_cases, load_spec
+
+    cases = find_cases(str(dataset), load_spec(str(dataset)))
+    train_cases, val_cases, text = choose_split(cases, _config(dataset, tmp_path, fold=None))
+    assert len(train_cases) == 3 and val_cases == [] and "no validation" in text
+    _, val_cases, _ = choose_split(cases, _config(dataset, tmp_path, fold=-1))
+    assert len(val_cases) == 3
+
+
+def test_step_budget_ends_the_run_and_the_rate_anneals(small_dataset, tmp_path):
+    lines: list[str] = []
+    config = _config(small_dataset, tmp_path / "run", fold=None, steps=7, epochs=50,
+                     iterations_per_epoch=3)
+    final = train(config, log=lines.append)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split()]
+    assert [r["step"] for r in records] == [3, 6, 7]  # the last epoch stops at the 7th step
+    assert all(r["val_dice"] is None for r in records)  # 4 cases: no validation by default
+    assert records[-1]["learning_rate"] < 0.2 * config.learning_rate
+    assert final.is_file() and not (tmp_path / "run" / "checkpoint_best.json").exists()
+    assert any(line.startswith("split: all 4 cases") for line in lines)
+    assert any("finished: 7 steps" in line for line in lines)
+
+
+def test_progress_lines_for_runs_without_a_terminal(small_dataset, tmp_path, monkeypatch):
+    import medseg3d.training as training
+
+    monkeypatch.setattr(training, "LOG_EVERY_S", 0.0)
+    lines: list[str] = []
+    train(_config(small_dataset, tmp_path / "run", steps=3, iterations_per_epoch=3),
+          log=lines.append)
+    beats = [line for line in lines if line.startswith("step ")]
+    assert beats and all("it/s" in b and "left" in b and "loss" in b for b in beats)
+
+
+def test_poly_schedule_and_run_length():
+    from medseg3d.training import RunLength, poly_lr
+
+    assert poly_lr(1e-3, 0.0) == 1e-3 and poly_lr(1e-3, 1.0) == 0.0
+    length = RunLength(total=100, budget_s=None, started=0.0)
+    assert length.fraction(25) == 0.25 and length.estimated_total(25) == 100
+
+
+def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
+    from medseg3d.api import resolve_weights
+
+    train(_config(small_dataset, tmp_path / "run", steps=2, iterations_per_epoch=2),
+          log=lambda *_: None)
+    weights, _ = resolve_weights(tmp_path / "run")
+    assert weights.name == "checkpoint_final.safetensors"

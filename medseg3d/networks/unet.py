@@ -14,7 +14,7 @@ from torch import nn
 
 from medseg3d.networks.registry import pad_to_divisor, register_network
 
-__all__ = ["ResidualBlock", "UNet3d", "unet", "unet_large"]
+__all__ = ["FullResolutionHead", "ResidualBlock", "UNet3d", "unet", "unet_large"]
 
 
 class ResidualBlock(nn.Module):
@@ -39,20 +39,46 @@ class ResidualBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
+class FullResolutionHead(nn.Module):
+    """Back to full resolution from a half-resolution decoder: upsample, join the input, 3³ conv.
+
+    Seeing the raw input again at full resolution sharpens boundaries for a fraction of the cost
+    of a residual level there (a few channels instead of ``filters[0]``).
+    """
+
+    def __init__(self, in_channels: int, features: int, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(features, width, 2, 2, bias=False)
+        self.conv = nn.Conv3d(width + in_channels, width, 3, 1, 1, bias=False)
+        self.norm = nn.InstanceNorm3d(width, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.out = nn.Conv3d(width, out_channels, 1)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.up(features), image], dim=1)
+        return self.out(self.act(self.norm(self.conv(x))))
+
+
 class UNet3d(nn.Module):
-    """Residual U-Net: ``len(filters)`` levels; every level after the first halves resolution."""
+    """Residual U-Net: ``len(filters)`` levels; every level after the first halves resolution.
+
+    ``stem_stride=2`` runs the first level at half resolution too and returns to full resolution
+    through a ``FullResolutionHead``: about 4x fewer FLOPs, for budgets counted in CPU-minutes.
+    """
 
     whole_volume = False
 
     def __init__(self, in_channels: int, out_channels: int,
                  filters: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),
-                 blocks_per_level: int = 1) -> None:
+                 blocks_per_level: int = 1, stem_stride: int = 1) -> None:
         super().__init__()
-        self.size_divisor = 2 ** (len(filters) - 1)
+        if stem_stride not in (1, 2):
+            raise ValueError("stem_stride must be 1 or 2")
+        self.size_divisor = 2 ** (len(filters) - 1) * stem_stride
         self.encoder = nn.ModuleList()
         previous = in_channels
         for level, width in enumerate(filters):
-            blocks = [ResidualBlock(previous, width, stride=1 if level == 0 else 2)]
+            blocks = [ResidualBlock(previous, width, stride=stem_stride if level == 0 else 2)]
             blocks += [ResidualBlock(width, width) for _ in range(blocks_per_level - 1)]
             self.encoder.append(nn.Sequential(*blocks))
             previous = width
@@ -61,7 +87,10 @@ class UNet3d(nn.Module):
         for deep, shallow in zip(filters[:0:-1], filters[-2::-1], strict=True):
             self.upsample.append(nn.ConvTranspose3d(deep, shallow, 2, 2, bias=False))
             self.decoder.append(ResidualBlock(2 * shallow, shallow))
-        self.head = nn.Conv3d(filters[0], out_channels, 1)
+        self.head: nn.Module = nn.Conv3d(filters[0], out_channels, 1)
+        if stem_stride == 2:
+            self.head = FullResolutionHead(in_channels, filters[0], max(filters[0] // 2, 4),
+                                           out_channels)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -73,15 +102,20 @@ class UNet3d(nn.Module):
             x = block(torch.cat([up(x), skips.pop()], dim=1))
         return x
 
+    def forward_head(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, FullResolutionHead):
+            return self.head(features, image)
+        return self.head(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, crop = pad_to_divisor(x, self.size_divisor)
-        return self.head(self.forward_features(x))[crop]
+        return self.forward_head(self.forward_features(x), x)[crop]
 
 
 @register_network("unet")
 def unet(in_channels: int, out_channels: int, **options: object) -> UNet3d:
-    """Small residual U-Net (16..256 filters, 5 levels) that trains on a CPU."""
-    options = {"filters": [16, 32, 64, 128, 256], **options}
+    """Residual U-Net (16..256 filters, 5 levels, first level strided) that trains on a CPU."""
+    options = {"filters": [16, 32, 64, 128, 256], "stem_stride": 2, **options}
     return UNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
 
 
