@@ -25,140 +25,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import (
-    AsDiscreted,
-    Compose,
-    EnsureChannelFirstd,
-    Invertd,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandBiasFieldd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    Spacingd,
-)
 from monai.utils import set_determinism
 from peer_common import DATASET, PEER_RUNS, TEST_IMAGE, evaluate_mask, load_average, record_peer
+from peers.monai_recipe import Recipe, build_network, cached_loader, predict, train_steps, training_files
 
 METHOD = "MONAI UNet (plain)"
-SPACING = (3.0, 3.0, 3.0)
-PATCH = (48, 48, 48)
-
-
-def preprocessing(keys: list[str]) -> list[Any]:
-    """Deterministic MONAI transforms: load, channel first, RAS, 3 mm, z-score."""
-    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-    return [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys=keys, pixdim=SPACING, mode=modes),
-            NormalizeIntensityd(keys="image")]
-
-
-def augmentation() -> list[Any]:
-    """Random patch sampling and augmentation of image/label pairs."""
-    keys = ["image", "label"]
-    return [
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=PATCH, pos=1, neg=1, num_samples=4),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-        RandAffined(keys=keys, prob=0.5, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
-                    mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
-        RandGaussianNoised(keys="image", prob=0.2, std=0.1),
-        RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
-    ]
-
-
-def build_network() -> UNet:
-    """The MONAI UNet of the brief: 3D, 1 -> 2 channels, five levels, two residual units."""
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64, 128),
-                strides=(2, 2, 2, 2), num_res_units=2)
-
-
-def training_files(dataset: Path) -> list[dict[str, str]]:
-    """Image/label pairs of imagesTr/labelsTr (nnU-Net layout, one channel)."""
-    files = []
-    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
-        files.append({"image": str(image), "label": str(dataset / "labelsTr" / f"{case}.nii.gz")})
-    if not files:
-        raise SystemExit(f"no training cases in {dataset / 'imagesTr'}; run data/prepare.py BrainMaskT1")
-    return files
+RECIPE = Recipe(spacing=(3.0, 3.0, 3.0), patch=(48, 48, 48), channels=(8, 16, 32, 64, 128),
+                patches_per_step=4, flip_axes=(0,), intensity_jitter=True, sw_batch_size=4)
 
 
 def train(net: UNet, files: list[dict[str, str]], budget_minutes: float, lr: float) -> dict[str, Any]:
     """Train ``net`` until the wall-clock budget is spent; return iterations, time and last losses."""
     t0 = time.perf_counter()
-    cached = CacheDataset(files, transform=Compose(preprocessing(["image", "label"]) + augmentation()),
-                          cache_rate=1.0, num_workers=0, progress=False)
+    loader = cached_loader(files, RECIPE)
     cache_s = time.perf_counter() - t0
-    loader = DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    start, iterations, losses = time.perf_counter(), 0, []
-    while time.perf_counter() - start < 60 * budget_minutes:
-        for batch in loader:
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(net(batch["image"]), batch["label"])
-            loss.backward()
-            optimiser.step()
-            iterations += 1
-            losses.append(float(loss.detach()))
-            if iterations % 5 == 0:
-                print(f"iter {iterations:4d}  {time.perf_counter() - start:6.0f} s  "
-                      f"loss {np.mean(losses[-5:]):.3f}", flush=True)
-            if time.perf_counter() - start >= 60 * budget_minutes:
-                break
-    train_s = time.perf_counter() - start
+    losses: list[float] = []
+
+    def on_step(step: int, seconds: float, loss: float) -> None:
+        losses.append(loss)
+        if step % 5 == 0:
+            print(f"iter {step:4d}  {seconds:6.0f} s  loss {np.mean(losses[-5:]):.3f}", flush=True)
+
+    iterations, train_s = train_steps(net, loader, torch.optim.Adam(net.parameters(), lr=lr),
+                                      DiceCELoss(to_onehot_y=True, softmax=True), 60 * budget_minutes,
+                                      None, on_step)
     return {"iterations": iterations, "train_seconds": train_s, "cache_seconds": cache_s,
             "final_loss": float(np.mean(losses[-10:])) if losses else float("nan")}
-
-
-def predict(net: UNet, image_path: Path, out_path: Path, overlap: float) -> float:
-    """Segment one scan back onto its own grid and write the mask; return the seconds of segmenting.
-
-    As in ``medseg3d compare``, the clock covers what happens between a scan in memory and labels
-    on its grid (reorient, resample, normalise, sliding window, invert, argmax), not reading or
-    writing the files.
-    """
-    load = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
-    pre = Compose(preprocessing(["image"])[2:])  # RAS, 3 mm, z-score: the invertible part
-    post = Compose([Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
-                    AsDiscreted(keys="pred", argmax=True)])
-    loaded = load({"image": str(image_path)})
-    net.eval()
-    t0 = time.perf_counter()
-    data = pre(loaded)
-    with torch.inference_mode():
-        data["pred"] = sliding_window_inference(data["image"][None], PATCH, sw_batch_size=4, predictor=net,
-                                                overlap=overlap, mode="gaussian").softmax(1)[0]
-    mask = post(data)["pred"]
-    array = np.asarray(mask[0].detach().cpu().numpy(), np.uint8)
-    seconds = time.perf_counter() - t0
-    source = nib.load(str(image_path))
-    if array.shape != source.shape[:3]:
-        raise RuntimeError(f"inverted prediction {array.shape} is not on the input grid {source.shape}")
-    out = nib.Nifti1Image(array, source.affine, source.header.copy())
-    out.set_data_dtype(np.uint8)
-    out.header.set_slope_inter(1, 0)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(out, str(out_path))
-    return seconds
 
 
 def main() -> None:
@@ -175,7 +71,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     set_determinism(seed=args.seed)
-    net = build_network()
+    net = build_network(RECIPE)
     load_before = load_average()
     fit = train(net, training_files(args.dataset), args.budget_minutes, args.lr)
     load_after = load_average()
@@ -185,7 +81,7 @@ def main() -> None:
           f"(cache {fit['cache_seconds']:.0f} s), last loss {fit['final_loss']:.3f}", flush=True)
 
     mask_path = args.out / "colin27.nii.gz"
-    seconds = predict(net, TEST_IMAGE, mask_path, args.overlap)
+    seconds = predict(net, TEST_IMAGE, mask_path, RECIPE, args.overlap)
     metrics = evaluate_mask(mask_path)
     row = {
         "method": METHOD,

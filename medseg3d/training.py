@@ -624,15 +624,15 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(config.learning_rate, length.fraction(step))
 
-        def after_step(losses: list[float]) -> bool:
+        def after_step(losses: list[float], epoch: int = state.epoch + 1,
+                       best: float = state.best_dice) -> bool:
             nonlocal step, done
             step += 1
             if average is not None:
                 average.update(model)
             if progress is not None and rank.is_main:
-                progress(step, length.estimated_total(step), float(np.mean(losses)),
-                         state.best_dice)
-            heartbeat.maybe(step, state.epoch + 1, losses, optimizer.param_groups[0]["lr"])
+                progress(step, length.estimated_total(step), float(np.mean(losses)), best)
+            heartbeat.maybe(step, epoch, losses, optimizer.param_groups[0]["lr"])
             done = _finished(length, step, rank, device)
             return done
 
