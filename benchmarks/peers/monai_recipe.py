@@ -1,0 +1,165 @@
+"""The pieces of a MONAI tutorial training script, written from MONAI's documentation.
+
+Shared by ``benchmarks/peers/monai_script.py`` (the peer of the training benchmark) and
+``benchmarks/monai_unet_peer.py`` (the peer of the shipped-model comparison); each fixes its own
+:class:`Recipe`. Nothing here uses medseg3d: loading, resampling, augmentation, the network, the
+loss, the sliding window and the inversion back to the input grid are all MONAI's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacingd,
+)
+
+__all__ = ["Recipe", "build_network", "cached_loader", "predict", "train_steps", "training_files"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the two MONAI peers: grid, network width and augmentation."""
+
+    spacing: tuple[float, float, float]
+    patch: tuple[int, int, int]
+    channels: tuple[int, ...]
+    patches_per_step: int  # RandCropByPosNegLabeld num_samples; the loader takes one case per step
+    flip_axes: tuple[int, ...]
+    intensity_jitter: bool  # RandScaleIntensityd + RandShiftIntensityd
+    sw_batch_size: int
+
+
+def preprocessing(keys: list[str], spacing: Sequence[float]) -> list[Any]:
+    """Deterministic MONAI transforms: load, channel first, RAS, resample, per-image z-score."""
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    return [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys=keys, pixdim=tuple(spacing), mode=modes),
+            NormalizeIntensityd(keys="image", nonzero=False)]
+
+
+def augmentation(recipe: Recipe) -> list[Any]:
+    """Random patch sampling (half on brain, half anywhere) and augmentation of image/label pairs."""
+    keys = ["image", "label"]
+    crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=recipe.patch, pos=1, neg=1,
+                                  num_samples=recipe.patches_per_step)
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in recipe.flip_axes]
+    affine = RandAffined(keys=keys, prob=0.5, rotate_range=(0.26, 0.26, 0.26),
+                         scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"), padding_mode="zeros")
+    jitter = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+              RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)] if recipe.intensity_jitter else []
+    return [crop, *flips, affine, *jitter,
+            RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
+            RandGaussianNoised(keys="image", prob=0.2, std=0.1),
+            RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3))]
+
+
+def build_network(recipe: Recipe) -> UNet:
+    """MONAI's UNet: 3D, 1 -> 2 channels, five levels with stride 2, two residual units each."""
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=recipe.channels,
+                strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def training_files(dataset: Path) -> list[dict[str, str]]:
+    """Image/label pairs of imagesTr/labelsTr (nnU-Net layout, one channel)."""
+    files = []
+    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
+        case = image.name[: -len("_0000.nii.gz")]
+        files.append({"image": str(image), "label": str(dataset / "labelsTr" / f"{case}.nii.gz")})
+    if not files:
+        raise SystemExit(f"no training cases in {dataset / 'imagesTr'}")
+    return files
+
+
+def cached_loader(files: list[dict[str, str]], recipe: Recipe) -> DataLoader:
+    """CacheDataset of the deterministic transforms (random ones run per draw), one case per step."""
+    transform = Compose(preprocessing(["image", "label"], recipe.spacing) + augmentation(recipe))
+    cached = CacheDataset(files, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+    return DataLoader(cached, batch_size=1, shuffle=True, num_workers=0)
+
+
+def train_steps(net: torch.nn.Module, loader: DataLoader, optimiser: torch.optim.Optimizer,
+                loss_fn: Callable[..., torch.Tensor], budget_seconds: float | None, max_steps: int | None,
+                on_step: Callable[[int, float, float], None]) -> tuple[int, float]:
+    """Optimizer steps until ``max_steps`` or the first step that ends past ``budget_seconds``.
+
+    ``on_step(step, seconds, loss)`` is called after each step. Returns (steps, training seconds).
+    """
+    net.train()
+    start, steps = time.perf_counter(), 0
+
+    def done() -> bool:
+        over_time = budget_seconds is not None and time.perf_counter() - start >= budget_seconds
+        return over_time or (max_steps is not None and steps >= max_steps)
+
+    while not done():
+        for batch in loader:
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(net(batch["image"]), batch["label"])
+            loss.backward()
+            optimiser.step()
+            steps += 1
+            on_step(steps, time.perf_counter() - start, float(loss.detach()))
+            if done():
+                break
+    return steps, time.perf_counter() - start
+
+
+def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Recipe, overlap: float) -> float:
+    """Segment one scan back onto its own grid and write the mask; return the seconds of segmenting.
+
+    The clock covers what happens between a scan in memory and labels on its grid (reorient,
+    resample, normalise, sliding window, invert, argmax), not reading or writing the files. The
+    softmax probabilities are inverted with ``Invertd`` (linear interpolation), then argmax; the
+    mask is written with the input's affine and a copy of its header.
+    """
+    load = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
+    pre = Compose(preprocessing(["image"], recipe.spacing)[2:])  # the invertible part
+    post = Compose([Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
+                    AsDiscreted(keys="pred", argmax=True)])
+    loaded = load({"image": str(image_path)})
+    net.eval()
+    t0 = time.perf_counter()
+    data = pre(loaded)
+    with torch.inference_mode():
+        data["pred"] = sliding_window_inference(data["image"][None], recipe.patch,
+                                                sw_batch_size=recipe.sw_batch_size, predictor=net,
+                                                overlap=overlap, mode="gaussian").softmax(1)[0]
+    mask = post(data)["pred"]
+    array = np.asarray(mask[0].detach().cpu().numpy(), np.uint8)
+    seconds = time.perf_counter() - t0
+    source = nib.load(str(image_path))
+    if array.shape != source.shape[:3]:
+        raise RuntimeError(f"inverted prediction {array.shape} is not on the input grid {source.shape}")
+    out = nib.Nifti1Image(array, source.affine, source.header.copy())
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1, 0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(out, str(out_path))
+    return seconds
