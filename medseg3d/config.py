@@ -192,6 +192,8 @@ class CheckpointMeta(Frozen):
     epoch: int = 0
     metrics: dict[str, float] = Field(default_factory=dict)
     dataset_name: str = ""
+    # classes whose prediction keeps only its largest connected piece (postprocessing.py)
+    largest_component: list[str] = Field(default_factory=list)
     created: str = ""
 
 

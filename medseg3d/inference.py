@@ -16,6 +16,7 @@ from torch import nn
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
+from medseg3d.postprocessing import keep_largest_component
 from medseg3d.preprocessing import (
     GridTransform,
     preprocess_image,
@@ -87,12 +88,19 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
         progress=progress, should_stop=should_stop,
     )
     if not want_probabilities:
-        return Prediction(restore_labels(output, grid, plan))
+        return Prediction(postprocess(restore_labels(output, grid, plan), meta))
     probabilities = resize(output, grid.canonical_shape)
-    labels = restore_labels(probabilities.argmax(0).to(torch.uint8), grid, plan)
+    labels = postprocess(restore_labels(probabilities.argmax(0).to(torch.uint8), grid, plan), meta)
     if config.save_probabilities:
         return Prediction(labels, restore_probabilities(probabilities, grid))
     return Prediction(labels)
+
+
+def postprocess(labels: np.ndarray, meta: CheckpointMeta) -> np.ndarray:
+    """Apply the checkpoint's postprocessing (largest component of the classes it names)."""
+    if not meta.largest_component:
+        return labels
+    return keep_largest_component(labels, [meta.plan.labels[n] for n in meta.largest_component])
 
 
 def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,

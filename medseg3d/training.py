@@ -59,6 +59,7 @@ from medseg3d.errors import MedsegError
 from medseg3d.inference import resolve_device, window_for
 from medseg3d.networks import build_network
 from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
+from medseg3d.postprocessing import single_component_classes
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.sliding_window import sliding_window
@@ -257,7 +258,8 @@ def step_allowance(config: TrainConfig) -> tuple[float, str] | None:
         return (60 * config.time_budget_minutes / steps,
                 f"a {config.time_budget_minutes:g}-min budget of >= {steps} steps")
     if resolve_device(config.device).type == "cpu":
-        steps = total_steps(config) or MIN_BUDGET_STEPS
+        # a short run gets the plan of a MIN_BUDGET_STEPS run: fewer steps never buy a finer grid
+        steps = max(total_steps(config) or MIN_BUDGET_STEPS, MIN_BUDGET_STEPS)
         return 60 * CPU_PLAN_MINUTES / steps, f"{steps} steps within {CPU_PLAN_MINUTES} min on a CPU"
     return None
 
@@ -602,9 +604,15 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     eval_network = average.network if average is not None else unwrap(model)
     net_config = NetworkConfig(name=config.network.name, options=config.network.options)
 
+    single = single_component_classes([item["label"][0].numpy() for item in data.train],
+                                      plan.labels)
+    if single:
+        log(f"postprocessing: keep the largest piece of {', '.join(single)} (one piece in every "
+            "training label map)")
+
     def checkpoint(stem: str, metrics: dict[str, float]) -> None:
         meta = CheckpointMeta(network=net_config, plan=plan, epoch=state.epoch, metrics=metrics,
-                              dataset_name=data.dataset_name,
+                              dataset_name=data.dataset_name, largest_component=single,
                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         save_checkpoint(eval_network, meta, output / stem)
 
