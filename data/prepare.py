@@ -581,13 +581,19 @@ def build(recipe: DatasetRecipe, out: Path) -> list[dict[str, object]]:
     return rows
 
 
+def grid_text(row: dict[str, object]) -> tuple[str, str]:
+    """A table row's shape and spacing as ``AxBxC`` text."""
+    shape = "x".join(str(s) for s in row["shape"])  # type: ignore[attr-defined]
+    spacing = "x".join(f"{s:g}" for s in row["spacing"])  # type: ignore[attr-defined]
+    return shape, spacing
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     """Print one line per built case: split, shape, spacing, orientation, label voxel counts."""
     print(f"{'dataset':<12} {'case':<17} {'split':<5} {'shape':<16} {'spacing (mm)':<19} "
           f"{'orient':<6} {'dtype':<7} label voxels")
     for r in rows:
-        shape = "x".join(str(s) for s in r["shape"])  # type: ignore[union-attr]
-        spacing = "x".join(f"{s:g}" for s in r["spacing"])  # type: ignore[union-attr]
+        shape, spacing = grid_text(r)
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())  # type: ignore[union-attr]
         print(f"{r['dataset']:<12} {r['case']:<17} {r['split']:<5} {shape:<16} {spacing:<19} "
               f"{r['orientation']:<6} {r['dtype']:<7} {counts}")
@@ -920,8 +926,7 @@ def print_stress_table(rows: list[dict[str, object]]) -> None:
     print(f"{'variant':<36} {'shape':<13} {'spacing (mm)':<15} {'orient':<6} {'brain mL':>9} "
           f"{'change':>7}")
     for r in rows:
-        shape = "x".join(str(s) for s in r["shape"])  # type: ignore[union-attr]
-        spacing = "x".join(f"{s:g}" for s in r["spacing"])  # type: ignore[union-attr]
+        shape, spacing = grid_text(r)
         change = 100 * (r["brain_ml"] / r["source_ml"] - 1)  # type: ignore[operator]
         print(f"{r['variant']:<36} {shape:<13} {spacing:<15} {r['orientation']:<6} "
               f"{r['brain_ml']:>9.1f} {change:>+6.2f}%")
