@@ -466,9 +466,14 @@ def budget_title(key: tuple[int, float]) -> str:
     return f"{key[1]:g} minutes of training" if key[0] == 0 else f"{key[1]:g} optimizer steps"
 
 
-def method_row(method: str, records: list[dict[str, Any]], folder: str) -> str:
-    """One table row: a method's seeds at one budget, scored on one test folder."""
-    per_seed = [[c for c in rec["cases"] if c["test_set"] == folder] for rec in records]
+def in_folder(case: dict[str, Any], folder: str | None) -> bool:
+    """True when ``case`` belongs to ``folder`` (None: every held-out case)."""
+    return folder is None or case["test_set"] == folder
+
+
+def method_row(method: str, records: list[dict[str, Any]], folder: str | None) -> str:
+    """One table row: a method's seeds at one budget, scored on one test folder (None: all)."""
+    per_seed = [[c for c in rec["cases"] if in_folder(c, folder)] for rec in records]
     dice, sd, ci = mean_sd_ci([float(np.mean([c["dice"] for c in cases])) for cases in per_seed])
     worst = min(c["dice"] for cases in per_seed for c in cases)
     hd = [c["hd95_mm"] for cases in per_seed for c in cases]
@@ -502,12 +507,15 @@ def summary_markdown(records: list[dict[str, Any]]) -> str:
               "predict s/case | peak RSS MiB |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for key in sorted({budget_key(r) for r in records}):
         at_budget = [r for r in records if budget_key(r) == key]
-        for folder in sorted({c["test_set"] for r in at_budget for c in r["cases"]}):
-            n_cases = len({c["case"] for r in at_budget for c in r["cases"] if c["test_set"] == folder})
-            lines += [f"## {budget_title(key)}: {folder} ({n_cases} case(s))", "", header]
+        folders: list[str | None] = [None, *sorted({c["test_set"] for r in at_budget
+                                                      for c in r["cases"]})]
+        for folder in folders:
+            n_cases = len({c["case"] for r in at_budget for c in r["cases"] if in_folder(c, folder)})
+            lines += [f"## {budget_title(key)}: {folder or 'all held-out cases'} ({n_cases} case(s))",
+                      "", header]
             for method in sorted({r["method"] for r in at_budget}):
                 mine = [r for r in at_budget if r["method"] == method
-                        and any(c["test_set"] == folder for c in r["cases"])]
+                        and any(in_folder(c, folder) for c in r["cases"])]
                 if mine:
                     lines.append(method_row(method, sorted(mine, key=lambda r: r["seed"]), folder))
             lines.append("")
