@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint data models screenshot benchmark clean
+.PHONY: demo test test-wheel lint data models screenshot benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# A wheel in a clean venv, run from another folder: finds the shipped models and predicts.
+test-wheel: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/test_packaging.py
 
 data: $(STAMP)
 	$(BIN)/python data/prepare.py BrainMaskT1

@@ -1,7 +1,7 @@
 """Make docs/napari_screenshot.png: the demo T1 segmented by a shipped model in the napari plugin.
 
 Run from the repository root after ``python data/prepare.py BrainMaskT1`` (and with a shipped
-model in ``models/``)::
+model in ``medseg3d/models/``)::
 
     xvfb-run -a python docs/make_screenshot.py            # headless Linux (Debian: xvfb)
     python docs/make_screenshot.py --model runs/brain     # a desktop, or any run dir / checkpoint

@@ -1,8 +1,13 @@
-"""Shipped models: ``models/<name>/card.yaml`` + weights, verified by SHA-256 before use."""
+"""Shipped models: ``medseg3d/models/<name>/card.yaml`` + weights, verified by SHA-256 before use.
+
+The models are package data, so a checkout, an editable install and a wheel all find the same
+folder through ``importlib.resources``; ``$MEDSEG3D_MODELS`` adds folders searched first.
+"""
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 from medseg3d.atomic import write_bytes_atomic
@@ -13,10 +18,16 @@ from medseg3d.errors import MedsegError
 DEFAULT_MODEL = "brainmask"
 
 
+def packaged_models() -> Path:
+    """The package's own model folder (``medseg3d/models``), wherever medseg3d is installed."""
+    # Wheels and editable installs are plain folders on disk; zip imports are not supported.
+    return Path(str(files("medseg3d") / "models"))
+
+
 def model_dirs() -> list[Path]:
-    """Folders searched for shipped models: ``$MEDSEG3D_MODELS`` (os.pathsep list), then models/."""
+    """Folders searched for shipped models: ``$MEDSEG3D_MODELS`` (os.pathsep list), then the package's."""
     extra = [Path(p) for p in os.environ.get("MEDSEG3D_MODELS", "").split(os.pathsep) if p]
-    return [*extra, Path(__file__).resolve().parents[1] / "models"]
+    return [*extra, packaged_models()]
 
 
 def list_models() -> list[ModelCard]:
@@ -57,11 +68,11 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
 def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
                   root: Path | None = None, half: bool = False) -> Path:
-    """Copy the checkpoint a run predicts with into ``models/<name>/``; write its card + SHA-256."""
+    """Copy the checkpoint a run predicts with into ``<root>/<name>/``; write its card + SHA-256."""
     weights = run_checkpoint(run_dir)
     if weights is None:
         raise MedsegError("run folder holds no checkpoint", run_dir)
-    target = (root or model_dirs()[-1]) / name
+    target = (root or packaged_models()) / name
     target.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
         write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())

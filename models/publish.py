@@ -1,4 +1,4 @@
-"""Copy a training run's best checkpoint into models/<name>/ and write its card (with SHA-256).
+"""Copy a training run's checkpoint into medseg3d/models/<name>/ and write its card (with SHA-256).
 
     python models/publish.py RUN_DIR NAME --description "..." --task "..." \
         --data-name BrainMaskT1 --data-licence "..." --hardware "..." --command "medseg3d train ..."
