@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +29,9 @@ from medseg3d.config import (
     load_model_file,
 )
 from medseg3d.errors import MedsegError
+
+if TYPE_CHECKING:
+    from medseg3d.evaluation import Summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="3D medical image segmentation: train, predict, evaluate.")
@@ -297,9 +300,10 @@ def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list
 @app.command()
 @user_errors
 def evaluate(
-    predictions: Annotated[Path, typer.Argument(help="Prediction folder (or, with --model, a "
-                                                     "dataset folder).")],
-    references: Annotated[Path | None, typer.Argument(help="Reference label folder.")] = None,
+    predictions: Annotated[Path, typer.Argument(help="Prediction file or folder (or, with "
+                                                     "--model, a dataset folder).")],
+    references: Annotated[Path | None, typer.Argument(help="Reference label file or folder.")
+                          ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Predict the dataset's "
                                               "test cases (imagesTs/labelsTs) with this model "
                                               "first.")] = None,
@@ -308,21 +312,69 @@ def evaluate(
     tolerance: Annotated[float, typer.Option(min=0.0, help="Surface Dice tolerance, mm.")] = 2.0,
     device: Annotated[Device, typer.Option()] = "auto",
 ) -> None:
-    """Dice, HD95 and surface Dice per case and class (PRED_DIR REF_DIR, or --model M DATASET)."""
-    from medseg3d.evaluation import evaluate_folders
+    """Dice, HD95 and surface Dice per case and class.
+
+    Three forms: PRED.nii.gz REF.nii.gz (two files), PRED_DIR REF_DIR (cases matched by name),
+    or --model MODEL DATASET_DIR (predict the dataset's test cases, then score them).
+    """
+    from medseg3d.evaluation import evaluate_files, evaluate_folders, write_metrics
 
     if model is not None:
-        dataset = predictions
-        split = "Ts" if (dataset / "labelsTs").is_dir() else "Tr"
-        output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
-        predictions, references = output / "predictions", dataset / f"labels{split}"
-        predict(dataset / f"images{split}", output=predictions, model=model, device=device,
-                overlap=0.5, batch_size=2, tta=False, save_probabilities=False, max_memory=None,
-                num_parts=1, part_id=0, resume=False, overwrite=True)
-    if references is None:
-        raise MedsegError("give PRED_DIR REF_DIR, or --model MODEL DATASET_DIR")
+        if references is not None:
+            raise MedsegError("--model takes one DATASET_DIR, not a second path", references)
+        predictions, references, output = _predict_dataset(predictions, model, output, device)
+    elif references is None:
+        raise MedsegError("give PRED REF (two files or two folders), or --model MODEL DATASET_DIR")
+    elif _is_file_form(predictions, references):
+        out.print(f"evaluating two files: {predictions} against {references}", highlight=False,
+                  soft_wrap=True)
+        summary = evaluate_files(predictions, references, tolerance_mm=tolerance)
+        if output is not None:  # written only once the scores exist: a failure leaves nothing
+            output.mkdir(parents=True, exist_ok=True)
+            write_metrics(summary, output)
+        _print_summary(summary, tolerance, output)
+        return
+    else:
+        out.print(f"evaluating two folders: {predictions} against {references} (cases matched "
+                  "by file name)", highlight=False, soft_wrap=True)
     summary = evaluate_folders(predictions, references, out_dir=output or predictions,
                                tolerance_mm=tolerance)
+    _print_summary(summary, tolerance, output or predictions)
+
+
+def _is_file_form(predictions: Path, references: Path) -> bool:
+    """True for PRED_FILE REF_FILE; a file beside a folder is a mistake named in one line."""
+    from medseg3d.io import volume_suffix
+
+    files = [p.is_file() or (not p.is_dir() and bool(volume_suffix(p)))
+             for p in (predictions, references)]
+    if files[0] != files[1]:
+        raise MedsegError("give two files or two folders, not a file and a folder",
+                          predictions if files[0] else references)
+    return files[0]
+
+
+def _predict_dataset(dataset: Path, model: str, output: Path | None, device: Device
+                     ) -> tuple[Path, Path, Path]:
+    """``evaluate --model``: predict a dataset's test cases; (predictions, references, output)."""
+    from medseg3d.dataset import load_spec
+
+    load_spec(dataset)  # a wrong folder fails here, before anything is predicted or written
+    split = "Ts" if (dataset / "labelsTs").is_dir() else "Tr"
+    for folder in (dataset / f"images{split}", dataset / f"labels{split}"):
+        if not folder.is_dir():
+            raise MedsegError("folder missing (evaluate --model needs imagesTs/ + labelsTs/ or "
+                              "imagesTr/ + labelsTr/)", folder)
+    output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
+    out.print(f"evaluating model {model} on {dataset} (images{split} against labels{split})",
+              highlight=False, soft_wrap=True)
+    predict(dataset / f"images{split}", output=output / "predictions", model=model,
+            device=device, overlap=0.5, batch_size=2, tta=False, save_probabilities=False,
+            max_memory=None, num_parts=1, part_id=0, resume=False, overwrite=True)
+    return output / "predictions", dataset / f"labels{split}", output
+
+
+def _print_summary(summary: Summary, tolerance: float, written_to: Path | None) -> None:
     table = Table(title=f"{len(summary.cases)} case(s), NSD tolerance {tolerance} mm",
                   title_justify="left")
     for column in ("class", "Dice", "min Dice", "HD95 (mm)", "max HD95", "NSD", "cases"):
@@ -335,7 +387,9 @@ def evaluate(
         if m.n_cases > 1:  # a mean hides the failures: name the worst cases
             out.print(f"worst {name}: Dice {m.min_dice:.4f} ({m.min_dice_case}), HD95 "
                       f"{m.max_hd95_mm:.2f} mm ({m.max_hd95_case})", highlight=False, soft_wrap=True)
-    out.print(f"mean Dice {summary.mean_dice:.4f}, metrics in {output or predictions}")
+    where = f"metrics in {written_to}" if written_to else "no files written (--output FOLDER " \
+        "writes metrics.json/csv)"
+    out.print(f"mean Dice {summary.mean_dice:.4f}, {where}", highlight=False, soft_wrap=True)
 
 
 def _network_options(pairs: list[str], networks: list[str]) -> dict[str, dict[str, Any]]:

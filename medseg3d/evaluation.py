@@ -44,6 +44,7 @@ __all__ = [
     "ClassSummary",
     "Summary",
     "evaluate_case",
+    "evaluate_files",
     "evaluate_folders",
     "summarise",
     "surface_distances",
@@ -255,19 +256,40 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path,
                           pred_dir)
     if labels is None:
         labels = _labels_from_dataset(ref_dir) or _labels_in(refs.values())
-    cases: list[CaseMetrics] = []
-    for name, ref_path in refs.items():
-        ref = read_labels(ref_path)
-        pred = read_labels(preds[name], reference=ref)  # MedsegError names a grid mismatch
-        classes = evaluate_case(pred.array, ref.array, ref.spacing, labels, tolerance_mm)
-        cases.append(CaseMetrics(case=name, prediction=str(preds[name]), reference=str(ref_path),
-                                 spacing_mm=ref.spacing,
-                                 classes={k: ClassMetrics(**v) for k, v in classes.items()}))
+    cases = [_case_metrics(name, preds[name], ref_path, labels, tolerance_mm)
+             for name, ref_path in refs.items()]
     summary = summarise(cases, labels, tolerance_mm,
                         unmatched=sorted(name for name in preds if name not in refs))
     if out_dir is not None:
         write_metrics(summary, out_dir)
     return summary
+
+
+def evaluate_files(pred_path: str | Path, ref_path: str | Path,
+                   labels: dict[str, int] | None = None, out_dir: str | Path | None = None,
+                   tolerance_mm: float = 2.0) -> Summary:
+    """:func:`evaluate_folders` for one prediction file against one reference file."""
+    pred_path, ref_path = Path(pred_path), Path(ref_path)
+    for path, what in ((pred_path, "prediction"), (ref_path, "reference")):
+        if not path.is_file():
+            raise MedsegError(f"{what} file not found", path)
+    if labels is None:
+        labels = _labels_from_dataset(ref_path.parent) or _labels_in([ref_path])
+    case = _case_metrics(case_name(ref_path), pred_path, ref_path, labels, tolerance_mm)
+    summary = summarise([case], labels, tolerance_mm)
+    if out_dir is not None:
+        write_metrics(summary, out_dir)
+    return summary
+
+
+def _case_metrics(name: str, pred_path: Path, ref_path: Path, labels: dict[str, int],
+                  tolerance_mm: float) -> CaseMetrics:
+    ref = read_labels(ref_path)
+    pred = read_labels(pred_path, reference=ref)  # MedsegError names a grid mismatch
+    classes = evaluate_case(pred.array, ref.array, ref.spacing, labels, tolerance_mm)
+    return CaseMetrics(case=name, prediction=str(pred_path), reference=str(ref_path),
+                       spacing_mm=ref.spacing,
+                       classes={k: ClassMetrics(**v) for k, v in classes.items()})
 
 
 def write_metrics(summary: Summary, out_dir: str | Path) -> tuple[Path, Path]:
