@@ -134,9 +134,11 @@ def train(
     model: Annotated[str, typer.Option("--model", "-m", callback=_check_network,
                                        help="Network name (see `medseg3d models`).")] = "unet",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 50,
-    iterations: Annotated[int, typer.Option("--iterations", min=1,
-                                            help="Iterations per epoch.")] = 50,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs in all (default 50); with "
+                                               "--resume, extends or shortens the run.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=1,
+                                                   help="Iterations per epoch (default 50).")
+                          ] = None,
     val_every: Annotated[int, typer.Option(min=1)] = 5,
     fold: Annotated[int | None, typer.Option(
         min=-1, help="Fold of a 5-fold split; -1: all cases, validated on themselves. Default: "
@@ -158,10 +160,14 @@ def train(
                                                  "it and training stops at the step that ends "
                                                  "it (or at --steps).")] = None,
     config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output; --epochs, "
+                                         "--steps, --budget or --iterations given with it "
+                                         "replace the saved length (to extend a finished "
+                                         "run).")] = False,
 ) -> None:
     """Train a segmenter on a dataset folder."""
     from medseg3d.atomic import remove_stale_temps_in
+    from medseg3d.resume import describe_length, extend
     from medseg3d.training import current_rank
     from medseg3d.training import train as run_training
 
@@ -171,7 +177,13 @@ def train(
     if resume and main_rank:
         remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
     if resume and (output / "train_config.json").is_file():
-        train_config = load_model_file(TrainConfig, output / "train_config.json")
+        saved = load_model_file(TrainConfig, output / "train_config.json")
+        train_config = extend(saved, output, epochs=epochs, iterations=iterations, steps=steps,
+                              budget=budget)
+        if train_config is not saved and main_rank:
+            console.print("resuming with a new length: " + describe_length(
+                train_config.epochs, train_config.iterations_per_epoch, train_config.steps,
+                train_config.time_budget_minutes) + " in all", highlight=False)
     elif config is not None:
         base = load_model_file(TrainConfig, config).model_dump()
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
@@ -181,7 +193,8 @@ def train(
             train_config = TrainConfig(
                 dataset=str(dataset), output=str(output),
                 network=NetworkConfig(name=model, options=_options(option or [])),
-                epochs=epochs, iterations_per_epoch=iterations, val_every=val_every, fold=fold,
+                epochs=epochs or 50, iterations_per_epoch=iterations or 50,
+                val_every=val_every, fold=fold,
                 device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
                 plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget,
                 steps=steps)

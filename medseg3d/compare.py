@@ -327,7 +327,9 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     for i, r in enumerate(rows):  # a legend, not point labels: nearby points would overlap
         left.scatter(r.predict_seconds_per_case, r.mean_dice, s=60, color=colours(i),
                      label=f"{r.network}: HD95 {r.mean_hd95_mm:.1f} mm")
-    left.legend(loc="lower left", fontsize=8)
+    # below the axes: inside, it would hide the networks that score Dice 0 or predict fastest
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8,
+                frameon=False)
     left.set_xlabel("prediction time per case (s)")
     left.set_ylabel("mean Dice (held-out)")
     left.set_ylim(min([0.0, *[r.mean_dice for r in rows if math.isfinite(r.mean_dice)]]), 1.0)
@@ -341,7 +343,7 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
                  f"{comparison.machine}", fontsize=10)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

@@ -140,6 +140,17 @@ class NetworkConfig(Frozen):
     options: dict[str, OptionValue] = Field(default_factory=dict)
 
 
+class RunSegment(Frozen):
+    """A length a run was given before ``--resume`` changed it, and how far it had got then."""
+
+    epochs: int
+    iterations_per_epoch: int
+    steps: int | None = None
+    time_budget_minutes: float | None = None
+    until_epoch: int = 0
+    until_step: int = 0
+
+
 class TrainConfig(Frozen):
     """Everything ``medseg3d train`` needs; saved as ``train_config.json`` beside the run.
 
@@ -170,6 +181,8 @@ class TrainConfig(Frozen):
     augment: Literal["none", "light", "strong"] = "strong"
     time_budget_minutes: float | None = Field(default=None, gt=0)
     plan_overrides: dict[str, Any] = Field(default_factory=dict)
+    # earlier lengths of a run extended with --resume, oldest first (the current one is above)
+    segments: list[RunSegment] = Field(default_factory=list)
 
 
 class InferenceConfig(Frozen):
@@ -216,6 +229,8 @@ class ModelCard(Frozen):
     command: str
     hardware: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
+    # how the published run was trained, one line per length it was given (see medseg3d.resume)
+    training_history: list[str] = Field(default_factory=list)
     intended_use: str = "research only; not a medical device"
 
 

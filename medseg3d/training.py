@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -63,6 +64,9 @@ from medseg3d.postprocessing import single_component_classes
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.sliding_window import sliding_window
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # imported lazily: matplotlib is slow to load
 
 # Training patch budget of patch-free networks: the whole median volume up to about 160³ voxels.
 PATCH_FREE_MAX_VOXELS = 160**3
@@ -209,6 +213,7 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
         if rank.is_main:
+            plan_path.parent.mkdir(parents=True, exist_ok=True)
             save_model_file(plan, plan_path)
     log(f"plan: spacing {plan.spacing} mm, patch {plan.patch_size}, batch {plan.batch_size}, "
         f"classes {plan.class_names}")
@@ -491,28 +496,38 @@ def write_logs(output: Path, history: list[EpochRecord]) -> None:
     """Rewrite ``metrics.jsonl`` and ``progress.png`` (both atomically)."""
     write_text_atomic(output / "metrics.jsonl",
                       "".join(r.model_dump_json() + "\n" for r in history))
+    fig = progress_figure(history)
+    with atomic_path(output / "progress.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def progress_figure(history: list[EpochRecord]) -> Figure:
+    """Training loss and validation Dice per epoch, the legend above the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r.epoch for r in history], [r.train_loss for r in history], label="train loss")
+    lines = ax.plot([r.epoch for r in history], [r.train_loss for r in history],
+                    label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     val = [r for r in history if r.val_mean_dice is not None]
     if val:
         ax2 = ax.twinx()
-        ax2.plot([r.epoch for r in val], [r.val_mean_dice for r in val], "o-", color="tab:green",
-                 label="val mean Dice")
+        lines += ax2.plot([r.epoch for r in val], [r.val_mean_dice for r in val], "o-",
+                          color="tab:green", label="val mean Dice")
         ax2.set_ylabel("Dice")
         ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
+    # One legend above the axes: inside, it would hide Dice near 1 or the first losses.
+    ax.legend(handles=lines, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2,
+              frameon=False, borderaxespad=0.0)
     fig.tight_layout()
-    with atomic_path(output / "progress.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------- driver
@@ -569,12 +584,12 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     device = resolve_device(config.device)
     if device.type == "cuda" and rank.world > 1:
         device = torch.device("cuda", rank.local)
-    if rank.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        save_model_file(config, output / "train_config.json")
+    requested = config
     torch.manual_seed(config.seed)
     traits, config = network_traits(config)
     data = prepare_data(config, traits, rank, log)
+    if rank.is_main:  # only now: a dataset that fails validation leaves no run folder behind
+        save_model_file(requested, output / "train_config.json")
     plan = data.plan
     torch.manual_seed(config.seed)
     model = build_network(config.network.name, plan.num_channels, plan.num_classes,
@@ -584,7 +599,9 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     average = WeightAverage(model, config.ema) if config.ema else None
     state = TrainingState(epoch=0, config=config)
     if resume:
-        state = load_state(state_path, model, optimizer, average)
+        # the saved config may differ from this one in length only (medseg3d.resume.extend)
+        state = load_state(state_path, model, optimizer, average).model_copy(
+            update={"config": requested})
         log(f"resumed after epoch {state.epoch} (step {state.step})")
         if rank.world > 1:
             dist.barrier()  # every rank has read the state before rank 0 may overwrite it

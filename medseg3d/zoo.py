@@ -14,6 +14,7 @@ from medseg3d.atomic import write_bytes_atomic
 from medseg3d.checkpoint import load_tensors, run_checkpoint, save_tensors, sha256_of
 from medseg3d.config import ModelCard, TrainingData, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
+from medseg3d.resume import history_lines
 
 DEFAULT_MODEL = "brainmask"
 
@@ -84,6 +85,6 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
     card = ModelCard(name=name, description=description, weights="model.safetensors",
                      sha256=sha256_of(target / "model.safetensors"), task=task,
                      training_data=training_data, command=command, hardware=hardware,
-                     metrics=metrics)
+                     metrics=metrics, training_history=history_lines(run_dir))
     save_model_file(card, target / "card.yaml")
     return target

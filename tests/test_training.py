@@ -109,3 +109,16 @@ def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
           log=lambda *_: None)
     weights, _ = resolve_weights(tmp_path / "run")
     assert weights.name == "checkpoint_final.safetensors"
+
+
+def test_progress_legend_hides_no_data():
+    from medseg3d.training import EpochRecord, progress_figure
+
+    history = [EpochRecord(epoch=e, train_loss=1.0 / e, learning_rate=1e-3, seconds=1.0,
+                           val_mean_dice=0.95 if e % 2 == 0 else None) for e in range(1, 9)]
+    fig = progress_figure(history)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.axes[0].get_legend().get_window_extent(renderer)
+    for axes in fig.axes:  # the loss axes and the Dice twin share one plotting area
+        assert not legend.overlaps(axes.get_window_extent(renderer))

@@ -1,0 +1,69 @@
+"""Resume and extend: a finished run continues with a new length; its history reaches the card."""
+
+import json
+import shutil
+
+from synthetic import make_dataset
+from typer.testing import CliRunner
+
+from medseg3d.cli import app
+from medseg3d.config import NetworkConfig, TrainConfig, TrainingData
+from medseg3d.resume import extend
+from medseg3d.zoo import publish_model
+
+runner = CliRunner()
+TINY = ["--option", "filters=[4,8]", "--option", "stem_stride=1", "--patch-size", "16,16,16",
+        "--iterations", "2", "--fold", "-1", "--val-every", "1", "--augment", "none",
+        "--device", "cpu"]
+
+
+def _saved(**length) -> TrainConfig:
+    return TrainConfig(dataset="d", output="o", network=NetworkConfig(name="unet"), **length)
+
+
+def test_given_length_replaces_the_saved_one(tmp_path):
+    saved = _saved(epochs=5, time_budget_minutes=3.0)
+    assert extend(saved, tmp_path) is saved  # nothing given: the saved run as it was
+    assert extend(saved, tmp_path, epochs=5, budget=3.0) is saved
+    longer = extend(saved, tmp_path, epochs=12)
+    assert (longer.epochs, longer.time_budget_minutes, longer.steps) == (12, None, None)
+    assert longer.segments[0].epochs == 5 and longer.segments[0].time_budget_minutes == 3.0
+    budgeted = extend(longer, tmp_path, budget=10.0)
+    assert budgeted.time_budget_minutes == 10.0 and len(budgeted.segments) == 2
+
+
+def test_cli_extends_a_finished_run_and_publish_records_the_history(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    run = tmp_path / "run"
+    first = runner.invoke(app, ["train", str(dataset), "-o", str(run), "--epochs", "1", *TINY])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["train", str(dataset), "-o", str(run), "--resume"])
+    assert again.exit_code == 0, again.output  # finished: stops at once, nothing added
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    extended = runner.invoke(app, ["train", str(dataset), "-o", str(run), "--resume",
+                                   "--epochs", "2"])
+    assert extended.exit_code == 0, extended.output
+    assert "new length: 2 epochs x 2 iterations" in extended.output
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().split()]
+    assert epochs == [1, 2]
+    config = json.loads((run / "train_config.json").read_text())
+    assert config["epochs"] == 2 and config["segments"][0]["until_epoch"] == 1
+    assert config["network"]["options"]["filters"] == [4, 8]  # the rest kept from the saved run
+
+    shutil.copy(run / "checkpoint_final.json", run / "checkpoint_best.json")
+    shutil.copy(run / "checkpoint_final.safetensors", run / "checkpoint_best.safetensors")
+    target = publish_model(run, "tiny", description="d", command="c", task="t",
+                           training_data=TrainingData(name="Synthetic"), hardware="h",
+                           metrics={}, root=tmp_path / "models")
+    card = (target / "card.yaml").read_text()
+    assert "trained for 1 epochs x 2 iterations; resumed with a new length after epoch 1" in card
+    assert "then extended to 2 epochs x 2 iterations; ended after epoch 2 (step 4)" in card
+
+
+def test_a_dataset_that_fails_validation_leaves_no_run_folder(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    (dataset / "labelsTr" / "case001.nii.gz").unlink()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(dataset), "-o", str(run), "--epochs", "1", *TINY])
+    assert result.exit_code == 1 and "no label" in result.output
+    assert not run.exists()
