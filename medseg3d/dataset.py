@@ -16,6 +16,7 @@ import numpy as np
 from medseg3d.config import DatasetSpec, load_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume, case_name, check_same_grid, read_labels, read_volume
+from medseg3d.paths import confined
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def _decathlon_cases(root: Path, spec: DatasetSpec) -> list[Case]:
         if "image" not in entry or "label" not in entry:
             raise MedsegError("each 'training' entry needs 'image' and 'label'",
                               root / "dataset.json")
-        image, label = root / entry["image"], root / entry["label"]
+        where = root / "dataset.json"
+        image = confined(root, entry["image"], where, "training image")
+        label = confined(root, entry["label"], where, "training label")
         for path in (image, label):
             if not path.is_file():
                 raise MedsegError("listed in dataset.json but missing", path)
@@ -116,6 +119,13 @@ def read_case(case: Case, spec: DatasetSpec) -> tuple[Volume, Volume]:
     return image, labels
 
 
+def require_foreground(labels: list[Volume], dataset_dir: str | Path) -> None:
+    """Refuse a dataset whose label maps hold only background: there is nothing to learn."""
+    if labels and not any(np.any(volume.array) for volume in labels):
+        raise MedsegError(f"all {len(labels)} training label map(s) are empty (background only); "
+                          "nothing to learn", Path(dataset_dir) / "labelsTr")
+
+
 def validate_dataset(dataset_dir: str | Path) -> tuple[DatasetSpec, list[Case]]:
     """Check the whole folder (every image/label pair is read once); return spec and cases."""
     spec = load_spec(dataset_dir)
@@ -127,12 +137,22 @@ def validate_dataset(dataset_dir: str | Path) -> tuple[DatasetSpec, list[Case]]:
 
 def split_cases(cases: list[Case], fold: int, num_folds: int, seed: int) -> tuple[list[Case],
                                                                                  list[Case]]:
-    """Deterministic k-fold split; fold -1 (or a single case) trains and validates on everything."""
-    if fold < 0 or len(cases) < 2:
+    """Deterministic k-fold split; fold -1 trains and validates on everything.
+
+    A fold that cannot be held out (one case, or a fold number beyond the folds that the cases
+    allow) is refused rather than quietly validated on training cases or wrapped around.
+    """
+    if fold < 0:
         return list(cases), list(cases)
-    order = np.random.default_rng(seed).permutation(len(cases))
     num_folds = min(num_folds, len(cases))
-    fold = fold % num_folds
+    if num_folds < 2:
+        raise MedsegError(f"fold {fold} needs at least 2 cases to hold one out, the dataset has "
+                          f"{len(cases)}; leave out --fold to train on it without validation, or "
+                          "pass --fold -1 to validate on the training case itself")
+    if fold >= num_folds:
+        raise MedsegError(f"fold {fold} does not exist: {len(cases)} cases make folds 0.."
+                          f"{num_folds - 1}")
+    order = np.random.default_rng(seed).permutation(len(cases))
     val_idx = set(order[fold::num_folds].tolist())
     train = [c for i, c in enumerate(cases) if i not in val_idx]
     val = [c for i, c in enumerate(cases) if i in val_idx]

@@ -37,6 +37,7 @@ from medseg3d.atomic import write_text_atomic
 from medseg3d.config import DatasetSpec, load_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.io import case_name, read_labels, volume_suffix
+from medseg3d.paths import unique_by_case
 
 __all__ = [
     "CaseMetrics",
@@ -213,8 +214,10 @@ def summarise(cases: list[CaseMetrics], labels: dict[str, int], tolerance_mm: fl
 def _volumes(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MedsegError(f"{what} folder not found", folder)
-    found = {case_name(p): p for p in sorted(folder.iterdir())
-             if p.is_file() and volume_suffix(p) and not p.name.startswith(".")}
+    # base.nii.gz beside a stale base.nrrd: refuse rather than score whichever sorts last
+    found = unique_by_case((p for p in folder.iterdir()
+                            if p.is_file() and volume_suffix(p) and not p.name.startswith(".")),
+                           case_name, folder)
     if not found:
         raise MedsegError(f"no volume files in the {what} folder", folder)
     return found

@@ -14,6 +14,7 @@ Array / affine contract (written once, used everywhere):
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,15 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medseg3d.atomic import atomic_path
+from medseg3d.atomic import atomic_files, atomic_path
 from medseg3d.errors import MedsegError
+from medseg3d.paths import confined
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+# Formats whose header names a separate data file (written as a pair, read only from its folder).
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
 
 # LPS (ITK) <-> RAS (NIfTI): flip the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -66,8 +70,18 @@ class Volume:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
     @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel: |det| of the affine (column norms overstate it for a shear)."""
+        return voxel_volume_mm3(self.affine)
+
+    @property
     def orientation(self) -> str:
         return "".join(nib.aff2axcodes(self.affine))
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm³: |det| of the affine's 3x3 part."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
 
 
 def volume_suffix(path: str | Path) -> str:
@@ -96,7 +110,7 @@ def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
     volume = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_sitk(path)
-    return _checked(volume, path, allow_channels)
+    return check_volume(volume, allow_channels=allow_channels, source=path)
 
 
 def read_labels(path: str | Path, *, reference: Volume | None = None) -> Volume:
@@ -157,14 +171,13 @@ def _read_nifti(path: Path) -> Volume:
                               f"the file holds only {size:,} bytes (truncated, or a bad header)", path)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, in one line
             data = np.asarray(img.dataobj, dtype=np.float32)
-        if int(img.header["sform_code"]) == 0:
-            pixdim = _stored_pixdim(path, gzipped, type(img.header))
+        stored = _stored_header(path, gzipped, type(img.header))
     except MedsegError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise MedsegError(f"file is truncated or corrupt ({exc})", path) from exc
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
-        raise MedsegError("not a NIfTI file (no valid header)", path) from exc
+        raise MedsegError(_why_not_nifti(path), path) from exc
     except PermissionError as exc:
         raise MedsegError("file is not readable (permission denied)", path) from exc
     except (OSError, ValueError, TypeError, MemoryError) as exc:
@@ -173,11 +186,7 @@ def _read_nifti(path: Path) -> Volume:
         raise MedsegError(f"intensities overflow float32 after scaling (scl_slope "
                           f"{float(img.dataobj.slope):g}, scl_inter {float(img.dataobj.inter):g})",
                           path)
-    # Without an sform the grid comes from pixdim (qform, or pixdim alone when both codes are 0,
-    # as nibabel and ITK read such files); a zero or non-finite size there is unknown, not 1 mm.
-    if int(img.header["sform_code"]) == 0 and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
-        raise MedsegError(f"has no sform and its pixdim gives no usable voxel size "
-                          f"({pixdim.tolist()})", path)
+    _check_stored_header(stored, path)
     return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)
 
 
@@ -193,10 +202,48 @@ def _load_nifti(path: Path, magic: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
     return img if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) else nib.Nifti1Image.from_image(img)
 
 
-def _stored_pixdim(path: Path, gzipped: bool, header_class: type) -> np.ndarray:
-    """pixdim[1:4] as stored in the file, before nibabel's silent fixes."""
+def _stored_header(path: Path, gzipped: bool, header_class: type) -> nib.Nifti1Header:
+    """The header as stored in the file, before nibabel's silent fixes."""
+    size = 540 if issubclass(header_class, nib.Nifti2Header) else 348
     with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
-        return np.asarray(header_class.from_fileobj(fh, check=False)["pixdim"][1:4], np.float64)
+        raw = fh.read(size)  # the fixed header only: extensions are not needed, nor trusted
+    return header_class(raw, check=False)  # byte order guessed from the block, as nibabel does
+
+
+def _check_stored_header(header: nib.Nifti1Header, path: Path) -> None:
+    """Refuse what nibabel would silently repair: voxels inside the header, guessed voxel sizes."""
+    minimum = 544 if isinstance(header, nib.Nifti2Header) else 352  # header + extension flag
+    offset = float(header["vox_offset"])
+    if not offset >= minimum:
+        raise MedsegError(f"vox_offset {offset:g} points inside the header (a single-file NIfTI "
+                          f"stores voxels from byte {minimum} on); its voxels would be header "
+                          "bytes", path)
+    # Without an sform the grid comes from pixdim (qform, or pixdim alone when both codes are 0,
+    # as nibabel and ITK read such files); a zero, negative or non-finite size there is unknown,
+    # and no guess (nibabel's 1 mm, or its absolute value) is truthful.
+    pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+    if int(header["sform_code"]) == 0 and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+        raise MedsegError(f"has no sform and its pixdim gives no usable voxel size "
+                          f"({pixdim.tolist()})", path)
+
+
+def _why_not_nifti(path: Path) -> str:
+    """Why nibabel refused a file: a NIfTI header with a field it cannot use, or no NIfTI at all."""
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) \
+                as fh:
+            raw = fh.read(348)
+        header = nib.Nifti1Header(raw, check=False)
+        code = int(header["datatype"])
+        if raw[344:347] in (b"n+1", b"ni1") and code not in nib.nifti1.data_type_codes.code:
+            return f"NIfTI datatype code {code} is not a known voxel type"
+        if raw[344:347] == b"n+1":
+            _check_stored_header(header, path)  # raises with the field nibabel refused
+    except MedsegError:
+        raise
+    except Exception:  # noqa: BLE001 - only a diagnosis: whatever fails, the plain answer stands
+        pass
+    return "not a NIfTI file (no valid header)"
 
 
 def _human(nbytes: int) -> str:
@@ -216,6 +263,8 @@ def geometry_warning(volume: Volume) -> str | None:
 
 
 def _read_sitk(path: Path) -> Volume:
+    for name in data_files(path):
+        confined(path.parent, name, path, "data file")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -223,6 +272,8 @@ def _read_sitk(path: Path) -> Volume:
     if img.GetDimension() != 3:
         raise MedsegError(f"expected a 3D image, got {img.GetDimension()}D", path)
     geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    if not all(np.isfinite(s) and s > 0 for s in geometry.spacing):
+        raise MedsegError(f"voxel spacing {list(geometry.spacing)} is not a positive size", path)
     data = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x[, c])
     data = np.ascontiguousarray(np.moveaxis(data, [0, 1, 2], [2, 1, 0]))
     affine = _LPS_TO_RAS @ _itk_affine(geometry)
@@ -234,6 +285,34 @@ def _read_sitk(path: Path) -> Volume:
     return Volume(data, affine, header, path, geometry)
 
 
+_DATA_FILE_KEYS = ("data file", "datafile", "elementdatafile")
+_SPRINTF = re.compile(r"%[-+ 0#]*\d*[diu]")
+
+
+def data_files(path: Path) -> list[str]:
+    """Files a NRRD or MetaImage header names for its voxels (``[]`` when they are attached).
+
+    Forms: one name; ``LIST`` followed by one name a line; a printf pattern (``slice%03d.raw 1 9
+    1``), given here with its numbers as 0, since the folder part is what matters.
+    """
+    with open(path, "rb") as fh:
+        lines = fh.read(1 << 16).decode("latin-1").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip() and volume_suffix(path) in (".nrrd", ".nhdr"):
+            return []  # a NRRD header ends at its first empty line
+        key, sep, value = line.partition("=" if "=" in line.split(":")[0] else ":")
+        if not sep or key.strip().lower() not in _DATA_FILE_KEYS:
+            continue
+        value = value.strip()
+        words = value.split()
+        if words and words[0].upper() == "LIST":
+            return [name.strip() for name in lines[i + 1:] if name.strip()]
+        if words and words[0].upper() == "LOCAL":
+            return []
+        return [_SPRINTF.sub("0", words[0]) if "%" in value else value]
+    return []
+
+
 def _itk_affine(geometry: SitkGeometry) -> np.ndarray:
     direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
@@ -242,7 +321,13 @@ def _itk_affine(geometry: SitkGeometry) -> np.ndarray:
     return affine
 
 
-def _checked(volume: Volume, path: Path, allow_channels: bool) -> Volume:
+def check_volume(volume: Volume, *, allow_channels: bool, source: str | Path | None) -> Volume:
+    """The checks every image passes, read from a file or handed to the API as an array.
+
+    3D (or 4D with channels when ``allow_channels``), at least 2 voxels a side, finite voxels, and
+    a finite, invertible 4x4 affine; ``source`` names the image in the one-line error.
+    """
+    path = source
     array = volume.array
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
@@ -262,13 +347,18 @@ def _checked(volume: Volume, path: Path, allow_channels: bool) -> Volume:
     if bad:
         raise MedsegError(f"contains {bad} NaN or infinite voxels", path)
     affine = volume.affine
+    if affine.shape != (4, 4):
+        raise MedsegError(f"affine must be 4x4, got shape {affine.shape}", path)
     if not np.all(np.isfinite(affine)):
         raise MedsegError("affine holds NaN or infinite values", path)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise MedsegError(f"affine is singular (voxel spacing {np.round(spacing, 6).tolist()})",
                           path)
-    return Volume(array, affine, volume.header, path, volume.sitk_geometry)
+    if not np.allclose(affine[3], [0, 0, 0, 1]):
+        raise MedsegError(f"affine's last row must be [0, 0, 0, 1], got {affine[3].tolist()}",
+                          path)
+    return Volume(array, affine, volume.header, volume.path, volume.sitk_geometry)
 
 
 def _short(exc: BaseException) -> str:
@@ -283,22 +373,29 @@ def label_dtype(max_label: int) -> np.dtype:
     raise ValueError(f"label value {max_label} too large")
 
 
-def write_labels(labels: np.ndarray, reference: Volume, path: str | Path) -> Path:
+def write_labels(labels: np.ndarray, reference: Volume, path: str | Path, *,
+                 replace: bool = True) -> Path:
     """Write ``labels`` on ``reference``'s grid, with its affine, codes and shape, atomically."""
     labels = np.asarray(labels)
     if labels.shape[:3] != reference.spatial_shape:
         raise ValueError(f"labels shape {labels.shape} != reference shape {reference.spatial_shape}")
     data = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
-    return write_array(data, reference, path)
+    return write_array(data, reference, path, replace=replace)
 
 
-def write_array(data: np.ndarray, reference: Volume, path: str | Path) -> Path:
-    """Write any array (labels, probabilities with channels last) on ``reference``'s grid."""
+def write_array(data: np.ndarray, reference: Volume, path: str | Path, *,
+                replace: bool = True) -> Path:
+    """Write any array (labels, probabilities with channels last) on ``reference``'s grid.
+
+    ``replace=False`` never replaces a file that appeared meanwhile. ``.nhdr`` / ``.mhd`` are
+    written with their data file beside them, under its final name.
+    """
     path = Path(path)
     suffix = volume_suffix(path)
     if not suffix:
         raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", path)
-    with atomic_path(path) as tmp:
+    writing = atomic_files if suffix in DETACHED_SUFFIXES else atomic_path
+    with writing(path, replace=replace) as tmp:
         if suffix in NIFTI_SUFFIXES:
             header = reference.header.copy()
             header.set_data_dtype(data.dtype)
