@@ -14,8 +14,10 @@ from torch import nn
 from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint
 from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
+from medseg3d.fingerprint import ood_warning
 from medseg3d.inference import Prediction, predict_volume, resolve_device
 from medseg3d.io import Volume, read_volume
+from medseg3d.logs import LOGGER
 from medseg3d.networks import build_network
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
 
@@ -60,10 +62,16 @@ class Model:
         return self.predict_volume(as_volume(image, affine), config, progress=progress,
                                    should_stop=should_stop).labels
 
+    def unfamiliar(self, volume: Volume) -> str | None:
+        """One warning line when ``volume`` lies far outside this model's training data."""
+        return ood_warning(volume, self.meta.fingerprint, self.name)
+
     def predict_volume(self, volume: Volume, config: InferenceConfig, *,
                        progress: Callable[[int, int], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> Prediction:
         """Labels (and probabilities when ``config`` asks) for a Volume."""
+        if (warning := self.unfamiliar(volume)) is not None:
+            LOGGER.warning(warning)  # the user may know better: a warning, never an error
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
                               should_stop=should_stop)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,6 +38,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="3D medical image segmentation: train, predict, evaluate.")
 console = Console(stderr=True)
 out = Console()
+
+
+def _log_line(level: str, text: str) -> None:
+    colour = "red" if level in ("error", "critical") else "yellow"
+    console.print(f"[{colour}]{level}:[/{colour}] {escape(text)}", highlight=False, soft_wrap=True,
+                  markup=True)
+
+
+@app.callback()
+def _setup() -> None:
+    """3D medical image segmentation: train, predict, evaluate."""
+    from medseg3d.logs import route_to
+
+    route_to(_log_line)  # our warnings and nibabel's, one line each, above any progress bar
 F = TypeVar("F", bound=Callable[..., Any])
 
 

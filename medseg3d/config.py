@@ -196,6 +196,23 @@ class InferenceConfig(Frozen):
     max_memory_gb: float | None = Field(default=None, gt=0)
 
 
+class TrainingFingerprint(Frozen):
+    """The training images in numbers, to warn about inputs far outside them (fingerprint.py).
+
+    Ranges are over the training cases; intensities are 0.5th and 99.5th percentiles per channel
+    (``low_tail``: the 0.5th percentile over the 0.5-99.5 range, a unit-free shape measure);
+    ``foreground_percentiles`` are the 0.5th, 50th and 99.5th inside the labels.
+    """
+
+    modality: list[str]
+    cases: int = Field(ge=1)
+    spacing_mm: tuple[float, float]  # smallest and largest voxel side
+    extent_mm: tuple[float, float]  # smallest and largest field-of-view side
+    intensity_range: list[tuple[float, float]]
+    low_tail: list[tuple[float, float]]
+    foreground_percentiles: list[tuple[float, float, float]]
+
+
 class CheckpointMeta(Frozen):
     """The JSON that travels beside ``*.safetensors`` weights: all prediction needs."""
 
@@ -208,6 +225,7 @@ class CheckpointMeta(Frozen):
     # classes whose prediction keeps only its largest connected piece (postprocessing.py)
     largest_component: list[str] = Field(default_factory=list)
     created: str = ""
+    fingerprint: TrainingFingerprint | None = None  # what the training data looked like
 
 
 class TrainingData(Frozen):

@@ -52,11 +52,13 @@ from medseg3d.config import (
     NetworkConfig,
     Plan,
     TrainConfig,
+    TrainingFingerprint,
     load_model_file,
     save_model_file,
 )
 from medseg3d.dataset import Case, find_cases, load_spec, read_case, split_cases
 from medseg3d.errors import MedsegError
+from medseg3d.fingerprint import fingerprint_cases
 from medseg3d.inference import resolve_device, window_for
 from medseg3d.networks import build_network
 from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
@@ -132,6 +134,7 @@ class TrainingData:
     val: list[dict[str, torch.Tensor]]
     dataset_name: str
     case_ids: dict[str, list[str]] = field(default_factory=dict)
+    fingerprint: TrainingFingerprint | None = None
 
 
 @dataclass
@@ -232,7 +235,9 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
 
     return TrainingData(plan, items(train_cases, True), items(val_cases, False), spec.name,
                         {"train": [c.case_id for c in train_cases],
-                         "val": [c.case_id for c in val_cases]})
+                         "val": [c.case_id for c in val_cases]},
+                        fingerprint_cases([volumes[c.case_id] for c in train_cases],
+                                          list(spec.channel_names.values())))
 
 
 def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: NetworkTraits,
@@ -630,7 +635,8 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     def checkpoint(stem: str, metrics: dict[str, float]) -> None:
         meta = CheckpointMeta(network=net_config, plan=plan, epoch=state.epoch, metrics=metrics,
                               dataset_name=data.dataset_name, largest_component=single,
-                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              fingerprint=data.fingerprint)
         save_checkpoint(eval_network, meta, output / stem)
 
     heartbeat = Heartbeat(log, length)

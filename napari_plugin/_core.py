@@ -279,6 +279,7 @@ class SegmentationResult:
     labels: np.ndarray
     label_names: dict[str, int]
     model_name: str
+    warning: str | None = None  # the input lies far outside the model's training data
 
 
 def load_model(source: str | Path, device: str = "auto") -> SegmentationModel:
@@ -356,6 +357,9 @@ def segmentation_job(
         finally:
             events.put(_DONE)
 
+    warning = input_warning(model, image, affine)
+    if warning is not None:
+        yield JobProgress(0, 0, f"warning: {warning}")
     yield JobProgress(0, 0, f"segmenting with {model.name}")
     thread = threading.Thread(target=run, name="medseg3d-predict", daemon=True)
     thread.start()
@@ -375,7 +379,14 @@ def segmentation_job(
     if labels.shape != image.shape:
         raise MedsegError(f"model returned labels of shape {labels.shape} for an image of shape "
                           f"{image.shape}")
-    return SegmentationResult(labels, dict(model.labels), str(model.name))
+    return SegmentationResult(labels, dict(model.labels), str(model.name), warning)
+
+
+def input_warning(model: SegmentationModel, image: np.ndarray, affine: np.ndarray) -> str | None:
+    """The out-of-distribution line of a medseg3d model; other models carry no fingerprint."""
+    from medseg3d.api import Model, as_volume
+
+    return model.unfamiliar(as_volume(image, affine)) if isinstance(model, Model) else None
 
 
 def run_to_end(job: Generator[JobProgress, None, SegmentationResult],

@@ -12,7 +12,7 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import GeneratorWorker, create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -297,7 +297,10 @@ class SegmentWidget(QWidget):
         self.fill_table(result, layer_world_affine(labels))
         if self.model_combo.currentData() is None:  # a path: its labels are known only now
             self.model_labels.setText(", ".join(result.label_names))
-        self.status.setText(f"done: {labels.name}")
+        self.status.setText(f"done: {labels.name}" + (f"\nwarning: {result.warning}"
+                                                        if result.warning else ""))
+        if result.warning:
+            show_warning(f"medseg3d: {result.warning}")
         return labels
 
     def fill_table(self, result: SegmentationResult, affine: np.ndarray) -> None:

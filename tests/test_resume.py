@@ -49,6 +49,8 @@ def test_cli_extends_a_finished_run_and_publish_records_the_history(tmp_path):
     config = json.loads((run / "train_config.json").read_text())
     assert config["epochs"] == 2 and config["segments"][0]["until_epoch"] == 1
     assert config["network"]["options"]["filters"] == [4, 8]  # the rest kept from the saved run
+    fingerprint = json.loads((run / "checkpoint_final.json").read_text())["fingerprint"]
+    assert fingerprint["modality"] == ["MRI"] and fingerprint["cases"] == 2
 
     shutil.copy(run / "checkpoint_final.json", run / "checkpoint_best.json")
     shutil.copy(run / "checkpoint_final.safetensors", run / "checkpoint_best.safetensors")

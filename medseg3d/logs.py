@@ -1,0 +1,51 @@
+"""One route for every log line: ours and the libraries' become one-line ``warning: ...`` messages.
+
+nibabel attaches its own stream handler to ``nibabel.global`` and prints raw text ("pixdim[1,2,3]
+should be non-zero; setting 0 dims to 1") into whatever the CLI is drawing; Python warnings print
+two lines with a source excerpt. ``route_to`` sends both through one handler instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+LOGGER = logging.getLogger("medseg3d")
+# Libraries whose log records reach the user; their own handlers are removed.
+LIBRARY_LOGGERS = ("nibabel", "nibabel.global", "monai", "torch")
+
+
+class OneLineHandler(logging.Handler):
+    """Hands ``'<source>: <message>'`` on a single line to ``emit_line``, warnings and above."""
+
+    def __init__(self, emit_line: Callable[[str, str], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.emit_line = emit_line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())  # never more than one line
+            source = record.name.split(".")[0]
+            prefix = "" if source == "medseg3d" else f"{source}: "
+            self.emit_line(record.levelname.lower(), prefix + text)
+        except Exception:  # a log line must never break the command that logs it
+            self.handleError(record)
+
+
+def route_to(emit_line: Callable[[str, str], None]) -> OneLineHandler:
+    """Send medseg3d's and the libraries' warnings, and Python warnings, to ``emit_line(level, text)``."""
+    handler = OneLineHandler(emit_line)
+    for name in ("medseg3d", *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):  # nibabel's raw stream handler, or an earlier route
+            logger.removeHandler(old)
+        if name != "nibabel.global":  # that one propagates to "nibabel": handled once
+            logger.addHandler(handler)
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        emit_line("warning", f"{category.__name__}: {' '.join(str(message).split())}")
+
+    warnings.showwarning = show
+    return handler
