@@ -7,6 +7,7 @@ import errno
 import glob
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,12 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     The temporary name keeps the full suffix (``.nii.gz``) because writers such as nibabel pick the
     format from it. On any error the temporary file is removed and ``path`` is left untouched.
+    With ``replace=False`` an existing ``path`` (made by someone else meanwhile) is never replaced.
     """
     path = Path(path)
     prefix, suffix = _temp_affixes(path)
@@ -48,17 +50,76 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _fsync(tmp)
+        _commit(tmp, path, replace)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise MedsegError(f"could not write file ({reason})", path) from exc
+        raise _write_error(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_files(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Like ``atomic_path`` for formats that write companion files (``.nhdr`` + ``.raw.gz``).
+
+    The writer gets ``path``'s own name inside a hidden temporary folder beside it, so the header
+    names its data file by its final name; the data files are moved out first, the header last.
+    """
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    except OSError as exc:
+        raise MedsegError(f"cannot write here ({exc.strerror or exc})", path.parent) from exc
+    try:
+        yield folder / path.name
+        written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # header last
+        if not replace:
+            for file in written:
+                if (path.parent / file.name).exists():
+                    raise MedsegError("output appeared while this job ran; not replaced "
+                                      "without --overwrite", path.parent / file.name)
+        for file in written:
+            os.chmod(file, 0o666 & ~_UMASK)
+            _fsync(file)
+            _commit(file, path.parent / file.name, replace)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def _commit(tmp: Path, path: Path, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: no check-then-rename race
+    except FileExistsError:
+        raise MedsegError("output appeared while this job ran (another program wrote it); not "
+                          "replaced without --overwrite", path) from None
+    except OSError:  # file systems without hard links
+        if path.exists():
+            raise MedsegError("output appeared while this job ran; not replaced without "
+                              "--overwrite", path) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_error(exc: OSError, path: Path) -> MedsegError:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return MedsegError(f"could not write file ({reason})", path)
 
 
 def _temp_affixes(path: Path) -> tuple[str, str]:
@@ -78,10 +139,18 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     removed = []
     with contextlib.suppress(OSError):
         for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-                removed.append(stale)
+            _remove(stale)
+            removed.append(stale)
     return removed
+
+
+def _remove(stale: Path) -> None:
+    """Delete a stale temp file, or an ``atomic_files`` temp folder."""
+    with contextlib.suppress(OSError):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 def remove_stale_temps_in(folder: str | Path) -> list[Path]:
@@ -89,10 +158,9 @@ def remove_stale_temps_in(folder: str | Path) -> list[Path]:
     removed = []
     with contextlib.suppress(OSError):
         for stale in Path(folder).iterdir():
-            if _TEMP_NAME.match(stale.name) and stale.is_file():
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-                    removed.append(stale)
+            if _TEMP_NAME.match(stale.name) and (stale.is_file() or stale.is_dir()):
+                _remove(stale)
+                removed.append(stale)
     return removed
 
 

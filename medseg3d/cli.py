@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -254,40 +255,69 @@ def predict(
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
     from medseg3d import cohort
     from medseg3d.api import load_model
-    from medseg3d.atomic import remove_stale_temps
-    from medseg3d.inference import Prediction, label_volumes
-    from medseg3d.io import Volume, geometry_warning
+    from medseg3d.lock import output_locks
 
     config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
                              save_probabilities=save_probabilities,
                              max_memory_gb=_memory(max_memory))
     cases = cohort.shard(cohort.find_inputs(input), num_parts, part_id)
-    single = input.is_file()
-    jobs = []
-    for case in cases:
-        if single:
-            target = output or case.files[0].with_name(f"{case.case_id}_seg.nii.gz")
-        else:
-            if output is None:
-                raise MedsegError("predicting a folder needs --output FOLDER", input)
-            target = output / f"{case.case_id}.nii.gz"
-        if target.resolve() in {f.resolve() for f in case.files}:
-            raise MedsegError("output would overwrite its input; choose another --output", target)
-        for written in (target, cohort.probabilities_path(target)):
-            remove_stale_temps(written)  # left by a run killed mid-write
-        if target.exists() and not overwrite:
-            if resume:
-                continue
-            raise MedsegError("output exists; pass --continue to skip finished cases or "
-                              "--overwrite to replace them", target)
-        jobs.append((case, target))
-    if not jobs:
-        out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
-        return
-    for folder in sorted({target.parent for _, target in jobs}):
-        cohort.check_writable(folder)  # fail before the model runs, not after
-    predictor = load_model(model, device)
-    started = time.perf_counter()
+    # Every output name is planned and checked (suffix, collisions, writable folder) before the
+    # model loads; then each is locked, so a second job with the same -o stops here.
+    planned = cohort.plan_outputs(cases, output, folder_input=not input.is_file(),
+                                  probabilities=save_probabilities)
+    for folder in sorted({target.parent for _, target in planned}):
+        cohort.check_writable(folder)
+    written = [w for _, target in planned for w in _written(target, save_probabilities)]
+    with output_locks(written):
+        jobs = [(case, target) for case, target in planned
+                if _to_do(target, save_probabilities, resume=resume, overwrite=overwrite)]
+        if not jobs:
+            out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
+            return
+        predictor = load_model(model, device)
+        cohort.check_channels([case for case, _ in jobs], predictor.num_channels)
+        started = time.perf_counter()
+        _predict_jobs(predictor, jobs, config, replace=overwrite)
+    out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
+              + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
+
+
+def _written(target: Path, probabilities: bool) -> list[Path]:
+    from medseg3d.cohort import probabilities_path
+
+    return [target, *((probabilities_path(target),) if probabilities else ())]
+
+
+def _to_do(target: Path, probabilities: bool, *, resume: bool, overwrite: bool) -> bool:
+    """Whether ``target`` still has to be predicted; MedsegError for an output in the way."""
+    from medseg3d.atomic import remove_stale_temps
+    from medseg3d.cohort import probabilities_path
+
+    extra = probabilities_path(target)
+    for written in (target, extra):
+        remove_stale_temps(written)  # left by a run killed mid-write (we hold its lock)
+    if overwrite:
+        return True
+    if target.exists():
+        if resume:
+            return False
+        raise MedsegError("output exists; pass --continue to skip finished cases or "
+                          "--overwrite to replace them", target)
+    if probabilities and extra.exists():
+        if resume:  # probabilities are written first: their labels never came, redo both
+            extra.unlink()
+            return True
+        raise MedsegError("output exists; pass --overwrite to replace it", extra)
+    return True
+
+
+def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replace: bool) -> None:
+    """Run ``cohort.predict_cases`` with progress bars, warnings and the volume tables."""
+    from medseg3d import cohort
+    from medseg3d.inference import Prediction
+    from medseg3d.io import Volume, geometry_warning
+    from medseg3d.measures import label_volumes
+
     with _progress() as bar:
         files_task = bar.add_task("cases", total=len(jobs))
         windows_task = bar.add_task("windows", total=None)
@@ -306,12 +336,11 @@ def predict(
             bar.advance(files_task)
             if len(jobs) <= 20:
                 _print_volumes(bar.console, case.case_id, target,
-                               label_volumes(prediction.labels, volume.spacing, predictor.plan))
+                               label_volumes(prediction.labels, volume.affine,
+                                             predictor.labels))
 
         cohort.predict_cases(predictor, jobs, config, on_read=on_read, on_windows=on_windows,
-                             on_done=on_done)
-    out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
-              + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
+                             on_done=on_done, replace=replace)
 
 
 def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list) -> None:
@@ -532,10 +561,18 @@ def models(verify: Annotated[bool, typer.Option(help="Check weights' SHA-256.")]
         raise MedsegError(f"{failures} shipped model(s) failed verification")
 
 
-def _progress(enabled: bool = True) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    transient=False, disable=not enabled)
+@contextlib.contextmanager
+def _progress(enabled: bool = True) -> Iterator[Progress]:
+    """Progress bars that stay on screen after success and vanish when an error ends them."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                   transient=False, disable=not enabled)
+    with bar:
+        try:
+            yield bar
+        except BaseException:
+            bar.live.transient = True  # the error line alone, not two half-drawn bars above it
+            raise
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from medseg3d.io import (
     write_array,
     write_labels,
 )
+from medseg3d.paths import unique_by_case
 
 if TYPE_CHECKING:
     from medseg3d.api import Model
@@ -60,13 +61,85 @@ def find_inputs(path: Path) -> list[InputCase]:
         raise MedsegError("folder is not readable", path) from exc
     if not files:
         raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)})", path)
-    matches = [_CHANNEL.match(case_name(p)) for p in files]
-    if all(matches):
-        groups: dict[str, list[Path]] = {}
-        for match, file in zip(matches, files, strict=True):
-            groups.setdefault(match["case"], []).append(file)  # type: ignore[index]
-        return [InputCase(case, tuple(sorted(fs))) for case, fs in sorted(groups.items())]
-    return [InputCase(case_name(p), (p,)) for p in files]
+    groups = _channel_groups(files)
+    if groups is not None:
+        return [InputCase(case, fs) for case, fs in sorted(groups.items())]
+    return [InputCase(case, (file,)) for case, file in unique_by_case(files, case_name,
+                                                                       path).items()]
+
+
+def _channel_groups(files: list[Path]) -> dict[str, tuple[Path, ...]] | None:
+    """nnU-Net channel files grouped by case, or None when the names are not that layout.
+
+    Every case must have the same channels ``_0000`` ... ``_000k``: ``patient_0001`` and
+    ``patient_0002`` (no ``_0000``) are two patients, not two channels.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    for file in files:
+        match = _CHANNEL.match(case_name(file))
+        if match is None:
+            return None
+        channels = groups.setdefault(match["case"], {})
+        if int(match["channel"]) in channels:  # a_0000.nii.gz and a_0000.nrrd
+            return None
+        channels[int(match["channel"])] = file
+    layouts = {tuple(sorted(channels)) for channels in groups.values()}
+    if len(layouts) != 1 or next(iter(layouts)) != tuple(range(len(next(iter(layouts))))):
+        return None
+    return {case: tuple(channels[c] for c in sorted(channels)) for case, channels in groups.items()}
+
+
+def check_channels(cases: Sequence[InputCase], num_channels: int) -> None:
+    """Refuse, before any work, files grouped as channels that the model does not expect."""
+    for case in cases:
+        if len(case.files) > 1 and len(case.files) != num_channels:
+            raise MedsegError(f"{', '.join(f.name for f in case.files)} were grouped as "
+                              f"{len(case.files)} channels of case {case.case_id!r} (nnU-Net "
+                              f"_0000, _0001 naming) but the model expects {num_channels}; "
+                              "rename them if they are separate scans", case.files[0].parent)
+
+
+def plan_outputs(cases: Sequence[InputCase], output: Path | None, *, folder_input: bool,
+                 probabilities: bool) -> list[tuple[InputCase, Path]]:
+    """Each case's output path, checked before any work: a volume suffix, and no collisions.
+
+    Two cases never write one file (``a.nii.gz`` and ``a.nrrd`` are refused by ``find_inputs``;
+    here ``a`` and ``a_probabilities`` with probabilities, or names that differ only in case,
+    which one file system keeps apart and the next one merges), and no output is an input.
+    """
+    if folder_input and output is not None and volume_suffix(output):
+        raise MedsegError("a folder of scans needs an output folder, not a file name", output)
+    inputs = {f.resolve() for case in cases for f in case.files}
+    claimed: dict[str, tuple[Path, str]] = {}
+    jobs = []
+    for case in cases:
+        target = _target(case, output, folder_input)
+        for written in (target, *((probabilities_path(target),) if probabilities else ())):
+            if written.resolve() in inputs:
+                raise MedsegError("output would overwrite an input scan; choose another "
+                                  "--output", written)
+            key = str(written.resolve()).casefold()
+            if key in claimed:
+                raise MedsegError(f"cases {claimed[key][1]!r} and {case.case_id!r} would both be "
+                                  f"written to {written.name} (with {claimed[key][0].name}); "
+                                  "rename one input", written.parent)
+            claimed[key] = (written, case.case_id)
+        jobs.append((case, target))
+    return jobs
+
+
+def _target(case: InputCase, output: Path | None, folder_input: bool) -> Path:
+    if folder_input:
+        if output is None:
+            raise MedsegError("predicting a folder needs --output FOLDER", case.files[0].parent)
+        return output / f"{case.case_id}.nii.gz"
+    target = output or case.files[0].with_name(f"{case.case_id}_seg.nii.gz")
+    if target.is_dir():
+        raise MedsegError("output is an existing folder; give a file name such as "
+                          f"{target / (case.case_id + '_seg.nii.gz')}", target)
+    if not volume_suffix(target):
+        raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", target)
+    return target
 
 
 def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCase]:
@@ -144,11 +217,12 @@ class BackgroundWriter:
 
 
 def write_prediction(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume,
-                     output: Path) -> None:
+                     output: Path, replace: bool = True) -> None:
     """Write labels (and probabilities as ``*_probabilities``) on the input's grid."""
-    write_labels(labels, volume, output)
-    if probabilities is not None:
-        write_array(probabilities.astype(np.float32), volume, probabilities_path(output))
+    if probabilities is not None:  # first: the labels' presence marks the case done
+        write_array(probabilities.astype(np.float32), volume, probabilities_path(output),
+                    replace=replace)
+    write_labels(labels, volume, output, replace=replace)
 
 
 def probabilities_path(output: Path) -> Path:
@@ -158,7 +232,7 @@ def probabilities_path(output: Path) -> Path:
 
 
 def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: InferenceConfig, *,
-                  overlap_io: bool = True,
+                  overlap_io: bool = True, replace: bool = True,
                   on_read: Callable[[InputCase, Volume], None] | None = None,
                   on_windows: Callable[[int, int], None] | None = None,
                   on_done: Callable[[InputCase, Path, Volume, Prediction], None] | None = None
@@ -169,7 +243,7 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
     threads while the current scan is segmented; without it each case is read, segmented and
     written in turn (the baseline of ``benchmarks/cohort_io.py``). ``on_read`` runs once a case's
     volume is in memory, ``on_windows`` reports sliding-window progress, ``on_done`` runs after
-    its result was handed to the writer.
+    its result was handed to the writer. ``replace=False`` never replaces an existing output.
     """
     writer = BackgroundWriter(enabled=overlap_io)
     volumes = read_cases([case for case, _ in jobs], ahead=overlap_io)
@@ -178,7 +252,7 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
             on_read(case, volume)
         prediction = model.predict_volume(volume, config, progress=on_windows)
         writer.submit(functools.partial(write_prediction, prediction.labels,
-                                        prediction.probabilities, volume, target))
+                                        prediction.probabilities, volume, target, replace))
         if on_done is not None:
             on_done(case, target, volume, prediction)
     writer.close()

@@ -143,21 +143,3 @@ def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.2f} MB"
-
-
-@dataclass(frozen=True)
-class LabelVolume:
-    """Size of one label in a prediction."""
-
-    name: str
-    value: int
-    voxels: int
-    millilitres: float
-
-
-def label_volumes(labels: np.ndarray, spacing: tuple[float, ...], plan: Plan) -> list[LabelVolume]:
-    """Voxel count and volume in mL of every foreground label of ``plan``."""
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(plan.label_values) + 1)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return [LabelVolume(name, value, int(counts[value]), float(counts[value]) * voxel_ml)
-            for name, value in plan.labels.items() if value != 0]

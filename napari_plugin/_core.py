@@ -32,6 +32,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from medseg3d.errors import Cancelled, MedsegError
 from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, volume_suffix
+from medseg3d.measures import LabelVolume, label_volumes
 
 __all__ = [
     "METADATA_KEY",
@@ -210,36 +211,6 @@ def looks_like_labels(volume: Volume) -> bool:
 
 
 # --------------------------------------------------------------------------- results
-
-
-class LabelVolume(NamedTuple):
-    """One row of the volume table."""
-
-    value: int
-    name: str
-    voxels: int
-    millilitres: float
-
-
-def voxel_volume_mm3(affine: np.ndarray) -> float:
-    """Volume of one voxel in mm³ (|det| of the affine's 3x3 part)."""
-    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-
-
-def label_volumes(labels: np.ndarray, affine: np.ndarray,
-                  names: Mapping[str, int] | None = None) -> list[LabelVolume]:
-    """Voxel count and volume in mL of every foreground label (named ones even when empty)."""
-    counts = np.bincount(np.asarray(labels).astype(np.int64, copy=False).ravel())
-    by_value = {int(v): k for k, v in (names or {}).items()}
-    values = sorted({v for v in by_value if v != 0} | {int(v) for v in np.flatnonzero(counts)
-                                                        if v != 0})
-    ml_per_voxel = voxel_volume_mm3(affine) / 1000.0
-    rows = []
-    for value in values:
-        voxels = int(counts[value]) if value < len(counts) else 0
-        rows.append(LabelVolume(value, by_value.get(value, f"label {value}"), voxels,
-                                voxels * ml_per_voxel))
-    return rows
 
 
 def label_features(names: Mapping[str, int]) -> dict[str, list[Any]]:
