@@ -16,7 +16,7 @@ from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import ood_warning
 from medseg3d.inference import Prediction, predict_volume, resolve_device
-from medseg3d.io import Volume, read_volume
+from medseg3d.io import Volume, check_volume, read_volume
 from medseg3d.logs import LOGGER
 from medseg3d.networks import build_network
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
@@ -77,19 +77,32 @@ class Model:
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:
-    """Accept a path, a Volume or an array (+ affine, default identity) as a Volume."""
-    if isinstance(image, Volume):
-        return image
+    """Accept a path, a Volume or an array (+ affine, default identity) as a checked Volume.
+
+    Arrays and affines pass the same checks as files read by the CLI (``io.check_volume``):
+    finite voxels, a finite invertible 4x4 affine, 3D or 4D with channels last.
+    """
     if isinstance(image, str | Path):
         return read_volume(image, allow_channels=True)
-    array = np.asarray(image, dtype=np.float32)
+    if isinstance(image, Volume):
+        return check_volume(image, allow_channels=True, source=image.path or "image")
+    try:
+        array = np.asarray(image)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MedsegError(f"image array: cannot use it ({exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise MedsegError(f"image array: voxel type {array.dtype} is not supported (expected "
+                          "integers, floats or booleans)")
     if array.ndim not in (3, 4):
-        raise MedsegError(f"expected a 3D array (or 4D with channels last), got shape {array.shape}")
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        raise MedsegError(f"image array: expected a 3D array (or 4D with channels last), got "
+                          f"shape {array.shape}")
     header = nib.Nifti1Header()
+    volume = Volume(array.astype(np.float32), affine, header)
+    volume = check_volume(volume, allow_channels=True, source="image array")
     header.set_sform(affine, code=1)
     header.set_qform(affine, code=1)
-    return Volume(array, affine, header)
+    return volume
 
 
 def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:

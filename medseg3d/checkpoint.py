@@ -76,12 +76,29 @@ def load_checkpoint(weights: str | Path, device: str | torch.device = "cpu"
         raise MedsegError(f"bad options for network {meta.network.name!r} ({_first_line(exc)})",
                           meta_path) from exc
     state = load_tensors(weights)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MedsegError(f"weights do not match network {meta.network.name!r} "
-                          f"({str(exc).splitlines()[0][:160]})", weights) from exc
+    check_weights(network, state, meta.network.name, weights)
+    network.load_state_dict(state)
     return network.to(device).eval(), meta
+
+
+def check_weights(network: nn.Module, state: dict[str, torch.Tensor], name: str,
+                  weights: Path) -> None:
+    """One line for weights that do not fit ``network`` or hold NaN/inf (a diverged run)."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k}: file {tuple(state[k].shape)}, network {tuple(v.shape)}"
+                for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
+                ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+                if keys]
+    if problems:
+        raise MedsegError(f"weights do not match network {name!r}: {'; '.join(problems)}; were "
+                          "they trained with other network options?", weights)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise MedsegError(f"{len(bad)} of {len(state)} weight tensors hold NaN or infinite values "
+                          f"(first: {bad[0]}); the training run diverged", weights)
 
 
 def _first_line(exc: BaseException) -> str:

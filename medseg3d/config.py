@@ -21,6 +21,9 @@ Device = Literal["auto", "cpu", "cuda"]
 NormScheme = Literal["ct", "zscore", "none"]
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
+# A voxel size in mm: finite and positive (no guess is truthful for 0, a negative or NaN).
+PositiveMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PatchSide = Annotated[int, Field(ge=1, le=1024)]
 # Network options are plain data: numbers, strings, booleans and lists of them, never objects.
 Scalar = int | float | str | bool
 OptionValue = Scalar | list[Scalar] | list[list[Scalar]]
@@ -28,6 +31,23 @@ OptionValue = Scalar | list[Scalar] | list[list[Scalar]]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Label maps are written as uint8/uint16/uint32, whichever holds the largest value.
+MAX_LABEL_VALUE = 2**32 - 1
+
+
+def check_label_values(labels: dict[str, int]) -> dict[str, int]:
+    """Background 0, unique, non-negative values that fit uint32 (dataset.json and plans alike)."""
+    values = list(labels.values())
+    if 0 not in values:
+        raise ValueError("labels must declare background as 0")
+    if len(set(values)) != len(values):
+        raise ValueError("labels repeat a value (region labels are not supported)")
+    if min(values) < 0 or max(values) > MAX_LABEL_VALUE:
+        raise ValueError(f"label values must be in 0..{MAX_LABEL_VALUE}, got "
+                         f"{sorted(v for v in values if not 0 <= v <= MAX_LABEL_VALUE)}")
+    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
 class DatasetSpec(BaseModel):
@@ -66,14 +86,14 @@ class DatasetSpec(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels_valid(cls, labels: dict[str, int]) -> dict[str, int]:
-        values = list(labels.values())
-        if 0 not in values:
-            raise ValueError("labels must declare background as 0")
-        if len(set(values)) != len(values):
-            raise ValueError("labels repeat a value (region labels are not supported)")
-        if min(values) < 0:
-            raise ValueError("label values must be >= 0")
-        return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+        return check_label_values(labels)
+
+    @field_validator("file_ending")
+    @classmethod
+    def _file_ending_valid(cls, ending: str) -> str:
+        if not ending.startswith(".") or "/" in ending or "\\" in ending:
+            raise ValueError(f"file_ending must be a suffix like .nii.gz, got {ending!r}")
+        return ending
 
     @field_validator("channel_names")
     @classmethod
@@ -97,22 +117,36 @@ class ChannelNorm(Frozen):
     """Intensity normalisation of one input channel (CT: clip + global z-score; MR: per image)."""
 
     scheme: NormScheme = "zscore"
-    mean: float = 0.0
-    std: float = 1.0
-    lower: float | None = None
-    upper: float | None = None
+    mean: float = Field(default=0.0, allow_inf_nan=False)
+    std: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    lower: float | None = Field(default=None, allow_inf_nan=False)
+    upper: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _clip_range(self) -> ChannelNorm:
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"clip range is empty: lower {self.lower} > upper {self.upper}")
+        return self
 
 
 class Plan(Frozen):
     """How a dataset is preprocessed and sampled. Spacing and patch are in canonical RAS axis order."""
 
-    spacing: Triple
-    patch_size: IntTriple
+    spacing: tuple[PositiveMm, PositiveMm, PositiveMm]
+    patch_size: tuple[PatchSide, PatchSide, PatchSide]
     batch_size: int = Field(default=2, ge=1)
-    normalization: list[ChannelNorm]
+    normalization: list[ChannelNorm] = Field(min_length=1)
     labels: dict[str, int]
     median_shape: IntTriple | None = None
     reasons: dict[str, str] = Field(default_factory=dict)  # why each value was chosen
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_valid(cls, labels: dict[str, int]) -> dict[str, int]:
+        # class 0 is background; without a 0 every voxel would get a foreground value
+        if len(labels) < 2:
+            raise ValueError("labels must name background (0) and at least one class")
+        return check_label_values(labels)
 
     @property
     def num_channels(self) -> int:

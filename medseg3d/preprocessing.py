@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume
+from medseg3d.io import Volume, label_dtype
+
+# The largest plan grid a volume may be resampled to (8 GiB per float32 channel). Beyond it the
+# voxel size of the file or of the plan is wrong (1000 mm voxels, a 0.01 mm plan): say so in one
+# line instead of attempting a terabyte allocation.
+MAX_PLAN_VOXELS = 2**31
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,12 @@ def plan_grid(volume: Volume, spacing: tuple[float, float, float]) -> GridTransf
         canonical_spacing[dst] = volume.spacing[src]
     plan_shape = tuple(max(1, round(n * s / t)) for n, s, t in
                        zip(canonical_shape, canonical_spacing, spacing, strict=True))
+    voxels = float(np.prod(np.asarray(plan_shape, dtype=np.float64)))
+    if voxels > MAX_PLAN_VOXELS:
+        raise MedsegError(f"resampling its {[round(v, 4) for v in canonical_spacing]} mm voxels to "
+                          f"the plan's {list(spacing)} mm gives a grid of {plan_shape} "
+                          f"({voxels:.3g} voxels, more than {MAX_PLAN_VOXELS:.3g}); is the voxel "
+                          "size right?", volume.path)
     return GridTransform(volume.spatial_shape, ornt, tuple(canonical_shape),  # type: ignore[arg-type]
                          tuple(canonical_spacing), plan_shape)  # type: ignore[arg-type]
 
@@ -121,9 +132,11 @@ def preprocess_image(volume: Volume, plan: Plan) -> tuple[torch.Tensor, GridTran
 
 def preprocess_labels(labels: Volume, grid: GridTransform, plan: Plan) -> torch.Tensor:
     """Label map -> class indices ``(X, Y, Z)`` (uint8) on the plan grid of its image."""
-    lookup = np.zeros(max(plan.label_values) + 1, dtype=np.uint8)
-    lookup[plan.label_values] = np.arange(len(plan.label_values), dtype=np.uint8)
-    classes = lookup[np.clip(labels.array, 0, len(lookup) - 1).astype(np.int64)]
+    # searchsorted, not a lookup table as long as the largest value (uint32 labels are valid)
+    values = np.asarray(plan.label_values, dtype=np.int64)
+    array = labels.array.astype(np.int64, copy=False)
+    index = np.searchsorted(values, array).clip(0, len(values) - 1)
+    classes = np.where(values[index] == array, index, 0).astype(np.uint8)
     canonical = torch.from_numpy(reorient(classes, grid.to_canonical))
     return resize(canonical[None], grid.plan_shape, labels=True)[0]
 
@@ -132,8 +145,7 @@ def restore_labels(classes: torch.Tensor, grid: GridTransform, plan: Plan) -> np
     """Class indices on the plan grid -> label values on the input's original voxel grid."""
     canonical = resize(classes[None], grid.canonical_shape, labels=True)[0].numpy()
     values = np.asarray(plan.label_values)
-    out_dtype = np.uint8 if values.max() <= 255 else np.uint16
-    labels = values.astype(out_dtype)[canonical.astype(np.int64)]
+    labels = values.astype(label_dtype(int(values.max())))[canonical.astype(np.int64)]
     return reorient(labels, _inverse(grid.to_canonical))
 
 

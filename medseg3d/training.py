@@ -56,7 +56,14 @@ from medseg3d.config import (
     load_model_file,
     save_model_file,
 )
-from medseg3d.dataset import Case, find_cases, load_spec, read_case, split_cases
+from medseg3d.dataset import (
+    Case,
+    find_cases,
+    load_spec,
+    read_case,
+    require_foreground,
+    split_cases,
+)
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import fingerprint_cases
 from medseg3d.inference import resolve_device, window_for
@@ -206,6 +213,7 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
     train_cases, val_cases, split_text = choose_split(cases, config)
     log(f"split: {split_text}")
     volumes = {c.case_id: read_case(c, spec) for c in cases}
+    require_foreground([labels for _, labels in volumes.values()], config.dataset)
     plan_path = Path(config.output) / "plan.json"
     if plan_path.is_file() and config.plan_overrides.get("_reuse", True):
         plan = load_model_file(Plan, plan_path)
@@ -218,6 +226,7 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
         if rank.is_main:
             plan_path.parent.mkdir(parents=True, exist_ok=True)
             save_model_file(plan, plan_path)
+    check_patch(plan.patch_size, network, config.network.name)
     log(f"plan: spacing {plan.spacing} mm, patch {plan.patch_size}, batch {plan.batch_size}, "
         f"classes {plan.class_names}")
     rng = np.random.default_rng(config.seed)
@@ -259,6 +268,19 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
         log(f"plan fitted to {allowance[1]}: {plan.reasons['spacing']}")
     reasons = {**plan.reasons, **{k: "set by the user" for k in overrides}}
     return Plan.model_validate({**plan.model_dump(), **overrides, "reasons": reasons})
+
+
+def check_patch(patch: tuple[int, ...], network: NetworkTraits, name: str) -> None:
+    """Refuse a patch so small that the network's deepest layer sees a single voxel.
+
+    Instance norm cannot normalise one voxel and fails deep inside the first step; say it here.
+    """
+    div = network.size_divisor
+    if np.prod([-(-int(p) // div) for p in patch]) < 2:
+        raise MedsegError(f"patch {'x'.join(map(str, patch))} is too small for {name}: it "
+                          f"downsamples {div}x per axis, so its deepest layer would see a single "
+                          f"voxel; use at least {2 * div} along one axis (e.g. --patch-size "
+                          f"{2 * div},{2 * div},{2 * div})")
 
 
 def step_allowance(config: TrainConfig) -> tuple[float, str] | None:
