@@ -151,6 +151,60 @@ def _codes(sform: int, qform: int, oblique: float = 0.0) -> Callable[[Path], Non
     return make
 
 
+def _no_orientation_pixdim(values: tuple[float, float, float]) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        _codes(0, 0)(path)
+        raw = bytearray(gzip.decompress(path.read_bytes()))
+        raw[80:92] = np.asarray(values, "<f4").tobytes()  # pixdim[1:4]
+        path.write_bytes(gzip.compress(bytes(raw)))
+    return make
+
+
+def _patched(offset: int, value: np.ndarray) -> Callable[[Path], None]:
+    """A valid scan with the header bytes at ``offset`` replaced (gzipped or not, by name)."""
+    def make(path: Path) -> None:
+        write(path, image())
+        gz = path.name.endswith(".gz")
+        raw = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
+        raw[offset:offset + value.nbytes] = value.tobytes()
+        path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+    return make
+
+
+def _vox_offset(value: float) -> Callable[[Path], None]:
+    return _patched(108, np.asarray([value], "<f4"))
+
+
+def _voxel_type(dtype: np.dtype) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        data = np.zeros(SHAPE, dtype)
+        nib.Nifti1Image(data, make_affine(), dtype=dtype).to_filename(str(path))
+    return make
+
+
+def _detached(header: str, data_name: str | None = None) -> Callable[[Path], None]:
+    """A NRRD/MetaImage header naming ``data_name`` (written with valid voxels when given)."""
+    def make(path: Path) -> None:
+        if data_name is not None:
+            (path.parent / data_name).write_bytes(image().astype("<f4").tobytes())
+        path.write_text(header)
+    return make
+
+
+_NRRD = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 16 16 16\n"
+         "space directions: (1,0,0) (0,1,0) (0,0,1)\nkinds: domain domain domain\n"
+         "endian: little\nencoding: raw\nspace origin: (0,0,0)\n{}\n")
+_MHD = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\nElementSpacing = {}\n"
+        "DimSize = 16 16 16\nElementType = MET_FLOAT\nElementDataFile = {}\n")
+
+
+def _sheared(path: Path) -> None:
+    affine = np.array([[1.0, 0.7, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    write(path, image(), affine)
+
+
 def _label_shape(path: Path) -> None:
     write(path, np.zeros((16, 16, 15), np.uint8))
 
@@ -214,7 +268,7 @@ CASES: list[BadInput] = [
     BadInput("zero_pixdim_qform", "no sform, qform with pixdim 0", _pixdim((1.0, 0.0, 1.0)),
              "no usable voxel size"),
     BadInput("negative_pixdim_qform", "no sform, qform with a negative pixdim",
-             _pixdim((1.0, -2.0, 1.0)), None),
+             _pixdim((1.0, -2.0, 1.0)), "no usable voxel size"),
     BadInput("flipped_sform", "sform with negative spacing on the diagonal (a flip, LPS)",
              _affine(np.diag([-1.0, -1.0, 2.0, 1.0])), None),
     BadInput("singular_affine", "sform whose columns are parallel (rank 2)", _affine(_SINGULAR),
@@ -233,6 +287,43 @@ CASES: list[BadInput] = [
     BadInput("big_shape_tiny_nii", "uncompressed .nii declaring 1500^3 float32, file of 1.3 KB",
              lambda p: _raw_header(p, (1500, 1500, 1500), b"\0" * 1000), "holds only",
              suffix=".nii"),
+    # ---- issue #16: files read from outside, silently wrong numbers
+    BadInput("zero_pixdim_no_orientation", "sform and qform codes 0, pixdim 0 (nibabel: 1 mm)",
+             _no_orientation_pixdim((1.0, 0.0, 1.0)), "no usable voxel size"),
+    BadInput("vox_offset_zero", "single-file .nii with vox_offset 0 (voxels read from the header)",
+             _vox_offset(0.0), "vox_offset 0 points inside the header", suffix=".nii"),
+    BadInput("unknown_datatype", "datatype code 999", _patched(70, np.asarray([999], "<i2")),
+             "datatype code 999 is not a known voxel type"),
+    BadInput("nhdr_data_outside", "detached .nhdr whose data file is ../../etc/passwd",
+             _detached(_NRRD.format("data file: ../../etc/passwd")), "lies outside the folder",
+             suffix=".nhdr"),
+    BadInput("mhd_data_outside", "detached .mhd whose data file is ../../etc/passwd",
+             _detached(_MHD.format("1 1 1", "../../etc/passwd")), "lies outside the folder",
+             suffix=".mhd"),
+    BadInput("huge_voxels", "1000 mm voxels: the 1 mm plan grid would need terabytes",
+             _affine(np.diag([1000.0, 1000.0, 1000.0, 1.0])), "is the voxel size right",
+             dataset=False),
+    # ---- our own, same kinds
+    BadInput("nan_pixdim_no_orientation", "sform and qform codes 0, pixdim NaN",
+             _no_orientation_pixdim((1.0, np.nan, 1.0)), "no usable voxel size"),
+    BadInput("vox_offset_inside_header", "vox_offset 100, inside the 348-byte header",
+             _vox_offset(100.0), "vox_offset 100 points inside the header"),
+    BadInput("complex_voxels", "complex64 voxels", _voxel_type(np.dtype(np.complex64)),
+             "voxel type complex64 is not supported"),
+    BadInput("mhd_data_absolute", "detached .mhd whose data file is /etc/passwd",
+             _detached(_MHD.format("1 1 1", "/etc/passwd")), "lies outside the folder",
+             suffix=".mhd"),
+    BadInput("nrrd_attached_names_outside", ".nrrd (attached name) with a data file: ../secret",
+             _detached(_NRRD.format("data file: ../secret.raw")), "lies outside the folder",
+             suffix=".nrrd"),
+    BadInput("nhdr_list_outside", ".nhdr with 'data file: LIST' naming ../secret.raw",
+             _detached(_NRRD.format("data file: LIST\nslice.raw\n../secret.raw")),
+             "lies outside the folder", suffix=".nhdr"),
+    BadInput("mhd_zero_spacing", "detached .mhd with ElementSpacing 1 0 1",
+             _detached(_MHD.format("1 0 1", "scan.raw"), "scan.raw"), "spacing", suffix=".mhd"),
+    BadInput("nhdr_detached_inside", "valid .nhdr with its data file beside it",
+             _detached(_NRRD.format("data file: scan.raw"), "scan.raw"), None, suffix=".nhdr"),
+    BadInput("sheared_sform", "sform with a shear (columns not orthogonal)", _sheared, None),
     BadInput("label_grid_differs", "label map 16x16x15 for a 16^3 image", _label_shape,
              "label grid", role="label", predict=False),
     BadInput("label_affine_differs", "label map shifted 20 mm from its image", _label_affine,
