@@ -28,7 +28,9 @@ class OneLineHandler(logging.Handler):
             text = " ".join(record.getMessage().split())  # never more than one line
             source = record.name.split(".")[0]
             prefix = "" if source == "medseg3d" else f"{source}: "
-            self.emit_line(record.levelname.lower(), prefix + text)
+            # nibabel logs header fixes at its own level 35: a warning, by our names
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            self.emit_line(level, prefix + text)
         except Exception:  # a log line must never break the command that logs it
             self.handleError(record)
 

@@ -77,3 +77,14 @@ def test_library_log_lines_are_one_line_warnings(tmp_path):
     first = result.output.splitlines()[0]
     assert first.startswith("warning: nibabel: pixdim[1,2,3] should be non-zero")
     assert sum("pixdim" in line for line in result.output.splitlines()) == 1
+
+
+def test_custom_library_levels_read_as_warnings():
+    import logging
+
+    from medseg3d.logs import route_to
+
+    lines: list[tuple[str, str]] = []
+    route_to(lambda level, text: lines.append((level, text)))
+    logging.getLogger("nibabel.global").log(35, "pixdim[1,2,3] should be positive;\n fixed")
+    assert lines == [("warning", "nibabel: pixdim[1,2,3] should be positive; fixed")]
