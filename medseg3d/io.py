@@ -13,9 +13,12 @@ Array / affine contract (written once, used everywhere):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,8 +156,9 @@ def _read_nifti(path: Path) -> Volume:
         with open(path, "rb") as fh:
             magic = fh.read(4)
         gzipped = magic[:2] == _GZIP_MAGIC
-        # nibabel logs and silently "fixes" zero or negative pixdims; checked below instead.
-        with nib.imageglobals.LoggingOutputSuppressor():
+        # nibabel logs and silently "fixes" header fields such as pixdims or vox_offset; the
+        # ones that matter are checked below (_check_stored_header) and refused in one line.
+        with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
             img = _load_nifti(path, magic)
         shape = img.shape
         dtype = img.get_data_dtype()
@@ -188,6 +192,26 @@ def _read_nifti(path: Path) -> Volume:
                           path)
     _check_stored_header(stored, path)
     return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)
+
+
+@contextlib.contextmanager
+def _nibabel_errors_silenced() -> Iterator[None]:
+    """Drop nibabel's ERROR-level header complaints: we refuse such files in a line of our own.
+
+    Its warnings (fixed pixdims and the like) still reach the user through medseg3d.logs.
+    """
+    logger = nib.imageglobals.logger
+    drop_errors = _BelowError()
+    logger.addFilter(drop_errors)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_errors)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
 
 
 def _load_nifti(path: Path, magic: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
