@@ -306,17 +306,14 @@ def measure_step_cost(config: TrainConfig, spec: DatasetSpec, network: NetworkTr
     shape = (2, spec.num_channels, side, side, side)
     image = torch.randn(shape, device=device)
     label = torch.randint(0, len(spec.labels), (2, 1, side, side, side), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     dtype = autocast_dtype(device) if config.amp else None
+    ctx = StepContext(model, training_loss(), torch.optim.AdamW(model.parameters(), lr=1e-4),
+                      torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                      device, dtype)
     times = []
     for _ in range(3):  # the first step pays for allocation and kernel selection
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model(image).float(), label)
-        loss.backward()
-        optimizer.step()
+        train_step(ctx, {"image": image, "label": label})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
@@ -369,6 +366,11 @@ class StepContext:
     scaler: torch.amp.GradScaler
     device: torch.device
     amp_dtype: torch.dtype | None
+
+
+def training_loss() -> nn.Module:
+    """Dice (foreground classes, over the batch) + cross-entropy, as nnU-Net."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
 def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> float:
@@ -636,9 +638,7 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype = autocast_dtype(device) if config.amp else None
-    ctx = StepContext(model, DiceCELoss(to_onehot_y=True, softmax=True, include_background=False,
-                                        batch=True),
-                      optimizer, torch.amp.GradScaler(device.type,
+    ctx = StepContext(model, training_loss(), optimizer, torch.amp.GradScaler(device.type,
                                                       enabled=amp_dtype == torch.float16),
                       device, amp_dtype)
     transform = patch_transform(plan, config.augment)
