@@ -28,6 +28,11 @@ data: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python data/demo.py
 
+# The README's napari screenshots (real scan, shipped model); needs a display or xvfb-run.
+screenshot: $(STAMP)
+	xvfb-run -a $(BIN)/python docs/make_screenshot.py
+	xvfb-run -a $(BIN)/python docs/make_screenshot.py --also-show uncertainty
+
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/sliding_window.py
 

@@ -5,11 +5,13 @@ model in ``medseg3d/models/``)::
 
     xvfb-run -a python docs/make_screenshot.py            # headless Linux (Debian: xvfb)
     python docs/make_screenshot.py --model runs/brain     # a desktop, or any run dir / checkpoint
+    xvfb-run -a python docs/make_screenshot.py --also-show uncertainty  # docs/napari_uncertainty.png
 
 Without a display, the script starts a virtual one itself when PyVirtualDisplay and Xvfb are
 installed. Segmentation goes through the plugin's own code: the reader places the scan in RAS mm,
 ``segmentation_job`` runs the model, and the "medseg3d: segment" widget adds the labels layer and
-fills its table of volumes, exactly as after pressing Run.
+fills its table of volumes, exactly as after pressing Run. ``--also-show`` picks the widget's
+"also show" map (foreground probability or entropy), which the widget adds above the labels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-OUTPUT = Path(__file__).resolve().parent / "napari_screenshot.png"
+DOCS = Path(__file__).resolve().parent
+OUTPUT = DOCS / "napari_screenshot.png"
 
 
 def default_model() -> str:
@@ -53,8 +56,15 @@ def main(argv: list[str] | None = None) -> Path:
                                         "(default: the first shipped model)")
     parser.add_argument("--image", type=Path, help="scan to open (default: the demo T1)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--also-show", default="none", choices=("none", "probability",
+                                                                  "uncertainty"),
+                        help="add the widget's probability or uncertainty map too")
+    parser.add_argument("--output", type=Path,
+                        help="PNG to write (default: docs/napari_screenshot.png, or "
+                             "docs/napari_<map>.png with --also-show)")
     args = parser.parse_args(argv)
+    output = args.output or (OUTPUT if args.also_show == "none"
+                             else DOCS / f"napari_{args.also_show}.png")
 
     from medseg3d_napari._core import JobProgress, load_model, run_to_end, segmentation_job
     from medseg3d_napari._sample_data import demo_t1_path
@@ -76,10 +86,12 @@ def main(argv: list[str] | None = None) -> Path:
     _, widget = viewer.window.add_plugin_dock_widget("medseg3d", "medseg3d: segment")
     assert isinstance(widget, SegmentWidget)
     widget.set_model_source(model_source)  # shows the model's name and labels in the widget
+    widget.map_combo.setCurrentIndex(widget.map_combo.findData(args.also_show))
 
     started = time.perf_counter()
     job = segmentation_job(model, np.asarray(image.data), layer_world_affine(image),
-                           device=args.device, layer_name=image.name)
+                           device=args.device, layer_name=image.name,
+                           also_show=args.also_show)
     steps: list[JobProgress] = []
 
     def report(step: JobProgress) -> None:
@@ -94,15 +106,29 @@ def main(argv: list[str] | None = None) -> Path:
     for r in range(widget.table.rowCount()):
         print("  " + "  ".join(widget.table.item(r, c).text() for c in range(4)))
 
+    if result.voxel_map is not None:
+        outline_on_top(viewer, labels)
     show_axial(viewer, result.labels, labels)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     QApplication.processEvents()  # lay out the dock widget: segmentation blocked the event loop
-    viewer.screenshot(str(args.output), canvas_only=False, flash=False)
-    print(f"wrote {args.output}")
+    viewer.screenshot(str(output), canvas_only=False, flash=False)
+    print(f"wrote {output}")
     viewer.close()
     if display is not None:
         display.stop()
-    return args.output
+    return output
+
+
+def outline_on_top(viewer: object, labels: object) -> None:
+    """The mask as a cyan outline above the map: a filled mask under it would be hidden."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    labels.contour = 1
+    labels.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
+                                                      **dict.fromkeys(np.unique(labels.data)[1:],
+                                                                      "cyan")})
+    labels.opacity = 1.0
+    viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))
 
 
 def show_axial(viewer: object, labels: np.ndarray, layer: object) -> None:

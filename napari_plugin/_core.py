@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, get_args
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "METADATA_KEY",
     "JobProgress",
     "LabelVolume",
+    "MapKind",
     "SegmentationResult",
     "SegmentationModel",
     "canonical_to_source",
@@ -46,6 +47,7 @@ __all__ = [
     "label_volumes",
     "layer_kwargs_from",
     "looks_like_labels",
+    "probability_map",
     "reference_volume",
     "segmentation_job",
     "source_metadata",
@@ -53,6 +55,9 @@ __all__ = [
 ]
 
 METADATA_KEY = "medseg3d"
+# A per-voxel map the job can return beside the labels (see probability_map).
+MapKind = Literal["none", "probability", "uncertainty"]
+MAP_KINDS: tuple[str, ...] = get_args(MapKind)
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
 
 # A file name with one of these words holds labels, whatever its dtype.
@@ -251,6 +256,28 @@ class SegmentationResult:
     label_names: dict[str, int]
     model_name: str
     warning: str | None = None  # the input lies far outside the model's training data
+    voxel_map: np.ndarray | None = None  # float32 in [0, 1], the image's shape (see map_kind)
+    map_kind: MapKind = "none"
+
+
+def probability_map(probabilities: np.ndarray, kind: MapKind) -> np.ndarray:
+    """One float32 map in [0, 1] from softmax ``probabilities`` of shape ``(X, Y, Z, C)``.
+
+    ``probability``: the chance of any foreground class, 1 - p(background) (channel 0 holds
+    label value 0); for two classes that is the foreground probability. ``uncertainty``: the
+    softmax entropy over log(C), 0 where one class has it all, 1 where all C are equally likely.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if kind == "probability":
+        return np.clip(1.0 - probabilities[..., 0], 0.0, 1.0)
+    if kind != "uncertainty":
+        raise MedsegError(f"no map called {kind!r}; expected one of {', '.join(MAP_KINDS[1:])}")
+    classes = probabilities.shape[-1]
+    entropy = np.zeros(probabilities.shape[:-1], np.float32)
+    for c in range(classes):  # one channel at a time: no (X, Y, Z, C) temporaries
+        p = probabilities[..., c]
+        entropy -= p * np.log(np.maximum(p, np.float32(1e-12)))
+    return np.clip(entropy / np.float32(np.log(classes)), 0.0, 1.0)
 
 
 def load_model(source: str | Path, device: str = "auto") -> SegmentationModel:
@@ -288,6 +315,7 @@ def segmentation_job(
     tta: bool = False,
     should_stop: Callable[[], bool] | None = None,
     layer_name: str = "image",
+    also_show: MapKind = "none",
 ) -> Generator[JobProgress, None, SegmentationResult]:
     """Segment ``image`` (data axes, ``affine`` data -> RAS mm); yield progress, return labels.
 
@@ -295,7 +323,8 @@ def segmentation_job(
     and a generator can only yield from its own frame. Closing the generator early (or
     ``should_stop`` returning True) stops prediction at the next window. Errors come out as
     MedsegError or Cancelled: napari's generator worker turns a RuntimeError into a mere
-    warning, so torch's RuntimeErrors must not escape unwrapped.
+    warning, so torch's RuntimeErrors must not escape unwrapped. ``also_show`` asks for a
+    per-voxel map beside the labels (:func:`probability_map`); only medseg3d models give one.
     """
     image = np.asarray(image)
     if isinstance(model, str | Path):
@@ -307,6 +336,7 @@ def segmentation_job(
         except Exception as exc:
             raise MedsegError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
     check_image(image, model, layer_name)
+    check_map_kind(model, also_show)
     if should_stop is not None and should_stop():
         raise Cancelled
 
@@ -319,10 +349,10 @@ def segmentation_job(
 
     def run() -> None:
         try:
-            outcome["labels"] = model.predict(
-                image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
-                overlap=overlap, tta=tta, progress=lambda done, total: events.put((done, total)),
-                should_stop=stopping)
+            outcome["labels"], outcome["map"] = predict_with_map(
+                model, image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
+                also_show, overlap=overlap, tta=tta,
+                progress=lambda done, total: events.put((done, total)), should_stop=stopping)
         except BaseException as exc:  # handed to the generator's thread, re-raised there
             outcome["error"] = exc
         finally:
@@ -350,7 +380,39 @@ def segmentation_job(
     if labels.shape != image.shape:
         raise MedsegError(f"model returned labels of shape {labels.shape} for an image of shape "
                           f"{image.shape}")
-    return SegmentationResult(labels, dict(model.labels), str(model.name), warning)
+    return SegmentationResult(labels, dict(model.labels), str(model.name), warning,
+                              outcome["map"], also_show)
+
+
+def check_map_kind(model: SegmentationModel, kind: MapKind) -> None:
+    """Raise MedsegError unless ``model`` can give the ``kind`` of map asked for."""
+    if kind not in MAP_KINDS:
+        raise MedsegError(f"no map called {kind!r}; expected one of {', '.join(MAP_KINDS)}")
+    from medseg3d.api import Model
+
+    if kind != "none" and not isinstance(model, Model):
+        raise MedsegError(f"model {model.name!r} gives labels only, not the probabilities a "
+                          f"{kind} map needs")
+
+
+def predict_with_map(model: SegmentationModel, image: np.ndarray, affine: np.ndarray,
+                     kind: MapKind, *, overlap: float, tta: bool,
+                     progress: Callable[[int, int], None],
+                     should_stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels, and the ``kind`` map from the same forward passes (None for ``"none"``)."""
+    if kind == "none":
+        return model.predict(image, affine, overlap=overlap, tta=tta, progress=progress,
+                             should_stop=should_stop), None
+    from medseg3d.api import Model, as_volume
+    from medseg3d.config import InferenceConfig
+
+    assert isinstance(model, Model)  # check_map_kind ran before
+    # The CLI's --save-probabilities path: softmax restored onto the input's own voxel grid.
+    config = InferenceConfig(overlap=overlap, tta=tta, save_probabilities=True)  # on model.device
+    prediction = model.predict_volume(as_volume(image, affine), config, progress=progress,
+                                      should_stop=should_stop)
+    assert prediction.probabilities is not None
+    return prediction.labels, probability_map(prediction.probabilities, kind)
 
 
 def input_warning(model: SegmentationModel, image: np.ndarray, affine: np.ndarray) -> str | None:

@@ -35,6 +35,7 @@ from medseg3d.errors import Cancelled, MedsegError
 
 from ._core import (
     JobProgress,
+    MapKind,
     SegmentationResult,
     data_to_world_matrix,
     label_features,
@@ -45,6 +46,14 @@ from ._core import (
 
 DEVICES = ("auto", "cpu", "cuda")
 TABLE_COLUMNS = ("label", "value", "voxels", "volume (mL)")
+# The "also show" choices: (text, MapKind, tooltip).
+MAP_CHOICES: tuple[tuple[str, MapKind, str], ...] = (
+    ("labels only", "none", "add the label layer only"),
+    ("probability (foreground)", "probability",
+     "also add 1 - p(background): the model's foreground probability per voxel"),
+    ("uncertainty (entropy)", "uncertainty",
+     "also add the softmax entropy over log(classes): 0 = sure, 1 = all classes equally likely"),
+)
 
 
 def layer_world_affine(layer: Image | Labels) -> np.ndarray:
@@ -52,6 +61,13 @@ def layer_world_affine(layer: Image | Labels) -> np.ndarray:
     return data_to_world_matrix(layer.affine.affine_matrix, scale=layer.scale,
                                 translate=layer.translate, rotate=layer.rotate,
                                 shear=layer.shear)
+
+
+def placement_of(layer: Image) -> dict[str, Any]:
+    """Layer kwargs that put a new layer exactly where ``layer`` is, in the same units."""
+    return {"affine": layer.affine.affine_matrix, "scale": layer.scale,
+            "translate": layer.translate, "rotate": layer.rotate, "shear": layer.shear,
+            "units": layer.units, "axis_labels": layer.axis_labels}
 
 
 def shipped_models() -> list[tuple[str, str]]:
@@ -115,6 +131,11 @@ class SegmentWidget(QWidget):
         self.overlap.setValue(0.5)
         self.tta = QCheckBox("TTA (mirroring)")
         self.tta.setToolTip("test-time augmentation: average predictions over mirrored inputs")
+        self.map_combo = QComboBox()
+        for text, kind, tooltip in MAP_CHOICES:
+            self.map_combo.addItem(text, kind)
+            self.map_combo.setItemData(self.map_combo.count() - 1, tooltip,
+                                       Qt.ItemDataRole.ToolTipRole)
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -141,6 +162,7 @@ class SegmentWidget(QWidget):
         form.addRow("device", self.device_combo)
         form.addRow("overlap", self.overlap)
         form.addRow("", self.tta)
+        form.addRow("also show", self.map_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -230,7 +252,8 @@ class SegmentWidget(QWidget):
         job = segmentation_job(
             source, np.asarray(layer.data), layer_world_affine(layer),
             device=self.device_combo.currentText(), overlap=float(self.overlap.value()),
-            tta=self.tta.isChecked(), should_stop=self._stop.is_set, layer_name=layer.name)
+            tta=self.tta.isChecked(), should_stop=self._stop.is_set, layer_name=layer.name,
+            also_show=self.map_combo.currentData())
 
         def work() -> Generator[JobProgress, None, SegmentationResult]:
             return (yield from job)  # create_worker needs a generator function, not a generator
@@ -289,11 +312,11 @@ class SegmentWidget(QWidget):
         metadata["medseg3d_model"] = result.model_name
         metadata["label_names"] = dict(result.label_names)
         labels = self.viewer.add_labels(
-            result.labels, name=f"{image.name} {result.model_name}",
-            affine=image.affine.affine_matrix, scale=image.scale, translate=image.translate,
-            rotate=image.rotate, shear=image.shear, units=image.units,
-            axis_labels=image.axis_labels, metadata=metadata,
-            features=label_features(result.label_names or {"background": 0}))
+            result.labels, name=f"{image.name} {result.model_name}", metadata=metadata,
+            features=label_features(result.label_names or {"background": 0}),
+            **placement_of(image))
+        if result.voxel_map is not None:
+            self.add_map(image, result)
         self.fill_table(result, layer_world_affine(labels))
         if self.model_combo.currentData() is None:  # a path: its labels are known only now
             self.model_labels.setText(", ".join(result.label_names))
@@ -302,6 +325,17 @@ class SegmentWidget(QWidget):
         if result.warning:
             show_warning(f"medseg3d: {result.warning}")
         return labels
+
+    def add_map(self, image: Image, result: SegmentationResult) -> Image:
+        """Add the result's probability or uncertainty map on ``image``'s grid, above the labels."""
+        metadata = copy.deepcopy(image.metadata)
+        metadata["medseg3d_model"] = result.model_name
+        metadata["medseg3d_map"] = result.map_kind
+        # Additive blending: dark (sure) voxels leave the scan and labels below them visible.
+        return self.viewer.add_image(
+            result.voxel_map, name=f"{image.name} {result.map_kind} ({result.model_name})",
+            colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0),
+            metadata=metadata, **placement_of(image))
 
     def fill_table(self, result: SegmentationResult, affine: np.ndarray) -> None:
         """Show each label's name, value, voxel count and volume in mL."""
