@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medseg3d import sitk_log
 from medseg3d.atomic import atomic_files, atomic_path
 from medseg3d.errors import MedsegError
 from medseg3d.paths import confined
@@ -290,7 +291,8 @@ def _read_sitk(path: Path) -> Volume:
     for name in data_files(path):
         confined(path.parent, name, path, "data file")
     try:
-        img = sitk.ReadImage(str(path))
+        with sitk_log.about(path):  # ITK's warnings: one log line each, naming this file
+            img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise MedsegError(f"cannot read image ({_short(exc)})", path) from exc
     if img.GetDimension() != 3:
@@ -427,7 +429,8 @@ def write_array(data: np.ndarray, reference: Volume, path: str | Path, *,
             # affine=None keeps the header's sform/qform (and codes) exactly as read.
             nib.Nifti1Image(data, None, header).to_filename(str(tmp))
         else:
-            sitk.WriteImage(_to_sitk(data, reference), str(tmp), useCompression=True)
+            with sitk_log.about(path):
+                sitk.WriteImage(_to_sitk(data, reference), str(tmp), useCompression=True)
     return path
 
 

@@ -2,7 +2,8 @@
 
 nibabel attaches its own stream handler to ``nibabel.global`` and prints raw text ("pixdim[1,2,3]
 should be non-zero; setting 0 dims to 1") into whatever the CLI is drawing; Python warnings print
-two lines with a source excerpt. ``route_to`` sends both through one handler instead.
+two lines with a source excerpt; ITK's warnings arrive as records of the ``SimpleITK`` logger
+(``medseg3d.sitk_log``). ``route_to`` sends them all through one handler instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 LOGGER = logging.getLogger("medseg3d")
 # Libraries whose log records reach the user; their own handlers are removed.
-LIBRARY_LOGGERS = ("nibabel", "nibabel.global", "monai", "torch")
+LIBRARY_LOGGERS = ("nibabel", "nibabel.global", "monai", "torch", "SimpleITK")
 
 
 class OneLineHandler(logging.Handler):

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
+from medseg3d import sitk_log
 from medseg3d.errors import Cancelled, MedsegError
 from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, volume_suffix
 from medseg3d.measures import LabelVolume, label_volumes
@@ -179,7 +180,8 @@ def on_disk_dtype(volume: Volume) -> np.dtype:
         try:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(volume.path))
-            reader.ReadImageInformation()
+            with sitk_log.about(volume.path):
+                reader.ReadImageInformation()
             pixel = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID()))
         except RuntimeError:
             return np.dtype(np.float32)
