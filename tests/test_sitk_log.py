@@ -6,6 +6,7 @@ import inspect
 import logging
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 from medseg3d import sitk_log
 from medseg3d.errors import MedsegError
 from medseg3d.io import read_volume
-from medseg3d.logs import route_to
+from medseg3d.logs import LIBRARY_LOGGERS, route_to
 
 COERCED = "NiftiImageIO: Non-orthogonal direction matrix coerced to orthogonal"
 
@@ -26,6 +27,14 @@ def write_sheared(path: Path) -> None:
     image = sitk.Image([4, 5, 6], sitk.sitkInt16)
     image.SetDirection((1, 0.5, 0, 0, 1, 0, 0, 0, 1))
     sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture(autouse=True)
+def _own_log_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No handler left by an earlier CLI test (route_to) prints here; ours are undone after."""
+    for name in ("medseg3d", *LIBRARY_LOGGERS):
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
 
 
 def itk_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
