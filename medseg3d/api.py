@@ -13,12 +13,14 @@ from torch import nn
 
 from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint
 from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
+from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import ood_warning
-from medseg3d.inference import Prediction, predict_volume, resolve_device
+from medseg3d.inference import Prediction, predict_volume
 from medseg3d.io import Volume, check_volume, read_volume
 from medseg3d.logs import LOGGER
 from medseg3d.networks import build_network
+from medseg3d.sliding_window import DeviceLimits
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
 
 
@@ -27,10 +29,12 @@ class Model:
 
     def __init__(self, network: nn.Module, meta: CheckpointMeta, name: str = "",
                  device: str | torch.device = "auto") -> None:
-        self.network = network.eval()
+        self.device = resolve_device(device)  # concrete (cuda:N): weights and windows agree
+        self.network = network.to(self.device).eval()
         self.meta = meta
         self.name = name or meta.network.name
-        self.device = str(device)
+        # what this GPU showed it can hold (window batch, accumulator): later volumes start there
+        self.limits = DeviceLimits()
 
     @classmethod
     def from_network(cls, network_name: str, plan: Plan, device: str = "cpu",
@@ -58,7 +62,7 @@ class Model:
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Integer labels on the input's own voxel grid (an array input uses ``affine``, else 1 mm)."""
-        config = InferenceConfig(device=self.device, overlap=overlap, tta=tta)  # type: ignore[arg-type]
+        config = InferenceConfig(overlap=overlap, tta=tta)
         return self.predict_volume(as_volume(image, affine), config, progress=progress,
                                    should_stop=should_stop).labels
 
@@ -69,11 +73,12 @@ class Model:
     def predict_volume(self, volume: Volume, config: InferenceConfig, *,
                        progress: Callable[[int, int], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> Prediction:
-        """Labels (and probabilities when ``config`` asks) for a Volume."""
+        """Labels (and probabilities when ``config`` asks) for a Volume, on this model's device."""
         if (warning := self.unfamiliar(volume)) is not None:
             LOGGER.warning(warning)  # the user may know better: a warning, never an error
+        config = config.model_copy(update={"device": str(self.device)})
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
-                              should_stop=should_stop)
+                              should_stop=should_stop, limits=self.limits)
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:
@@ -134,5 +139,6 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -> Model:
     """Load a shipped model by name, a training run folder or a ``.safetensors`` checkpoint."""
     weights, name = resolve_weights(name_or_path)
-    network, meta = load_checkpoint(weights, resolve_device(device))
-    return Model(network, meta, name, device)
+    resolved = resolve_device(device)
+    network, meta = load_checkpoint(weights, resolved)
+    return Model(network, meta, name, resolved)

@@ -24,7 +24,6 @@ from rich.progress import (
 from rich.table import Table
 
 from medseg3d.config import (
-    Device,
     InferenceConfig,
     NetworkConfig,
     TrainConfig,
@@ -77,6 +76,18 @@ def _networks() -> list[str]:
     from medseg3d.networks import list_networks
 
     return list_networks()
+
+
+DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N."
+
+
+def _check_device(text: str) -> str:
+    from medseg3d.devices import check_device_text
+
+    try:
+        return check_device_text(text)
+    except MedsegError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _check_network(name: str) -> str:
@@ -159,7 +170,7 @@ def train(
     fold: Annotated[int | None, typer.Option(
         min=-1, help="Fold of a 5-fold split; -1: all cases, validated on themselves. Default: "
         "fold 0, or all cases without validation when there are fewer than 10.")] = None,
-    device: Annotated[Device, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
@@ -168,7 +179,10 @@ def train(
     spacing: Annotated[str | None, typer.Option(help="Target spacing in mm, e.g. 1,1,1.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option",
                                                      help="Network option KEY=VALUE.")] = None,
-    workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
+    workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers (default: "
+                                                "none on a CPU, up to 8 per GPU).")] = None,
+    amp: Annotated[bool, typer.Option(help="Reduced precision: fp16 on GPUs, bf16 on CPUs that "
+                                      "compute it natively.")] = True,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps in all (instead of "
                                               "epochs x iterations).")] = None,
     budget: Annotated[float | None, typer.Option(help="Wall-clock budget in minutes: the plan is "
@@ -212,7 +226,8 @@ def train(
                 epochs=epochs or 50, iterations_per_epoch=iterations or 50,
                 val_every=val_every, fold=fold,
                 device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
-                plan_overrides=overrides, num_workers=workers, time_budget_minutes=budget,
+                plan_overrides=overrides, num_workers=workers, amp=amp,
+                time_budget_minutes=budget,
                 steps=steps)
         except ValueError as exc:
             raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
@@ -240,7 +255,7 @@ def predict(
                       ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name, run folder "
                                        "or .safetensors checkpoint.")] = "brainmask",
-    device: Annotated[Device, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     overlap: Annotated[float, typer.Option(min=0.0, max=0.95)] = 0.5,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 2,
     tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
@@ -255,6 +270,7 @@ def predict(
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
     from medseg3d import cohort
     from medseg3d.api import load_model
+    from medseg3d.devices import describe_device
     from medseg3d.lock import output_locks
 
     config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
@@ -275,6 +291,8 @@ def predict(
             out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
             return
         predictor = load_model(model, device)
+        console.print(f"device: {describe_device(predictor.device)}", highlight=False,
+                      soft_wrap=True)
         cohort.check_channels([case for case, _ in jobs], predictor.num_channels)
         started = time.perf_counter()
         _predict_jobs(predictor, jobs, config, replace=overwrite)
@@ -367,7 +385,7 @@ def evaluate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where metrics.json/csv "
                                                 "(and predictions) go.")] = None,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Surface Dice tolerance, mm.")] = 2.0,
-    device: Annotated[Device, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Dice, HD95 and surface Dice per case and class.
 
@@ -411,7 +429,7 @@ def _is_file_form(predictions: Path, references: Path) -> bool:
     return files[0]
 
 
-def _predict_dataset(dataset: Path, model: str, output: Path | None, device: Device
+def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
                      ) -> tuple[Path, Path, Path]:
     """``evaluate --model``: predict a dataset's test cases; (predictions, references, output)."""
     from medseg3d.dataset import load_spec
@@ -482,7 +500,7 @@ def compare(
                                             help="Iterations per epoch.")] = 20,
     fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[Device, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
     reuse_runs: Annotated[bool, typer.Option(help="Score finished runs in OUT/runs again "
                                              "instead of retraining them.")] = False,

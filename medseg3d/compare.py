@@ -40,9 +40,9 @@ from medseg3d.api import load_model
 from medseg3d.atomic import atomic_path, write_text_atomic
 from medseg3d.config import InferenceConfig, NetworkConfig, OptionValue, TrainConfig
 from medseg3d.dataset import Case, find_cases, load_spec, read_case, split_cases
+from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation import CaseMetrics, ClassMetrics, Summary, evaluate_case, summarise
-from medseg3d.inference import resolve_device
 from medseg3d.io import write_labels
 from medseg3d.memory import PeakMemory
 from medseg3d.networks import build_network

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medseg3d.atomic import write_text_atomic
 from medseg3d.errors import MedsegError
 
-Device = Literal["auto", "cpu", "cuda"]
+# auto, cpu, cuda (the current GPU) or cuda:N; resolved and checked by medseg3d.devices
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
@@ -209,7 +211,8 @@ class TrainConfig(Frozen):
     weight_decay: float = Field(default=1e-5, ge=0)
     device: Device = "auto"
     seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
+    # data loader workers; None: none on a CPU (they would take its cores), some on a GPU
+    num_workers: int | None = Field(default=None, ge=0)
     amp: bool = True  # fp16 autocast on CUDA, bf16 on CPUs that compute it natively
     ema: float | None = Field(default=0.99, gt=0, lt=1)  # decay of the weight average; None: off
     augment: Literal["none", "light", "strong"] = "strong"

@@ -6,6 +6,8 @@ with the input's header reproduces the input geometry exactly.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,8 +16,10 @@ import torch
 from torch import nn
 
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
+from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
+from medseg3d.memory import PeakMemory
 from medseg3d.postprocessing import keep_largest_component
 from medseg3d.preprocessing import (
     GridTransform,
@@ -24,7 +28,13 @@ from medseg3d.preprocessing import (
     restore_labels,
     restore_probabilities,
 )
-from medseg3d.sliding_window import estimate_memory_bytes, sliding_window
+from medseg3d.sliding_window import (
+    DeviceLimits,
+    accumulates_on_device,
+    accumulator_bytes,
+    estimate_memory_bytes,
+    sliding_window,
+)
 
 # A patch-free network sees the whole volume unless that exceeds this many voxels per window
 # batch, where prediction falls back to sliding windows of the plan's patch.
@@ -43,13 +53,6 @@ class Prediction:
     probabilities: np.ndarray | None = None
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def window_for(network: nn.Module, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The window to slide: the whole (padded) volume for patch-free networks, else the patch."""
     fixed = getattr(network, "fixed_input_size", None)
@@ -66,7 +69,8 @@ def window_for(network: nn.Module, plan: Plan, shape: tuple[int, ...]) -> tuple[
 def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
                    config: InferenceConfig = InferenceConfig(), *,
                    progress: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> Prediction:
+                   should_stop: Callable[[], bool] | None = None,
+                   limits: DeviceLimits | None = None) -> Prediction:
     """Segment ``volume`` with ``network``; see the module docstring for the geometry contract."""
     plan = meta.plan
     device = resolve_device(config.device)
@@ -76,16 +80,19 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
                                  <= SMOOTH_RESTORE_MAX_BYTES)
     want_probabilities = config.save_probabilities or smooth
     window = window_for(network, plan, tuple(image.shape[1:]))
-    batch_size = config.batch_size
+    batch_size, accumulate_on = config.batch_size, "auto"
     if config.max_memory_gb is not None:
+        cost = host_cost(network, tuple(image.shape), plan.num_classes, window, device)
         batch_size, want_probabilities = fit_memory(tuple(image.shape), grid, plan.num_classes,
-                                                    window, config, want_probabilities, volume)
+                                                    window, config, want_probabilities, volume,
+                                                    cost)
+        accumulate_on = "cpu" if cost.accumulator else "device"  # as the limit was planned
     output = sliding_window(
         network, image, window=window,
         num_classes=plan.num_classes, overlap=config.overlap, batch_size=batch_size,
         mirror_axes=(0, 1, 2) if config.tta else (), device=device,
         output="probabilities" if want_probabilities else "labels",
-        progress=progress, should_stop=should_stop,
+        progress=progress, should_stop=should_stop, limits=limits, accumulate_on=accumulate_on,
     )
     if not want_probabilities:
         return Prediction(postprocess(restore_labels(output, grid, plan), meta))
@@ -103,24 +110,68 @@ def postprocess(labels: np.ndarray, meta: CheckpointMeta) -> np.ndarray:
     return keep_largest_component(labels, [meta.plan.labels[n] for n in meta.largest_component])
 
 
+@dataclass(frozen=True)
+class HostCost:
+    """What the network adds to the host memory of a prediction."""
+
+    weights: int = 0  # parameters and buffers, when they live in host memory
+    per_window: int = 0  # activations of one window's forward pass, when it runs on the CPU
+    accumulator: bool = True  # False: the accumulator lives on the GPU
+
+
+# Activations of one window's forward pass, measured once per network and input shape.
+_FORWARD_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = (
+    weakref.WeakKeyDictionary())
+
+
+def forward_bytes(network: nn.Module, channels: int, window: tuple[int, int, int]) -> int:
+    """Host memory one window's forward pass takes on the CPU, measured (weights excluded).
+
+    Measured rather than modelled: skip connections, concatenations and MLP expansions make the
+    peak differ from any sum of layer outputs by 2-4x between our four networks.
+    """
+    cache = _FORWARD_BYTES.setdefault(network, {})
+    key = (channels, *window)
+    if key not in cache:
+        with torch.inference_mode(), PeakMemory(torch.device("cpu")) as peak:
+            network(torch.zeros((1, *key)))
+        cache[key] = peak.peak_bytes
+    return cache[key]
+
+
+def host_cost(network: nn.Module, shape: tuple[int, ...], num_classes: int,
+              window: tuple[int, int, int], device: torch.device) -> HostCost:
+    """The network's share of host memory: everything on a CPU; on a GPU only the accumulator,
+    and that only when it does not fit next to the network in GPU memory."""
+    if device.type == "cuda":
+        ring = accumulator_bytes(shape[1:], num_classes, window, "probabilities")
+        return HostCost(accumulator=not accumulates_on_device("auto", device, ring))
+    tensors = itertools.chain(network.parameters(), network.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    return HostCost(weights, forward_bytes(network, shape[0], window))
+
+
 def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
                   window: tuple[int, int, int], batch_size: int, probabilities: bool,
-                  save_probabilities: bool = False) -> int:
-    """Peak bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image, without the network's."""
+                  save_probabilities: bool = False, network: HostCost = HostCost()) -> int:
+    """Peak host bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image."""
     canonical = int(np.prod(grid.canonical_shape))
     image = int(np.prod(shape)) * 4
-    engine = estimate_memory_bytes(shape, num_classes, window, batch_size,
-                                   "probabilities" if probabilities else "labels")
+    kind = "probabilities" if probabilities else "labels"
+    engine = estimate_memory_bytes(shape, num_classes, window, batch_size, kind)
+    if not network.accumulator:
+        engine -= accumulator_bytes(shape[1:], num_classes, window, kind)
+    model = network.weights + batch_size * network.per_window
     if probabilities:  # resized probabilities and their argmax; saved: a channels-last copy too
         restore = num_classes * canonical * 4 * (3 if save_probabilities else 1) + canonical * 9
     else:  # class indices, their int64 lookup index and the label values
         restore = canonical * 10
-    return image + engine + restore
+    return image + engine + restore + model
 
 
 def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
                window: tuple[int, int, int], config: InferenceConfig, probabilities: bool,
-               volume: Volume) -> tuple[int, bool]:
+               volume: Volume, network: HostCost = HostCost()) -> tuple[int, bool]:
     """Window batch and output kind that fit ``config.max_memory_gb``, else a one-line MedsegError.
 
     Fallbacks keep quality first: a smaller window batch (slower, same result), then streamed
@@ -133,7 +184,7 @@ def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
         options += [(config.batch_size, False), (1, False)]
     for batch_size, kind in options:
         need = memory_needed(shape, grid, num_classes, window, batch_size, kind,
-                             config.save_probabilities)
+                             config.save_probabilities, network)
         if need <= limit:
             return batch_size, kind
     raise MedsegError(f"prediction needs about {_size(need)} even with window batch 1 and "

@@ -26,8 +26,11 @@ How it works (after nnU-Net's ``sliding_window_prediction.py``):
 * Mirroring TTA averages the logits over *all* combinations of ``mirror_axes`` (nnU-Net's choice):
   ``2 ** len(mirror_axes)`` forward passes per window.
 * On CUDA: autocast (``amp_dtype``, fp16 by default), accumulation on the GPU when the ring takes
-  at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU; on
-  ``torch.cuda.OutOfMemoryError`` it starts again with CPU accumulation, then with halved batches.
+  at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU. Out of memory in a
+  forward pass, the same windows run again in half the batch, and the rest of the volume keeps
+  that batch; out of memory with the accumulator on the GPU, the volume starts again with it in
+  host memory. ``limits`` (a ``DeviceLimits``) remembers both, so the next volume starts there;
+  out of memory at one window per batch is a one-line ``MedsegError``.
 * ``progress(done, total)`` counts windows (not forward passes) and never goes back, retries
   included; ``should_stop()`` is asked before each batch and raises ``Cancelled``.
 * ``streaming=False`` accumulates the whole volume before finalising it (a reference for tests);
@@ -40,14 +43,17 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from medseg3d.errors import Cancelled
+from medseg3d.devices import free_device_memory, release_device_memory
+from medseg3d.errors import Cancelled, MedsegError
 
 __all__ = [
+    "DeviceLimits",
     "estimate_memory_bytes",
     "gaussian_importance",
     "sliding_window",
@@ -64,6 +70,14 @@ _SIGMA_SCALE = 1 / 8
 # "auto" keeps the accumulator on the GPU only if it takes at most this share of the free memory;
 # the rest is left to the network's activations.
 _DEVICE_SHARE = 0.4
+
+
+@dataclass
+class DeviceLimits:
+    """What a device showed it can hold; share one across calls so later volumes start there."""
+
+    batch_size: int | None = None  # largest window batch known to fit, after an out-of-memory
+    accumulate_on_device: bool = True  # False once the accumulator did not fit on the GPU
 
 
 def window_starts(size: int, window: int, overlap: float, grid: Grid = "nnunet") -> list[int]:
@@ -84,21 +98,29 @@ def window_starts(size: int, window: int, overlap: float, grid: Grid = "nnunet")
     return [round(step * i) for i in range(count)]
 
 
-@functools.lru_cache(maxsize=8)
 def gaussian_importance(
     window: tuple[int, ...],
-    device: torch.device,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     min_weight: float = 1e-3,
 ) -> torch.Tensor:
-    """Gaussian importance map of ``window`` (sigma = size / 8, peak 1); cached, do not modify."""
+    """Gaussian importance map of ``window`` (sigma = size / 8, peak 1); do not modify it.
+
+    Cached in host memory only (a GPU copy is made per call), so no GPU memory is held for good.
+    """
+    return _gaussian_on_cpu(tuple(int(w) for w in window), min_weight).to(device=device,
+                                                                         dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_on_cpu(window: tuple[int, ...], min_weight: float) -> torch.Tensor:
     with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
         weights = torch.ones((), dtype=torch.float64)
         for size in window:
             # centred between the two middle voxels for even sizes, like MONAI
             x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
             weights = weights[..., None] * torch.exp(-(x**2) / (2 * (size * _SIGMA_SCALE) ** 2))
-        return weights.clamp_(min=min_weight).to(device=device, dtype=dtype)
+        return weights.clamp_(min=min_weight).float()
 
 
 def estimate_memory_bytes(
@@ -123,7 +145,7 @@ def estimate_memory_bytes(
     rows = window[0] if streaming else padded[0]
     win_voxels = math.prod(window)
     f32 = 4
-    accumulator = num_classes * rows * cross * f32
+    accumulator = accumulator_bytes(spatial, num_classes, window, output, streaming)
     if output == "labels":
         out = math.prod(spatial) * (1 if num_classes <= 256 else 2)
         finalise = rows * cross * 5  # running maximum and mask of the argmax over finished rows
@@ -134,6 +156,15 @@ def estimate_memory_bytes(
     batch = batch_size * (channels + 2 * num_classes) * win_voxels * f32
     gaussian = win_voxels * f32
     return int(accumulator + out + finalise + pad_copy + batch + gaussian)
+
+
+def accumulator_bytes(spatial: Sequence[int], num_classes: int, window: Sequence[int],
+                      output: Output, streaming: bool = True) -> int:
+    """Bytes of the accumulator (a ring of window-depth rows when streaming) for a volume."""
+    padded = [max(s, w) for s, w in zip(spatial, window, strict=True)]
+    rows = window[0] if streaming else padded[0]
+    channels = num_classes + (output == "probabilities")  # probabilities add the weight sum
+    return channels * rows * padded[1] * padded[2] * 4
 
 
 def sliding_window(
@@ -156,6 +187,7 @@ def sliding_window(
     min_weight: float = 1e-3,
     grid: Grid = "nnunet",
     streaming: bool = True,
+    limits: DeviceLimits | None = None,
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window prediction of ``image``; see the module docstring."""
     window = tuple(int(w) for w in window)
@@ -190,53 +222,41 @@ def sliding_window(
             reported = done
             progress(done, total)
 
-    on_device = _accumulate_on_device(accumulate_on, device, num_classes, spatial, window)
+    limits = limits if limits is not None else DeviceLimits()
+    on_device = limits.accumulate_on_device and accumulates_on_device(
+        accumulate_on, device, accumulator_bytes(spatial, num_classes, window, output, streaming))
     while True:
         try:
             with torch.inference_mode():
                 _run(
                     network, image, result, window=window, num_classes=num_classes,
-                    overlap=overlap, batch_size=batch_size, mirror_axes=tuple(mirror_axes),
-                    device=device, acc_device=device if on_device else torch.device("cpu"),
+                    overlap=overlap, batch_size=min(batch_size, limits.batch_size or batch_size),
+                    mirror_axes=tuple(mirror_axes), device=device,
+                    acc_device=device if on_device else torch.device("cpu"),
                     amp=amp and device.type == "cuda", amp_dtype=amp_dtype,
                     average=average, min_weight=min_weight, grid=grid, streaming=streaming,
-                    report=report, should_stop=should_stop,
+                    report=report, should_stop=should_stop, limits=limits,
                 )
             return result
-        except torch.cuda.OutOfMemoryError:
-            retry = _after_out_of_memory(on_device, batch_size)
-            if retry is None:
-                raise
-            on_device, batch_size = retry
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        except torch.OutOfMemoryError:
+            if not on_device:  # the batch loop already went down to one window
+                raise MedsegError(f"out of memory on {device} even with one window per forward "
+                                  f"pass ({'x'.join(map(str, window))}) and the accumulator in "
+                                  "host memory; use --device cpu or a GPU with more free "
+                                  "memory") from None
+        # out of the except block: the failed attempt's tensors are unreachable now
+        release_device_memory()
+        on_device = limits.accumulate_on_device = False
 
 
-def _after_out_of_memory(on_device: bool, batch_size: int) -> tuple[bool, int] | None:
-    """Next (accumulate on device, batch size) to try after running out of memory, or None."""
-    if on_device:
-        return False, batch_size
-    if batch_size > 1:
-        return False, batch_size // 2
-    return None
-
-
-def _accumulate_on_device(
-    accumulate_on: AccumulateOn,
-    device: torch.device,
-    num_classes: int,
-    spatial: Sequence[int],
-    window: Sequence[int],
-) -> bool:
+def accumulates_on_device(accumulate_on: AccumulateOn, device: torch.device,
+                          ring_bytes: int) -> bool:
     """Whether the accumulator lives on ``device`` (only ever True off the CPU if asked/fits)."""
     if accumulate_on not in ("auto", "device", "cpu"):
         raise ValueError(f"accumulate_on must be 'auto', 'device' or 'cpu', got {accumulate_on!r}")
     if accumulate_on != "auto" or device.type != "cuda":
         return accumulate_on == "device"
-    padded = [max(s, w) for s, w in zip(spatial, window, strict=True)]
-    ring_bytes = num_classes * window[0] * padded[1] * padded[2] * 4
-    free, _ = torch.cuda.mem_get_info(device)
-    return ring_bytes <= _DEVICE_SHARE * free
+    return ring_bytes <= _DEVICE_SHARE * free_device_memory(device)
 
 
 def _run(
@@ -259,8 +279,9 @@ def _run(
     streaming: bool,
     report: Progress,
     should_stop: Callable[[], bool] | None,
+    limits: DeviceLimits,
 ) -> None:
-    """One full pass over the volume with a fixed configuration, writing into ``result``."""
+    """One full pass over the volume, writing into ``result``; halves the batch on out of memory."""
     spatial = tuple(image.shape[1:])
     padded = tuple(max(s, w) for s, w in zip(spatial, window, strict=True))
     before = [(p - s) // 2 for p, s in zip(padded, spatial, strict=True)]  # MONAI's split
@@ -288,7 +309,8 @@ def _run(
     weight = gauss * (len(flips) + 1) if flips and channels > num_classes else gauss
 
     report(0, total)
-    for first in range(0, total, batch_size):
+    first = 0
+    while first < total:
         if should_stop is not None and should_stop():
             raise Cancelled
         batch = windows[first : first + batch_size]
@@ -296,7 +318,17 @@ def _run(
             image[:, z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch
         ]
         inputs = torch.stack(crops).to(device, non_blocking=True)
-        logits = _predict(network, inputs, flips, amp, amp_dtype, average == "probabilities")
+        try:
+            logits = _predict(network, inputs, flips, amp, amp_dtype, average == "probabilities")
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            logits = None
+        if logits is None:  # out of the except block, so the failed pass's tensors can go
+            del crops, inputs
+            release_device_memory()
+            batch_size = limits.batch_size = batch_size // 2
+            continue
         if logits.shape[1:] != (num_classes, *window):
             raise ValueError(
                 f"network returned {tuple(logits.shape)}; expected (B, {num_classes}, *{window})"
@@ -308,7 +340,8 @@ def _run(
             _accumulate(acc, window_logits, gauss, weight, (z, y, x))
         # free this batch before the next forward: the logits alone are B x K x window floats
         del crops, inputs, logits, window_logits
-        report(first + len(batch), total)
+        first += len(batch)
+        report(first, total)
     finalise(finished, padded[0])
 
 

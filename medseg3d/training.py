@@ -12,8 +12,9 @@ saved. At the end ``checkpoint_final`` holds the weights that prediction uses by
 step, elapsed time, history and RNG state, so a kill at any moment leaves either the previous or
 the next state, never a mix.
 
-Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the same loop runs with DDP: gloo on
-CPU, NCCL on GPUs. Every rank samples its batches from its own share of the training cases
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the same loop runs with DDP, even for
+one rank: gloo on CPU, NCCL on GPUs, each rank on GPU ``LOCAL_RANK`` (made current before NCCL
+starts). Every rank samples its batches from its own share of the training cases
 (``rank_share``), so the effective batch is ``world x batch_size``; DDP averages the gradients, so
 all ranks hold the same weights after every step. Rank 0 decides when a budget is spent, and its
 plan (which times this device) is broadcast. Validation cases are split across ranks and the
@@ -23,9 +24,10 @@ scores gathered. Only rank 0 writes files and logs; on ``--resume`` every rank l
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +43,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medseg3d.atomic import atomic_path, write_text_atomic
 from medseg3d.augmentation import patch_transform, prepare_item
@@ -64,9 +66,10 @@ from medseg3d.dataset import (
     require_foreground,
     split_cases,
 )
+from medseg3d.devices import describe_device, resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import fingerprint_cases
-from medseg3d.inference import resolve_device, window_for
+from medseg3d.inference import window_for
 from medseg3d.networks import build_network
 from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
 from medseg3d.postprocessing import single_component_classes
@@ -85,6 +88,8 @@ MIN_CASES_FOR_VALIDATION = 10
 CPU_PLAN_MINUTES = 60
 # Seconds between progress lines in the log (runs without a terminal show nothing else).
 LOG_EVERY_S = 60.0
+# Steps between loss updates of the progress bar (reading a loss on a GPU waits for the step).
+PROGRESS_LOSS_EVERY = 10
 
 
 class EpochRecord(BaseModel):
@@ -92,7 +97,7 @@ class EpochRecord(BaseModel):
 
     epoch: int
     step: int = 0  # optimizer steps done at the end of this epoch
-    train_loss: float
+    train_loss: float | None  # mean of the finite step losses; None when none was finite
     learning_rate: float
     seconds: float
     val_dice: dict[str, float] | None = None
@@ -119,10 +124,15 @@ class Rank:
     index: int = 0
     world: int = 1
     local: int = 0
+    launched: bool = False  # started by torchrun: a process group and DDP, even for one rank
 
     @property
     def is_main(self) -> bool:
         return self.index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.launched or self.world > 1
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,7 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
         plan = load_model_file(Plan, plan_path)
     else:
         plan = _make_plan(config, spec, [volumes[c.case_id] for c in train_cases], network, log)
-        if rank.world > 1:  # the budget fit timed this device: every rank takes rank 0's plan
+        if rank.distributed:  # the budget fit timed this device: every rank takes rank 0's plan
             shared = [plan]
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
@@ -331,16 +341,20 @@ def rank_share(items: list[dict], rank: Rank) -> list[dict]:
 
 
 class PatchDataset(Dataset):
-    """``length`` random patches drawn from in-memory cases; deterministic given the epoch seed."""
+    """Random patches from in-memory cases: ``per_epoch`` per epoch, for as long as the run lasts.
 
-    def __init__(self, items: list[dict], transform: T.Compose, length: int, seed: int) -> None:
-        self.items, self.transform, self.length, self.seed = items, transform, length, seed
+    Sample ``index`` (counted from the run's start) depends only on the seed, its epoch and its
+    place in the epoch, so a resumed run draws what an uninterrupted one would, with or without
+    loader workers.
+    """
 
-    def __len__(self) -> int:
-        return self.length
+    def __init__(self, items: list[dict], transform: T.Compose, per_epoch: int,
+                 seed: int) -> None:
+        self.items, self.transform, self.per_epoch, self.seed = items, transform, per_epoch, seed
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, index))
+        epoch, place = divmod(index, self.per_epoch)
+        rng = np.random.default_rng((self.seed + epoch * 101, place))
         item = self.items[int(rng.integers(len(self.items)))]
         self.transform.set_random_state(seed=int(rng.integers(2**31)))
         sample = self.transform({k: v for k, v in item.items() if k != "case"})
@@ -351,6 +365,48 @@ class PatchDataset(Dataset):
 
 def _plain(x: object) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+class FromIndex(Sampler[int]):
+    """Sample indices ``start, start + 1, ...`` without end: the run decides when to stop."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+@dataclass
+class EpochBatches:
+    """One epoch's batches, taken from the run's single loader (its workers start once)."""
+
+    dataset: PatchDataset
+    batches: Iterator[dict[str, torch.Tensor]]
+    steps: int
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return itertools.islice(self.batches, self.steps)
+
+
+def patch_batches(dataset: PatchDataset, batch_size: int, first_epoch: int, workers: int,
+                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """The run's batches from ``first_epoch`` on, augmented by ``workers`` processes (0: here)."""
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        sampler=FromIndex(first_epoch * dataset.per_epoch), num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return iter(loader)
+
+
+def loader_workers(config: TrainConfig, device: torch.device, rank: Rank) -> int:
+    """``--workers``, else none on a CPU (they would take the cores the step needs) and up to 8
+    per GPU, so that 3D augmentation runs beside the step instead of between steps."""
+    if config.num_workers is not None:
+        return config.num_workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 2) // rank.world - 1))
 
 
 # ---------------------------------------------------------------- steps
@@ -373,8 +429,8 @@ def training_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
 
-def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> float:
-    """One optimizer step on one batch; returns the loss."""
+def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One optimizer step on one batch; returns the loss, left on the device (no sync)."""
     image = batch["image"].to(ctx.device, non_blocking=True)
     label = batch["label"].to(ctx.device, non_blocking=True)
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -389,15 +445,15 @@ def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> float:
     torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), 12.0)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
-    return float(loss.detach())
+    return loss.detach()
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, ctx: StepContext,
-                before_step: Callable[[], None], after_step: Callable[[list[float]], bool]
-                ) -> list[float]:
+def train_epoch(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], ctx: StepContext,
+                before_step: Callable[[], None],
+                after_step: Callable[[list[torch.Tensor]], bool]) -> list[torch.Tensor]:
     """Step through ``loader`` until it ends or ``after_step`` says the run is over; the losses."""
     model.train()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     for batch in loader:
         before_step()
         losses.append(train_step(ctx, batch))
@@ -451,17 +507,21 @@ def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> l
 
 
 def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.device,
-             rank: Rank) -> dict[str, float]:
-    """Sliding-window Dice per class over the validation cases (split across DDP ranks)."""
+             rank: Rank, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Sliding-window Dice per class over the validation cases (split across DDP ranks).
+
+    ``amp_dtype`` is the training's autocast dtype (None: fp32), so ``--no-amp`` holds here too.
+    """
     core = unwrap(model)
     core.eval()
     scores = []
     for item in items[rank.index::rank.world]:
         pred = sliding_window(core, item["image"],
                               window=window_for(core, plan, tuple(item["image"].shape[1:])),
-                              num_classes=plan.num_classes, overlap=0.25, device=device)
+                              num_classes=plan.num_classes, overlap=0.25, device=device,
+                              amp=amp_dtype is not None, amp_dtype=amp_dtype or torch.float16)
         scores.append(dice_per_class(pred, item["label"][0], plan.num_classes))
-    if rank.world > 1:
+    if rank.distributed:
         gathered: list = [None] * rank.world
         dist.all_gather_object(gathered, scores)
         scores = [s for part in gathered for s in part]
@@ -541,7 +601,7 @@ def progress_figure(history: list[EpochRecord]) -> Figure:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines = ax.plot([r.epoch for r in history], [r.train_loss for r in history],
+    lines = ax.plot([r.epoch for r in history], [_or_nan(r.train_loss) for r in history],
                     label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
@@ -564,7 +624,7 @@ def progress_figure(history: list[EpochRecord]) -> Figure:
 def current_rank() -> Rank:
     """Rank from torchrun's environment (single process when absent)."""
     return Rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+                int(os.environ.get("LOCAL_RANK", 0)), launched="LOCAL_RANK" in os.environ)
 
 
 def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None) -> Path:
@@ -577,10 +637,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     if not resume and state_path.is_file():
         raise MedsegError("folder already holds a training run; pass --resume to continue it or "
                           "choose another --output", output)
-    owns_group = rank.world > 1 and not dist.is_initialized()
-    if owns_group:
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
+    owns_group = start_process_group(config, rank)
     try:
         return _train(config, rank, resume, log if rank.is_main else _quiet, progress)
     finally:
@@ -588,6 +645,39 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
             # A group left to interpreter exit makes gloo abort now and then ("terminate called
             # without an active exception"); _train's model and DDP reducer are freed by now.
             dist.destroy_process_group()
+
+
+def training_device(config: TrainConfig, rank: Rank) -> torch.device:
+    """This rank's device: under torchrun every rank owns GPU ``LOCAL_RANK``."""
+    device = resolve_device(config.device)
+    if device.type == "cuda" and rank.distributed:
+        device = torch.device("cuda", rank.local)
+    return device
+
+
+def start_process_group(config: TrainConfig, rank: Rank) -> bool:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); True if this call created it.
+
+    On GPUs the rank's device is made current *before* the group starts and is passed as
+    ``device_id``: otherwise NCCL, ``all_gather_object`` and pinned memory all use ``cuda:0`` on
+    every rank ("Duplicate GPU detected", or a hang at the first validation).
+    """
+    if not rank.distributed or dist.is_initialized():
+        return False
+    device = training_device(config, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around ``model``, bound to this rank's GPU (or none on a CPU)."""
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        output_device=device.index if device.type == "cuda" else None)
 
 
 def network_traits(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig]:
@@ -610,9 +700,9 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     """``train``'s loop, run inside the process group when distributed; ``log`` is rank 0's."""
     output = Path(config.output)
     state_path = output / "training_state.safetensors"
-    device = resolve_device(config.device)
-    if device.type == "cuda" and rank.world > 1:
-        device = torch.device("cuda", rank.local)
+    device = training_device(config, rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch size is fixed: tune kernels once
     requested = config
     torch.manual_seed(config.seed)
     traits, config = network_traits(config)
@@ -632,11 +722,10 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
         state = load_state(state_path, model, optimizer, average).model_copy(
             update={"config": requested})
         log(f"resumed after epoch {state.epoch} (step {state.step})")
-        if rank.world > 1:
+        if rank.distributed:
             dist.barrier()  # every rank has read the state before rank 0 may overwrite it
-    if rank.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank.distributed:
+        model = distributed(model, device)
     amp_dtype = autocast_dtype(device) if config.amp else None
     ctx = StepContext(model, training_loss(), optimizer, torch.amp.GradScaler(device.type,
                                                       enabled=amp_dtype == torch.float16),
@@ -662,16 +751,16 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
         save_checkpoint(eval_network, meta, output / stem)
 
     heartbeat = Heartbeat(log, length)
+    dataset = PatchDataset(rank_share(data.train, rank), transform,
+                           config.iterations_per_epoch * plan.batch_size,
+                           seed=config.seed * 100_003 + rank.index)
+    batches = patch_batches(dataset, plan.batch_size, state.epoch,
+                            loader_workers(config, device, rank), device)
     # A fresh run takes at least one step, however small its budget.
     step, done = state.step, state.step > 0 and _finished(length, state.step, rank, device)
+    loss_shown = float("nan")
     while not done:
         started = time.perf_counter()
-        loader = DataLoader(PatchDataset(rank_share(data.train, rank), transform,
-                                         config.iterations_per_epoch * plan.batch_size,
-                                         seed=config.seed * 100_003 + state.epoch * 101
-                                         + rank.index),
-                            batch_size=plan.batch_size, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda")
 
         def before_step() -> None:
             for group in optimizer.param_groups:
@@ -681,21 +770,35 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
                        best: float = state.best_dice) -> bool:
             nonlocal step, done
             step += 1
+            nonlocal loss_shown
             if average is not None:
                 average.update(model)
-            if progress is not None and rank.is_main:
-                progress(step, length.estimated_total(step), float(np.mean(losses)), best)
-            heartbeat.maybe(step, epoch, losses, optimizer.param_groups[0]["lr"])
             done = _finished(length, step, rank, device)
+            if progress is not None and rank.is_main:
+                # reading a loss on a GPU waits for its step: only now and then
+                if step < PROGRESS_LOSS_EVERY or step % PROGRESS_LOSS_EVERY == 0 or done:
+                    loss_shown = _or_nan(finite_mean(losses))
+                progress(step, length.estimated_total(step), loss_shown, best)
+            heartbeat.maybe(step, epoch, losses, optimizer.param_groups[0]["lr"])
             return done
 
-        losses = train_epoch(model, loader, ctx, before_step, after_step)
+        try:
+            losses = train_epoch(model, EpochBatches(dataset, batches, config.iterations_per_epoch),
+                                 ctx, before_step, after_step)
+        except torch.OutOfMemoryError:
+            raise MedsegError(f"out of memory on {device} in training step {step + 1} (patch "
+                              f"{'x'.join(map(str, plan.patch_size))}, batch {plan.batch_size}); "
+                              "start a new --output with a smaller --patch-size or --batch-size"
+                              + (" (the last finished epoch is saved)" if state.epoch else "")
+                              ) from None
         lr = optimizer.param_groups[0]["lr"]
         record = EpochRecord(epoch=state.epoch + 1, step=step,
                              train_loss=_mean_across(losses, rank, device), learning_rate=lr,
                              seconds=0.0)
+        if record.train_loss is None:
+            log(f"warning: epoch {record.epoch} had no finite loss (fp16 overflow?)")
         if data.val and ((state.epoch + 1) % config.val_every == 0 or done):
-            record.val_dice = validate(eval_network, data.val, plan, device, rank)
+            record.val_dice = validate(eval_network, data.val, plan, device, rank, amp_dtype)
             record.val_mean_dice = float(np.mean(list(record.val_dice.values())))
         record.seconds = round(time.perf_counter() - started, 2)
         improved = record.val_mean_dice is not None and record.val_mean_dice > state.best_dice
@@ -704,7 +807,8 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
             "history": [*state.history, record],
             "best_dice": record.val_mean_dice if improved else state.best_dice})
         if rank.is_main:
-            metrics = {"val_mean_dice": record.val_mean_dice or 0.0, "train_loss": record.train_loss}
+            metrics = {"val_mean_dice": record.val_mean_dice or 0.0,
+                       **_loss_metric(record.train_loss)}
             if improved:
                 checkpoint("checkpoint_best", {**metrics, **(record.val_dice or {})})
             checkpoint("checkpoint_latest", metrics)
@@ -712,30 +816,53 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
             write_logs(output, state.history)
             log(_epoch_line(record, length))
     if rank.is_main:
-        checkpoint("checkpoint_final", {"train_loss": state.history[-1].train_loss,
+        checkpoint("checkpoint_final", {**_loss_metric(state.history[-1].train_loss),
                                         "steps": float(step)} if state.history else {})
         log(f"finished: {step} steps in {_clock(length.elapsed())}; prediction uses "
             f"{output / 'checkpoint_final.safetensors'}")
-    if rank.world > 1:
+    if rank.distributed:
         dist.barrier()  # no rank may exit (torchrun ends the job) before rank 0's last writes
     return output / "checkpoint_final.safetensors"
 
 
 def _finished(length: RunLength, step: int, rank: Rank, device: torch.device) -> bool:
     """True when the run's steps or budget are spent (rank 0 decides; all ranks stop together)."""
-    flag = torch.tensor([float(length.fraction(step) >= 1.0)], device=device)
-    if rank.world > 1:
-        dist.broadcast(flag, src=0)
+    finished = length.fraction(step) >= 1.0
+    if not rank.distributed:
+        return finished
+    flag = torch.tensor([float(finished)], device=device)
+    dist.broadcast(flag, src=0)
     return bool(flag.item())
 
 
-def _mean_across(values: list[float], rank: Rank, device: torch.device) -> float:
-    mean = float(np.mean(values)) if values else float("nan")
-    if rank.world > 1:
-        tensor = torch.tensor([mean], device=device)
-        dist.all_reduce(tensor)
-        mean = float(tensor) / rank.world
-    return mean
+def finite_mean(losses: list[torch.Tensor]) -> float | None:
+    """Mean of the finite losses (a step the fp16 scaler skipped has an inf/NaN loss)."""
+    if not losses:
+        return None
+    values = torch.stack(losses).float()
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else None
+
+
+def _mean_across(losses: list[torch.Tensor], rank: Rank, device: torch.device) -> float | None:
+    """``finite_mean`` over every rank's losses of the epoch."""
+    if not rank.distributed:
+        return finite_mean(losses)
+    values = torch.stack(losses).float().to(device) if losses else torch.zeros(0, device=device)
+    finite = torch.isfinite(values)
+    totals = torch.stack([values[finite].sum(), finite.sum().float()])
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _loss_metric(loss: float | None) -> dict[str, float]:
+    """``train_loss`` for a checkpoint's metrics, left out when no loss was finite (JSON has no
+    NaN: it would be written as null and fail to load)."""
+    return {} if loss is None else {"train_loss": loss}
 
 
 class Heartbeat:
@@ -745,7 +872,7 @@ class Heartbeat:
         self.log, self.length, self.last = log, length, time.perf_counter()
         self.first_step: int | None = None
 
-    def maybe(self, step: int, epoch: int, losses: list[float], lr: float) -> None:
+    def maybe(self, step: int, epoch: int, losses: list[torch.Tensor], lr: float) -> None:
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step, self.started = step, now
@@ -755,8 +882,9 @@ class Heartbeat:
         fraction = self.length.fraction(step)
         rate = (step - self.first_step) / max(now - self.started, 1e-9)
         left = self.length.elapsed() * (1 - fraction) / max(fraction, 1e-9)
+        loss = finite_mean(losses[-50:])
         self.log(f"step {step}/{self.length.estimated_total(step)} ({fraction:.0%})  epoch {epoch}"
-                 f"  loss {np.mean(losses[-50:]):.4f}  {rate:.2f} it/s  lr {lr:.2e}  "
+                 f"  loss {_or_nan(loss):.4f}  {rate:.2f} it/s  lr {lr:.2e}  "
                  f"{_clock(self.length.elapsed())} elapsed, ~{_clock(left)} left")
 
 
@@ -774,13 +902,13 @@ def _run_line(config: TrainConfig, length: RunLength, amp_dtype: torch.dtype | N
         ends.append(f"{config.time_budget_minutes:g} min")
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}.get(amp_dtype, "fp32")
     until = " or ".join(ends) + (", whichever comes first" if len(ends) > 1 else "")
-    return (f"training {config.network.name} on {device.type} ({precision}, "
-            f"{torch.get_num_threads()} threads) for {until}")
+    return (f"training {config.network.name} on {describe_device(device)} with {precision} "
+            f"for {until}")
 
 
 def _epoch_line(record: EpochRecord, length: RunLength) -> str:
     text = (f"epoch {record.epoch}  step {record.step}/{length.estimated_total(record.step)}  "
-            f"loss {record.train_loss:.4f}  lr {record.learning_rate:.2e}  {record.seconds:.1f}s")
+            f"loss {_or_nan(record.train_loss):.4f}  lr {record.learning_rate:.2e}  {record.seconds:.1f}s")
     if record.val_dice is not None:
         per_class = ", ".join(f"{k} {v:.3f}" for k, v in record.val_dice.items())
         text += f"  val Dice {record.val_mean_dice:.3f} ({per_class})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -12,8 +13,13 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
 import medseg3d.sliding_window as sw
-from medseg3d.errors import Cancelled
-from medseg3d.sliding_window import estimate_memory_bytes, sliding_window, window_starts
+from medseg3d.errors import Cancelled, MedsegError
+from medseg3d.sliding_window import (
+    DeviceLimits,
+    estimate_memory_bytes,
+    sliding_window,
+    window_starts,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,32 +242,63 @@ def test_result_is_a_normal_tensor() -> None:
 
 
 class OutOfMemoryOnce(torch.nn.Module):
-    """Raises CUDA's out-of-memory error on the first call with more than ``max_batch`` windows."""
+    """Raises CUDA's out-of-memory error on every call with more than ``max_batch`` windows.
+
+    Before raising it allocates a tensor, as a real failed forward pass leaves activations
+    behind; ``alive`` tells whether the last one is still reachable.
+    """
 
     def __init__(self, network: torch.nn.Module, max_batch: int) -> None:
         super().__init__()
         self.network, self.max_batch, self.raised = network, max_batch, 0
+        self.activation: weakref.ref | None = None
+
+    def alive(self) -> bool:
+        return self.activation is not None and self.activation() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_batch:
             self.raised += 1
+            activation = torch.ones(x.shape)
+            self.activation = weakref.ref(activation)
             raise torch.cuda.OutOfMemoryError("simulated")
         return self.network(x)
 
 
-def test_out_of_memory_halves_the_batch() -> None:
+def test_out_of_memory_halves_the_batch_and_remembers_it() -> None:
     image, net = volume(24, 24, 20), conv_net()
     expected = sliding_window(net, image, window=(16, 16, 16), num_classes=3, batch_size=4)
-    flaky = OutOfMemoryOnce(net, max_batch=1)
+    flaky, limits = OutOfMemoryOnce(net, max_batch=1), DeviceLimits()
     calls: list[int] = []
     labels = sliding_window(flaky, image, window=(16, 16, 16), num_classes=3, batch_size=4,
-                            progress=lambda done, total: calls.append(done))
-    assert flaky.raised == 2  # batch 4, then 2, then 1 works
+                            progress=lambda done, total: calls.append(done), limits=limits)
+    # batch 4 fails, then 2, then 1 works: the same windows again, not the volume from the start
+    assert flaky.raised == 2 and limits.batch_size == 1
     assert torch.equal(labels, expected)
-    assert calls == sorted(set(calls))  # progress stays monotone across the retries
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to try
+    assert calls == sorted(set(calls)) and calls[-1] == 8  # monotone, every window once
+    # the next volume starts at the batch that fitted
+    again = sliding_window(flaky, image, window=(16, 16, 16), num_classes=3, batch_size=4,
+                           limits=limits)
+    assert flaky.raised == 2 and torch.equal(again, expected)
+
+
+def test_out_of_memory_at_one_window_is_one_line(monkeypatch) -> None:
+    image, net = volume(24, 24, 20), conv_net()
+    with pytest.raises(MedsegError, match="out of memory on cpu even with one window") as info:
         sliding_window(OutOfMemoryOnce(net, max_batch=0), image, window=(16, 16, 16),
                        num_classes=3)
+    assert "\n" not in str(info.value)
+
+
+def test_memory_is_released_after_the_failed_pass_is_gone(monkeypatch) -> None:
+    flaky = OutOfMemoryOnce(conv_net(), max_batch=1)
+    seen: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append(flaky.alive()))
+    sliding_window(flaky, volume(24, 24, 20), window=(16, 16, 16), num_classes=3, batch_size=2)
+    # empty_cache inside the except block would run while the traceback holds the activation
+    assert seen == [False]
 
 
 def test_out_of_memory_while_accumulating_moves_the_accumulator(monkeypatch) -> None:
@@ -281,13 +318,12 @@ def test_out_of_memory_while_accumulating_moves_the_accumulator(monkeypatch) -> 
 
     monkeypatch.setattr(sw, "_run", record_run)
     monkeypatch.setattr(sw, "_accumulate", failing_accumulate)
+    limits = DeviceLimits()
     labels = sliding_window(net, image, window=(16, 16, 16), num_classes=3,
-                            accumulate_on="device")
+                            accumulate_on="device", limits=limits)
     assert runs == [2, 2]  # same batch size: only the accumulator moved to the CPU
     assert torch.equal(labels, expected)
-    assert sw._after_out_of_memory(True, 4) == (False, 4)
-    assert sw._after_out_of_memory(False, 4) == (False, 2)
-    assert sw._after_out_of_memory(False, 1) is None
+    assert limits == DeviceLimits(batch_size=None, accumulate_on_device=False)
 
 
 def test_estimate_memory_bytes() -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from bad_inputs import write
 from synthetic import ellipsoid_case, make_affine
 from test_reliability_corpus import assert_one_line_error
 from typer.testing import CliRunner
 
 from medseg3d import inference
-from medseg3d.api import Model
+from medseg3d.api import Model, as_volume
 from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, InferenceConfig, Plan
@@ -40,11 +41,58 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Model, Path, Path]:
     return model, weights, scan
 
 
+# Activations of one window, fixed here so that the limits below do not depend on how a
+# measurement of a tiny network's forward pass falls (test_forward_bytes_is_measured checks it).
+FORWARD_BYTES = 2**16  # about what a 16³ window of this 4-8 filter U-Net holds
+
+
+@pytest.fixture(autouse=True)
+def fixed_forward_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "forward_bytes", lambda *args: FORWARD_BYTES)
+
+
 def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
-    """``memory_needed`` for the scan under the given choice."""
+    """``memory_needed`` for the scan under the given choice, the network's share included."""
     image, grid = preprocess_image(read_volume(scan), PLAN)
+    network = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8]).network
+    cost = inference.host_cost(network, tuple(image.shape), PLAN.num_classes, PLAN.patch_size,
+                               torch.device("cpu"))
+    assert cost.weights > 0 and cost.per_window == FORWARD_BYTES and cost.accumulator
     return inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
-                                   batch_size, probabilities)
+                                   batch_size, probabilities, network=cost)
+
+
+class Allocates(torch.nn.Module):
+    """A network whose forward pass holds ``nbytes`` of activations at its peak."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes = nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activation = torch.ones(self.nbytes // 4)
+        return x + activation[:1]
+
+
+def test_forward_bytes_is_measured_once_per_network_and_window(monkeypatch) -> None:
+    monkeypatch.undo()  # the real measurement
+    network = Allocates(64 * 2**20)
+    measured = inference.forward_bytes(network, 1, (8, 8, 8))
+    assert 60 * 2**20 <= measured <= 80 * 2**20
+    network.nbytes = 0  # cached: the same network and window are not measured again
+    assert inference.forward_bytes(network, 1, (8, 8, 8)) == measured
+
+
+def test_on_a_gpu_the_network_and_its_accumulator_stay_out_of_host_memory(monkeypatch) -> None:
+    monkeypatch.setattr(inference, "accumulates_on_device", lambda *args: True)
+    network = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8]).network
+    cost = inference.host_cost(network, (1, 64, 64, 64), 3, (16, 16, 16), torch.device("cuda", 0))
+    assert cost == inference.HostCost(weights=0, per_window=0, accumulator=False)
+    image = (1, 64, 64, 64)
+    grid = preprocess_image(as_volume(np.zeros((8, 8, 8), np.float32)), PLAN)[1]  # cancels out
+    on_host = inference.memory_needed(image, grid, 3, (16, 16, 16), 2, False)
+    on_gpu = inference.memory_needed(image, grid, 3, (16, 16, 16), 2, False, network=cost)
+    assert on_host - on_gpu == 3 * 16 * 64 * 64 * 4  # the ring accumulator
 
 
 @pytest.mark.parametrize("chosen, next_better", [
