@@ -24,7 +24,6 @@ def main() -> None:
     parser.add_argument("--metrics", default="{}", help="JSON object of held-out metrics")
     parser.add_argument("--fp16", action="store_true", help="store the weights as float16")
     args = parser.parse_args()
-    meta = json.loads((args.run_dir / "checkpoint_best.json").read_text())
     target = publish_model(
         args.run_dir, args.name, description=args.description, command=args.command,
         task=args.task, hardware=args.hardware, metrics=json.loads(args.metrics),
@@ -32,6 +31,7 @@ def main() -> None:
                                    licence=args.data_licence, cases=None),
         half=args.fp16,
     )
+    meta = json.loads((target / "model.json").read_text())  # the checkpoint predict uses
     print(f"published {target} (trained {meta['epoch']} epochs)")
 
 
