@@ -292,10 +292,6 @@ def image_dtype(data: np.ndarray) -> np.ndarray:
 ENVELOPE_CLOSING_MM = 5.0  # bridges sulci and the fissure up to ~10 mm wide, adds nothing convex
 CSF_RIM_MM = 3.0  # how deep a skull-stripping mask's CSF rim is peeled (csf_rim)
 
-# The earlier per-voxel cleaning; benchmarks/robex_peer.py still imports it.
-BRAIN_CLOSING_VOXELS = 2
-
-
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component (drops isolated specks outside the brain)."""
     components, count = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
@@ -304,18 +300,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(np.argmax(sizes))
-
-
-def solid_brain(mask: np.ndarray, closing_mm: int = 0) -> np.ndarray:
-    """The earlier cleaning: closing by ``closing_mm`` voxels, largest component, holes filled."""
-    mask = mask.astype(bool)
-    if closing_mm:
-        # Pad so that closing does not erode at the volume border.
-        padded = np.pad(mask, closing_mm)
-        padded = ndi.binary_closing(padded, ndi.generate_binary_structure(3, 1),
-                                    iterations=closing_mm)
-        mask = padded[(slice(closing_mm, -closing_mm),) * 3]
-    return ndi.binary_fill_holes(largest_component(mask))
 
 
 def ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
