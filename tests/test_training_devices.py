@@ -169,7 +169,7 @@ def test_validation_follows_the_training_precision(monkeypatch, amp_dtype) -> No
     seen: dict = {}
 
     def engine(network, image, **kw):
-        seen.update(amp=kw["amp"], amp_dtype=kw["amp_dtype"])
+        seen.update(amp_dtype=kw["amp_dtype"])
         return torch.zeros(image.shape[1:], dtype=torch.uint8)
 
     monkeypatch.setattr(training, "sliding_window", engine)
@@ -178,4 +178,4 @@ def test_validation_follows_the_training_precision(monkeypatch, amp_dtype) -> No
     item = {"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)}
     training.validate(torch.nn.Conv3d(1, 2, 1), [item], plan, torch.device("cpu"), Rank(),
                       amp_dtype)
-    assert seen == {"amp": amp_dtype is not None, "amp_dtype": amp_dtype or torch.float16}
+    assert seen == {"amp_dtype": amp_dtype}

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -196,7 +195,12 @@ class ASMLPBlock3d(nn.Module):
         self.axial_shift = AxialShift3d(dim, shift_size, dilation)
         self.norm2 = _norm(dim)
         self.mlp = Mlp3d(dim, mlp_ratio)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if drop_path > 0:
+            from monai.networks.layers import DropPath  # deferred: importing MONAI costs ~5 s
+
+            self.drop_path: nn.Module = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.axial_shift(self.norm1(x)))

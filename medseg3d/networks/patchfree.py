@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetResBlock
 from torch import nn
 
 from medseg3d.networks.registry import pad_to_divisor, register_network
@@ -31,7 +30,10 @@ __all__ = ["PatchFreeNet3d", "patchfree", "patchfree_large"]
 _NORM = "instance"
 
 
-def _res_block(in_channels: int, out_channels: int, stride: int = 1) -> UnetResBlock:
+def _res_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    # deferred: importing MONAI costs ~5 s, which a U-Net prediction should not pay
+    from monai.networks.blocks import UnetResBlock
+
     return UnetResBlock(3, in_channels, out_channels, kernel_size=3, stride=stride,
                         norm_name=_NORM)
 
