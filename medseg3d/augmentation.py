@@ -1,11 +1,13 @@
 """Training patches: foreground-oversampled crops and the augmentation that makes few heads generalise.
 
 ``prepare_item`` runs once per case: it pads the volume to at least one patch with its background
-value (after z-scoring, 0 is the mean intensity, not background) and samples the foreground and
-background voxel indices that ``RandCropByPosNegLabeld`` would otherwise recompute for every
-patch (0.1 s on a 256³ case). ``patch_transform`` is the MONAI chain applied to each patch.
+value (after z-scoring, 0 is the mean intensity, not background) and samples the voxel indices
+of each class that ``RandCropByLabelClassesd`` would otherwise recompute for every patch (0.1 s
+on a 256³ case). Half the patches are centred on background, the other half on the foreground
+classes in equal shares (as nnU-Net samples a class first), so a small organ is seen as often as
+the liver. ``patch_transform`` is the MONAI chain applied to each patch.
 
-Levels: ``light`` = mirroring on every axis, affine, intensity scale, gamma, noise and a smooth
+Levels: ``light`` = mirroring on the plan's axes (those that move no class onto another), affine, intensity scale, gamma, noise and a smooth
 bias field; ``strong`` adds blur and the resolution of clinical scans: thick slices along a
 random axis (``RandThickSlicesd``, slice-profile averaging) and isotropic low resolution.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai import transforms as T
-from monai.transforms.utils import map_binary_to_indices
+from monai.transforms.utils import map_classes_to_indices
 
 from medseg3d.config import Plan
 
@@ -27,8 +29,9 @@ MAX_INDICES = 200_000
 
 
 def prepare_item(image: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ...],
-                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Pad a ``(C, X, Y, Z)`` image and its ``(X, Y, Z)`` labels to ``patch``; index fg and bg."""
+                 rng: np.random.Generator, num_classes: int) -> dict:
+    """Pad a ``(C, X, Y, Z)`` image and its ``(X, Y, Z)`` class indices to ``patch``; index the
+    voxels of each class."""
     pad = [max(0, p - s) for p, s in zip(patch, image.shape[1:], strict=True)]
     if any(pad):
         widths = [w for p in reversed(pad) for w in (p // 2, p - p // 2)]
@@ -36,10 +39,9 @@ def prepare_item(image: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ..
         image = torch.stack([F.pad(c, widths, value=float(v))
                              for c, v in zip(image, background, strict=True)])
         labels = F.pad(labels, widths, value=0)
-    fg, bg = map_binary_to_indices(labels[None] > 0)
+    indices = map_classes_to_indices(labels[None], num_classes)
     return {"image": image, "label": labels[None],
-            "fg": torch.as_tensor(_subsample(np.asarray(fg), rng)),
-            "bg": torch.as_tensor(_subsample(np.asarray(bg), rng))}
+            "indices": [torch.as_tensor(_subsample(np.asarray(i), rng)) for i in indices]}
 
 
 def _subsample(indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -88,14 +90,17 @@ def thick_slices(image: torch.Tensor, axis: int, factor: int) -> torch.Tensor:
 
 
 def patch_transform(plan: Plan, augment: str) -> T.Compose:
-    """MONAI patch sampling (half the patches centred on foreground) and augmentation."""
+    """MONAI patch sampling (see the module docstring) and augmentation."""
     keys = ["image", "label"]
-    steps: list = [T.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=plan.patch_size,
-                                            pos=1, neg=1, num_samples=1, fg_indices_key="fg",
-                                            bg_indices_key="bg")]
+    foreground = plan.num_classes - 1
+    # a class missing from a case gets no patches there (warn=False: no warning per patch)
+    steps: list = [T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=plan.patch_size,
+                                             ratios=[foreground] + [1] * foreground,
+                                             num_classes=plan.num_classes, num_samples=1,
+                                             indices_key="indices", warn=False)]
     if augment in ("light", "strong"):
         steps += [
-            *(T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)),
+            *(T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in plan.mirror_axes),
             T.RandAffined(keys, prob=0.3, rotate_range=(0.26, 0.26, 0.26),
                           scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
                           padding_mode="border"),

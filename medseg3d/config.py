@@ -140,6 +140,8 @@ class Plan(Frozen):
     normalization: list[ChannelNorm] = Field(min_length=1)
     labels: dict[str, int]
     median_shape: IntTriple | None = None
+    # canonical axes mirrored in training augmentation (planning.MIRROR_CONFUSION_MAX)
+    mirror_axes: tuple[Literal[0, 1, 2], ...] = (0, 1, 2)
     reasons: dict[str, str] = Field(default_factory=dict)  # why each value was chosen
 
     @field_validator("labels")

@@ -12,14 +12,19 @@ import numpy as np
 
 from medseg3d.config import ChannelNorm, DatasetSpec, Plan
 from medseg3d.io import Volume
-from medseg3d.preprocessing import plan_grid
+from medseg3d.preprocessing import plan_grid, reorient
 
 ANISOTROPY_RATIO = 3.0
 _SAMPLES_PER_CASE = 20_000
+# Mirroring an axis is left out of training augmentation when it moves more than this share of
+# some class onto another class (the spleen onto the liver): the network would have to unlearn
+# where organs lie. TotalSegmentator turns mirroring off for the same reason.
+MIRROR_CONFUSION_MAX = 0.1
 
 
 def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) -> dict:
-    """Spacing and shape in canonical order plus foreground intensity samples per channel."""
+    """Spacing and shape in canonical order, foreground intensity samples per channel and the
+    mirror confusion of each canonical axis."""
     grid = plan_grid(image, image.spacing)
     array = image.array if image.array.ndim == 4 else image.array[..., None]
     foreground = labels.array > 0
@@ -30,7 +35,29 @@ def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) ->
         values = array[..., c][foreground]
         take = min(_SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, take, replace=False))
-    return {"spacing": grid.canonical_spacing, "shape": grid.canonical_shape, "samples": samples}
+    canonical = reorient(labels.array, grid.to_canonical)
+    confusion = [mirror_confusion(canonical, axis) for axis in range(3)]
+    return {"spacing": grid.canonical_spacing, "shape": grid.canonical_shape, "samples": samples,
+            "mirror_confusion": confusion}
+
+
+def mirror_confusion(labels: np.ndarray, axis: int) -> float:
+    """The largest share of a class that mirroring ``axis`` (about the centre of the labelled
+    region) puts on another foreground class; 0 for a single class, whatever its shape."""
+    foreground = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
+    if foreground.size == 0:
+        return 0.0
+    lo, hi = int(foreground[0]), int(foreground[-1]) + 1
+    region = np.take(labels, np.arange(lo, hi), axis=axis)
+    mirrored = np.flip(region, axis)
+    worst = 0.0
+    for value in np.unique(region):
+        if value == 0:
+            continue
+        landed = region[mirrored == value]
+        elsewhere = np.count_nonzero((landed != 0) & (landed != value))
+        worst = max(worst, elsewhere / landed.size)
+    return worst
 
 
 def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int = 16,
@@ -55,12 +82,17 @@ def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int 
         clipped = np.clip(values, lower, upper)
         norms.append(ChannelNorm(scheme="ct", mean=float(clipped.mean()),
                                  std=float(clipped.std()), lower=float(lower), upper=float(upper)))
+    confusion = np.max([f.get("mirror_confusion", [0.0] * 3) for f in fingerprints], axis=0)
+    mirror_axes = tuple(a for a in range(3) if confusion[a] <= MIRROR_CONFUSION_MAX)
     reasons = {"spacing": "median spacing of the training cases (nnU-Net's rule)",
                "patch_size": f"the median image shape, shrunk to at most {max_patch_voxels:,} "
                              "voxels",
-               "batch_size": "2, as nnU-Net"}
+               "batch_size": "2, as nnU-Net",
+               "mirror_axes": "training mirrors the axes (x: left-right, y, z) along which no "
+                              "class lands on another; share of a class landing on another: "
+                              + ", ".join(f"{'xyz'[a]} {c:.0%}" for a, c in enumerate(confusion))}
     return Plan(spacing=tuple(round(float(s), 5) for s in target), patch_size=patch,
-                batch_size=batch_size, normalization=norms, labels=spec.labels,
+                batch_size=batch_size, mirror_axes=mirror_axes, normalization=norms, labels=spec.labels,
                 median_shape=tuple(int(s) for s in median_shape), reasons=reasons)
 
 

@@ -247,8 +247,8 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
             image_vol, label_vol = volumes[case.case_id]
             image, grid = preprocess_image(image_vol, plan)
             labels = preprocess_labels(label_vol, grid, plan)
-            item = (prepare_item(image, labels, plan.patch_size, rng) if for_training
-                    else {"image": image, "label": labels[None]})
+            item = (prepare_item(image, labels, plan.patch_size, rng, plan.num_classes)
+                    if for_training else {"image": image, "label": labels[None]})
             out.append({**item, "case": case.case_id})
         return out
 

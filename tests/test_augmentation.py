@@ -16,12 +16,28 @@ def test_prepare_item_pads_with_background_and_indexes_voxels():
     image = torch.randn(1, 10, 20, 12) + 5.0
     labels = torch.zeros(10, 20, 12, dtype=torch.uint8)
     labels[3:6, 5:9, 4:7] = 1
-    item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0))
+    labels[7:9, 10:12, 8:9] = 2
+    item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0), 4)
     assert item["image"].shape == (1, 16, 20, 16) and item["label"].shape == (1, 16, 20, 16)
     assert float(item["image"][0, 0, 0, 0]) == float(image.min())  # background, not 0
     flat = item["label"].flatten()
-    assert bool((flat[item["fg"]] == 1).all()) and bool((flat[item["bg"]] == 0).all())
-    assert item["fg"].numel() + item["bg"].numel() == flat.numel()
+    for value, indices in enumerate(item["indices"]):
+        assert bool((flat[indices] == value).all())
+    assert item["indices"][3].numel() == 0 and sum(i.numel() for i in item["indices"]) == flat.numel()
+
+
+def test_patches_visit_a_small_class_as_often_as_a_large_one():
+    image = torch.randn(1, 48, 48, 48)
+    labels = torch.zeros(48, 48, 48, dtype=torch.uint8)
+    labels[:24] = 1  # half the volume
+    labels[40:42, 40:42, 40:42] = 2  # 8 voxels in a corner
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(8, 8, 8), normalization=[ChannelNorm()],
+                labels={"background": 0, "big": 1, "small": 2})
+    item = prepare_item(image, labels, plan.patch_size, np.random.default_rng(0), 3)
+    transform = patch_transform(plan, "none")
+    transform.set_random_state(seed=0)
+    hits = [bool((transform(dict(item))[0]["label"] == 2).any()) for _ in range(200)]
+    assert 0.15 < np.mean(hits) < 0.4  # a quarter of the patches are centred on it
 
 
 def test_thick_slices_average_along_one_axis_only():
@@ -45,7 +61,7 @@ def test_patch_transform_yields_patch_sized_pairs_for_every_level():
     image = torch.randn(1, 24, 24, 24)
     labels = torch.zeros(24, 24, 24, dtype=torch.uint8)
     labels[8:16, 8:16, 8:16] = 1
-    item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0))
+    item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0), 2)
     for level in ("none", "light", "strong"):
         transform = patch_transform(_plan(), level)
         transform.set_random_state(seed=1)
@@ -54,3 +70,9 @@ def test_patch_transform_yields_patch_sized_pairs_for_every_level():
         assert tuple(sample["image"].shape) == (1, 16, 16, 16)
         assert tuple(sample["label"].shape) == (1, 16, 16, 16)
         assert set(torch.unique(torch.as_tensor(sample["label"])).tolist()) <= {0, 1}
+
+
+def test_patch_transform_mirrors_only_the_plans_axes():
+    plan = _plan().model_copy(update={"mirror_axes": (2,)})
+    flips = [t for t in patch_transform(plan, "light").transforms if type(t).__name__ == "RandFlipd"]
+    assert [t.flipper.spatial_axis for t in flips] == [2]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from medseg3d.config import DatasetSpec
-from medseg3d.planning import fingerprint_case, make_plan
+from medseg3d.planning import fingerprint_case, make_plan, mirror_confusion
 
 
 def _fingerprint(spacing, shape, values=None):
@@ -58,3 +58,31 @@ def test_budget_fit_coarsens_until_a_covering_patch_is_affordable():
         assert "spacing" in fitted.reasons and "patch_size" in fitted.reasons
     # the field of view in mm is kept when the grid coarsens
     assert np.allclose(np.array(tight.median_shape) * tight.spacing, (200, 230, 200), atol=2.5)
+
+
+def _organs() -> np.ndarray:
+    """A 'liver' on the right (low x), a 'spleen' on the left, 'kidneys' on both sides."""
+    labels = np.zeros((40, 30, 20), dtype=np.uint8)
+    labels[4:16, 5:25, 5:15] = 1
+    labels[26:34, 8:20, 5:15] = 2
+    labels[6:12, 26:29, 2:6] = labels[28:34, 26:29, 2:6] = 3
+    return labels
+
+
+def test_mirror_confusion_finds_the_axis_that_swaps_organs():
+    labels = _organs()
+    assert mirror_confusion(labels, 0) > 0.5  # left-right swaps liver and spleen
+    assert mirror_confusion(np.where(labels == 3, 3, 0), 0) == 0.0  # bilateral: lands on itself
+    assert mirror_confusion((labels > 0).astype(np.uint8), 0) == 0.0  # one class never swaps
+    assert mirror_confusion(np.zeros((4, 4, 4), np.uint8), 1) == 0.0
+
+
+def test_plan_mirrors_only_the_axes_that_swap_no_class():
+    spec = DatasetSpec(channel_names={"0": "CT"}, labels={"background": 0, "liver": 1,
+                                                          "spleen": 2, "kidney": 3})
+    fps = [{**_fingerprint((1.0, 1.0, 1.0), (40, 30, 20)),
+            "mirror_confusion": [mirror_confusion(_organs(), a) for a in range(3)]}]
+    plan = make_plan(spec, fps, size_divisor=4)
+    assert 0 not in plan.mirror_axes and "x " in plan.reasons["mirror_axes"]
+    assert make_plan(spec, [_fingerprint((1.0, 1.0, 1.0), (40, 30, 20))],
+                     size_divisor=4).mirror_axes == (0, 1, 2)
