@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +20,7 @@ from medseg3d.fingerprint import ood_warning
 from medseg3d.inference import Prediction, predict_volume
 from medseg3d.io import Volume, check_volume, read_volume
 from medseg3d.logs import LOGGER
-from medseg3d.networks import build_network
+from medseg3d.networks import NetworkTraits, build_network, network_traits
 from medseg3d.sliding_window import DeviceLimits
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
 
@@ -28,20 +29,23 @@ class Model:
     """A network with the plan and labels it was trained with, ready to segment volumes."""
 
     def __init__(self, network: nn.Module, meta: CheckpointMeta, name: str = "",
-                 device: str | torch.device = "auto") -> None:
+                 device: str | torch.device = "auto", traits: NetworkTraits | None = None) -> None:
+        """``traits`` default to the registry's for ``meta.network`` (give them for a network
+        built outside the registry)."""
         self.device = resolve_device(device)  # concrete (cuda:N): weights and windows agree
         self.network = network.to(self.device).eval()
         self.meta = meta
+        self.traits = traits or network_traits(meta.network.name, **meta.network.options)
         self.name = name or meta.network.name
         # what this GPU showed it can hold (window batch, accumulator): later volumes start there
         self.limits = DeviceLimits()
 
     @classmethod
     def from_network(cls, network_name: str, plan: Plan, device: str = "cpu",
-                     **options: object) -> Model:
+                     **options: Any) -> Model:
         """An untrained model (random weights): for tests and smoke runs."""
         network = build_network(network_name, plan.num_channels, plan.num_classes, **options)
-        meta = CheckpointMeta(network=NetworkConfig(name=network_name, options=options),  # type: ignore[arg-type]
+        meta = CheckpointMeta(network=NetworkConfig(name=network_name, options=options),
                               plan=plan, created=datetime.now(timezone.utc).isoformat())
         return cls(network, meta, network_name, device)
 
@@ -78,7 +82,7 @@ class Model:
             LOGGER.warning(warning)  # the user may know better: a warning, never an error
         config = config.model_copy(update={"device": str(self.device)})
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
-                              should_stop=should_stop, limits=self.limits)
+                              should_stop=should_stop, limits=self.limits, traits=self.traits)
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:
@@ -118,9 +122,9 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:
         _, weights = weights_of(path)
         return weights, path.name
     if path.is_dir():
-        weights = run_checkpoint(path)
-        if weights is not None:
-            return weights, path.name
+        found = run_checkpoint(path)
+        if found is not None:
+            return found, path.name
         raise MedsegError(f"folder holds no {'/'.join(RUN_CHECKPOINTS)}.safetensors nor "
                           "card.yaml", path)
     if path.suffix in (".safetensors", ".json"):

@@ -7,9 +7,10 @@ on a 256³ case). Half the patches are centred on background, the other half on 
 classes in equal shares (as nnU-Net samples a class first), so a small organ is seen as often as
 the liver. ``patch_transform`` is the MONAI chain applied to each patch.
 
-Levels: ``light`` = mirroring on the plan's axes (those that move no class onto another), affine, intensity scale, gamma, noise and a smooth
-bias field; ``strong`` adds blur and the resolution of clinical scans: thick slices along a
-random axis (``RandThickSlicesd``, slice-profile averaging) and isotropic low resolution.
+Levels: ``light`` = mirroring on the plan's axes (those that move no class onto another),
+affine, intensity scale, gamma, noise and a smooth bias field; ``strong`` adds blur and the
+resolution of clinical scans: thick slices along a random axis (``RandThickSlicesd``,
+slice-profile averaging) and isotropic low resolution.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def patch_transform(plan: Plan, augment: str) -> T.Compose:
     foreground = plan.num_classes - 1
     # a class missing from a case gets no patches there (warn=False: no warning per patch)
     steps: list = [T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=plan.patch_size,
-                                             ratios=[foreground] + [1] * foreground,
+                                             ratios=[float(foreground)] + [1.0] * foreground,
                                              num_classes=plan.num_classes, num_samples=1,
                                              indices_key="indices", warn=False)]
     if augment in ("light", "strong"):

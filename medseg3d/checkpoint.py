@@ -121,4 +121,5 @@ def run_checkpoint(run_dir: Path) -> Path | None:
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
-    return network.module if hasattr(network, "module") else network
+    inner = getattr(network, "module", None)
+    return inner if isinstance(inner, nn.Module) else network

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, cast, get_args
 
 import typer
 from rich.console import Console
@@ -24,8 +24,11 @@ from rich.progress import (
 from rich.table import Table
 
 from medseg3d.config import (
+    Augment,
+    CheckpointMeta,
     InferenceConfig,
     NetworkConfig,
+    PlanOverrides,
     TrainConfig,
     load_model_file,
 )
@@ -52,14 +55,15 @@ def _setup() -> None:
     from medseg3d.logs import route_to
 
     route_to(_log_line)  # our warnings and nibabel's, one line each, above any progress bar
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def user_errors(fn: F) -> F:
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn MedsegError into one red line on stderr and exit code 1 (no traceback)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except MedsegError as exc:
@@ -69,7 +73,7 @@ def user_errors(fn: F) -> F:
             console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _networks() -> list[str]:
@@ -109,7 +113,7 @@ def _triple(text: str | None) -> list[int] | None:
 
 
 def _plan_overrides(patch_size: str | None, batch_size: int | None, spacing: str | None
-                    ) -> dict[str, Any]:
+                    ) -> PlanOverrides:
     """Plan fields given on the command line (validated again by ``Plan``)."""
     overrides: dict[str, Any] = {}
     if patch_size:
@@ -121,7 +125,10 @@ def _plan_overrides(patch_size: str | None, batch_size: int | None, spacing: str
             overrides["spacing"] = [float(v) for v in spacing.split(",")]
         except ValueError:
             raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
-    return overrides
+    try:
+        return PlanOverrides.model_validate(overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).splitlines()[-1].strip()) from None
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -197,9 +204,7 @@ def train(
 ) -> None:
     """Train a segmenter on a dataset folder."""
     from medseg3d.atomic import remove_stale_temps_in
-    from medseg3d.resume import describe_length, extend
     from medseg3d.training import current_rank
-    from medseg3d.training import train as run_training
 
     overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"{dataset.name}_{model}"
@@ -207,30 +212,51 @@ def train(
     if resume and main_rank:
         remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
     if resume and (output / "train_config.json").is_file():
-        saved = load_model_file(TrainConfig, output / "train_config.json")
-        train_config = extend(saved, output, epochs=epochs, iterations=iterations, steps=steps,
-                              budget=budget)
-        if train_config is not saved and main_rank:
-            console.print("resuming with a new length: " + describe_length(
-                train_config.epochs, train_config.iterations_per_epoch, train_config.steps,
-                train_config.time_budget_minutes) + " in all", highlight=False)
+        train_config = _extended_config(output, main_rank, epochs=epochs, iterations=iterations,
+                                        steps=steps, budget=budget)
     elif config is not None:
         base = load_model_file(TrainConfig, config).model_dump()
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
                                                    "output": str(output)})
     else:
-        try:
-            train_config = TrainConfig(
-                dataset=str(dataset), output=str(output),
-                network=NetworkConfig(name=model, options=_options(option or [])),
-                epochs=epochs or 50, iterations_per_epoch=iterations or 50,
-                val_every=val_every, fold=fold,
-                device=device, seed=seed, learning_rate=lr, augment=augment,  # type: ignore[arg-type]
-                plan_overrides=overrides, num_workers=workers, amp=amp,
-                time_budget_minutes=budget,
-                steps=steps)
-        except ValueError as exc:
-            raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
+        train_config = _new_config(dict(
+            dataset=str(dataset), output=str(output),
+            network=NetworkConfig(name=model, options=_options(option or [])),
+            epochs=epochs or 50, iterations_per_epoch=iterations or 50, val_every=val_every,
+            fold=fold, device=device, seed=seed, learning_rate=lr, augment=augment,
+            plan_overrides=overrides, num_workers=workers, amp=amp, time_budget_minutes=budget,
+            steps=steps))
+    final = _train_with_progress(train_config, resume=resume, main_rank=main_rank)
+    if main_rank:
+        out.print(f"final checkpoint: {final}")
+        out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
+
+
+def _extended_config(output: Path, main_rank: bool, **length: Any) -> TrainConfig:
+    """``--resume``: the run's saved config, with the length options given again (if any)."""
+    from medseg3d.resume import describe_length, extend
+
+    saved = load_model_file(TrainConfig, output / "train_config.json")
+    train_config = extend(saved, output, **length)
+    if train_config is not saved and main_rank:
+        console.print("resuming with a new length: " + describe_length(
+            train_config.epochs, train_config.iterations_per_epoch, train_config.steps,
+            train_config.time_budget_minutes) + " in all", highlight=False)
+    return train_config
+
+
+def _new_config(fields: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from command-line values; a bad one is a one-line user error."""
+    try:
+        return TrainConfig.model_validate(fields)
+    except ValueError as exc:
+        raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def _train_with_progress(train_config: TrainConfig, *, resume: bool, main_rank: bool) -> Path:
+    """Run the training with a progress bar (rank 0 only); the final checkpoint's path."""
+    from medseg3d.training import train as run_training
+
     with _progress(enabled=main_rank) as bar:
         task = bar.add_task("training", total=train_config.epochs
                             * train_config.iterations_per_epoch)
@@ -240,11 +266,8 @@ def train(
             bar.update(task, completed=step, total=total,
                        description=f"training  loss {loss:.4f}{best_text}")
 
-        final = run_training(train_config, resume=resume, log=bar.console.print,
-                             progress=on_progress)
-    if main_rank:
-        out.print(f"final checkpoint: {final}")
-        out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
+        return run_training(train_config, resume=resume, log=bar.console.print,
+                            progress=on_progress)
 
 
 @app.command()
@@ -508,8 +531,8 @@ def compare(
                                              "instead of retraining them.")] = False,
 ) -> None:
     """Train each network with the same budget, seed and split; compare accuracy and cost."""
-    from medseg3d.compare import compare as run_comparison
-    from medseg3d.compare import parse_budget
+    from medseg3d.experiments.compare import compare as run_comparison
+    from medseg3d.experiments.compare import parse_budget
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
     for name in networks:
@@ -518,14 +541,15 @@ def compare(
         minutes = parse_budget(budget)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if augment not in ("none", "light", "strong"):
+    if augment not in get_args(Augment):
         raise typer.BadParameter(f"--augment must be none, light or strong, got {augment!r}")
     overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"compare_{dataset.name}"
     result = run_comparison(dataset, networks, minutes, output,
                             options=_network_options(option or [], networks),
                             plan_overrides=overrides, seed=seed, fold=fold,
-                            iterations_per_epoch=iterations, device=device, augment=augment,
+                            iterations_per_epoch=iterations, device=device,
+                            augment=cast(Augment, augment),
                             reuse_runs=reuse_runs, log=console.print)
     table = Table(title=f"{result.dataset}: {minutes:g} min per network, {len(result.test_cases)} "
                   f"held-out case(s) ({result.test_split}), {result.machine}", title_justify="left")
@@ -557,19 +581,18 @@ def info(path: Annotated[Path, typer.Argument(help="A volume file.")]) -> None:
 @user_errors
 def models(verify: Annotated[bool, typer.Option(help="Check weights' SHA-256.")] = False) -> None:
     """List shipped models and the network names that `train --model` accepts."""
-    from medseg3d.zoo import find_model, list_models, weights_of
+    from medseg3d.zoo import list_models, model_folder, weights_of
 
     table = Table(title="shipped models", title_justify="left")
     for column in ("name", "labels", "description", *(("sha256",) if verify else ())):
         table.add_column(column)
     failures = 0
     for card in list_models():
-        model_dir = find_model(card.name)
         meta_labels = ""
         try:
-            _, weights = weights_of(model_dir, verify=verify)  # type: ignore[arg-type]
-            meta = json.loads(weights.with_suffix(".json").read_text())
-            meta_labels = ", ".join(k for k in meta["plan"]["labels"] if k != "background")
+            _, weights = weights_of(model_folder(card.name), verify=verify)
+            meta = load_model_file(CheckpointMeta, weights.with_suffix(".json"))
+            meta_labels = ", ".join(k for k in meta.plan.labels if k != "background")
             status = ("ok",) if verify else ()
         except MedsegError as exc:
             failures += 1

@@ -182,10 +182,12 @@ def read_cases(cases: list[InputCase], ahead: bool = True) -> Iterator[tuple[Inp
         for case in cases:
             yield case, read_input(case)
         return
+    if not cases:
+        return
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read_input, cases[0]) if cases else None
+        future = pool.submit(read_input, cases[0])
         for i, case in enumerate(cases):
-            volume = future.result()  # type: ignore[union-attr]
+            volume = future.result()
             if i + 1 < len(cases):
                 future = pool.submit(read_input, cases[i + 1])
             yield case, volume
@@ -196,7 +198,7 @@ class BackgroundWriter:
 
     def __init__(self, enabled: bool = True) -> None:
         self._pool = ThreadPoolExecutor(1) if enabled else None
-        self._futures: list[Future[None]] = []
+        self._futures: list[Future[object]] = []
 
     def submit(self, fn: Callable[[], object]) -> None:
         if self._pool is None:
@@ -206,7 +208,7 @@ class BackgroundWriter:
         pending = [f for f in self._futures if not f.done()]
         if len(pending) >= 2:
             pending[0].result()
-        self._futures.append(self._pool.submit(fn))  # type: ignore[arg-type]
+        self._futures.append(self._pool.submit(fn))
 
     def close(self) -> None:
         if self._pool is None:

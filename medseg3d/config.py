@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from medseg3d.atomic import write_text_atomic
 from medseg3d.errors import MedsegError
@@ -21,6 +30,7 @@ from medseg3d.errors import MedsegError
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
+Augment = Literal["none", "light", "strong"]  # training augmentation (augmentation.patch_transform)
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 # A voxel size in mm: finite and positive (no guess is truthful for 0, a negative or NaN).
@@ -52,6 +62,14 @@ def check_label_values(labels: dict[str, int]) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
+class CaseNotes(BaseModel):
+    """``dataset.json``'s optional notes on one case (``"cases": {"<id>": {...}}``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    annotated: list[str] | None = None  # a partially labelled case: the classes it labels
+
+
 class DatasetSpec(BaseModel):
     """``dataset.json`` in the nnU-Net v2 or the Medical Segmentation Decathlon format.
 
@@ -70,6 +88,7 @@ class DatasetSpec(BaseModel):
     file_ending: str = ".nii.gz"
     training: list[dict[str, str]] | None = None
     licence: str | None = None
+    cases: dict[str, CaseNotes] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +132,14 @@ class DatasetSpec(BaseModel):
     @property
     def is_ct(self) -> list[bool]:
         return [v.strip().upper() == "CT" for v in self.channel_names.values()]
+
+    def annotated_labels(self, case_id: str) -> dict[str, int]:
+        """The labels scored in ``case_id``: all, or background and the classes its notes name."""
+        notes = self.cases.get(case_id)
+        if notes is None or not notes.annotated:
+            return dict(self.labels)
+        return {name: value for name, value in self.labels.items()
+                if value == 0 or name in notes.annotated}
 
 
 class ChannelNorm(Frozen):
@@ -189,6 +216,36 @@ class RunSegment(Frozen):
     until_step: int = 0
 
 
+class PlanOverrides(Frozen):
+    """Plan values chosen by the user (``--patch-size``, ``--batch-size``, ``--spacing``) and the
+    planner's patch budget; ``None`` leaves a value to the planner.
+
+    Saved in ``train_config.json`` with only the values that were given, as before this model
+    existed (``{"patch_size": [64, 64, 64]}``; ``"_reuse": false`` when a run folder's
+    ``plan.json`` is to be planned again instead of reused).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    patch_size: tuple[PatchSide, PatchSide, PatchSide] | None = None
+    batch_size: int | None = Field(default=None, ge=1)
+    spacing: tuple[PositiveMm, PositiveMm, PositiveMm] | None = None
+    # voxels a planned patch may hold (planning.make_plan; default 96³, patch-free networks 160³)
+    max_patch_voxels: int | None = Field(default=None, ge=1)
+    reuse_plan: bool = Field(default=True, alias="_reuse")
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = {k: v for k, v in handler(self).items() if v is not None}
+        reuse = data.pop("reuse_plan", data.pop("_reuse", True))
+        return data if reuse else {**data, "_reuse": False}
+
+    def plan_fields(self) -> dict[str, Any]:
+        """The values that replace the planner's in the ``Plan`` (given ones only)."""
+        return {k: v for k, v in (("patch_size", self.patch_size), ("batch_size", self.batch_size),
+                                  ("spacing", self.spacing)) if v is not None}
+
+
 class TrainConfig(Frozen):
     """Everything ``medseg3d train`` needs; saved as ``train_config.json`` beside the run.
 
@@ -217,9 +274,9 @@ class TrainConfig(Frozen):
     num_workers: int | None = Field(default=None, ge=0)
     amp: bool = True  # fp16 autocast on CUDA, bf16 on CPUs that compute it natively
     ema: float | None = Field(default=0.99, gt=0, lt=1)  # decay of the weight average; None: off
-    augment: Literal["none", "light", "strong"] = "strong"
+    augment: Augment = "strong"
     time_budget_minutes: float | None = Field(default=None, gt=0)
-    plan_overrides: dict[str, Any] = Field(default_factory=dict)
+    plan_overrides: PlanOverrides = Field(default_factory=PlanOverrides)
     # earlier lengths of a run extended with --resume, oldest first (the current one is above)
     segments: list[RunSegment] = Field(default_factory=list)
 

@@ -51,12 +51,23 @@ def find_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case]:
     return cases
 
 
-def _nnunet_cases(root: Path, spec: DatasetSpec) -> list[Case]:
-    labels_dir, images_dir = root / "labelsTr", root / "imagesTr"
+def held_out_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case] | None:
+    """Labelled test cases in ``imagesTs``/``labelsTs`` (None when the dataset has none).
+
+    Unlike ``imagesTr``, ``imagesTs`` may hold images without a label.
+    """
+    root = Path(dataset_dir)
+    if not (root / "labelsTs").is_dir():
+        return None
+    return _nnunet_cases(root, spec, split="Ts") or None
+
+
+def _nnunet_cases(root: Path, spec: DatasetSpec, split: str = "Tr") -> list[Case]:
+    labels_dir, images_dir = root / f"labels{split}", root / f"images{split}"
     for folder in (labels_dir, images_dir):
         if not folder.is_dir():
-            raise MedsegError("folder missing (nnU-Net layout needs imagesTr/ and labelsTr/)",
-                              folder)
+            raise MedsegError(f"folder missing (nnU-Net layout needs images{split}/ and "
+                              f"labels{split}/)", folder)
     try:
         label_files = sorted(p for p in labels_dir.iterdir() if p.name.endswith(spec.file_ending))
         image_names = {p.name for p in images_dir.iterdir()}
@@ -69,12 +80,13 @@ def _nnunet_cases(root: Path, spec: DatasetSpec) -> list[Case]:
                        for c in range(spec.num_channels))
         for image in images:
             if image.name not in image_names:
-                raise MedsegError(f"image of case {case_id!r} is missing", image)
+                raise MedsegError(f"{'test ' if split == 'Ts' else ''}image of case {case_id!r} "
+                                  "is missing", image)
         cases.append(Case(case_id, images, label))
     labelled = {c.case_id for c in cases}
     orphans = sorted(n for n in image_names if n.endswith(spec.file_ending)
                      and n[: -len(spec.file_ending) - 5] not in labelled)
-    if orphans:
+    if orphans and split == "Tr":
         raise MedsegError(f"image has no label in labelsTr/ ({len(orphans)} such file(s))",
                           images_dir / orphans[0])
     return cases

@@ -44,6 +44,8 @@ __all__ = [
     "ClassMetrics",
     "ClassSummary",
     "Summary",
+    "dice",
+    "dice_per_class",
     "evaluate_case",
     "evaluate_files",
     "evaluate_folders",
@@ -136,6 +138,17 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray,
     return np.asarray(pred_to_ref, np.float64), np.asarray(ref_to_pred, np.float64)
 
 
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks: 1 when both are empty."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class ``1 .. num_classes - 1`` of two label maps."""
+    return [dice(pred == c, ref == c) for c in range(1, num_classes)]
+
+
 def _class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                    tolerance_mm: float) -> ClassMetrics:
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
@@ -145,13 +158,12 @@ def _class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         both = status == "both_empty"
         return ClassMetrics(dice=float(both), hd95_mm=math.nan if both else math.inf,
                             nsd=float(both), status=status, ref_voxels=n_ref, pred_voxels=n_pred)
-    dice = 2.0 * np.count_nonzero(pred & ref) / (n_pred + n_ref)
     pred_to_ref, ref_to_pred = surface_distances(pred, ref, spacing)
     hd95 = max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95))
     within = np.count_nonzero(pred_to_ref <= tolerance_mm) + np.count_nonzero(
         ref_to_pred <= tolerance_mm)
     nsd = within / (pred_to_ref.size + ref_to_pred.size)
-    return ClassMetrics(dice=float(dice), hd95_mm=float(hd95), nsd=float(nsd), status="ok",
+    return ClassMetrics(dice=dice(pred, ref), hd95_mm=float(hd95), nsd=float(nsd), status="ok",
                         ref_voxels=n_ref, pred_voxels=n_pred)
 
 

@@ -53,7 +53,9 @@ def fingerprint_cases(cases: Sequence[tuple[Volume, Volume]], modality: Sequence
     """The fingerprint of training ``(image, labels)`` pairs."""
     spacings = np.array([v.spacing for v, _ in cases])
     extents = np.array([_extent(v) for v, _ in cases])
-    intensity, tails, foreground = [], [], []
+    intensity: list[tuple[float, float]] = []
+    tails: list[tuple[float, float]] = []
+    foreground: list[tuple[float, float, float]] = []
     for c in range(len(modality)):
         per_case = [np.percentile(_sample(_channels(image)[c]), PERCENTILES) for image, _ in cases]
         inside = np.concatenate([_sample(_channels(image)[c][labels.array > 0])
@@ -62,13 +64,14 @@ def fingerprint_cases(cases: Sequence[tuple[Volume, Volume]], modality: Sequence
         case_tails = [_tail(p[0], p[2]) for p in per_case]
         tails.append((round(min(case_tails), 4), round(max(case_tails), 4)))
         fg = np.percentile(inside, PERCENTILES) if inside.size else np.zeros(3)
-        foreground.append(tuple(round(float(v), 2) for v in fg))
+        low, median, high = (round(float(v), 2) for v in fg)
+        foreground.append((low, median, high))
     return TrainingFingerprint(
         modality=list(modality), cases=len(cases),
         spacing_mm=(round(float(spacings.min()), 3), round(float(spacings.max()), 3)),
         extent_mm=(round(float(extents.min()), 1), round(float(extents.max()), 1)),
         intensity_range=[(round(lo, 2), round(hi, 2)) for lo, hi in intensity],
-        low_tail=tails, foreground_percentiles=foreground)  # type: ignore[arg-type]
+        low_tail=tails, foreground_percentiles=foreground)
 
 
 def differences(volume: Volume, fingerprint: TrainingFingerprint) -> list[str]:

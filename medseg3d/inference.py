@@ -10,6 +10,7 @@ import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
 from medseg3d.memory import PeakMemory
+from medseg3d.networks import NetworkTraits, network_traits
 from medseg3d.postprocessing import keep_largest_component
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import (
@@ -55,16 +57,14 @@ class Prediction:
     probabilities: np.ndarray | None = None
 
 
-def window_for(network: nn.Module, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
+def window_for(traits: NetworkTraits, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """The window to slide: the whole (padded) volume for patch-free networks, else the patch."""
-    fixed = getattr(network, "fixed_input_size", None)
-    if fixed is not None:  # token-mixing MLPs are built for one input size only
-        return tuple(int(s) for s in fixed)  # type: ignore[return-value]
-    if getattr(network, "whole_volume", False):
-        divisor = int(getattr(network, "size_divisor", 1))
-        whole = tuple(-(-s // divisor) * divisor for s in shape)
-        if int(np.prod(whole)) <= WHOLE_VOLUME_MAX_VOXELS:
-            return whole  # type: ignore[return-value]
+    if traits.fixed_input_size is not None:  # token-mixing MLPs are built for one input size only
+        return traits.fixed_input_size
+    if traits.whole_volume:
+        i, j, k = (-(-s // traits.size_divisor) * traits.size_divisor for s in shape)
+        if i * j * k <= WHOLE_VOLUME_MAX_VOXELS:
+            return i, j, k
     return plan.patch_size
 
 
@@ -72,17 +72,23 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
                    config: InferenceConfig = InferenceConfig(), *,
                    progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
-                   limits: DeviceLimits | None = None) -> Prediction:
-    """Segment ``volume`` with ``network``; see the module docstring for the geometry contract."""
+                   limits: DeviceLimits | None = None,
+                   traits: NetworkTraits | None = None) -> Prediction:
+    """Segment ``volume`` with ``network``; see the module docstring for the geometry contract.
+
+    ``traits`` default to the registry's for ``meta.network``.
+    """
     plan = meta.plan
+    traits = traits or network_traits(meta.network.name, **meta.network.options)
     device = resolve_device(config.device)
     network = network.to(device).eval()
     image, grid = preprocess_image(volume, plan)
     smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4
                                  <= SMOOTH_RESTORE_MAX_BYTES)
     want_probabilities = config.save_probabilities or smooth
-    window = window_for(network, plan, tuple(image.shape[1:]))
-    batch_size, accumulate_on = config.batch_size, "auto"
+    window = window_for(traits, plan, tuple(image.shape[1:]))
+    batch_size = config.batch_size
+    accumulate_on: Literal["auto", "device", "cpu"] = "auto"
     if config.max_memory_gb is not None:
         cost = host_cost(network, tuple(image.shape), plan.num_classes, window, device)
         batch_size, want_probabilities = fit_memory(tuple(image.shape), grid, plan.num_classes,
@@ -162,7 +168,7 @@ def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
     """Peak host bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image."""
     canonical = int(np.prod(grid.canonical_shape))
     image = int(np.prod(shape)) * 4
-    kind = "probabilities" if probabilities else "labels"
+    kind: Literal["labels", "probabilities"] = "probabilities" if probabilities else "labels"
     engine = estimate_memory_bytes(shape, num_classes, window, batch_size, kind)
     if not network.accumulator:
         engine -= accumulator_bytes(shape[1:], num_classes, window, kind)

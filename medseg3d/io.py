@@ -21,10 +21,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.arrayproxy import ArrayProxy
 
 from medseg3d import sitk_log
 from medseg3d.atomic import atomic_files, atomic_path
@@ -62,7 +64,8 @@ class Volume:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+        i, j, k = self.array.shape[:3]
+        return int(i), int(j), int(k)
 
     @property
     def num_channels(self) -> int:
@@ -71,7 +74,8 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along i, j, k (column norms of the affine)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        i, j, k = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(i), float(j), float(k)
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -170,7 +174,8 @@ def _read_nifti(path: Path) -> Volume:
         if declared > 64 * 2**30:
             raise MedsegError(f"header declares shape {shape}, {declared / 2**30:.0f} GiB of voxels; "
                               "refusing to read", path)
-        needed = declared if gzipped else int(img.dataobj.offset) + declared
+        proxy = cast(ArrayProxy, img.dataobj)  # a file-backed image's voxels: offset, slope, inter
+        needed = declared if gzipped else int(proxy.offset) + declared
         if needed > (size * _MAX_GZIP_RATIO if gzipped else size):
             raise MedsegError(f"header declares shape {shape} ({_human(declared)} of voxels) but "
                               f"the file holds only {size:,} bytes (truncated, or a bad header)", path)
@@ -189,7 +194,7 @@ def _read_nifti(path: Path) -> Volume:
         raise MedsegError(f"cannot read voxel data ({_short(exc)})", path) from exc
     if dtype.kind in "biu" and not np.isfinite(data).all():
         raise MedsegError(f"intensities overflow float32 after scaling (scl_slope "
-                          f"{float(img.dataobj.slope):g}, scl_inter {float(img.dataobj.inter):g})",
+                          f"{float(proxy.slope):g}, scl_inter {float(proxy.inter):g})",
                           path)
     _check_stored_header(stored, path)
     return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)

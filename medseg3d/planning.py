@@ -8,6 +8,9 @@ modalities per image.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Literal
+
 import numpy as np
 
 from medseg3d.config import ChannelNorm, DatasetSpec, Plan
@@ -20,6 +23,7 @@ _SAMPLES_PER_CASE = 20_000
 # some class onto another class (the spleen onto the liver): the network would have to unlearn
 # where organs lie. TotalSegmentator turns mirroring off for the same reason.
 MIRROR_CONFUSION_MAX = 0.1
+_AXES: tuple[Literal[0, 1, 2], ...] = (0, 1, 2)
 
 
 def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) -> dict:
@@ -83,7 +87,7 @@ def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int 
         norms.append(ChannelNorm(scheme="ct", mean=float(clipped.mean()),
                                  std=float(clipped.std()), lower=float(lower), upper=float(upper)))
     confusion = np.max([f.get("mirror_confusion", [0.0] * 3) for f in fingerprints], axis=0)
-    mirror_axes = tuple(a for a in range(3) if confusion[a] <= MIRROR_CONFUSION_MAX)
+    mirror_axes = tuple(a for a in _AXES if confusion[a] <= MIRROR_CONFUSION_MAX)
     reasons = {"spacing": "median spacing of the training cases (nnU-Net's rule)",
                "patch_size": f"the median image shape, shrunk to at most {max_patch_voxels:,} "
                              "voxels",
@@ -91,9 +95,9 @@ def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int 
                "mirror_axes": "training mirrors the axes (x: left-right, y, z) along which no "
                               "class lands on another; share of a class landing on another: "
                               + ", ".join(f"{'xyz'[a]} {c:.0%}" for a, c in enumerate(confusion))}
-    return Plan(spacing=tuple(round(float(s), 5) for s in target), patch_size=patch,
+    return Plan(spacing=_floats(round(float(s), 5) for s in target), patch_size=patch,
                 batch_size=batch_size, mirror_axes=mirror_axes, normalization=norms, labels=spec.labels,
-                median_shape=tuple(int(s) for s in median_shape), reasons=reasons)
+                median_shape=_ints(median_shape), reasons=reasons)
 
 
 def _fit_patch(median_shape: np.ndarray, divisor: int, max_voxels: int, min_side: int = 0
@@ -105,7 +109,17 @@ def _fit_patch(median_shape: np.ndarray, divisor: int, max_voxels: int, min_side
     while np.prod(patch) > max_voxels and patch.max() > floor:
         axis = int(np.argmax(patch))
         patch[axis] -= divisor
-    return tuple(int(p) for p in patch)  # type: ignore[return-value]
+    return _ints(patch)
+
+
+def _ints(values: Iterable[int]) -> tuple[int, int, int]:
+    i, j, k = (int(v) for v in values)
+    return i, j, k
+
+
+def _floats(values: Iterable[float]) -> tuple[float, float, float]:
+    i, j, k = (float(v) for v in values)
+    return i, j, k
 
 
 # Budget planning. Steps matter most on a small budget: in issue #12's runs on the same heads, 50

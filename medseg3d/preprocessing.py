@@ -59,16 +59,17 @@ def plan_grid(volume: Volume, spacing: tuple[float, float, float]) -> GridTransf
     for src, dst in enumerate(axes):
         canonical_shape[dst] = volume.spatial_shape[src]
         canonical_spacing[dst] = volume.spacing[src]
-    plan_shape = tuple(max(1, round(n * s / t)) for n, s, t in
-                       zip(canonical_shape, canonical_spacing, spacing, strict=True))
+    x, y, z = (max(1, round(n * s / t)) for n, s, t in
+               zip(canonical_shape, canonical_spacing, spacing, strict=True))
+    plan_shape = (x, y, z)
     voxels = float(np.prod(np.asarray(plan_shape, dtype=np.float64)))
     if voxels > MAX_PLAN_VOXELS:
         raise MedsegError(f"resampling its {[round(v, 4) for v in canonical_spacing]} mm voxels to "
                           f"the plan's {list(spacing)} mm gives a grid of {plan_shape} "
                           f"({voxels:.3g} voxels, more than {MAX_PLAN_VOXELS:.3g}); is the voxel "
                           "size right?", volume.path)
-    return GridTransform(volume.spatial_shape, ornt, tuple(canonical_shape),  # type: ignore[arg-type]
-                         tuple(canonical_spacing), plan_shape)  # type: ignore[arg-type]
+    (i, j, k), (a, b, c) = canonical_shape, canonical_spacing
+    return GridTransform(volume.spatial_shape, ornt, (i, j, k), (a, b, c), plan_shape)
 
 
 def resize(tensor: torch.Tensor, shape: tuple[int, ...], *, labels: bool = False) -> torch.Tensor:

@@ -96,8 +96,8 @@ def window_starts(size: int, window: int, overlap: float, grid: Grid = "nnunet")
         step = max(1, int(window * (1 - overlap)))
         return [min(i * step, size - window) for i in range(math.ceil((size - window) / step) + 1)]
     count = math.ceil((size - window) / (window * (1 - overlap))) + 1
-    step = (size - window) / (count - 1)
-    return [round(step * i) for i in range(count)]
+    spread = (size - window) / (count - 1)
+    return [round(spread * i) for i in range(count)]
 
 
 def gaussian_importance(
@@ -260,6 +260,23 @@ def accumulates_on_device(accumulate_on: AccumulateOn, device: torch.device,
     return ring_bytes <= _DEVICE_SHARE * free_device_memory(device)
 
 
+def _pad_to_window(image: torch.Tensor, window: tuple[int, int, int]
+                   ) -> tuple[torch.Tensor, tuple[int, ...], list[int]]:
+    """Zero-pad ``(C, D, H, W)`` to at least ``window``, split evenly as MONAI does.
+
+    Returns the padded image, its spatial shape and the padding before each axis.
+    """
+    spatial = tuple(image.shape[1:])
+    padded = tuple(max(s, w) for s, w in zip(spatial, window, strict=True))
+    before = [(p - s) // 2 for p, s in zip(padded, spatial, strict=True)]  # MONAI's split
+    if padded != spatial:
+        pad = []
+        for b, p, s in reversed(list(zip(before, padded, spatial, strict=True))):
+            pad += [b, p - s - b]
+        image = F.pad(image, pad)
+    return image, padded, before
+
+
 def _run(
     network: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -283,13 +300,7 @@ def _run(
 ) -> None:
     """One full pass over the volume, writing into ``result``; halves the batch on out of memory."""
     spatial = tuple(image.shape[1:])
-    padded = tuple(max(s, w) for s, w in zip(spatial, window, strict=True))
-    before = [(p - s) // 2 for p, s in zip(padded, spatial, strict=True)]  # MONAI's split
-    if padded != spatial:
-        pad = []
-        for b, p, s in reversed(list(zip(before, padded, spatial, strict=True))):
-            pad += [b, p - s - b]
-        image = F.pad(image, pad)
+    image, padded, before = _pad_to_window(image, window)
     starts = [window_starts(p, w, overlap, grid) for p, w in zip(padded, window, strict=True)]
     windows = list(itertools.product(*starts))  # sorted by D start: needed for streaming
     total = len(windows)

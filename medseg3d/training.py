@@ -1,16 +1,20 @@
 """Train a segmenter on a dataset folder: a short loop of named steps.
 
-``train(config)`` = split and plan the dataset, preprocess the cases once, then step until the
-run's length (``TrainConfig.steps``, ``epochs x iterations_per_epoch``, or the wall-clock budget)
-is spent: ``train_step`` (random foreground-oversampled patches, augmentation, Dice+CE, bf16
-autocast on CPUs with native bf16, fp16 AMP on CUDA; the learning rate follows a poly schedule
-over the fraction of the run that is spent, so a budgeted run anneals fully) and, every
-``iterations_per_epoch`` steps, ``end_epoch`` (validation when due, metrics log, ``progress.png``,
-checkpoints). An exponential moving average of the weights (``ema``) is what is validated and
-saved. At the end ``checkpoint_final`` holds the weights that prediction uses by default.
-``--resume`` reloads ``training_state.safetensors``: one file holding weights, average, optimizer,
-step, elapsed time, history and RNG state, so a kill at any moment leaves either the previous or
-the next state, never a mix.
+``train(config)`` runs ``setup`` (split and plan the dataset, preprocess the cases once, build
+network, optimizer and weight average, or restore them on ``--resume``), then ``run_epoch`` and
+``end_epoch`` until the run's length (``TrainConfig.steps``, ``epochs x iterations_per_epoch``, or
+the wall-clock budget) is spent, then ``finish``. ``run_epoch`` calls ``train_step`` on batches
+of random foreground-oversampled, augmented patches (``medseg3d.sampling``,
+``medseg3d.augmentation``): Dice+CE, bf16 autocast on CPUs with native bf16, fp16 AMP on CUDA;
+the learning rate follows a poly schedule over the fraction of the run that is spent, so a
+budgeted run anneals fully. ``end_epoch`` validates when due (Dice from ``medseg3d.evaluation``),
+writes the metrics log, ``progress.png`` (``medseg3d.figures``) and checkpoints. An exponential
+moving average of the weights (``ema``) is what is validated and saved. At the end
+``checkpoint_final`` holds the weights that prediction uses by default. ``--resume`` reloads
+``training_state.safetensors`` (``medseg3d.resume``): one file holding weights, average,
+optimizer, step, elapsed time, history and RNG state, so a kill at any moment leaves either the
+previous or the next state, never a mix. The network's traits (size divisor, whole-volume
+training, fixed input size) come from the registry (``network_traits``), not from a built network.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the same loop runs with DDP, even for
 one rank: gloo on CPU, NCCL on GPUs, each rank on GPU ``LOCAL_RANK`` (made current before NCCL
@@ -24,28 +28,20 @@ scores gathered. Only rank 0 writes files and logs; on ``--resume`` every rank l
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai import transforms as T
-from monai.data import MetaTensor
 from monai.losses import DiceCELoss
-from pydantic import BaseModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.atomic import write_text_atomic
 from medseg3d.augmentation import patch_transform, prepare_item
 from medseg3d.checkpoint import save_checkpoint, unwrap
 from medseg3d.config import (
@@ -68,18 +64,21 @@ from medseg3d.dataset import (
 )
 from medseg3d.devices import describe_device, resolve_device
 from medseg3d.errors import MedsegError
+from medseg3d.evaluation import dice_per_class
+from medseg3d.figures import progress_figure, save_figure
 from medseg3d.fingerprint import fingerprint_cases
 from medseg3d.inference import window_for
-from medseg3d.networks import build_network
+from medseg3d.networks import AuxiliaryLoss, NetworkTraits, build_network, network_traits
 from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
 from medseg3d.postprocessing import single_component_classes
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
+from medseg3d.resume import STATE_FILE, EpochRecord, TrainingState, load_state, save_state
+from medseg3d.sampling import EpochBatches, PatchDataset, patch_batches
 from medseg3d.sliding_window import sliding_window
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure  # imported lazily: matplotlib is slow to load
-
+# Training patch budget of other networks (before any fit to the time budget).
+DEFAULT_MAX_PATCH_VOXELS = 96**3
 # Training patch budget of patch-free networks: the whole median volume up to about 160³ voxels.
 PATCH_FREE_MAX_VOXELS = 160**3
 # Fewer cases than this: train on all of them and predict with the final weights (see choose_split).
@@ -90,31 +89,6 @@ CPU_PLAN_MINUTES = 60
 LOG_EVERY_S = 60.0
 # Steps between loss updates of the progress bar (reading a loss on a GPU waits for the step).
 PROGRESS_LOSS_EVERY = 10
-
-
-class EpochRecord(BaseModel):
-    """One line of ``metrics.jsonl``."""
-
-    epoch: int
-    step: int = 0  # optimizer steps done at the end of this epoch
-    train_loss: float | None  # mean of the finite step losses; None when none was finite
-    learning_rate: float
-    seconds: float
-    val_dice: dict[str, float] | None = None
-    val_mean_dice: float | None = None
-
-
-class TrainingState(BaseModel):
-    """Non-tensor part of ``training_state.safetensors`` (stored in its metadata)."""
-
-    epoch: int  # epochs completed
-    step: int = 0  # optimizer steps completed
-    elapsed_seconds: float = 0.0  # training wall time so far (counts against the budget)
-    best_dice: float = -1.0
-    history: list[EpochRecord] = []
-    optimizer_groups: list[dict] = []
-    optimizer_keys: dict[str, list[str]] = {}
-    config: TrainConfig
 
 
 @dataclass
@@ -133,15 +107,6 @@ class Rank:
     @property
     def distributed(self) -> bool:
         return self.launched or self.world > 1
-
-
-@dataclass(frozen=True)
-class NetworkTraits:
-    """What planning needs to know about a network."""
-
-    size_divisor: int
-    whole_volume: bool
-    fixed_input_size: tuple[int, ...] | None
 
 
 @dataclass
@@ -225,7 +190,7 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
     volumes = {c.case_id: read_case(c, spec) for c in cases}
     require_foreground([labels for _, labels in volumes.values()], config.dataset)
     plan_path = Path(config.output) / "plan.json"
-    if plan_path.is_file() and config.plan_overrides.get("_reuse", True):
+    if plan_path.is_file() and config.plan_overrides.reuse_plan:
         plan = load_model_file(Plan, plan_path)
     else:
         plan = _make_plan(config, spec, [volumes[c.case_id] for c in train_cases], network, log)
@@ -264,8 +229,8 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
     """nnU-Net-style plan, fitted to the budget (or to a CPU), then the user's overrides."""
     rng = np.random.default_rng(config.seed)
     fingerprints = [fingerprint_case(image, labels, rng) for image, labels in volumes]
-    overrides = {k: v for k, v in config.plan_overrides.items() if not k.startswith("_")}
-    max_voxels = overrides.pop("max_patch_voxels", 96**3)
+    overrides = config.plan_overrides.plan_fields()
+    max_voxels = config.plan_overrides.max_patch_voxels or DEFAULT_MAX_PATCH_VOXELS
     plan = make_plan(spec, fingerprints, size_divisor=network.size_divisor,
                      max_patch_voxels=max_voxels)
     allowance = step_allowance(config)
@@ -340,64 +305,6 @@ def rank_share(items: list[dict], rank: Rank) -> list[dict]:
     return items[rank.index::rank.world] if len(items) >= rank.world else items
 
 
-class PatchDataset(Dataset):
-    """Random patches from in-memory cases: ``per_epoch`` per epoch, for as long as the run lasts.
-
-    Sample ``index`` (counted from the run's start) depends only on the seed, its epoch and its
-    place in the epoch, so a resumed run draws what an uninterrupted one would, with or without
-    loader workers.
-    """
-
-    def __init__(self, items: list[dict], transform: T.Compose, per_epoch: int,
-                 seed: int) -> None:
-        self.items, self.transform, self.per_epoch, self.seed = items, transform, per_epoch, seed
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        epoch, place = divmod(index, self.per_epoch)
-        rng = np.random.default_rng((self.seed + epoch * 101, place))
-        item = self.items[int(rng.integers(len(self.items)))]
-        self.transform.set_random_state(seed=int(rng.integers(2**31)))
-        sample = self.transform({k: v for k, v in item.items() if k != "case"})
-        sample = sample[0] if isinstance(sample, list) else sample
-        # Plain tensors: a MetaTensor dispatches every network op through Python.
-        return {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
-
-
-def _plain(x: object) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
-class FromIndex(Sampler[int]):
-    """Sample indices ``start, start + 1, ...`` without end: the run decides when to stop."""
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.count(self.start)
-
-
-@dataclass
-class EpochBatches:
-    """One epoch's batches, taken from the run's single loader (its workers start once)."""
-
-    dataset: PatchDataset
-    batches: Iterator[dict[str, torch.Tensor]]
-    steps: int
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return itertools.islice(self.batches, self.steps)
-
-
-def patch_batches(dataset: PatchDataset, batch_size: int, first_epoch: int, workers: int,
-                  device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """The run's batches from ``first_epoch`` on, augmented by ``workers`` processes (0: here)."""
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        sampler=FromIndex(first_epoch * dataset.per_epoch), num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return iter(loader)
-
-
 def loader_workers(config: TrainConfig, device: torch.device, rank: Rank) -> int:
     """``--workers``, else none on a CPU (they would take the cores the step needs) and up to 8
     per GPU, so that 3D augmentation runs beside the step instead of between steps."""
@@ -438,7 +345,7 @@ def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> torch.Tensor
         logits = ctx.model(image)
         loss = ctx.loss_fn(logits.float(), label)
         core = unwrap(ctx.model)
-        if hasattr(core, "auxiliary_loss"):
+        if isinstance(core, AuxiliaryLoss):
             loss = loss + core.auxiliary_loss(image, label)
     ctx.scaler.scale(loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
@@ -496,18 +403,9 @@ def _copy_network(network: nn.Module) -> nn.Module:
     return twin
 
 
-def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice of each foreground class (1 when both are empty)."""
-    scores = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum()) + int(r.sum())
-        scores.append(1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom)
-    return scores
-
-
 def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.device,
-             rank: Rank, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+             rank: Rank, amp_dtype: torch.dtype | None = None, *,
+             traits: NetworkTraits) -> dict[str, float]:
     """Sliding-window Dice per class over the validation cases (split across DDP ranks).
 
     ``amp_dtype`` is the training's autocast dtype (None: fp32), so ``--no-amp`` holds here too.
@@ -517,10 +415,11 @@ def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.devi
     scores = []
     for item in items[rank.index::rank.world]:
         pred = sliding_window(core, item["image"],
-                              window=window_for(core, plan, tuple(item["image"].shape[1:])),
+                              window=window_for(traits, plan, tuple(item["image"].shape[1:])),
                               num_classes=plan.num_classes, overlap=0.25, device=device,
                               amp_dtype=amp_dtype)
-        scores.append(dice_per_class(pred, item["label"][0], plan.num_classes))
+        scores.append(dice_per_class(np.asarray(pred.cpu()), np.asarray(item["label"][0]),
+                                     plan.num_classes))
     if rank.distributed:
         gathered: list = [None] * rank.world
         dist.all_gather_object(gathered, scores)
@@ -532,91 +431,11 @@ def validate(model: nn.Module, items: list[dict], plan: Plan, device: torch.devi
 # ---------------------------------------------------------------- state
 
 
-def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               average: WeightAverage | None, state: TrainingState) -> None:
-    """Everything needed to resume, in one atomically written safetensors file."""
-    tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
-    if average is not None:
-        tensors.update({f"ema.{k}": v for k, v in average.network.state_dict().items()})
-    opt = optimizer.state_dict()
-    keys: dict[str, list[str]] = {}
-    for pid, pstate in opt["state"].items():
-        keys[str(pid)] = []
-        for name, value in pstate.items():
-            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value)
-            keys[str(pid)].append(name)
-    tensors["rng.torch"] = torch.get_rng_state()
-    state = state.model_copy(update={"optimizer_groups": opt["param_groups"],
-                                     "optimizer_keys": keys})
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"training_state": state.model_dump_json()})
-
-
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               average: WeightAverage | None) -> TrainingState:
-    """Restore model, average, optimizer and RNG from ``save_state``'s file; return the rest."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise MedsegError(f"cannot resume: damaged training state ({exc})", path) from exc
-    state = TrainingState.model_validate_json(meta["training_state"])
-    unwrap(model).load_state_dict(_with_prefix(tensors, "model."))
-    if average is not None:
-        saved = _with_prefix(tensors, "ema.")
-        average.network.load_state_dict(saved or _with_prefix(tensors, "model."))
-        average.updates = state.step
-    optimizer.load_state_dict({
-        "state": {int(pid): {n: tensors[f"optim.{pid}.{n}"] for n in names}
-                  for pid, names in state.optimizer_keys.items()},
-        "param_groups": state.optimizer_groups,
-    })
-    torch.set_rng_state(tensors["rng.torch"])
-    return state
-
-
-def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def write_logs(output: Path, history: list[EpochRecord]) -> None:
     """Rewrite ``metrics.jsonl`` and ``progress.png`` (both atomically)."""
     write_text_atomic(output / "metrics.jsonl",
                       "".join(r.model_dump_json() + "\n" for r in history))
-    fig = progress_figure(history)
-    with atomic_path(output / "progress.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def progress_figure(history: list[EpochRecord]) -> Figure:
-    """Training loss and validation Dice per epoch, the legend above the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    lines = ax.plot([r.epoch for r in history], [_or_nan(r.train_loss) for r in history],
-                    label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    val = [r for r in history if r.val_mean_dice is not None]
-    if val:
-        ax2 = ax.twinx()
-        lines += ax2.plot([r.epoch for r in val], [r.val_mean_dice for r in val], "o-",
-                          color="tab:green", label="val mean Dice")
-        ax2.set_ylabel("Dice")
-        ax2.set_ylim(0, 1)
-    # One legend above the axes: inside, it would hide Dice near 1 or the first losses.
-    ax.legend(handles=lines, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2,
-              frameon=False, borderaxespad=0.0)
-    fig.tight_layout()
-    return fig
+    save_figure(progress_figure(history), output / "progress.png", bbox_inches="tight")
 
 
 # ---------------------------------------------------------------- driver
@@ -631,7 +450,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     """Run a training job; returns the path of the final checkpoint's weights."""
     rank = current_rank()
     output = Path(config.output)
-    state_path = output / "training_state.safetensors"
+    state_path = output / STATE_FILE
     if resume and not state_path.is_file():
         raise MedsegError("nothing to resume: no training_state.safetensors", output)
     if not resume and state_path.is_file():
@@ -680,38 +499,80 @@ def distributed(model: nn.Module, device: torch.device) -> nn.Module:
         output_device=device.index if device.type == "cuda" else None)
 
 
-def network_traits(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig]:
-    """The network's planning traits, and the config with the patch rules they impose."""
-    probe = build_network(config.network.name, 1, 2, **config.network.options)
-    fixed = getattr(probe, "fixed_input_size", None)
-    traits = NetworkTraits(int(probe.size_divisor), bool(getattr(probe, "whole_volume", False)),
-                           None if fixed is None else tuple(int(s) for s in fixed))
+def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig]:
+    """The network's registered traits, and the config with the patch rules they impose."""
+    traits = network_traits(config.network.name, **config.network.options)
     overrides = config.plan_overrides
     if traits.fixed_input_size is not None:  # token-mixing MLPs accept one input size only
-        overrides = {**overrides, "patch_size": list(traits.fixed_input_size)}
-    elif traits.whole_volume and "max_patch_voxels" not in overrides:
+        overrides = overrides.model_copy(update={"patch_size": traits.fixed_input_size})
+    elif traits.whole_volume and overrides.max_patch_voxels is None:
         # Patch-free networks are meant to see the whole (median) volume during training too.
-        overrides = {**overrides, "max_patch_voxels": PATCH_FREE_MAX_VOXELS}
+        overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
     return traits, config.model_copy(update={"plan_overrides": overrides})
+
+
+@dataclass
+class Run:
+    """One training run while it steps: built by ``setup``, advanced by ``run_epoch`` and
+    ``end_epoch``, closed by ``finish``."""
+
+    config: TrainConfig  # with the network's patch rules applied
+    rank: Rank
+    log: Callable[[str], None]
+    progress: Callable[[int, int, float, float], None] | None
+    device: torch.device
+    traits: NetworkTraits
+    data: TrainingData
+    ctx: StepContext
+    average: WeightAverage | None
+    state: TrainingState
+    length: RunLength
+    largest_component: list[str]
+    heartbeat: Heartbeat
+    epoch_batches: EpochBatches
+    step: int = 0
+    done: bool = False
+    loss_shown: float = float("nan")
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+    @property
+    def plan(self) -> Plan:
+        return self.data.plan
+
+    @property
+    def eval_network(self) -> nn.Module:
+        """What is validated and saved: the weight average, else the network itself."""
+        return self.average.network if self.average is not None else unwrap(self.ctx.model)
 
 
 def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
            progress: Callable[[int, int, float, float], None] | None) -> Path:
     """``train``'s loop, run inside the process group when distributed; ``log`` is rank 0's."""
-    output = Path(config.output)
-    state_path = output / "training_state.safetensors"
-    device = training_device(config, rank)
+    run = setup(config, rank, resume, log, progress)
+    while not run.done:
+        started = time.perf_counter()
+        losses = run_epoch(run)
+        end_epoch(run, losses, started)
+    return finish(run)
+
+
+def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
+          progress: Callable[[int, int, float, float], None] | None) -> Run:
+    """Plan and load the data, build network, optimizer and average (restored on ``resume``)."""
+    device = training_device(requested, rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch size is fixed: tune kernels once
-    requested = config
-    torch.manual_seed(config.seed)
-    traits, config = network_traits(config)
+    torch.manual_seed(requested.seed)
+    traits, config = apply_network_rules(requested)
     data = prepare_data(config, traits, rank, log)
+    output = Path(config.output)
     if rank.is_main:  # only now: a dataset that fails validation leaves no run folder behind
         save_model_file(requested, output / "train_config.json")
-    plan = data.plan
     torch.manual_seed(config.seed)
-    model = build_network(config.network.name, plan.num_channels, plan.num_classes,
+    model = build_network(config.network.name, data.plan.num_channels, data.plan.num_classes,
                           **config.network.options).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -719,110 +580,133 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
     state = TrainingState(epoch=0, config=config)
     if resume:
         # the saved config may differ from this one in length only (medseg3d.resume.extend)
-        state = load_state(state_path, model, optimizer, average).model_copy(
-            update={"config": requested})
+        state = load_state(output / STATE_FILE, model, optimizer,
+                           average.network if average is not None else None)
+        state = state.model_copy(update={"config": requested})
+        if average is not None:
+            average.updates = state.step
         log(f"resumed after epoch {state.epoch} (step {state.step})")
         if rank.distributed:
             dist.barrier()  # every rank has read the state before rank 0 may overwrite it
     if rank.distributed:
         model = distributed(model, device)
     amp_dtype = autocast_dtype(device) if config.amp else None
-    ctx = StepContext(model, training_loss(), optimizer, torch.amp.GradScaler(device.type,
-                                                      enabled=amp_dtype == torch.float16),
-                      device, amp_dtype)
-    transform = patch_transform(plan, config.augment)
+    ctx = StepContext(model, training_loss(), optimizer, torch.amp.GradScaler(
+        device.type, enabled=amp_dtype == torch.float16), device, amp_dtype)
+    transform = patch_transform(data.plan, config.augment)
     budget_s = None if config.time_budget_minutes is None else 60 * config.time_budget_minutes
     length = RunLength(total_steps(config), budget_s, time.perf_counter() - state.elapsed_seconds)
     log(_run_line(config, length, amp_dtype, device))
-    eval_network = average.network if average is not None else unwrap(model)
-    net_config = NetworkConfig(name=config.network.name, options=config.network.options)
+    single = _largest_component_classes(data, log)
+    dataset = PatchDataset(rank_share(data.train, rank), transform,
+                           config.iterations_per_epoch * data.plan.batch_size,
+                           seed=config.seed * 100_003 + rank.index)
+    batches = patch_batches(dataset, data.plan.batch_size, state.epoch,
+                            loader_workers(config, device, rank), device)
+    run = Run(config, rank, log, progress, device, traits, data, ctx, average, state, length,
+              single, Heartbeat(log, length),
+              EpochBatches(dataset, batches, config.iterations_per_epoch), step=state.step)
+    # A fresh run takes at least one step, however small its budget.
+    run.done = state.step > 0 and _finished(length, state.step, rank, device)
+    return run
 
+
+def _largest_component_classes(data: TrainingData, log: Callable[[str], None]) -> list[str]:
+    """Classes in one piece in every training label map: prediction keeps their largest piece."""
     single = single_component_classes([item["label"][0].numpy() for item in data.train],
-                                      plan.labels)
+                                      data.plan.labels)
     if single:
         log(f"postprocessing: keep the largest piece of {', '.join(single)} (one piece in every "
             "training label map)")
+    return single
 
-    def checkpoint(stem: str, metrics: dict[str, float]) -> None:
-        meta = CheckpointMeta(network=net_config, plan=plan, epoch=state.epoch, metrics=metrics,
-                              dataset_name=data.dataset_name, largest_component=single,
-                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              fingerprint=data.fingerprint)
-        save_checkpoint(eval_network, meta, output / stem)
 
-    heartbeat = Heartbeat(log, length)
-    dataset = PatchDataset(rank_share(data.train, rank), transform,
-                           config.iterations_per_epoch * plan.batch_size,
-                           seed=config.seed * 100_003 + rank.index)
-    batches = patch_batches(dataset, plan.batch_size, state.epoch,
-                            loader_workers(config, device, rank), device)
-    # A fresh run takes at least one step, however small its budget.
-    step, done = state.step, state.step > 0 and _finished(length, state.step, rank, device)
-    loss_shown = float("nan")
-    while not done:
-        started = time.perf_counter()
+def run_epoch(run: Run) -> list[torch.Tensor]:
+    """One epoch of training steps (fewer when the run ends inside it); the step losses."""
+    optimizer, epoch, best = run.ctx.optimizer, run.state.epoch + 1, run.state.best_dice
 
-        def before_step() -> None:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(config.learning_rate, length.fraction(step))
+    def before_step() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(run.config.learning_rate, run.length.fraction(run.step))
 
-        def after_step(losses: list[float], epoch: int = state.epoch + 1,
-                       best: float = state.best_dice) -> bool:
-            nonlocal step, done
-            step += 1
-            nonlocal loss_shown
-            if average is not None:
-                average.update(model)
-            done = _finished(length, step, rank, device)
-            if progress is not None and rank.is_main:
-                # reading a loss on a GPU waits for its step: only now and then
-                if step < PROGRESS_LOSS_EVERY or step % PROGRESS_LOSS_EVERY == 0 or done:
-                    loss_shown = _or_nan(finite_mean(losses))
-                progress(step, length.estimated_total(step), loss_shown, best)
-            heartbeat.maybe(step, epoch, losses, optimizer.param_groups[0]["lr"])
-            return done
+    def after_step(losses: list[torch.Tensor]) -> bool:
+        run.step += 1
+        if run.average is not None:
+            run.average.update(run.ctx.model)
+        run.done = _finished(run.length, run.step, run.rank, run.device)
+        if run.progress is not None and run.rank.is_main:
+            # reading a loss on a GPU waits for its step: only now and then
+            if run.step < PROGRESS_LOSS_EVERY or run.step % PROGRESS_LOSS_EVERY == 0 or run.done:
+                run.loss_shown = _or_nan(finite_mean(losses))
+            run.progress(run.step, run.length.estimated_total(run.step), run.loss_shown, best)
+        run.heartbeat.maybe(run.step, epoch, losses, optimizer.param_groups[0]["lr"])
+        return run.done
 
-        try:
-            losses = train_epoch(model, EpochBatches(dataset, batches, config.iterations_per_epoch),
-                                 ctx, before_step, after_step)
-        except torch.OutOfMemoryError:
-            raise MedsegError(f"out of memory on {device} in training step {step + 1} (patch "
-                              f"{'x'.join(map(str, plan.patch_size))}, batch {plan.batch_size}); "
-                              "start a new --output with a smaller --patch-size or --batch-size"
-                              + (" (the last finished epoch is saved)" if state.epoch else "")
-                              ) from None
-        lr = optimizer.param_groups[0]["lr"]
-        record = EpochRecord(epoch=state.epoch + 1, step=step,
-                             train_loss=_mean_across(losses, rank, device), learning_rate=lr,
-                             seconds=0.0)
-        if record.train_loss is None:
-            log(f"warning: epoch {record.epoch} had no finite loss (fp16 overflow?)")
-        if data.val and ((state.epoch + 1) % config.val_every == 0 or done):
-            record.val_dice = validate(eval_network, data.val, plan, device, rank, amp_dtype)
-            record.val_mean_dice = float(np.mean(list(record.val_dice.values())))
-        record.seconds = round(time.perf_counter() - started, 2)
-        improved = record.val_mean_dice is not None and record.val_mean_dice > state.best_dice
-        state = state.model_copy(update={
-            "epoch": state.epoch + 1, "step": step, "elapsed_seconds": length.elapsed(),
-            "history": [*state.history, record],
-            "best_dice": record.val_mean_dice if improved else state.best_dice})
-        if rank.is_main:
-            metrics = {"val_mean_dice": record.val_mean_dice or 0.0,
-                       **_loss_metric(record.train_loss)}
-            if improved:
-                checkpoint("checkpoint_best", {**metrics, **(record.val_dice or {})})
-            checkpoint("checkpoint_latest", metrics)
-            save_state(state_path, model, optimizer, average, state)
-            write_logs(output, state.history)
-            log(_epoch_line(record, length))
-    if rank.is_main:
-        checkpoint("checkpoint_final", {**_loss_metric(state.history[-1].train_loss),
-                                        "steps": float(step)} if state.history else {})
-        log(f"finished: {step} steps in {_clock(length.elapsed())}; prediction uses "
-            f"{output / 'checkpoint_final.safetensors'}")
-    if rank.distributed:
+    try:
+        return train_epoch(run.ctx.model, run.epoch_batches, run.ctx, before_step, after_step)
+    except torch.OutOfMemoryError:
+        plan = run.plan
+        raise MedsegError(f"out of memory on {run.device} in training step {run.step + 1} "
+                          f"(patch {'x'.join(map(str, plan.patch_size))}, batch "
+                          f"{plan.batch_size}); start a new --output with a smaller --patch-size "
+                          "or --batch-size"
+                          + (" (the last finished epoch is saved)" if run.state.epoch else "")
+                          ) from None
+
+
+def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
+    """Validation when due, then (rank 0) checkpoints, resume state, metrics log and figure."""
+    state, config = run.state, run.config
+    record = EpochRecord(epoch=state.epoch + 1, step=run.step,
+                         train_loss=_mean_across(losses, run.rank, run.device),
+                         learning_rate=run.ctx.optimizer.param_groups[0]["lr"], seconds=0.0)
+    if record.train_loss is None:
+        run.log(f"warning: epoch {record.epoch} had no finite loss (fp16 overflow?)")
+    if run.data.val and ((state.epoch + 1) % config.val_every == 0 or run.done):
+        record.val_dice = validate(run.eval_network, run.data.val, run.plan, run.device,
+                                   run.rank, run.ctx.amp_dtype, traits=run.traits)
+        record.val_mean_dice = float(np.mean(list(record.val_dice.values())))
+    record.seconds = round(time.perf_counter() - started, 2)
+    improved = record.val_mean_dice is not None and record.val_mean_dice > state.best_dice
+    run.state = state = state.model_copy(update={
+        "epoch": state.epoch + 1, "step": run.step, "elapsed_seconds": run.length.elapsed(),
+        "history": [*state.history, record],
+        "best_dice": record.val_mean_dice if improved else state.best_dice})
+    if not run.rank.is_main:
+        return
+    metrics = {"val_mean_dice": record.val_mean_dice or 0.0, **_loss_metric(record.train_loss)}
+    if improved:
+        _checkpoint(run, "checkpoint_best", {**metrics, **(record.val_dice or {})})
+    _checkpoint(run, "checkpoint_latest", metrics)
+    save_state(run.output / STATE_FILE, run.ctx.model, run.ctx.optimizer,
+               run.average.network if run.average is not None else None, state)
+    write_logs(run.output, state.history)
+    run.log(_epoch_line(record, run.length))
+
+
+def finish(run: Run) -> Path:
+    """Save ``checkpoint_final`` (rank 0) and wait for every rank; its weights' path."""
+    history = run.state.history
+    if run.rank.is_main:
+        _checkpoint(run, "checkpoint_final", {**_loss_metric(history[-1].train_loss),
+                                              "steps": float(run.step)} if history else {})
+        run.log(f"finished: {run.step} steps in {_clock(run.length.elapsed())}; prediction uses "
+                f"{run.output / 'checkpoint_final.safetensors'}")
+    if run.rank.distributed:
         dist.barrier()  # no rank may exit (torchrun ends the job) before rank 0's last writes
-    return output / "checkpoint_final.safetensors"
+    return run.output / "checkpoint_final.safetensors"
+
+
+def _checkpoint(run: Run, stem: str, metrics: dict[str, float]) -> None:
+    config = run.config
+    meta = CheckpointMeta(network=NetworkConfig(name=config.network.name,
+                                                options=config.network.options),
+                          plan=run.plan, epoch=run.state.epoch, metrics=metrics,
+                          dataset_name=run.data.dataset_name,
+                          largest_component=run.largest_component,
+                          created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          fingerprint=run.data.fingerprint)
+    save_checkpoint(run.eval_network, meta, run.output / stem)
 
 
 def _finished(length: RunLength, step: int, rank: Rank, device: torch.device) -> bool:
@@ -900,7 +784,8 @@ def _run_line(config: TrainConfig, length: RunLength, amp_dtype: torch.dtype | N
         ends.append(f"{length.total} steps")
     if length.budget_s:
         ends.append(f"{config.time_budget_minutes:g} min")
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}.get(amp_dtype, "fp32")
+    names: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 AMP"}
+    precision = names.get(amp_dtype, "fp32")
     until = " or ".join(ends) + (", whichever comes first" if len(ends) > 1 else "")
     return (f"training {config.network.name} on {describe_device(device)} with {precision} "
             f"for {until}")

@@ -49,6 +49,14 @@ def find_model(name: str) -> Path | None:
     return None
 
 
+def model_folder(name: str) -> Path:
+    """Folder of the shipped model called ``name``; MedsegError when there is none."""
+    folder = find_model(name)
+    if folder is None:
+        raise MedsegError(f"no shipped model called {name!r}")
+    return folder
+
+
 def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
     """The card and weights path of a shipped model; with ``verify``, check the SHA-256."""
     card = load_model_file(ModelCard, model_dir / "card.yaml")
@@ -79,8 +87,8 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
         write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())
     if half:
         # fp16 storage halves the file; load_state_dict casts back to the network's fp32.
-        weights = load_tensors(target / "model.safetensors")
-        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
+        tensors = load_tensors(target / "model.safetensors")
+        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
                      target / "model.safetensors")
     card = ModelCard(name=name, description=description, weights="model.safetensors",
                      sha256=sha256_of(target / "model.safetensors"), task=task,

@@ -11,7 +11,7 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.cli import app
-from medseg3d.compare import parse_budget
+from medseg3d.experiments.compare import parse_budget
 
 runner = CliRunner()
 NETWORKS = ["unet", "asmlp3d", "patchfree", "mixer3d"]

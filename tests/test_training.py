@@ -112,7 +112,8 @@ def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
 
 
 def test_progress_legend_hides_no_data():
-    from medseg3d.training import EpochRecord, progress_figure
+    from medseg3d.figures import progress_figure
+    from medseg3d.resume import EpochRecord
 
     history = [EpochRecord(epoch=e, train_loss=1.0 / e, learning_rate=1e-3, seconds=1.0,
                            val_mean_dice=0.95 if e % 2 == 0 else None) for e in range(1, 9)]

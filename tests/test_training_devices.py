@@ -13,9 +13,10 @@ import torch
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
-from medseg3d import training
+from medseg3d import sampling, training
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, NetworkConfig, Plan, TrainConfig
+from medseg3d.networks import NetworkTraits
 from medseg3d.training import Rank, train
 
 TINY = NetworkConfig(name="unet", options={"filters": [4, 8]})
@@ -94,13 +95,13 @@ def test_loader_workers_default_to_none_on_a_cpu_and_some_per_gpu(monkeypatch) -
 
 def test_one_loader_for_the_whole_run_with_the_same_patches(dataset, tmp_path, monkeypatch):
     built: list[int] = []
-    real = training.DataLoader
+    real = sampling.DataLoader
 
     def counting(*args, **kwargs):
         built.append(kwargs["num_workers"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "DataLoader", counting)
+    monkeypatch.setattr(sampling, "DataLoader", counting)
     seen: list[float] = []
     step = training.train_step
 
@@ -177,5 +178,5 @@ def test_validation_follows_the_training_precision(monkeypatch, amp_dtype) -> No
                 labels={"background": 0, "a": 1})
     item = {"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)}
     training.validate(torch.nn.Conv3d(1, 2, 1), [item], plan, torch.device("cpu"), Rank(),
-                      amp_dtype)
+                      amp_dtype, traits=NetworkTraits(size_divisor=1))
     assert seen == {"amp_dtype": amp_dtype}

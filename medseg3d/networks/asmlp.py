@@ -11,13 +11,14 @@ halves it per stage and a decoder with skip connections restores it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medseg3d.networks.registry import pad_to_divisor, register_network
+from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
 __all__ = [
     "ASMLP3d",
@@ -75,14 +76,14 @@ class _AxialShift(torch.autograd.Function):
     # A custom backward: the adjoint of a zero-filled shift is the opposite shift, one more
     # pass of k slice copies, instead of autograd retracing k in-place copies into a buffer.
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, x: torch.Tensor, axis: int, shift_size: int, dilation: int, sign: int,
     ) -> torch.Tensor:
         ctx.params = (axis, shift_size, dilation, sign)
         return _shift_groups(x, axis, shift_size, dilation, sign)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         axis, shift_size, dilation, sign = ctx.params
         return _AxialShift.apply(grad, axis, shift_size, dilation, -sign), None, None, None, None
 
@@ -279,6 +280,11 @@ class ASMLP3d(nn.Module):
 
     whole_volume = False
 
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
+        """Every stage after the first halves resolution."""
+        return NetworkTraits(size_divisor=2 ** (len(options["depths"]) - 1))
+
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int = 16,
                  depths: Sequence[int] = (1, 1, 1, 1), decoder_depths: Sequence[int] | None = None,
                  shift_size: int = 5, dilation: int = 1, mlp_ratio: float = 4.0,
@@ -292,7 +298,7 @@ class ASMLP3d(nn.Module):
         if stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be odd, got {stem_kernel}")
         num_stages = len(depths)
-        self.size_divisor = 2 ** (num_stages - 1)
+        self.size_divisor = self.traits({"depths": depths}).size_divisor
         dims = [embed_dim * 2**i for i in range(num_stages)]
         self.dims = dims
         # Stochastic depth grows linearly over the encoder; a decoder stage reuses its
@@ -346,15 +352,13 @@ class ASMLP3d(nn.Module):
         return self.forward_head(self.forward_features(x))[crop]
 
 
-@register_network("asmlp3d")
-def asmlp3d(in_channels: int, out_channels: int, **options: object) -> ASMLP3d:
+@register_network("asmlp3d", ASMLP3d, embed_dim=16, depths=[1, 1, 1, 1])
+def asmlp3d(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
     """Small 3D AS-MLP (embed 16, one block per stage, 0.54 M parameters) for CPUs."""
-    options = {"embed_dim": 16, "depths": [1, 1, 1, 1], **options}
-    return ASMLP3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return ASMLP3d(in_channels, out_channels, **options)
 
 
-@register_network("asmlp3d_large")
-def asmlp3d_large(in_channels: int, out_channels: int, **options: object) -> ASMLP3d:
+@register_network("asmlp3d_large", ASMLP3d, embed_dim=48, depths=[2, 2, 6, 2], drop_path=0.1)
+def asmlp3d_large(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
     """GPU-sized 3D AS-MLP (embed 48, depths 2-2-6-2, drop path 0.1, 11.9 M parameters)."""
-    options = {"embed_dim": 48, "depths": [2, 2, 6, 2], "drop_path": 0.1, **options}
-    return ASMLP3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return ASMLP3d(in_channels, out_channels, **options)

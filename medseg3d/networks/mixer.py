@@ -24,13 +24,14 @@ convolution plus a 1x1x1 head give the logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg3d.networks.registry import register_network
+from medseg3d.networks.registry import NetworkTraits, register_network
 
 __all__ = [
     "MixerBlock3d",
@@ -103,13 +104,19 @@ def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
     values = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     if len(values) != 3:
         raise ValueError(f"input_size needs one or three integers, got {size!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 class MixerSegmenter3d(nn.Module):
     """3D MLP-Mixer with a voxel-shuffle decoder; see the module docstring for the input size."""
 
     whole_volume = False
+
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
+        """Built for one input size: its token count fixes the token MLPs' width."""
+        return NetworkTraits(size_divisor=int(options["patch_size"]),
+                             fixed_input_size=_triple(options["input_size"]))
 
     def __init__(self, in_channels: int, out_channels: int,
                  input_size: int | Sequence[int] = 64, patch_size: int = 8, dim: int = 128,
@@ -156,8 +163,7 @@ class MixerSegmenter3d(nn.Module):
         return logits[:, :, :size[0], :size[1], :size[2]]
 
 
-@register_network("mixer3d")
-def mixer3d(in_channels: int, out_channels: int, **options: object) -> MixerSegmenter3d:
+@register_network("mixer3d", MixerSegmenter3d, input_size=64, patch_size=8, dim=128, depth=4)
+def mixer3d(in_channels: int, out_channels: int, **options: Any) -> MixerSegmenter3d:
     """Small 3D MLP-Mixer (64³ input, 8³ patches -> 512 tokens, dim 128, depth 4) for CPUs."""
-    options = {"input_size": 64, "patch_size": 8, "dim": 128, "depth": 4, **options}
-    return MixerSegmenter3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return MixerSegmenter3d(in_channels, out_channels, **options)

@@ -17,13 +17,14 @@ encoder and the segmentation decoder run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg3d.networks.registry import pad_to_divisor, register_network
+from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
 __all__ = ["PatchFreeNet3d", "patchfree", "patchfree_large"]
 
@@ -83,7 +84,8 @@ class GuidanceEncoder3d(nn.Module):
         self.proj = nn.Conv3d(channels[-1], channels[-1], kernel_size=1)
         # Zero init: guidance starts as a no-op and the SR decoder learns how much to use it.
         nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, patch: torch.Tensor) -> torch.Tensor:
         return self.proj(self.body(patch))
@@ -97,6 +99,11 @@ class PatchFreeNet3d(nn.Module):
 
     whole_volume = True
 
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
+        """The whole volume at half resolution, then ``len(filters) - 1`` halvings."""
+        return NetworkTraits(size_divisor=2 * 2 ** (len(options["filters"]) - 1), whole_volume=True)
+
     def __init__(self, in_channels: int, out_channels: int,
                  filters: Sequence[int] = (16, 32, 64), full_res_channels: int | None = None,
                  guidance_fraction: float = 0.25, guidance_weight: float = 1.0,
@@ -108,7 +115,7 @@ class PatchFreeNet3d(nn.Module):
         if not 0 < guidance_fraction <= 1:
             raise ValueError(f"guidance_fraction must be in (0, 1], got {guidance_fraction}")
         levels = len(filters) - 1
-        self.size_divisor = 2 * 2**levels
+        self.size_divisor = self.traits({"filters": filters}).size_divisor
         self.guidance_fraction = guidance_fraction
         self.guidance_weight = guidance_weight
         self.sr_loss = sr_loss
@@ -147,10 +154,12 @@ class PatchFreeNet3d(nn.Module):
     def _super_resolve(self, x: torch.Tensor, bottleneck: torch.Tensor, skips: list[torch.Tensor]
                        ) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
         box = self._guidance_crop(x)
-        guide = self.guidance(x[(slice(None), slice(None), *box)])
+        region = (slice(None), slice(None), *box)
+        guide = self.guidance(x[region])
         cells = tuple(slice(s.start // self.size_divisor, s.stop // self.size_divisor) for s in box)
+        target = (slice(None), slice(None), *cells)
         fused = bottleneck.clone()
-        fused[(slice(None), slice(None), *cells)] += guide
+        fused[target] += guide
         return self.sr_decoder(fused, skips), box
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,15 +191,13 @@ class PatchFreeNet3d(nn.Module):
         return loss
 
 
-@register_network("patchfree")
-def patchfree(in_channels: int, out_channels: int, **options: object) -> PatchFreeNet3d:
+@register_network("patchfree", PatchFreeNet3d, filters=[16, 32, 64])
+def patchfree(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
     """Small patch-free CNN (16-32-64 filters at half resolution, 0.55 M parameters) for CPUs."""
-    options = {"filters": [16, 32, 64], **options}
-    return PatchFreeNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return PatchFreeNet3d(in_channels, out_channels, **options)
 
 
-@register_network("patchfree_large")
-def patchfree_large(in_channels: int, out_channels: int, **options: object) -> PatchFreeNet3d:
+@register_network("patchfree_large", PatchFreeNet3d, filters=[32, 64, 128, 256, 320])
+def patchfree_large(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
     """GPU-sized patch-free CNN (32..320 filters, 5 levels at half resolution, 28.6 M params)."""
-    options = {"filters": [32, 64, 128, 256, 320], **options}
-    return PatchFreeNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return PatchFreeNet3d(in_channels, out_channels, **options)

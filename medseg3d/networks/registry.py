@@ -1,15 +1,21 @@
 """Choose a network by name: ``register_network``, ``build_network``, ``list_networks``.
 
 A network class is registered under one or more preset names; a preset is a function
-``(in_channels, out_channels, **options) -> nn.Module``. Checkpoints store the preset name and
-options, so a model restores without knowing its class in advance, and no config can name
-arbitrary code: only names in this registry can be built.
+``(in_channels, out_channels, **options) -> nn.Module`` registered with its default options.
+Checkpoints store the preset name and options, so a model restores without knowing its class in
+advance, and no config can name arbitrary code: only names in this registry can be built.
+
+Each preset also registers its network's ``NetworkTraits`` (as timm keeps a pretrained cfg):
+``network_traits(name, **options)`` answers size divisor, whole-volume use and fixed input size
+from the options alone, without building anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,19 +23,44 @@ from torch import nn
 from medseg3d.errors import MedsegError
 
 NetworkFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, NetworkFactory] = {}
 
 
-@runtime_checkable
-class Segmenter(Protocol):
-    """What every registered network provides besides ``forward(x) -> logits``.
+@dataclass(frozen=True)
+class NetworkTraits:
+    """What callers (planning, training, prediction) need to know about a network.
 
     * ``size_divisor``: spatial input sizes must be multiples of it (the engine pads otherwise).
     * ``whole_volume``: True when the network is meant to see the whole volume at once
       (patch-free); prediction then skips the sliding window when memory allows.
-    * optional ``auxiliary_loss(image, label) -> Tensor``: extra training loss computed from the
-      last training-mode forward pass (e.g. super-resolution guidance); added to Dice+CE.
+    * ``fixed_input_size``: the one input size a token-mixing network accepts (None: any).
     """
+
+    size_divisor: int
+    whole_volume: bool = False
+    fixed_input_size: tuple[int, int, int] | None = None
+
+
+class HasTraits(Protocol):
+    """A registered network class: its traits follow from its constructor's options."""
+
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits: ...
+
+
+@dataclass(frozen=True)
+class _Preset:
+    factory: NetworkFactory
+    network_class: type[HasTraits]
+    defaults: dict[str, Any]
+
+
+_REGISTRY: dict[str, _Preset] = {}
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """What every registered network provides besides ``forward(x) -> logits``: its traits'
+    ``size_divisor`` and ``whole_volume`` as attributes (used inside the network itself)."""
 
     size_divisor: int
     whole_volume: bool
@@ -37,16 +68,47 @@ class Segmenter(Protocol):
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def register_network(name: str) -> Callable[[NetworkFactory], NetworkFactory]:
-    """Decorator: make ``factory`` buildable as ``build_network(name, ...)``."""
+@runtime_checkable
+class AuxiliaryLoss(Protocol):
+    """A network with an extra training loss computed from its last training-mode forward pass
+    (e.g. super-resolution guidance); training adds it to Dice+CE."""
+
+    def auxiliary_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor: ...
+
+
+def register_network(name: str, network_class: type[HasTraits], **defaults: Any
+                     ) -> Callable[[NetworkFactory], NetworkFactory]:
+    """Decorator: make ``factory`` buildable as ``build_network(name, ...)``.
+
+    ``defaults`` are the preset's options (the caller's options override them); the factory is
+    called with both, and ``network_class.traits`` sees them with the class's own defaults.
+    """
 
     def wrap(factory: NetworkFactory) -> NetworkFactory:
         if name in _REGISTRY:
             raise ValueError(f"network {name!r} registered twice")
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = _Preset(factory, network_class, defaults)
         return factory
 
     return wrap
+
+
+def _preset(name: str) -> _Preset:
+    if name not in _REGISTRY:
+        raise MedsegError(f"unknown network {name!r}; choose one of {', '.join(list_networks())}")
+    return _REGISTRY[name]
+
+
+def network_traits(name: str, **options: Any) -> NetworkTraits:
+    """The traits of ``build_network(name, ..., **options)``, without building it."""
+    preset = _preset(name)
+    try:
+        bound = inspect.signature(preset.network_class).bind_partial(
+            **{**preset.defaults, **options})
+    except TypeError as exc:
+        raise MedsegError(f"bad options for network {name!r}: {exc}") from exc
+    bound.apply_defaults()
+    return preset.network_class.traits(bound.arguments)
 
 
 def list_networks() -> list[str]:
@@ -56,15 +118,13 @@ def list_networks() -> list[str]:
 
 def build_network(name: str, in_channels: int, out_channels: int, **options: object) -> nn.Module:
     """Build the network registered as ``name``; unknown names or options give a MedsegError."""
-    if name not in _REGISTRY:
-        raise MedsegError(f"unknown network {name!r}; choose one of {', '.join(list_networks())}")
+    preset = _preset(name)
     try:
-        net = _REGISTRY[name](in_channels, out_channels, **options)
+        net = preset.factory(in_channels, out_channels, **{**preset.defaults, **options})
     except TypeError as exc:
         raise MedsegError(f"bad options for network {name!r}: {exc}") from exc
-    for attr in ("size_divisor", "whole_volume"):
-        if not hasattr(net, attr):
-            raise TypeError(f"network {name!r} lacks the Segmenter attribute {attr!r}")
+    if not isinstance(net, Segmenter):
+        raise TypeError(f"network {name!r} lacks the Segmenter attributes")
     return net
 
 

@@ -9,10 +9,13 @@ its state dict alias tensors, which safetensors rejects).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-from medseg3d.networks.registry import pad_to_divisor, register_network
+from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
 __all__ = ["FullResolutionHead", "ResidualBlock", "UNet3d", "unet", "unet_large"]
 
@@ -68,13 +71,18 @@ class UNet3d(nn.Module):
 
     whole_volume = False
 
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
+        """Each level after the first halves resolution, and so does a strided stem."""
+        return NetworkTraits(size_divisor=2 ** (len(options["filters"]) - 1) * options["stem_stride"])
+
     def __init__(self, in_channels: int, out_channels: int,
                  filters: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),
                  blocks_per_level: int = 1, stem_stride: int = 1) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError("stem_stride must be 1 or 2")
-        self.size_divisor = 2 ** (len(filters) - 1) * stem_stride
+        self.size_divisor = self.traits({"filters": filters, "stem_stride": stem_stride}).size_divisor
         self.encoder = nn.ModuleList()
         previous = in_channels
         for level, width in enumerate(filters):
@@ -112,15 +120,13 @@ class UNet3d(nn.Module):
         return self.forward_head(self.forward_features(x), x)[crop]
 
 
-@register_network("unet")
-def unet(in_channels: int, out_channels: int, **options: object) -> UNet3d:
+@register_network("unet", UNet3d, filters=[16, 32, 64, 128, 256], stem_stride=2)
+def unet(in_channels: int, out_channels: int, **options: Any) -> UNet3d:
     """Residual U-Net (16..256 filters, 5 levels, first level strided) that trains on a CPU."""
-    options = {"filters": [16, 32, 64, 128, 256], "stem_stride": 2, **options}
-    return UNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return UNet3d(in_channels, out_channels, **options)
 
 
-@register_network("unet_large")
-def unet_large(in_channels: int, out_channels: int, **options: object) -> UNet3d:
+@register_network("unet_large", UNet3d, filters=[32, 64, 128, 256, 320, 320], blocks_per_level=2)
+def unet_large(in_channels: int, out_channels: int, **options: Any) -> UNet3d:
     """nnU-Net-sized residual U-Net (32..320 filters, 6 levels, 2 blocks a level) for GPUs."""
-    options = {"filters": [32, 64, 128, 256, 320, 320], "blocks_per_level": 2, **options}
-    return UNet3d(in_channels, out_channels, **options)  # type: ignore[arg-type]
+    return UNet3d(in_channels, out_channels, **options)

@@ -15,6 +15,7 @@ from synthetic import make_affine
 from medseg3d.api import Model
 from medseg3d.config import ChannelNorm, CheckpointMeta, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
+from medseg3d.networks import NetworkTraits
 from medseg3d_napari._core import probability_map, run_to_end, segmentation_job
 from medseg3d_napari._widget import SegmentWidget
 
@@ -57,7 +58,8 @@ def sigmoid_model() -> Model:
     plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), batch_size=1,
                 normalization=[ChannelNorm(scheme="none")], labels={"background": 0, "ball": 1})
     meta = CheckpointMeta(network=NetworkConfig(name="conv"), plan=plan)
-    return Model(network, meta, "sigmoid", device="cpu")
+    # a network outside the registry: its traits are given, not looked up
+    return Model(network, meta, "sigmoid", device="cpu", traits=NetworkTraits(size_divisor=1))
 
 
 def test_entropy_peaks_on_the_ball_surface() -> None:

@@ -12,7 +12,7 @@ from synthetic import make_dataset
 from medseg3d.checkpoint import load_checkpoint, save_checkpoint
 from medseg3d.config import ChannelNorm, CheckpointMeta, NetworkConfig, Plan, TrainConfig
 from medseg3d.inference import window_for
-from medseg3d.networks import build_network
+from medseg3d.networks import NetworkTraits, build_network, network_traits
 from medseg3d.networks.mixer import MixerSegmenter3d, voxel_shuffle
 from medseg3d.training import train
 
@@ -75,7 +75,9 @@ def test_token_mixing_reaches_every_patch() -> None:
 def test_window_is_always_the_fixed_input_size() -> None:
     plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(32, 32, 32), normalization=[ChannelNorm()],
                 labels={"background": 0, "a": 1, "b": 2})
-    assert window_for(tiny_net(), plan, (100, 90, 80)) == (16, 8, 12)
+    traits = network_traits("mixer3d", **TINY)
+    assert traits == NetworkTraits(size_divisor=4, fixed_input_size=(16, 8, 12))
+    assert window_for(traits, plan, (100, 90, 80)) == (16, 8, 12)
 
 
 def test_checkpoint_round_trip_keeps_the_input_size(tmp_path) -> None:

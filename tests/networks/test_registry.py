@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from synthetic import ellipsoid_case
 
 from medseg3d.errors import MedsegError
-from medseg3d.networks import Segmenter, build_network, list_networks
+from medseg3d.networks import Segmenter, build_network, list_networks, network_traits
 
 
 def input_shape(divisor: int) -> tuple[int, int, int]:
@@ -48,6 +48,25 @@ def test_build_forward_and_safetensors_round_trip(name: str, tmp_path: Path) -> 
     fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
+
+
+@pytest.mark.parametrize("name", list_networks())
+def test_registered_traits_match_the_built_network(name: str) -> None:
+    """Callers read traits from the registry; they must be what the network itself uses."""
+    small = {"unet": {"filters": [4, 8, 16], "stem_stride": 1}}.get(name.split("_")[0], {})
+    for options in ({}, small):
+        traits = network_traits(name, **options)
+        net = build_network(name, 1, 2, **options)
+        assert traits.size_divisor == net.size_divisor
+        assert traits.whole_volume == net.whole_volume
+        assert traits.fixed_input_size == getattr(net, "fixed_input_size", None)
+
+
+def test_traits_of_unknown_names_and_options_are_user_errors() -> None:
+    with pytest.raises(MedsegError):
+        network_traits("no_such_net")
+    with pytest.raises(MedsegError):
+        network_traits("asmlp3d", no_such_option=3)
 
 
 def _dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

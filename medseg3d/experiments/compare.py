@@ -15,14 +15,16 @@ one held-out case segmented by each network, the reference as a contour) and ``r
 with each training run and its test predictions.
 
 A dataset.json may mark partially labelled test cases with ``cases.<id>.annotated`` (a list of
-class names); only those classes are scored for that case.
+class names, ``DatasetSpec.cases``); only those classes are scored for that case.
+
+An experiment, not part of the core flow: it drives ``medseg3d.training`` and ``medseg3d.api``
+the way a user would, and nothing in the core imports it (the CLI loads it for ``compare``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -37,15 +39,27 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from medseg3d.api import load_model
-from medseg3d.atomic import atomic_path, write_text_atomic
-from medseg3d.config import InferenceConfig, NetworkConfig, OptionValue, TrainConfig
-from medseg3d.dataset import Case, find_cases, load_spec, read_case, split_cases
+from medseg3d.atomic import write_text_atomic
+from medseg3d.config import (
+    Augment,
+    CheckpointMeta,
+    DatasetSpec,
+    InferenceConfig,
+    NetworkConfig,
+    OptionValue,
+    PlanOverrides,
+    Scalar,
+    TrainConfig,
+    load_model_file,
+)
+from medseg3d.dataset import Case, find_cases, held_out_cases, load_spec, read_case, split_cases
 from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation import CaseMetrics, ClassMetrics, Summary, evaluate_case, summarise
+from medseg3d.figures import orthogonal_slices, pyplot, save_figure
 from medseg3d.io import write_labels
 from medseg3d.memory import PeakMemory
-from medseg3d.networks import build_network
+from medseg3d.networks import network_traits
 from medseg3d.preprocessing import canonical_orientation, reorient
 from medseg3d.training import train
 
@@ -54,7 +68,6 @@ __all__ = [
     "Comparison",
     "ComparisonRow",
     "compare",
-    "held_out_cases",
     "parse_budget",
     "plot_comparison",
     "plot_slices",
@@ -64,6 +77,9 @@ __all__ = [
 # Epoch cap for budgeted runs: far beyond what any budget reaches, so the budget is the limit.
 BUDGETED_EPOCHS = 100_000
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
+
+
+MemoryMeasure = Literal["cpu_rss_delta", "cuda_max_allocated"]
 
 
 class _Model(BaseModel):
@@ -95,7 +111,7 @@ class ComparisonRow(_Model):
     classes: dict[str, ClassScore]
     predict_seconds_per_case: float
     peak_memory_mb: float
-    memory_measure: Literal["cpu_rss_delta", "cuda_max_allocated"]
+    memory_measure: MemoryMeasure
     run: str  # relative to the comparison folder
 
 
@@ -126,35 +142,6 @@ def parse_budget(text: str) -> float:
                                     "h": 60.0}[unit]
 
 
-def held_out_cases(dataset_dir: str | Path) -> list[Case] | None:
-    """Labelled test cases in ``imagesTs``/``labelsTs`` (None when the dataset has none)."""
-    root = Path(dataset_dir)
-    spec = load_spec(root)
-    labels_dir, images_dir = root / "labelsTs", root / "imagesTs"
-    if not labels_dir.is_dir():
-        return None
-    cases = []
-    for label in sorted(p for p in labels_dir.iterdir() if p.name.endswith(spec.file_ending)):
-        case_id = label.name[: -len(spec.file_ending)]
-        images = tuple(images_dir / f"{case_id}_{c:04d}{spec.file_ending}"
-                       for c in range(spec.num_channels))
-        for image in images:
-            if not image.is_file():
-                raise MedsegError(f"test image of case {case_id!r} is missing", image)
-        cases.append(Case(case_id, images, label))
-    return cases or None
-
-
-def _annotated_labels(dataset_dir: Path, case_id: str, labels: dict[str, int]) -> dict[str, int]:
-    # dataset.json's optional per-case notes are outside DatasetSpec (which ignores extras).
-    raw = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
-    note = raw.get("cases", {}).get(case_id, {}) if isinstance(raw.get("cases"), dict) else {}
-    annotated = note.get("annotated") if isinstance(note, dict) else None
-    if not annotated:
-        return labels
-    return {name: value for name, value in labels.items() if value == 0 or name in annotated}
-
-
 def _train_one(config: TrainConfig, reuse: bool, log: Callable[[str], None]) -> float:
     """Train (or reuse a finished run); returns the training minutes."""
     run = Path(config.output)
@@ -172,14 +159,13 @@ def _train_one(config: TrainConfig, reuse: bool, log: Callable[[str], None]) -> 
     return seconds / 60
 
 
-def _test_one(weights: Path, cases: list[Case], dataset_dir: Path, device: str,
-              out_dir: Path) -> tuple[Summary, float, float, str, dict[str, np.ndarray]]:
+def _test_one(weights: Path, cases: list[Case], spec: DatasetSpec, device: str,
+              out_dir: Path) -> tuple[Summary, float, float, MemoryMeasure, dict[str, np.ndarray]]:
     """Segment and score the test cases: (summary, seconds/case, peak MB, measure, labels)."""
-    spec = load_spec(dataset_dir)
     model = load_model(weights, device)
-    config = InferenceConfig(device=device)  # type: ignore[arg-type]
+    config = InferenceConfig(device=device)
     results, seconds, peaks, predictions = [], [], [], {}
-    measure = "cpu_rss_delta"
+    measure: MemoryMeasure = "cpu_rss_delta"
     for case in cases:
         image, ref = read_case(case, spec)
         with PeakMemory(resolve_device(device)) as memory:
@@ -191,8 +177,7 @@ def _test_one(weights: Path, cases: list[Case], dataset_dir: Path, device: str,
         predictions[case.case_id] = labels
         target = out_dir / f"{case.case_id}{spec.file_ending}"
         write_labels(labels, image, target)
-        scored = _annotated_labels(dataset_dir, case.case_id, dict(spec.labels))
-        classes = evaluate_case(labels, ref.array, ref.spacing, scored)
+        classes = evaluate_case(labels, ref.array, ref.spacing, spec.annotated_labels(case.case_id))
         results.append(CaseMetrics(case=case.case_id, prediction=target.name,
                                    reference=case.label.name, spacing_mm=ref.spacing,
                                    classes={k: ClassMetrics(**v) for k, v in classes.items()}))
@@ -202,70 +187,52 @@ def _test_one(weights: Path, cases: list[Case], dataset_dir: Path, device: str,
 
 
 def _options_for(name: str, options: dict[str, OptionValue],
-                 overrides: dict[str, Any]) -> dict[str, OptionValue]:
+                 overrides: PlanOverrides) -> dict[str, OptionValue]:
     """Network options; a fixed-input-size network gets the shared patch size as its input."""
-    probe = build_network(name, 1, 2, **options)
-    if getattr(probe, "fixed_input_size", None) is not None and "input_size" not in options \
-            and "patch_size" in overrides:
-        return {**options, "input_size": [int(s) for s in overrides["patch_size"]]}
+    fixed = network_traits(name, **options).fixed_input_size is not None
+    if fixed and "input_size" not in options and overrides.patch_size is not None:
+        size: list[Scalar] = [int(s) for s in overrides.patch_size]
+        return {**options, "input_size": size}
     return options
 
 
 def compare(dataset: str | Path, networks: Sequence[str], budget_minutes: float,
             output: str | Path, *, options: dict[str, dict[str, OptionValue]] | None = None,
-            plan_overrides: dict[str, Any] | None = None, seed: int = 0, fold: int = 0,
+            plan_overrides: PlanOverrides | None = None, seed: int = 0, fold: int = 0,
             iterations_per_epoch: int = 20, val_every: int = 1, device: str = "auto",
-            augment: str = "light", reuse_runs: bool = False,
+            augment: Augment = "light", reuse_runs: bool = False,
             log: Callable[[str], None] = print) -> Comparison:
     """Train, test and measure each network under the same budget; write the comparison files."""
     dataset_dir, output = Path(dataset), Path(output)
     if not networks:
         raise MedsegError("no networks to compare")
     spec = load_spec(dataset_dir)
-    test = held_out_cases(dataset_dir)
+    test = held_out_cases(dataset_dir, spec)
     split: Literal["imagesTs", "validation fold"] = "imagesTs"
     if test is None:
         split = "validation fold"
         _, test = split_cases(find_cases(dataset_dir, spec), fold, 5, seed)
-    overrides = dict(plan_overrides or {})
+    overrides = plan_overrides or PlanOverrides()
     rows: list[ComparisonRow] = []
     predictions: dict[str, dict[str, np.ndarray]] = {}
     output.mkdir(parents=True, exist_ok=True)
     for name in networks:
         net_options = _options_for(name, dict((options or {}).get(name, {})), overrides)
-        run = output / "runs" / name
         config = TrainConfig(
-            dataset=str(dataset_dir), output=str(run),
+            dataset=str(dataset_dir), output=str(output / "runs" / name),
             network=NetworkConfig(name=name, options=net_options), epochs=BUDGETED_EPOCHS,
             iterations_per_epoch=iterations_per_epoch, val_every=val_every, fold=fold,
-            seed=seed, device=device, augment=augment,  # type: ignore[arg-type]
+            seed=seed, device=device, augment=augment,
             time_budget_minutes=budget_minutes, plan_overrides=overrides)
-        log(f"{name}: training for {budget_minutes:g} min")
-        minutes = _train_one(config, reuse_runs, lambda text, name=name: log(f"{name}: {text}"))
-        weights = run / "checkpoint_best.safetensors"
-        best = json.loads(weights.with_suffix(".json").read_text())
-        epochs = len((run / "metrics.jsonl").read_text().splitlines())
-        log(f"{name}: predicting {len(test)} held-out case(s)")
-        summary, seconds, peak, measure, predictions[name] = _test_one(
-            weights, test, dataset_dir, device, run / "test")
-        network = load_model(weights, "cpu").network
-        hd95 = [m.hd95_mm for m in summary.mean.values() if math.isfinite(m.hd95_mm)]
-        rows.append(ComparisonRow(
-            network=name, options=net_options,
-            parameters=sum(p.numel() for p in network.parameters()), epochs=epochs,
-            train_minutes=round(minutes, 2), best_val_dice=best["metrics"]["val_mean_dice"],
-            mean_dice=summary.mean_dice, mean_hd95_mm=float(np.mean(hd95)) if hd95 else math.nan,
-            mean_nsd=summary.mean_nsd,
-            classes={k: ClassScore(dice=m.dice, hd95_mm=m.hd95_mm, nsd=m.nsd, n_cases=m.n_cases)
-                     for k, m in summary.mean.items() if m.n_cases > 0},
-            predict_seconds_per_case=round(seconds, 3), peak_memory_mb=round(peak, 1),
-            memory_measure=measure, run=run.relative_to(output).as_posix()))
+        row, predictions[name] = _run_one(config, test, spec, reuse_runs, log, output)
+        rows.append(row)
     resolved = resolve_device(device)
     machine = (torch.cuda.get_device_name(resolved) if resolved.type == "cuda"
                else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     comparison = Comparison(
         dataset=spec.name, budget_minutes=budget_minutes, seed=seed, fold=fold,
-        iterations_per_epoch=iterations_per_epoch, plan_overrides=overrides, test_split=split,
+        iterations_per_epoch=iterations_per_epoch,
+        plan_overrides=overrides.model_dump(mode="json"), test_split=split,
         test_cases=[c.case_id for c in test], device=resolved.type, machine=machine,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), rows=rows)
     write_comparison(comparison, output)
@@ -278,6 +245,38 @@ def compare(dataset: str | Path, networks: Sequence[str], budget_minutes: float,
                 title=f"{spec.name}: {case.case_id} (held out); reference yellow, "
                       "prediction filled with a red outline")
     return comparison
+
+
+def _run_one(config: TrainConfig, test: list[Case], spec: DatasetSpec, reuse: bool,
+             log: Callable[[str], None], output: Path
+             ) -> tuple[ComparisonRow, dict[str, np.ndarray]]:
+    """Train one network (or reuse its finished run), then test it: its row and its labels."""
+    name, run = config.network.name, Path(config.output)
+
+    def run_log(text: str) -> None:
+        log(f"{name}: {text}")
+
+    log(f"{name}: training for {config.time_budget_minutes:g} min")
+    minutes = _train_one(config, reuse, run_log)
+    weights = run / "checkpoint_best.safetensors"
+    best = load_model_file(CheckpointMeta, weights.with_suffix(".json"))
+    epochs = len((run / "metrics.jsonl").read_text().splitlines())
+    log(f"{name}: predicting {len(test)} held-out case(s)")
+    summary, seconds, peak, measure, predictions = _test_one(
+        weights, test, spec, config.device, run / "test")
+    network = load_model(weights, "cpu").network
+    hd95 = [m.hd95_mm for m in summary.mean.values() if math.isfinite(m.hd95_mm)]
+    row = ComparisonRow(
+        network=name, options=config.network.options,
+        parameters=sum(p.numel() for p in network.parameters()), epochs=epochs,
+        train_minutes=round(minutes, 2), best_val_dice=best.metrics["val_mean_dice"],
+        mean_dice=summary.mean_dice, mean_hd95_mm=float(np.mean(hd95)) if hd95 else math.nan,
+        mean_nsd=summary.mean_nsd,
+        classes={k: ClassScore(dice=m.dice, hd95_mm=m.hd95_mm, nsd=m.nsd, n_cases=m.n_cases)
+                 for k, m in summary.mean.items() if m.n_cases > 0},
+        predict_seconds_per_case=round(seconds, 3), peak_memory_mb=round(peak, 1),
+        memory_measure=measure, run=run.relative_to(output).as_posix())
+    return row, predictions
 
 
 def _fmt(value: float) -> str:
@@ -309,18 +308,9 @@ def write_comparison(comparison: Comparison, output: str | Path) -> tuple[Path, 
     return json_path, csv_path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """Dice against prediction seconds per case (HD95 in the labels), and HD95 per network."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = comparison.rows
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.get_cmap("tab10")
@@ -342,41 +332,39 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     fig.suptitle(f"{comparison.dataset}: {comparison.budget_minutes:g} min training budget each, "
                  f"{comparison.machine}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_slices(image: np.ndarray, affine: np.ndarray, reference: np.ndarray,
                 predictions: dict[str, np.ndarray], dice: dict[str, float], path: str | Path,
                 title: str = "") -> Path:
     """Axial, coronal and sagittal slices through the reference's centre, one column a network."""
-    plt = _pyplot()
+    plt = pyplot()
     ornt = canonical_orientation(affine)
     scan, ref = reorient(image, ornt), reorient(reference, ornt)
     spacing = np.abs(np.linalg.norm(affine[:3, :3], axis=0))[np.argsort(ornt[:, 0])]
     focus = np.argwhere(ref > 0)
     x, y, z = (focus.mean(0) if len(focus) else np.array(ref.shape) / 2).astype(int)
+    centre = (int(x), int(y), int(z))
     low, high = np.percentile(scan, [1, 99.5])
-    views = [("axial", lambda a: np.rot90(a[:, :, z]), spacing[1] / spacing[0]),
-             ("coronal", lambda a: np.rot90(a[:, y, :]), spacing[2] / spacing[0]),
-             ("sagittal", lambda a: np.rot90(a[x, :, :]), spacing[2] / spacing[1])]
+    views = [("axial", spacing[1] / spacing[0]), ("coronal", spacing[2] / spacing[0]),
+             ("sagittal", spacing[2] / spacing[1])]
     fig, axes = plt.subplots(len(views), len(predictions), squeeze=False,
                              figsize=(3.2 * len(predictions), 3.3 * len(views)), facecolor="black")
+    scans, refs = orthogonal_slices(scan, centre), orthogonal_slices(ref, centre)
     for col, (name, labels) in enumerate(predictions.items()):
-        seg = reorient(labels, ornt)
-        for row, (view, cut, aspect) in enumerate(views):
+        segs = orthogonal_slices(reorient(labels, ornt), centre)
+        for row, (view, aspect) in enumerate(views):
             ax = axes[row][col]
-            ax.imshow(cut(scan), cmap="gray", vmin=low, vmax=high, aspect=aspect,
+            ax.imshow(scans[row], cmap="gray", vmin=low, vmax=high, aspect=aspect,
                       interpolation="nearest")
-            ax.imshow(np.ma.masked_equal(cut(seg), 0), cmap="tab10", vmin=0, vmax=10, alpha=0.45,
-                      aspect=aspect, interpolation="nearest")
+            ax.imshow(np.ma.masked_equal(segs[row], 0), cmap="tab10", vmin=0, vmax=10,
+                      alpha=0.45, aspect=aspect, interpolation="nearest")
             # the prediction's own outline too: blocky (patch-sized) boundaries show up in lines
-            if cut(seg).any():
-                ax.contour(cut(seg) > 0, levels=[0.5], colors="red", linewidths=0.6)
-            if cut(ref).any():
-                ax.contour(cut(ref) > 0, levels=[0.5], colors="yellow", linewidths=0.8)
+            if segs[row].any():
+                ax.contour(segs[row] > 0, levels=[0.5], colors="red", linewidths=0.6)
+            if refs[row].any():
+                ax.contour(refs[row] > 0, levels=[0.5], colors="yellow", linewidths=0.8)
             ax.axis("off")
             if col == 0:
                 ax.text(0.02, 0.98, view, color="white", fontsize=8, va="top",
@@ -387,7 +375,4 @@ def plot_slices(image: np.ndarray, affine: np.ndarray, reference: np.ndarray,
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, facecolor="black")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, facecolor="black")
