@@ -293,29 +293,33 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
+    config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
+                             amp=amp, save_probabilities=save_probabilities,
+                             max_memory_gb=_memory(max_memory))
+    _predict_cohort(input, output, model, config, num_parts=num_parts, part_id=part_id,
+                    resume=resume, overwrite=overwrite)
+
+
+def _predict_cohort(source: Path, output: Path | None, model: str, config: InferenceConfig, *,
+                    num_parts: int = 1, part_id: int = 0, resume: bool = False,
+                    overwrite: bool = False) -> None:
+    """``predict``'s work, also run by ``evaluate --model``: plan, lock, predict, report."""
     from medseg3d import cohort
     from medseg3d.api import load_model
     from medseg3d.devices import describe_device
     from medseg3d.lock import output_locks
 
-    config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
-                             amp=amp, save_probabilities=save_probabilities,
-                             max_memory_gb=_memory(max_memory))
-    cases = cohort.shard(cohort.find_inputs(input), num_parts, part_id)
     # Every output name is planned and checked (suffix, collisions, writable folder) before the
     # model loads; then each is locked, so a second job with the same -o stops here.
-    planned = cohort.plan_outputs(cases, output, folder_input=not input.is_file(),
-                                  probabilities=save_probabilities)
-    for folder in sorted({target.parent for _, target in planned}):
-        cohort.check_writable(folder)
-    written = [w for _, target in planned for w in _written(target, save_probabilities)]
-    with output_locks(written):
-        jobs = [(case, target) for case, target in planned
-                if _to_do(target, save_probabilities, resume=resume, overwrite=overwrite)]
+    plan = cohort.plan_cohort(source, output, num_parts=num_parts, part_id=part_id,
+                              probabilities=config.save_probabilities)
+    with output_locks(plan.written):
+        jobs = cohort.jobs_to_do(plan.planned, config.save_probabilities, resume=resume,
+                                 overwrite=overwrite)
         if not jobs:
-            out.print(f"nothing to do: all {len(cases)} case(s) already have outputs")
+            out.print(f"nothing to do: all {len(plan.cases)} case(s) already have outputs")
             return
-        predictor = load_model(model, device)
+        predictor = load_model(model, config.device)
         console.print(f"device: {describe_device(predictor.device)}", highlight=False,
                       soft_wrap=True)
         cohort.check_channels([case for case, _ in jobs], predictor.num_channels)
@@ -323,35 +327,6 @@ def predict(
         _predict_jobs(predictor, jobs, config, replace=overwrite)
     out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
               + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
-
-
-def _written(target: Path, probabilities: bool) -> list[Path]:
-    from medseg3d.cohort import probabilities_path
-
-    return [target, *((probabilities_path(target),) if probabilities else ())]
-
-
-def _to_do(target: Path, probabilities: bool, *, resume: bool, overwrite: bool) -> bool:
-    """Whether ``target`` still has to be predicted; MedsegError for an output in the way."""
-    from medseg3d.atomic import remove_stale_temps
-    from medseg3d.cohort import probabilities_path
-
-    extra = probabilities_path(target)
-    for written in (target, extra):
-        remove_stale_temps(written)  # left by a run killed mid-write (we hold its lock)
-    if overwrite:
-        return True
-    if target.exists():
-        if resume:
-            return False
-        raise MedsegError("output exists; pass --continue to skip finished cases or "
-                          "--overwrite to replace them", target)
-    if probabilities and extra.exists():
-        if resume:  # probabilities are written first: their labels never came, redo both
-            extra.unlink()
-            return True
-        raise MedsegError("output exists; pass --overwrite to replace it", extra)
-    return True
 
 
 def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replace: bool) -> None:
@@ -468,9 +443,8 @@ def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
     output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
     out.print(f"evaluating model {model} on {dataset} (images{split} against labels{split})",
               highlight=False, soft_wrap=True)
-    predict(dataset / f"images{split}", output=output / "predictions", model=model,
-            device=device, overlap=0.5, batch_size=2, tta=False, amp=True, save_probabilities=False,
-            max_memory=None, num_parts=1, part_id=0, resume=False, overwrite=True)
+    _predict_cohort(dataset / f"images{split}", output / "predictions", model,
+                    InferenceConfig(device=device), overwrite=True)
     return output / "predictions", dataset / f"labels{split}", output
 
 

@@ -1,5 +1,9 @@
 """Predict many scans: find inputs, shard them across jobs, skip finished ones, overlap I/O.
 
+``plan_cohort`` names and checks every output before any model loads (suffix, collisions, a
+writable folder) and ``jobs_to_do`` decides, under the outputs' locks, which cases remain
+(``--continue``, ``--overwrite``); ``medseg3d predict`` and ``evaluate --model`` both use them.
+
 A folder is split deterministically into ``num_parts`` (case ``i`` goes to part ``i % n`` of the
 sorted case list), so a SLURM array or Kubernetes indexed job can run one part per task; outputs
 appear atomically, so a part killed mid-way is simply rerun with ``--continue``. Reading the next
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medseg3d.atomic import remove_stale_temps
 from medseg3d.errors import MedsegError
 from medseg3d.io import (
     VOLUME_SUFFIXES,
@@ -140,6 +145,59 @@ def _target(case: InputCase, output: Path | None, folder_input: bool) -> Path:
     if not volume_suffix(target):
         raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", target)
     return target
+
+
+@dataclass(frozen=True)
+class CohortPlan:
+    """A prediction job's outputs, planned and checked before any model loads."""
+
+    cases: list[InputCase]  # this part's cases
+    planned: list[tuple[InputCase, Path]]  # each case and its label output
+    written: list[Path]  # every file the planned outputs write (each is locked while working)
+
+
+def plan_cohort(source: Path, output: Path | None, *, num_parts: int = 1, part_id: int = 0,
+                probabilities: bool = False) -> CohortPlan:
+    """Find, shard and name every output (suffix, collisions, a writable folder) up front."""
+    cases = shard(find_inputs(source), num_parts, part_id)
+    planned = plan_outputs(cases, output, folder_input=not source.is_file(),
+                           probabilities=probabilities)
+    for folder in sorted({target.parent for _, target in planned}):
+        check_writable(folder)
+    written = [w for _, target in planned for w in written_paths(target, probabilities)]
+    return CohortPlan(cases, planned, written)
+
+
+def written_paths(target: Path, probabilities: bool) -> list[Path]:
+    """The files a case with label output ``target`` writes."""
+    return [target, *((probabilities_path(target),) if probabilities else ())]
+
+
+def jobs_to_do(planned: Sequence[tuple[InputCase, Path]], probabilities: bool, *, resume: bool,
+               overwrite: bool) -> list[tuple[InputCase, Path]]:
+    """The planned cases still to predict (call it holding the outputs' locks)."""
+    return [(case, target) for case, target in planned
+            if _to_do(target, probabilities, resume=resume, overwrite=overwrite)]
+
+
+def _to_do(target: Path, probabilities: bool, *, resume: bool, overwrite: bool) -> bool:
+    """Whether ``target`` still has to be predicted; MedsegError for an output in the way."""
+    extra = probabilities_path(target)
+    for written in (target, extra):
+        remove_stale_temps(written)  # left by a run killed mid-write (we hold its lock)
+    if overwrite:
+        return True
+    if target.exists():
+        if resume:
+            return False
+        raise MedsegError("output exists; pass --continue to skip finished cases or "
+                          "--overwrite to replace them", target)
+    if probabilities and extra.exists():
+        if resume:  # probabilities are written first: their labels never came, redo both
+            extra.unlink()
+            return True
+        raise MedsegError("output exists; pass --overwrite to replace it", extra)
+    return True
 
 
 def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCase]:

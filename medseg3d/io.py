@@ -308,12 +308,18 @@ def _read_sitk(path: Path) -> Volume:
     data = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x[, c])
     data = np.ascontiguousarray(np.moveaxis(data, [0, 1, 2], [2, 1, 0]))
     affine = _LPS_TO_RAS @ _itk_affine(geometry)
+    return Volume(data, affine, nifti_header(affine, data.shape), path, geometry)
+
+
+def nifti_header(affine: np.ndarray, shape: tuple[int, ...]) -> nib.Nifti1Header:
+    """A NIfTI-1 header for voxels of ``shape`` placed by ``affine`` (RAS mm): sform and qform
+    both set to it (code 1, scanner), units mm. For volumes that come from no NIfTI file."""
     header = nib.Nifti1Header()
-    header.set_data_shape(data.shape)
+    header.set_data_shape(shape)
     header.set_sform(affine, code=1)
     header.set_qform(affine, code=1)
     header.set_xyzt_units("mm")
-    return Volume(data, affine, header, path, geometry)
+    return header
 
 
 _DATA_FILE_KEYS = ("data file", "datafile", "elementdatafile")

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from medseg3d.config import ChannelNorm, DatasetSpec, Plan
 from medseg3d.io import Volume
@@ -26,7 +27,19 @@ MIRROR_CONFUSION_MAX = 0.1
 _AXES: tuple[Literal[0, 1, 2], ...] = (0, 1, 2)
 
 
-def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) -> dict:
+class CaseFingerprint(BaseModel):
+    """What planning needs of one training case, in canonical (RAS) axis order."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spacing: tuple[float, float, float]  # mm
+    shape: tuple[int, int, int]
+    samples: list[np.ndarray] = []  # foreground intensities, one array per channel
+    # per axis, the largest share of a class that mirroring puts on another (mirror_confusion)
+    mirror_confusion: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) -> CaseFingerprint:
     """Spacing and shape in canonical order, foreground intensity samples per channel and the
     mirror confusion of each canonical axis."""
     grid = plan_grid(image, image.spacing)
@@ -40,9 +53,9 @@ def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) ->
         take = min(_SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, take, replace=False))
     canonical = reorient(labels.array, grid.to_canonical)
-    confusion = [mirror_confusion(canonical, axis) for axis in range(3)]
-    return {"spacing": grid.canonical_spacing, "shape": grid.canonical_shape, "samples": samples,
-            "mirror_confusion": confusion}
+    x, y, z = (mirror_confusion(canonical, axis) for axis in range(3))
+    return CaseFingerprint(spacing=grid.canonical_spacing, shape=grid.canonical_shape,
+                           samples=samples, mirror_confusion=(x, y, z))
 
 
 def mirror_confusion(labels: np.ndarray, axis: int) -> float:
@@ -64,15 +77,15 @@ def mirror_confusion(labels: np.ndarray, axis: int) -> float:
     return worst
 
 
-def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int = 16,
+def make_plan(spec: DatasetSpec, fingerprints: list[CaseFingerprint], *, size_divisor: int = 16,
               max_patch_voxels: int = 96**3, batch_size: int = 2) -> Plan:
     """Derive a plan from case fingerprints; the patch is a multiple of ``size_divisor``."""
-    spacings = np.array([f["spacing"] for f in fingerprints], dtype=np.float64)
+    spacings = np.array([f.spacing for f in fingerprints], dtype=np.float64)
     target = np.median(spacings, axis=0)
     coarse = int(np.argmax(target))
     if target[coarse] > ANISOTROPY_RATIO * np.min(target):
         target[coarse] = np.percentile(spacings[:, coarse], 10)
-    shapes = np.array([np.array(f["shape"]) * np.array(f["spacing"]) / target
+    shapes = np.array([np.array(f.shape) * np.array(f.spacing) / target
                        for f in fingerprints])
     median_shape = np.maximum(np.round(np.median(shapes, axis=0)), 1).astype(int)
     patch = _fit_patch(median_shape, size_divisor, max_patch_voxels)
@@ -81,12 +94,12 @@ def make_plan(spec: DatasetSpec, fingerprints: list[dict], *, size_divisor: int 
         if not is_ct:
             norms.append(ChannelNorm(scheme="zscore"))
             continue
-        values = np.concatenate([f["samples"][c] for f in fingerprints]).astype(np.float64)
+        values = np.concatenate([f.samples[c] for f in fingerprints]).astype(np.float64)
         lower, upper = np.percentile(values, [0.5, 99.5])
         clipped = np.clip(values, lower, upper)
         norms.append(ChannelNorm(scheme="ct", mean=float(clipped.mean()),
                                  std=float(clipped.std()), lower=float(lower), upper=float(upper)))
-    confusion = np.max([f.get("mirror_confusion", [0.0] * 3) for f in fingerprints], axis=0)
+    confusion = np.max([f.mirror_confusion for f in fingerprints], axis=0)
     mirror_axes = tuple(a for a in _AXES if confusion[a] <= MIRROR_CONFUSION_MAX)
     reasons = {"spacing": "median spacing of the training cases (nnU-Net's rule)",
                "patch_size": f"the median image shape, shrunk to at most {max_patch_voxels:,} "

@@ -32,7 +32,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from medseg3d import sitk_log
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, volume_suffix
+from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, nifti_header, volume_suffix
 from medseg3d.measures import LabelVolume, label_volumes
 
 __all__ = [
@@ -134,13 +134,8 @@ def reference_volume(meta: Mapping[str, Any]) -> Volume:
 
 def reference_from_affine(affine: np.ndarray, shape: tuple[int, ...]) -> Volume:
     """A reference for a layer that was not read by medseg3d: its data->world affine as RAS mm."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_sform(affine, code=1)
-    header.set_qform(affine, code=1)
-    header.set_xyzt_units("mm")
     array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
-    return Volume(array, np.asarray(affine, dtype=np.float64), header)
+    return Volume(array, np.asarray(affine, dtype=np.float64), nifti_header(affine, shape))
 
 
 def data_to_world_matrix(affine: np.ndarray | None = None, *, scale: Any = None,

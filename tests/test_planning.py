@@ -3,12 +3,12 @@
 import numpy as np
 
 from medseg3d.config import DatasetSpec
-from medseg3d.planning import fingerprint_case, make_plan, mirror_confusion
+from medseg3d.planning import CaseFingerprint, fingerprint_case, make_plan, mirror_confusion
 
 
 def _fingerprint(spacing, shape, values=None):
     values = np.random.default_rng(0).normal(40, 10, 1000) if values is None else values
-    return {"spacing": spacing, "shape": shape, "samples": [values]}
+    return CaseFingerprint(spacing=spacing, shape=shape, samples=[values])
 
 
 def test_plan_from_fingerprints():
@@ -80,8 +80,9 @@ def test_mirror_confusion_finds_the_axis_that_swaps_organs():
 def test_plan_mirrors_only_the_axes_that_swap_no_class():
     spec = DatasetSpec(channel_names={"0": "CT"}, labels={"background": 0, "liver": 1,
                                                           "spleen": 2, "kidney": 3})
-    fps = [{**_fingerprint((1.0, 1.0, 1.0), (40, 30, 20)),
-            "mirror_confusion": [mirror_confusion(_organs(), a) for a in range(3)]}]
+    confusion = tuple(mirror_confusion(_organs(), a) for a in range(3))
+    fps = [_fingerprint((1.0, 1.0, 1.0), (40, 30, 20)).model_copy(
+        update={"mirror_confusion": confusion})]
     plan = make_plan(spec, fps, size_divisor=4)
     assert 0 not in plan.mirror_axes and "x " in plan.reasons["mirror_axes"]
     assert make_plan(spec, [_fingerprint((1.0, 1.0, 1.0), (40, 30, 20))],
