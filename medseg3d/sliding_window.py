@@ -3,7 +3,8 @@
 Contract (shared by ``predict``, validation during training and the napari plugin):
 ``image`` is a float tensor ``(C, D, H, W)`` on the CPU, already preprocessed; the result is on the
 CPU: class labels ``(D, H, W)`` (``torch.uint8`` when they fit, else ``int16``) or softmax
-probabilities ``(K, D, H, W)`` float32. Volumes smaller than the window are padded and cropped back.
+probabilities ``(K, D, H, W)`` float32. Volumes smaller than the window are padded (each channel
+with its minimum, as training pads its patches) and cropped back.
 
 How it works (after nnU-Net's ``sliding_window_prediction.py``):
 
@@ -192,21 +193,12 @@ def sliding_window(
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window prediction of ``image``; see the module docstring."""
     window = tuple(int(w) for w in window)
-    if image.ndim != 4 or len(window) != 3:
-        raise ValueError(f"expected image (C, D, H, W) and a 3-D window, got {tuple(image.shape)}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size < 1 or num_classes < 1 or min(window) < 1:
-        raise ValueError("batch_size, num_classes and window sizes must be positive")
-    if any(axis not in (0, 1, 2) for axis in mirror_axes):
-        raise ValueError(f"mirror_axes are spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
-    if average not in ("logits", "probabilities"):
-        raise ValueError(f"average must be 'logits' or 'probabilities', got {average!r}")
-    if grid not in ("nnunet", "monai"):
-        raise ValueError(f"grid must be 'nnunet' or 'monai', got {grid!r}")
-    if output not in ("labels", "probabilities"):
-        raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    _check_arguments(image, window, num_classes, overlap, batch_size, mirror_axes, output,
+                     average, grid)
     device = torch.device(device)
+    i, j, k = window
+    settings = _Pass((i, j, k), num_classes, overlap, tuple(mirror_axes), device, amp_dtype,
+                     average, min_weight, grid, streaming)
     spatial = tuple(image.shape[1:])
     # allocated outside inference mode so that callers may modify the result in place
     if output == "labels":
@@ -229,15 +221,10 @@ def sliding_window(
     while True:
         try:
             with torch.inference_mode():
-                _run(
-                    network, image, result, window=window, num_classes=num_classes,
-                    overlap=overlap, batch_size=min(batch_size, limits.batch_size or batch_size),
-                    mirror_axes=tuple(mirror_axes), device=device,
-                    acc_device=device if on_device else torch.device("cpu"),
-                    amp_dtype=amp_dtype,
-                    average=average, min_weight=min_weight, grid=grid, streaming=streaming,
-                    report=report, should_stop=should_stop, limits=limits,
-                )
+                _run(network, image, result, settings,
+                     batch_size=min(batch_size, limits.batch_size or batch_size),
+                     acc_device=device if on_device else torch.device("cpu"),
+                     report=report, should_stop=should_stop, limits=limits)
             return result
         except torch.OutOfMemoryError:
             if not on_device:  # the batch loop already went down to one window
@@ -248,6 +235,42 @@ def sliding_window(
         # out of the except block: the failed attempt's tensors are unreachable now
         release_device_memory()
         on_device = limits.accumulate_on_device = False
+
+
+def _check_arguments(image: torch.Tensor, window: tuple[int, ...], num_classes: int,
+                     overlap: float, batch_size: int, mirror_axes: Sequence[int], output: str,
+                     average: str, grid: str) -> None:
+    """ValueError naming the first argument of ``sliding_window`` that is out of range."""
+    if image.ndim != 4 or len(window) != 3:
+        raise ValueError(f"expected image (C, D, H, W) and a 3-D window, got {tuple(image.shape)}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1 or num_classes < 1 or min(window) < 1:
+        raise ValueError("batch_size, num_classes and window sizes must be positive")
+    if any(axis not in (0, 1, 2) for axis in mirror_axes):
+        raise ValueError(f"mirror_axes are spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
+    if average not in ("logits", "probabilities"):
+        raise ValueError(f"average must be 'logits' or 'probabilities', got {average!r}")
+    if grid not in ("nnunet", "monai"):
+        raise ValueError(f"grid must be 'nnunet' or 'monai', got {grid!r}")
+    if output not in ("labels", "probabilities"):
+        raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What stays the same over one volume's pass, retries included."""
+
+    window: tuple[int, int, int]
+    num_classes: int
+    overlap: float
+    mirror_axes: tuple[int, ...]
+    device: torch.device  # where the network runs
+    amp_dtype: torch.dtype | None
+    average: Average
+    min_weight: float
+    grid: Grid
+    streaming: bool
 
 
 def accumulates_on_device(accumulate_on: AccumulateOn, device: torch.device,
@@ -273,7 +296,10 @@ def _pad_to_window(image: torch.Tensor, window: tuple[int, int, int]
         pad = []
         for b, p, s in reversed(list(zip(before, padded, spatial, strict=True))):
             pad += [b, p - s - b]
-        image = F.pad(image, pad)
+        # each channel with its minimum, the background value training pads patches with
+        # (augmentation.prepare_item): zero is the mean intensity after z-scoring, and a thin slab
+        # padded with it looked like a body of soft tissue to the network
+        image = torch.stack([F.pad(c, pad, value=float(c.min())) for c in image])
     return image, padded, before
 
 
@@ -281,33 +307,28 @@ def _run(
     network: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     result: torch.Tensor,
+    settings: _Pass,
     *,
-    window: tuple[int, int, int],
-    num_classes: int,
-    overlap: float,
     batch_size: int,
-    mirror_axes: tuple[int, ...],
-    device: torch.device,
     acc_device: torch.device,
-    amp_dtype: torch.dtype | None,
-    average: Average,
-    min_weight: float,
-    grid: Grid,
-    streaming: bool,
     report: Progress,
     should_stop: Callable[[], bool] | None,
     limits: DeviceLimits,
 ) -> None:
     """One full pass over the volume, writing into ``result``; halves the batch on out of memory."""
+    window, num_classes, device = settings.window, settings.num_classes, settings.device
+    average, streaming = settings.average, settings.streaming
     spatial = tuple(image.shape[1:])
     image, padded, before = _pad_to_window(image, window)
-    starts = [window_starts(p, w, overlap, grid) for p, w in zip(padded, window, strict=True)]
+    starts = [window_starts(p, w, settings.overlap, settings.grid)
+              for p, w in zip(padded, window, strict=True)]
     windows = list(itertools.product(*starts))  # sorted by D start: needed for streaming
     total = len(windows)
 
+    mirror_axes = settings.mirror_axes
     flips = [dims for r in range(1, len(mirror_axes) + 1)
              for dims in itertools.combinations([a + 2 for a in sorted(set(mirror_axes))], r)]
-    gauss = gaussian_importance(window, device, min_weight=min_weight)  # where logits are
+    gauss = gaussian_importance(window, device, min_weight=settings.min_weight)  # where logits are
     # probabilities need the weight sum (one more channel); labels, an argmax, do not
     channels = num_classes + (result.ndim == 4)
     ring_rows = window[0] if streaming else padded[0]
@@ -330,7 +351,8 @@ def _run(
         ]
         inputs = torch.stack(crops).to(device, non_blocking=True)
         try:
-            logits = _predict(network, inputs, flips, amp_dtype, average == "probabilities")
+            logits = _predict(network, inputs, flips, settings.amp_dtype,
+                              average == "probabilities")
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise

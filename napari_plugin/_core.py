@@ -326,12 +326,7 @@ def segmentation_job(
     image = np.asarray(image)
     if isinstance(model, str | Path):
         yield JobProgress(0, 0, f"loading model {model}")
-        try:
-            model = load_model(model, device=device)
-        except (MedsegError, Cancelled):
-            raise
-        except Exception as exc:
-            raise MedsegError(f"cannot load model {model}: {type(exc).__name__}: {exc}") from exc
+        model = _load_for_job(model, device)
     check_image(image, model, layer_name)
     check_map_kind(model, also_show)
     if should_stop is not None and should_stop():
@@ -368,15 +363,31 @@ def segmentation_job(
     finally:
         stop.set()  # no-op after a normal finish; stops prediction when the job is closed early
         thread.join()
+    return _job_result(outcome, image.shape, model, warning, also_show)
+
+
+def _load_for_job(source: str | Path, device: str) -> SegmentationModel:
+    """``load_model`` for a job: any failure becomes a MedsegError (see ``segmentation_job``)."""
+    try:
+        return load_model(source, device=device)
+    except (MedsegError, Cancelled):
+        raise
+    except Exception as exc:
+        raise MedsegError(f"cannot load model {source}: {type(exc).__name__}: {exc}") from exc
+
+
+def _job_result(outcome: dict[str, Any], shape: tuple[int, ...], model: SegmentationModel,
+                warning: str | None, also_show: MapKind) -> SegmentationResult:
+    """The job's result from its prediction thread's ``outcome``; its error re-raised here."""
     error = outcome.get("error")
     if isinstance(error, MedsegError | Cancelled):
         raise error
     if error is not None:
         raise MedsegError(f"segmentation failed: {type(error).__name__}: {error}") from error
     labels = np.asarray(outcome["labels"])
-    if labels.shape != image.shape:
+    if labels.shape != shape:
         raise MedsegError(f"model returned labels of shape {labels.shape} for an image of shape "
-                          f"{image.shape}")
+                          f"{shape}")
     return SegmentationResult(labels, dict(model.labels), str(model.name), warning,
                               outcome["map"], also_show)
 

@@ -105,7 +105,17 @@ class SegmentWidget(QWidget):
         self._segmented: Image | None = None  # the layer the running job segments
         # A job outliving its widget (viewer closed) must stop too.
         self.destroyed.connect(self._stop.set)
+        self._make_inputs()
+        self._make_controls()
+        self._lay_out()
+        self.model_combo.currentIndexChanged.connect(self._show_model_labels)
+        self._show_model_labels()
+        for event in ("inserted", "removed", "moved", "changed"):
+            getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
+        self._refresh_layers()
 
+    def _make_inputs(self) -> None:
+        """The choices: image layer, model (shipped, or a path), device, overlap, TTA, map."""
         self.image_combo = QComboBox()
         self.model_combo = QComboBox()
         for name, description in shipped_models():
@@ -117,12 +127,9 @@ class SegmentWidget(QWidget):
         self.model_labels.setWordWrap(True)
         self.model_path = QLineEdit()
         self.model_path.setPlaceholderText("run folder or checkpoint .safetensors")
-        browse = QPushButton("…")
-        browse.setToolTip("choose a checkpoint file")
-        browse.clicked.connect(self._browse)
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.model_path)
-        path_row.addWidget(browse)
+        self.browse_button = QPushButton("…")
+        self.browse_button.setToolTip("choose a checkpoint file")
+        self.browse_button.clicked.connect(self._browse)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.overlap = QDoubleSpinBox()
@@ -136,14 +143,14 @@ class SegmentWidget(QWidget):
             self.map_combo.addItem(text, kind)
             self.map_combo.setItemData(self.map_combo.count() - 1, tooltip,
                                        Qt.ItemDataRole.ToolTipRole)
+
+    def _make_controls(self) -> None:
+        """Run and Cancel, the progress bar, the status line and the volume table."""
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
@@ -154,6 +161,13 @@ class SegmentWidget(QWidget):
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
         self.table.verticalHeader().setVisible(False)
 
+    def _lay_out(self) -> None:
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.model_path)
+        path_row.addWidget(self.browse_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
         form = QFormLayout()
         form.addRow("image", self.image_combo)
         form.addRow("model", self.model_combo)
@@ -169,12 +183,6 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.table)
-
-        self.model_combo.currentIndexChanged.connect(self._show_model_labels)
-        self._show_model_labels()
-        for event in ("inserted", "removed", "moved", "changed"):
-            getattr(self.viewer.layers.events, event).connect(self._refresh_layers)
-        self._refresh_layers()
 
     # ------------------------------------------------------------------ choices
 
