@@ -3,8 +3,8 @@
 Contract (shared by ``predict``, validation during training and the napari plugin):
 ``image`` is a float tensor ``(C, D, H, W)`` on the CPU, already preprocessed; the result is on the
 CPU: class labels ``(D, H, W)`` (``torch.uint8`` when they fit, else ``int16``) or softmax
-probabilities ``(K, D, H, W)`` float32. Volumes smaller than the window are padded (each channel
-with its minimum, as training pads its patches) and cropped back.
+probabilities ``(K, D, H, W)`` float32. Volumes smaller than the window are padded with zeros
+(as training pads its patches) and cropped back.
 
 How it works (after nnU-Net's ``sliding_window_prediction.py``):
 
@@ -296,10 +296,7 @@ def _pad_to_window(image: torch.Tensor, window: tuple[int, int, int]
         pad = []
         for b, p, s in reversed(list(zip(before, padded, spatial, strict=True))):
             pad += [b, p - s - b]
-        # each channel with its minimum, the background value training pads patches with
-        # (augmentation.prepare_item): zero is the mean intensity after z-scoring, and a thin slab
-        # padded with it looked like a body of soft tissue to the network
-        image = torch.stack([F.pad(c, pad, value=float(c.min())) for c in image])
+        image = F.pad(image, pad)  # zeros, as training pads its patches (augmentation.PAD_VALUE)
     return image, padded, before
 
 

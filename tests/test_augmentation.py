@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from medseg3d.augmentation import RandThickSlicesd, patch_transform, prepare_item, thick_slices
+from medseg3d.augmentation import PAD_VALUE, RandThickSlicesd, patch_transform, prepare_item, thick_slices
 from medseg3d.config import ChannelNorm, Plan
 
 
@@ -19,7 +19,7 @@ def test_prepare_item_pads_with_background_and_indexes_voxels():
     labels[7:9, 10:12, 8:9] = 2
     item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0), 4)
     assert item["image"].shape == (1, 16, 20, 16) and item["label"].shape == (1, 16, 20, 16)
-    assert float(item["image"][0, 0, 0, 0]) == float(image.min())  # background, not 0
+    assert float(item["image"][0, 0, 0, 0]) == PAD_VALUE  # what sliding_window pads with
     flat = item["label"].flatten()
     for value, indices in enumerate(item["indices"]):
         assert bool((flat[indices] == value).all())

@@ -338,3 +338,18 @@ def test_estimate_memory_bytes() -> None:
     assert estimate_memory_bytes((256, 256, 256), 2, window, 2, "labels") < streamed
     small = estimate_memory_bytes((1, 20, 20, 20), 3, window, 1, "labels")
     assert small > 3 * 96**3 * 4  # padded to the window
+
+
+def test_a_volume_thinner_than_the_window_is_padded_as_training_pads() -> None:
+    """Training pads small cases with PAD_VALUE; prediction must show the network the same border."""
+    from medseg3d.augmentation import PAD_VALUE
+
+    seen = []
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return torch.zeros((x.shape[0], 2, *x.shape[2:]))
+
+    sliding_window(network, torch.full((1, 16, 16, 4), 5.0), window=(16, 16, 16), num_classes=2)
+    border = seen[0][0, :, :, :, :6]  # (16 - 4) // 2 slices before the volume
+    assert torch.all(border == PAD_VALUE)
