@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy medseg3d
+	$(BIN)/mypy medseg3d napari_plugin
 	$(BIN)/python -m pytest -q
 
 # A wheel in a clean venv, run from another folder: finds the shipped models and predicts.

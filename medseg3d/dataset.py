@@ -3,7 +3,9 @@
 nnU-Net v2: ``dataset.json`` + ``imagesTr/CASE_0000.nii.gz`` (``_0001`` ... for more channels) +
 ``labelsTr/CASE.nii.gz`` (+ optional ``imagesTs/``). Decathlon: ``dataset.json`` with a
 ``training`` list of ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` and
-4D images holding the channels in their last axis.
+4D images holding the channels in their last axis. ``held_out_cases`` finds the labelled test
+cases of ``imagesTs``/``labelsTs`` with the same rules as ``imagesTr``/``labelsTr`` (unlabelled
+test images allowed).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ not predicted says nothing about the model) and average HD95 over finite values 
 counts of empty cases are reported beside the means. The worst case per class (lowest Dice and
 NSD, largest HD95, with the case names) is reported beside the mean, over the same cases; its
 HD95 is infinity when one mask of a scored case is empty, since a mean hides such a failure.
+``dice`` / ``dice_per_class`` are the one Dice of the package: training's validation uses them.
 """
 
 from __future__ import annotations

@@ -227,9 +227,14 @@ def label_features(names: Mapping[str, int]) -> dict[str, list[Any]]:
 class SegmentationModel(Protocol):
     """What the job needs from ``medseg3d.load_model(...)``."""
 
-    name: str
-    labels: dict[str, int]
-    num_channels: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def labels(self) -> dict[str, int]: ...
+
+    @property
+    def num_channels(self) -> int: ...
 
     def predict(self, image: np.ndarray, affine: np.ndarray | None = None, *,
                 overlap: float = 0.5, tta: bool = False,
@@ -299,9 +304,6 @@ def check_image(image: np.ndarray, model: SegmentationModel, layer_name: str = "
         raise MedsegError(f"layer {layer_name!r} has dtype {image.dtype}; expected real numbers")
 
 
-_DONE = object()
-
-
 def segmentation_job(
     model: str | Path | SegmentationModel,
     image: np.ndarray,
@@ -332,7 +334,7 @@ def segmentation_job(
     if should_stop is not None and should_stop():
         raise Cancelled
 
-    events: queue.SimpleQueue[object] = queue.SimpleQueue()
+    events: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()  # None: finished
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -348,7 +350,7 @@ def segmentation_job(
         except BaseException as exc:  # handed to the generator's thread, re-raised there
             outcome["error"] = exc
         finally:
-            events.put(_DONE)
+            events.put(None)
 
     warning = input_warning(model, image, affine)
     if warning is not None:
@@ -357,8 +359,8 @@ def segmentation_job(
     thread = threading.Thread(target=run, name="medseg3d-predict", daemon=True)
     thread.start()
     try:
-        while (event := events.get()) is not _DONE:
-            done, total = event  # type: ignore[misc]
+        while (event := events.get()) is not None:
+            done, total = event
             yield JobProgress(int(done), int(total), f"window {done}/{total}")
     finally:
         stop.set()  # no-op after a normal finish; stops prediction when the job is closed early

@@ -159,7 +159,9 @@ class SegmentWidget(QWidget):
         self.status.setWordWrap(True)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
-        self.table.verticalHeader().setVisible(False)
+        header = self.table.verticalHeader()
+        if header is not None:
+            header.setVisible(False)
 
     def _lay_out(self) -> None:
         path_row = QHBoxLayout()
@@ -255,7 +257,7 @@ class SegmentWidget(QWidget):
             show_error(problem)
             self.status.setText(problem)
             return None
-        assert layer is not None
+        assert layer is not None and source is not None
         self._stop.clear()
         job = segmentation_job(
             source, np.asarray(layer.data), layer_world_affine(layer),
