@@ -83,7 +83,7 @@ def main() -> None:
     plan = Plan(spacing=(args.spacing,) * 3, patch_size=(64, 64, 64),
                 normalization=[ChannelNorm()], labels={"background": 0, "head": 1})
     model = Model.from_network("unet", plan, device=args.device, filters=[8, 16, 32])
-    config = InferenceConfig(device=args.device, overlap=0.5, batch_size=2)
+    config = InferenceConfig(overlap=0.5, batch_size=2)  # on the model's device
     with tempfile.TemporaryDirectory(prefix="cohort_io_") as tmp:
         root = Path(tmp)
         (root / "scans").mkdir()

@@ -80,9 +80,9 @@ class Model:
         """Labels (and probabilities when ``config`` asks) for a Volume, on this model's device."""
         if (warning := self.unfamiliar(volume)) is not None:
             LOGGER.warning(warning)  # the user may know better: a warning, never an error
-        config = config.model_copy(update={"device": str(self.device)})
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
-                              should_stop=should_stop, limits=self.limits, traits=self.traits)
+                              should_stop=should_stop, limits=self.limits, traits=self.traits,
+                              device=self.device)
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:

@@ -293,16 +293,16 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
-    config = InferenceConfig(device=device, overlap=overlap, batch_size=batch_size, tta=tta,
-                             amp=amp, save_probabilities=save_probabilities,
+    config = InferenceConfig(overlap=overlap, batch_size=batch_size, tta=tta, amp=amp,
+                             save_probabilities=save_probabilities,
                              max_memory_gb=_memory(max_memory))
-    _predict_cohort(input, output, model, config, num_parts=num_parts, part_id=part_id,
+    _predict_cohort(input, output, model, device, config, num_parts=num_parts, part_id=part_id,
                     resume=resume, overwrite=overwrite)
 
 
-def _predict_cohort(source: Path, output: Path | None, model: str, config: InferenceConfig, *,
-                    num_parts: int = 1, part_id: int = 0, resume: bool = False,
-                    overwrite: bool = False) -> None:
+def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
+                    config: InferenceConfig, *, num_parts: int = 1, part_id: int = 0,
+                    resume: bool = False, overwrite: bool = False) -> None:
     """``predict``'s work, also run by ``evaluate --model``: plan, lock, predict, report."""
     from medseg3d import cohort
     from medseg3d.api import load_model
@@ -319,7 +319,7 @@ def _predict_cohort(source: Path, output: Path | None, model: str, config: Infer
         if not jobs:
             out.print(f"nothing to do: all {len(plan.cases)} case(s) already have outputs")
             return
-        predictor = load_model(model, config.device)
+        predictor = load_model(model, device)
         console.print(f"device: {describe_device(predictor.device)}", highlight=False,
                       soft_wrap=True)
         cohort.check_channels([case for case, _ in jobs], predictor.num_channels)
@@ -443,8 +443,8 @@ def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
     output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
     out.print(f"evaluating model {model} on {dataset} (images{split} against labels{split})",
               highlight=False, soft_wrap=True)
-    _predict_cohort(dataset / f"images{split}", output / "predictions", model,
-                    InferenceConfig(device=device), overwrite=True)
+    _predict_cohort(dataset / f"images{split}", output / "predictions", model, device,
+                    InferenceConfig(), overwrite=True)
     return output / "predictions", dataset / f"labels{split}", output
 
 

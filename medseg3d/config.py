@@ -282,9 +282,12 @@ class TrainConfig(Frozen):
 
 
 class InferenceConfig(Frozen):
-    """Sliding-window and output options of ``medseg3d predict`` and the napari widget."""
+    """Sliding-window and output options of ``medseg3d predict`` and the napari widget.
 
-    device: Device = "auto"
+    The device is not one of them: it belongs to the model (``load_model(..., device)``), which
+    holds its weights there, so the two can never disagree.
+    """
+
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     batch_size: int = Field(default=2, ge=1)
     tta: bool = False

@@ -73,14 +73,16 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
                    progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
                    limits: DeviceLimits | None = None,
-                   traits: NetworkTraits | None = None) -> Prediction:
+                   traits: NetworkTraits | None = None,
+                   device: torch.device | str = "auto") -> Prediction:
     """Segment ``volume`` with ``network``; see the module docstring for the geometry contract.
 
-    ``traits`` default to the registry's for ``meta.network``.
+    ``traits`` default to the registry's for ``meta.network``; ``device`` is where the network
+    runs (``Model`` passes its own).
     """
     plan = meta.plan
     traits = traits or network_traits(meta.network.name, **meta.network.options)
-    device = resolve_device(config.device)
+    device = resolve_device(device)
     network = network.to(device).eval()
     image, grid = preprocess_image(volume, plan)
     smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4

@@ -163,7 +163,7 @@ def _test_one(weights: Path, cases: list[Case], spec: DatasetSpec, device: str,
               out_dir: Path) -> tuple[Summary, float, float, MemoryMeasure, dict[str, np.ndarray]]:
     """Segment and score the test cases: (summary, seconds/case, peak MB, measure, labels)."""
     model = load_model(weights, device)
-    config = InferenceConfig(device=device)
+    config = InferenceConfig()  # on the model's device
     results, seconds, peaks, predictions = [], [], [], {}
     measure: MemoryMeasure = "cpu_rss_delta"
     for case in cases:

@@ -113,13 +113,13 @@ def test_plan_falls_back_to_fit_the_limit(setup, monkeypatch: pytest.MonkeyPatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "sliding_window", spy)
-    config = InferenceConfig(device="cpu", batch_size=4, overlap=0.0,
+    config = InferenceConfig(batch_size=4, overlap=0.0,
                              max_memory_gb=(low + high) / 2 / GB)
     volume = read_volume(scan)
     prediction = model.predict_volume(volume, config)
     assert prediction.labels.shape == SHAPE
     assert (seen["batch_size"], seen["output"] == "probabilities") == chosen
-    unlimited = model.predict_volume(volume, InferenceConfig(device="cpu", batch_size=4, overlap=0.0))
+    unlimited = model.predict_volume(volume, InferenceConfig(batch_size=4, overlap=0.0))
     if chosen[1]:  # same output kind: a smaller batch changes nothing
         assert np.array_equal(prediction.labels, unlimited.labels)
 
