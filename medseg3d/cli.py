@@ -506,7 +506,7 @@ def compare(
 ) -> None:
     """Train each network with the same budget, seed and split; compare accuracy and cost."""
     from medseg3d.experiments.compare import compare as run_comparison
-    from medseg3d.experiments.compare import parse_budget
+    from medseg3d.experiments.compare import parse_budget, summary_table
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
     for name in networks:
@@ -525,16 +525,7 @@ def compare(
                             iterations_per_epoch=iterations, device=device,
                             augment=cast(Augment, augment),
                             reuse_runs=reuse_runs, log=console.print)
-    table = Table(title=f"{result.dataset}: {minutes:g} min per network, {len(result.test_cases)} "
-                  f"held-out case(s) ({result.test_split}), {result.machine}", title_justify="left")
-    for column in ("network", "params", "epochs", "Dice", "HD95 (mm)", "NSD", "s/case",
-                   "peak MB"):
-        table.add_column(column, justify="left" if column == "network" else "right")
-    for r in result.rows:
-        table.add_row(r.network, f"{r.parameters / 1e6:.2f} M", str(r.epochs), f"{r.mean_dice:.4f}",
-                      f"{r.mean_hd95_mm:.2f}", f"{r.mean_nsd:.4f}",
-                      f"{r.predict_seconds_per_case:.2f}", f"{r.peak_memory_mb:.0f}")
-    out.print(table)
+    out.print(summary_table(result))
     out.print(f"wrote comparison.json, comparison.csv, comparison.png and slices.png to {output}")
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from rich.table import Table
 
 from medseg3d.api import load_model
 from medseg3d.atomic import write_text_atomic
@@ -71,6 +72,7 @@ __all__ = [
     "parse_budget",
     "plot_comparison",
     "plot_slices",
+    "summary_table",
     "write_comparison",
 ]
 
@@ -277,6 +279,21 @@ def _run_one(config: TrainConfig, test: list[Case], spec: DatasetSpec, reuse: bo
         predict_seconds_per_case=round(seconds, 3), peak_memory_mb=round(peak, 1),
         memory_measure=measure, run=run.relative_to(output).as_posix())
     return row, predictions
+
+
+def summary_table(comparison: Comparison) -> Table:
+    """The comparison as ``medseg3d compare`` prints it: one row per network."""
+    table = Table(title=f"{comparison.dataset}: {comparison.budget_minutes:g} min per network, "
+                  f"{len(comparison.test_cases)} held-out case(s) ({comparison.test_split}), "
+                  f"{comparison.machine}", title_justify="left")
+    for column in ("network", "params", "epochs", "Dice", "HD95 (mm)", "NSD", "s/case",
+                   "peak MB"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for r in comparison.rows:
+        table.add_row(r.network, f"{r.parameters / 1e6:.2f} M", str(r.epochs), f"{r.mean_dice:.4f}",
+                      f"{r.mean_hd95_mm:.2f}", f"{r.mean_nsd:.4f}",
+                      f"{r.predict_seconds_per_case:.2f}", f"{r.peak_memory_mb:.0f}")
+    return table
 
 
 def _fmt(value: float) -> str:
