@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from medseg3d.atomic import atomic_path
 from medseg3d.config import CheckpointMeta, load_model_file, save_model_file
@@ -121,5 +122,6 @@ def run_checkpoint(run_dir: Path) -> Path | None:
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel wrapper (or the network itself)."""
-    inner = getattr(network, "module", None)
-    return inner if isinstance(inner, nn.Module) else network
+    if isinstance(network, DistributedDataParallel | DataParallel):
+        return network.module
+    return network
