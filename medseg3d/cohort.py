@@ -220,11 +220,14 @@ def check_writable(folder: Path) -> None:
         raise MedsegError(f"output folder is not writable ({exc.strerror or exc})", folder) from exc
 
 
-def read_input(case: InputCase) -> Volume:
-    """Read a case, stacking channel files (channels last) after checking they share a grid."""
+def read_input(case: InputCase, max_bytes: int | None = None) -> Volume:
+    """Read a case, stacking channel files (channels last) after checking they share a grid.
+
+    ``max_bytes``: a memory limit that each file's header is checked against before reading.
+    """
     if len(case.files) == 1:
-        return read_volume(case.files[0], allow_channels=True)
-    channels = [read_volume(f) for f in case.files]
+        return read_volume(case.files[0], allow_channels=True, max_bytes=max_bytes)
+    channels = [read_volume(f, max_bytes=max_bytes) for f in case.files]
     first = channels[0]
     for other in channels[1:]:
         if other.spatial_shape != first.spatial_shape or not np.allclose(other.affine,
@@ -234,20 +237,21 @@ def read_input(case: InputCase) -> Volume:
                   first.sitk_geometry)
 
 
-def read_cases(cases: list[InputCase], ahead: bool = True) -> Iterator[tuple[InputCase, Volume]]:
+def read_cases(cases: list[InputCase], ahead: bool = True, max_bytes: int | None = None
+               ) -> Iterator[tuple[InputCase, Volume]]:
     """Each case with its volume; with ``ahead`` the next one is read in a thread meanwhile."""
     if not ahead:
         for case in cases:
-            yield case, read_input(case)
+            yield case, read_input(case, max_bytes)
         return
     if not cases:
         return
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read_input, cases[0])
+        future = pool.submit(read_input, cases[0], max_bytes)
         for i, case in enumerate(cases):
             volume = future.result()
             if i + 1 < len(cases):
-                future = pool.submit(read_input, cases[i + 1])
+                future = pool.submit(read_input, cases[i + 1], max_bytes)
             yield case, volume
 
 
@@ -306,7 +310,8 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
     its result was handed to the writer. ``replace=False`` never replaces an existing output.
     """
     writer = BackgroundWriter(enabled=overlap_io)
-    volumes = read_cases([case for case, _ in jobs], ahead=overlap_io)
+    limit = None if config.max_memory_gb is None else int(config.max_memory_gb * 2**30)
+    volumes = read_cases([case for case, _ in jobs], ahead=overlap_io, max_bytes=limit)
     for (case, target), (_, volume) in zip(jobs, volumes, strict=True):
         if on_read is not None:
             on_read(case, volume)

@@ -105,8 +105,13 @@ def case_name(path: str | Path) -> str:
     return name[: len(name) - len(suffix)] if suffix else Path(name).stem
 
 
-def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
-    """Read a 3D volume (or 4D with channels last when ``allow_channels``); raise MedsegError if bad."""
+def read_volume(path: str | Path, *, allow_channels: bool = False,
+                max_bytes: int | None = None) -> Volume:
+    """Read a 3D volume (or 4D with channels last when ``allow_channels``); raise MedsegError if bad.
+
+    ``max_bytes``: refuse, from the header alone and before any voxel is decompressed, a file whose
+    reading would take more memory than this (its stored voxels plus their float32 copy).
+    """
     path = Path(path)
     if not path.exists():
         raise MedsegError("file not found", path)
@@ -117,17 +122,46 @@ def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
         raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}", path)
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
+    if max_bytes is not None:
+        _check_reading_fits(path, suffix, max_bytes)
     volume = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_sitk(path)
     return check_volume(volume, allow_channels=allow_channels, source=path)
+
+
+def _check_reading_fits(path: Path, suffix: str, max_bytes: int) -> None:
+    """MedsegError when the voxels the header declares cannot be read within ``max_bytes``."""
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            with open(path, "rb") as fh:
+                magic = fh.read(4)
+            with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
+                img = _load_nifti(path, magic)  # the header only: voxels load on access
+            shape, itemsize = tuple(img.shape), img.get_data_dtype().itemsize
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            with sitk_log.about(path):
+                reader.ReadImageInformation()
+            shape = (*reader.GetSize(), reader.GetNumberOfComponents())
+            itemsize = _sitk_itemsize(reader)
+    except Exception:  # noqa: BLE001  (a bad header is reported, in one line, by the full read)
+        return
+    need = int(np.prod(shape, dtype=np.int64)) * (itemsize + 4)
+    if need > max_bytes:
+        raise MedsegError(f"reading it needs about {_human(need)} (its header declares shape "
+                          f"{shape}), more than the memory limit of {_human(max_bytes)}", path)
+
+
+def _sitk_itemsize(reader: sitk.ImageFileReader) -> int:
+    """Bytes per stored component of the image ``reader`` has read the information of."""
+    probe = sitk.Image([1, 1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
+    return sitk.GetArrayViewFromImage(probe).itemsize
 
 
 def read_labels(path: str | Path, *, reference: Volume | None = None) -> Volume:
     """Read a label map as integers; with ``reference``, check it lies on the same voxel grid."""
     volume = read_volume(path)
-    data = volume.array
-    rounded = np.rint(data)
-    if not np.allclose(rounded, data, atol=1e-3):
-        raise MedsegError("label map holds non-integer values", path)
+    rounded = integer_labels(volume.array, path)
     if rounded.min() < 0:
         raise MedsegError(f"label map holds negative values ({int(rounded.min())})", path)
     labels = Volume(rounded.astype(np.int32), volume.affine, volume.header, volume.path,
@@ -135,6 +169,15 @@ def read_labels(path: str | Path, *, reference: Volume | None = None) -> Volume:
     if reference is not None:
         check_same_grid(reference, labels)
     return labels
+
+
+def integer_labels(data: np.ndarray, source: str | Path | None = None) -> np.ndarray:
+    """``data`` rounded to the nearest integers (as floats); MedsegError naming ``source`` when a
+    value is more than 1e-3 from an integer (a label map stored as floats must hold whole numbers)."""
+    rounded = np.rint(data)
+    if not np.allclose(rounded, data, atol=1e-3):
+        raise MedsegError("label map holds non-integer values", source)
+    return rounded
 
 
 def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
@@ -305,10 +348,17 @@ def _read_sitk(path: Path) -> Volume:
     geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
     if not all(np.isfinite(s) and s > 0 for s in geometry.spacing):
         raise MedsegError(f"voxel spacing {list(geometry.spacing)} is not a positive size", path)
-    data = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x[, c])
-    data = np.ascontiguousarray(np.moveaxis(data, [0, 1, 2], [2, 1, 0]))
-    affine = _LPS_TO_RAS @ _itk_affine(geometry)
+    data, affine = from_sitk(img)
+    data = np.ascontiguousarray(data, dtype=np.float32)
     return Volume(data, affine, nifti_header(affine, data.shape), path, geometry)
+
+
+def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels of a SimpleITK image indexed ``[i, j, k(, c)]`` in their own type (a view of
+    ITK's ``z, y, x`` array) and its affine in RAS mm (ITK's LPS world axes flipped)."""
+    data = np.moveaxis(sitk.GetArrayFromImage(img), [0, 1, 2], [2, 1, 0])
+    geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    return data, _LPS_TO_RAS @ _itk_affine(geometry)
 
 
 def nifti_header(affine: np.ndarray, shape: tuple[int, ...]) -> nib.Nifti1Header:

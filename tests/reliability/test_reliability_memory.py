@@ -144,3 +144,47 @@ def test_generous_limit_through_the_cli(setup, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert nib.load(out).shape == SHAPE and np.array_equal(nib.load(out).affine,
                                                            nib.load(scan).affine)
+
+
+def _zeros_nifti_gz(path: Path, shape: tuple[int, int, int]) -> Path:
+    """A valid float32 .nii.gz of zeros, written in chunks: megabytes on disk, gigabytes inside."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    chunk = bytes(64 * 2**20)
+    left = int(np.prod(shape)) * 4
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(header.binaryblock + b"\0" * 4)
+        while left > 0:
+            fh.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+    return path
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_within_the_limit(setup, tmp_path) -> None:
+    """800³ float32 zeros (2 GiB, a few MB of gzip) against --max-memory 1GB: refused before a
+    voxel is decompressed, and the whole process stays within 1.5x the limit (peak RSS)."""
+    import subprocess
+    import sys
+
+    _, weights, _ = setup
+    bomb = _zeros_nifti_gz(tmp_path / "bomb.nii.gz", (800, 800, 800))
+    assert bomb.stat().st_size < 16 * 2**20
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, "
+            "text=True); print(r.returncode); print(r.stdout + r.stderr); "
+            "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    command = [sys.executable, "-m", "medseg3d", "predict", str(bomb), "-o",
+               str(tmp_path / "seg.nii.gz"), "--model", str(weights), "--device", "cpu",
+               "--max-memory", "1GB"]
+    out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True,
+                         check=True).stdout
+    returncode, _, rest = out.partition("\n")
+    output, _, peak = rest.rpartition("peak_kb ")
+    assert returncode == "1", output
+    assert_one_line_error(output, r"reading it needs about 3\.8 GiB .*memory limit of 1\.0 GiB", bomb)
+    assert int(peak) * 1024 < 1.5 * GB
+    assert not (tmp_path / "seg.nii.gz").exists()
