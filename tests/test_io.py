@@ -9,7 +9,15 @@ import SimpleITK as sitk
 from synthetic import make_affine, save_nifti
 
 from medseg3d.errors import MedsegError
-from medseg3d.io import case_name, label_dtype, read_labels, read_volume, write_labels
+from medseg3d.io import (
+    case_name,
+    from_sitk,
+    integer_labels,
+    label_dtype,
+    read_labels,
+    read_volume,
+    write_labels,
+)
 
 GEOMETRIES = {
     "ras": make_affine((1.0, 1.0, 1.0), "RAS"),
@@ -62,6 +70,26 @@ def test_sitk_formats_round_trip(tmp_path, suffix):
     assert back.GetSpacing() == img.GetSpacing()
     assert back.GetDirection() == img.GetDirection()
     assert back.GetSize() == img.GetSize()
+
+
+def test_from_sitk_keeps_the_voxel_type_and_gives_the_ras_affine():
+    img = sitk.GetImageFromArray(np.arange(7 * 8 * 9, dtype=np.int16).reshape(7, 8, 9))  # z, y, x
+    img.SetSpacing((0.7, 0.8, 2.0))
+    img.SetOrigin((10.0, -5.0, 3.0))
+    img.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    data, affine = from_sitk(img)
+    assert data.dtype == np.int16 and data.shape == (9, 8, 7)
+    assert data[4, 2, 1] == img[4, 2, 1]  # SimpleITK indexes (x, y, z) too
+    for index in [(0, 0, 0), (8, 7, 6), (3, 1, 5)]:
+        lps = img.TransformIndexToPhysicalPoint(index)
+        assert np.allclose(affine @ (*index, 1), (-lps[0], -lps[1], lps[2], 1))
+
+
+def test_integer_labels_rounds_near_integers_and_refuses_fractions():
+    rounded = integer_labels(np.array([0.0, 1.0004, 2.9996, 5.0]))
+    assert np.array_equal(rounded, [0, 1, 3, 5])
+    with pytest.raises(MedsegError, match="aseg.mgz: label map holds non-integer values"):
+        integer_labels(np.array([0.0, 0.5]), "aseg.mgz")
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path):

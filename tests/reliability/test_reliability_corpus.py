@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -52,6 +54,27 @@ def assert_one_line_error(output: str, pattern: str, path: Path) -> str:
     assert len(errors) == 1, output
     assert str(path) in errors[0] and re.search(pattern, errors[0]), errors[0]
     return errors[0]
+
+
+@contextlib.contextmanager
+def unreadable(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``folder`` cannot be listed inside the block: chmod 000, or for root, who reads through
+    that, a Path.iterdir that refuses it."""
+    if os.geteuid() == 0:
+        real_iterdir = Path.iterdir
+
+        def refuse(self: Path):
+            if self == folder:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_iterdir(self)
+
+        monkeypatch.setattr(Path, "iterdir", refuse)
+    else:
+        folder.chmod(0)
+    try:
+        yield
+    finally:
+        folder.chmod(0o755)
 
 
 def write_case(case: BadInput, folder: Path) -> Path:
@@ -105,21 +128,8 @@ def test_unreadable_input_folder(tmp_path: Path, models: dict[int, Path],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     scans = tmp_path / "scans"
     write(scans.mkdir() or scans / "a.nii.gz", image())
-    if os.geteuid() == 0:  # root reads through chmod 000: simulate the refusal
-        real_iterdir = Path.iterdir
-
-        def refuse(self: Path):
-            if self == scans:
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real_iterdir(self)
-
-        monkeypatch.setattr(Path, "iterdir", refuse)
-    else:
-        scans.chmod(0)
-    try:
+    with unreadable(scans, monkeypatch):
         result = run("predict", scans, "-o", tmp_path / "out", "--model", models[1])
-    finally:
-        scans.chmod(0o755)
     assert result.exit_code == 1
     assert_one_line_error(result.output, "folder is not readable", scans)
     assert not (tmp_path / "out").exists()
@@ -285,20 +295,6 @@ def test_train_cli_refuses_bad_dataset(tmp_path: Path, name: str) -> None:
 def test_unreadable_dataset_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "ds", num_cases=2, shape=SHAPE)
     images = root / "imagesTr"
-    if os.geteuid() == 0:
-        real_iterdir = Path.iterdir
-
-        def refuse(self: Path):
-            if self == images:
-                raise PermissionError(errno.EACCES, "Permission denied", str(self))
-            return real_iterdir(self)
-
-        monkeypatch.setattr(Path, "iterdir", refuse)
-    else:
-        images.chmod(0)
-    try:
-        with pytest.raises(MedsegError, match="not readable") as info:
-            validate_dataset(root)
-    finally:
-        images.chmod(0o755)
+    with unreadable(images, monkeypatch), pytest.raises(MedsegError, match="not readable") as info:
+        validate_dataset(root)
     assert str(images) in str(info.value)
