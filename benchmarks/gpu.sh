@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh [RESULTS_DIR]        (default runs/gpu; PYTHON=... picks the interpreter)
 #
 # Needs a Python with CUDA torch and medseg3d's requirements (pip install -e . on the GPU host,
-# or its wheels carried over when that host has no network). Each step has its own time limit,
+# or its wheels carried over when that host has no network) and data/BrainMaskT1 (16 MB, from
+# data/prepare.py: the engine step predicts Colin27 with the shipped model). Each step has its own time limit,
 # prints what it measured and goes on after a failure; the summary at the end names the steps
 # that failed. Record the numbers in benchmarks/README.md ("GPU") with the GPU named.
 set -u
