@@ -1,11 +1,22 @@
-"""Our sliding-window engine against MONAI's ``sliding_window_inference``, in one process.
+"""medseg3d's prediction engine against MONAI's ``sliding_window_inference``, trained weights, real scans.
 
-Same network (MONAI UNet, ~4.8 M parameters, random weights, eval mode), same volume, window 96^3,
-overlap 0.5, batch 2; runs are interleaved and repeated. Reported per engine: median wall time,
-the part of it spent outside the network's forward ("overhead"), peak memory (RSS delta on the
-CPU, ``max_memory_allocated`` on CUDA) and voxel agreement of the argmax labels with ours.
+Each case is a shipped model and a scan it was made for (from ``data/prepare.py``). The scan is
+preprocessed once onto the model's plan grid; every engine then maps that image to labels with
+the model's own network and window, in one process, runs interleaved with a rotating order.
+Random weights would make near-ties everywhere and agreement meaningless, so none are used.
+
+Engines (window = the plan's patch, overlap 0.5, Gaussian weights with sigma = window / 8):
+
+* ``ours``: medseg3d's default predict path (``InferenceConfig()``): our engine with bf16
+  autocast where the CPU computes bf16 natively (fp16 on CUDA);
+* ``ours-fp32``: the same with ``--no-amp``;
+* ``monai-softmax``: ``sliding_window_inference`` with a softmax predictor, fp32, as a MONAI user
+  writes it on a CPU (MONAI autocasts nothing by itself);
+* ``monai-softmax-amp``: the same inside ``torch.autocast`` with our dtype: like with like;
+* ``ours as MONAI``: MONAI's window positions and probability averaging (run once).
 
 Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device cuda]``
+(``--quick``: the shipped ``brainmask`` on Colin27 only).
 """
 
 from __future__ import annotations
@@ -20,16 +31,26 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
-from monai.networks.nets import UNet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+from medseg3d.api import load_model  # noqa: E402
+from medseg3d.io import read_volume  # noqa: E402
 from medseg3d.memory import PeakMemory  # noqa: E402
-from medseg3d.sliding_window import estimate_memory_bytes, sliding_window  # noqa: E402
+from medseg3d.precision import autocast_dtype  # noqa: E402
+from medseg3d.preprocessing import preprocess_image  # noqa: E402
+from medseg3d.sliding_window import sliding_window  # noqa: E402
 
-WINDOW = (96, 96, 96)
 OVERLAP = 0.5
 BATCH = 2
 MiB = 2**20
+QUICK = [("brainmask", "data/BrainMaskT1/imagesTs/colin27_0000.nii.gz")]
+FULL = QUICK + [
+    ("brainmask", "data/BrainMaskT1/imagesTr/fsaverage_0000.nii.gz"),
+    ("abdomenct", "data/AbdomenCT/imagesTr/ts_example_ct_0000.nii.gz"),
+    ("abdomenct", "data/AbdomenCT/imagesTr/ts_example_dicom_0000.nii.gz"),
+    ("abdomenct", "data/AbdomenCT/imagesTs/ts_aorta_cta_0000.nii.gz"),
+]
 
 
 class TimedNetwork(torch.nn.Module):
@@ -61,71 +82,54 @@ class Result:
     labels: torch.Tensor | None = None
 
 
-def phantom(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """A smooth random volume with noise, normalised, shaped ``(1, D, H, W)``."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn((1, 1, *(max(2, s // 16) for s in shape)), generator=gen)
-    smooth = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear")[0]
-    image = smooth + 0.3 * torch.randn((1, *shape), generator=gen)
-    return (image - image.mean()) / image.std()
+Engine = Callable[[torch.Tensor], torch.Tensor]
 
 
-def engines(
-    network: TimedNetwork, num_classes: int, device: torch.device
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Each engine maps an image ``(1, D, H, W)`` to labels ``(D, H, W)`` on the CPU."""
+def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: int,
+            device: torch.device) -> dict[str, Engine]:
+    """Each engine maps a plan-grid image ``(C, D, H, W)`` to labels ``(D, H, W)`` on the CPU."""
+    amp = autocast_dtype(device)
 
-    def ours(**options: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def ours(dtype: torch.dtype | None, **options: str) -> Engine:
         def run(image: torch.Tensor) -> torch.Tensor:
-            return sliding_window(
-                network, image, window=WINDOW, num_classes=num_classes, overlap=OVERLAP,
-                batch_size=BATCH, device=device, **options,  # type: ignore[arg-type]
-            )
+            return sliding_window(network, image, window=window, num_classes=num_classes,
+                                  overlap=OVERLAP, batch_size=BATCH, device=device,
+                                  amp_dtype=dtype, **options)  # type: ignore[arg-type]
 
         return run
 
-    def monai(softmax: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def monai(dtype: torch.dtype | None) -> Engine:
         def predictor(x: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(network(x), 1) if softmax else network(x)
+            return torch.softmax(network(x).float(), 1)
 
         def run(image: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype,
+                                                        enabled=dtype is not None):
                 out = sliding_window_inference(
-                    image[None], WINDOW, BATCH, predictor, overlap=OVERLAP, mode="gaussian",
-                    sigma_scale=0.125, sw_device=device, device=torch.device("cpu"),
-                )
+                    image[None], window, BATCH, predictor, overlap=OVERLAP, mode="gaussian",
+                    sigma_scale=0.125, sw_device=device, device=torch.device("cpu"))
                 return out[0].argmax(0).to(torch.uint8)
 
         return run
 
-    return {
-        "ours": ours(),
-        "monai-softmax": monai(True),
-        "monai-logits": monai(False),
-        # MONAI's window positions and softmax averaging: should reproduce monai-softmax (once)
-        "ours as MONAI": ours(grid="monai", average="probabilities"),
-    }
+    return {"ours": ours(amp), "ours-fp32": ours(None), "monai-softmax": monai(None),
+            "monai-softmax-amp": monai(amp),
+            # MONAI's window positions and softmax averaging: reproduces monai-softmax (once)
+            "ours as MONAI": ours(None, grid="monai", average="probabilities")}
 
 
-def bench_case(
-    shape: tuple[int, int, int], num_classes: int, repeats: int, device: torch.device
-) -> None:
+def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device) -> None:
     """Runs all engines on one case, interleaved, and prints a Markdown table."""
-    torch.manual_seed(0)
-    network = UNet(
-        spatial_dims=3, in_channels=1, out_channels=num_classes, channels=(16, 32, 64, 128, 256),
-        strides=(2, 2, 2, 2), num_res_units=2,
-    ).eval()
-    timed = TimedNetwork(network).to(device).eval()
-    image = phantom(shape)
-    runs = engines(timed, num_classes, device)
+    model = load_model(model_name, device=str(device))
+    plan = model.meta.plan
+    image, _ = preprocess_image(read_volume(scan), plan)
+    timed = TimedNetwork(model.network).to(device).eval()
+    runs = engines(timed, plan.patch_size, plan.num_classes, device)
     results = {name: Result() for name in runs}
     names = list(runs)
-    with torch.inference_mode(), PeakMemory(device) as forward_peak:  # also a warm-up
-        timed(torch.zeros((BATCH, 1, *WINDOW), device=device))
     once = names[-1]
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate the order
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate the order
         for name in order:
             if name == once and r > 0:
                 continue
@@ -139,45 +143,46 @@ def bench_case(
             res.forward_seconds.append(timed.seconds)
             res.peak_bytes.append(peak.peak_bytes)
             res.labels = labels
-            print(f"  {name:14s} run {r + 1}: {seconds:7.1f} s, peak {peak.peak_bytes / MiB:7.0f} MiB",
+            print(f"  {name:18s} run {r + 1}: {seconds:6.2f} s, peak {peak.peak_bytes / MiB:6.0f} MiB",
                   file=sys.stderr, flush=True)
-            del labels
-    ours = results["ours"]
-    estimate = estimate_memory_bytes((1, *shape), num_classes, WINDOW, BATCH, "labels")
-    print(f"\n### {shape[0]}x{shape[1]}x{shape[2]}, {num_classes} classes "
-          f"({len(image[0].flatten()) / 1e6:.1f} M voxels, {repeats} repeats, device {device})\n")
-    print("| engine | median s | outside the forward, s | peak MiB | time / ours "
-          "| memory / ours | labels = monai-softmax | labels = monai-logits |")
+    print_table(model_name, scan, tuple(image.shape), plan.patch_size, results, device, repeats)
+
+
+def print_table(model_name: str, scan: Path, shape: tuple[int, ...], window: tuple[int, ...],
+                results: dict[str, Result], device: torch.device, repeats: int) -> None:
+    """One Markdown table: time and memory against ``monai-softmax``, label agreement."""
+    base = results["monai-softmax"]
+    base_s, base_mem = statistics.median(base.seconds), statistics.median(base.peak_bytes)
+    print(f"\n### `{model_name}` on {scan.name}: plan grid {'x'.join(map(str, shape[1:]))}, "
+          f"window {'x'.join(map(str, window))} ({repeats} repeats, device {device})\n")
+    print("| engine | median s | forward s | speed-up vs monai-softmax | peak MiB "
+          "| memory / monai-softmax | labels = monai-softmax | labels = ours-fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
-        t = statistics.median(res.seconds)
-        outside = zip(res.seconds, res.forward_seconds, strict=True)
-        overhead = statistics.median(s - f for s, f in outside)
-        mem = statistics.median(res.peak_bytes)
+        t, mem = statistics.median(res.seconds), statistics.median(res.peak_bytes)
         agree = [(res.labels == results[other].labels).double().mean().item() * 100
-                 for other in ("monai-softmax", "monai-logits")]
-        print(f"| {name} | {t:.1f} | {overhead:.2f} | {mem / MiB:.0f} "
-              f"| {t / statistics.median(ours.seconds):.2f} "
-              f"| {mem / max(1, statistics.median(ours.peak_bytes)):.2f} "
+                 for other in ("monai-softmax", "ours-fp32")]
+        print(f"| {name} | {t:.2f} | {statistics.median(res.forward_seconds):.2f} "
+              f"| {base_s / t:.2f}x | {mem / MiB:.0f} | {mem / max(1, base_mem):.2f} "
               f"| {agree[0]:.3f}% | {agree[1]:.3f}% |")
-    print(f"\nPeak memory of one forward of a batch alone: {forward_peak.peak_bytes / MiB:.0f} MiB "
-          f"(part of every engine's peak); estimate_memory_bytes for ours: {estimate / MiB:.0f} "
-          "MiB (the network not included).")
 
 
 def main() -> None:
     """Parses the command line and runs the cases."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small case, for a smoke test")
+    parser.add_argument("--quick", action="store_true", help="brainmask on Colin27 only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    quick = [((128, 128, 112), 4)]
-    cases = quick if args.quick else [((192, 192, 160), 2), ((256, 256, 256), 14)]
-    for shape, num_classes in cases:
-        bench_case(shape, num_classes, args.repeats, device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"CPU {torch.backends.cpu.get_cpu_capability()}, autocast {autocast_dtype(device)}")
+    for model_name, scan in QUICK if args.quick else FULL:
+        path = ROOT / scan
+        if not path.is_file():
+            sys.exit(f"{scan}: missing; run `python data/prepare.py "
+                     f"{Path(scan).parts[1]}` first")
+        bench_case(model_name, path, args.repeats, device)
 
 
 if __name__ == "__main__":
