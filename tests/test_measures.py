@@ -20,3 +20,16 @@ def test_label_volumes_agree_across_label_types() -> None:
     small = label_volumes((labels == 1).astype(np.uint8), affine)
     assert [(r.value, r.voxels, r.millilitres) for r in small] == [
         (1, found[1], found[1] / 1000.0)]
+
+
+def test_named_values_are_counted_without_a_full_unique(monkeypatch) -> None:
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:5] = 1
+    labels[10:12] = 2
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("np.unique should not run when the names cover every value")
+
+    monkeypatch.setattr(np, "unique", refuse)
+    rows = label_volumes(labels, np.eye(4), {"background": 0, "a": 1, "b": 2, "c": 9})
+    assert [(r.name, r.voxels) for r in rows] == [("a", 1200), ("b", 800), ("c", 0)]
