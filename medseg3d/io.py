@@ -122,30 +122,30 @@ def read_volume(path: str | Path, *, allow_channels: bool = False,
         raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}", path)
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
-    if max_bytes is not None:
-        _check_reading_fits(path, suffix, max_bytes)
-    volume = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_sitk(path)
+    if suffix in NIFTI_SUFFIXES:
+        volume = _read_nifti(path, max_bytes)
+    else:
+        if max_bytes is not None:
+            _check_sitk_reading_fits(path, max_bytes)
+        volume = _read_sitk(path)
     return check_volume(volume, allow_channels=allow_channels, source=path)
 
 
-def _check_reading_fits(path: Path, suffix: str, max_bytes: int) -> None:
-    """MedsegError when the voxels the header declares cannot be read within ``max_bytes``."""
+def _check_sitk_reading_fits(path: Path, max_bytes: int) -> None:
+    """MedsegError when the voxels a SimpleITK header declares cannot be read within ``max_bytes``."""
     try:
-        if suffix in NIFTI_SUFFIXES:
-            with open(path, "rb") as fh:
-                magic = fh.read(4)
-            with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
-                img = _load_nifti(path, magic)  # the header only: voxels load on access
-            shape, itemsize = tuple(img.shape), img.get_data_dtype().itemsize
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            with sitk_log.about(path):
-                reader.ReadImageInformation()
-            shape = (*reader.GetSize(), reader.GetNumberOfComponents())
-            itemsize = _sitk_itemsize(reader)
-    except Exception:  # noqa: BLE001  (a bad header is reported, in one line, by the full read)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        with sitk_log.about(path):
+            reader.ReadImageInformation()  # the header only
+    except RuntimeError:  # a bad header is reported, in one line, by the full read
         return
+    shape = (*reader.GetSize(), reader.GetNumberOfComponents())
+    _refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
+
+
+def _refuse_over_limit(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> None:
+    """Reading stores the voxels and their float32 copy: refuse when that exceeds ``max_bytes``."""
     need = int(np.prod(shape, dtype=np.int64)) * (itemsize + 4)
     if need > max_bytes:
         raise MedsegError(f"reading it needs about {_human(need)} (its header declares shape "
@@ -198,7 +198,7 @@ _NIFTI1_SIZEOF_HDR = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, little /
 _NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
 
 
-def _read_nifti(path: Path) -> Volume:
+def _read_nifti(path: Path, max_bytes: int | None = None) -> Volume:
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -214,6 +214,8 @@ def _read_nifti(path: Path) -> Volume:
             raise MedsegError(f"voxel type {dtype} is not supported (expected integers or floats)",
                               path)
         declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if max_bytes is not None:
+            _refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
         if declared > 64 * 2**30:
             raise MedsegError(f"header declares shape {shape}, {declared / 2**30:.0f} GiB of voxels; "
                               "refusing to read", path)
