@@ -12,8 +12,9 @@ Each job (method, budget, seed) trains on every imagesTr/labelsTr case of ``--da
 wall-clock budget of training (``--budgets``, minutes) or a number of optimizer steps
 (``--steps``), then segments every ``*_0000.nii.gz`` of the ``--test`` folders. Methods:
 
-* ``medseg3d``: ``python -m medseg3d train DATASET --budget B --seed S`` with its defaults, then
-  ``python -m medseg3d predict`` per test folder;
+* ``medseg3d``: ``python -m medseg3d train DATASET --budget B --seed S`` with its defaults (plus
+  ``--train-args``), then ``python -m medseg3d predict`` per test folder;
+* ``medseg3d_synth``: the same with ``--augment synth`` (images synthesised from tissue maps);
 * ``monai_script``: ``benchmarks/peers/monai_script.py``, a MONAI tutorial-style script;
 * ``nnunet``: ``benchmarks/peers/nnunet_peer.py`` in its own venv (``runs/peers/nnunet-venv``),
   skipped when that venv is missing.
@@ -80,6 +81,7 @@ class Study:
     threads: int
     step_cap_minutes: float  # safety cap of a step-budget job
     command: str
+    train_args: tuple[str, ...] = ()  # appended to every ``medseg3d train``
 
 
 @dataclass(frozen=True)
@@ -172,14 +174,19 @@ def script_commands(interpreter: str, script: str) -> Callable[[Job, Study, Path
     return commands
 
 
-def medseg3d_commands(job: Job, study: Study, run_dir: Path) -> list[list[str]]:
-    """``medseg3d train`` with its defaults, then ``medseg3d predict`` per test folder."""
-    train = [python(), "-m", "medseg3d", "train", rel(study.dataset), "--seed", str(job.seed),
-             "--output", rel(run_dir / "run")]
-    train += ["--budget", f"{job.budget_minutes:g}"] if job.steps is None else ["--steps", str(job.steps)]
-    predicts = [[python(), "-m", "medseg3d", "predict", rel(folder), "-o", rel(run_dir / "pred"),
-                 "--model", rel(run_dir / "run")] for folder in study.tests]
-    return [train, *predicts]
+def medseg3d_commands(*options: str) -> Callable[[Job, Study, Path], list[list[str]]]:
+    """``medseg3d train`` with its defaults (plus ``options`` and ``--train-args``), then
+    ``medseg3d predict`` per test folder."""
+
+    def commands(job: Job, study: Study, run_dir: Path) -> list[list[str]]:
+        train = [python(), "-m", "medseg3d", "train", rel(study.dataset), "--seed", str(job.seed),
+                 "--output", rel(run_dir / "run"), *options, *study.train_args]
+        train += ["--budget", f"{job.budget_minutes:g}"] if job.steps is None else ["--steps", str(job.steps)]
+        predicts = [[python(), "-m", "medseg3d", "predict", rel(folder), "-o", rel(run_dir / "pred"),
+                     "--model", rel(run_dir / "run")] for folder in study.tests]
+        return [train, *predicts]
+
+    return commands
 
 
 def script_result(job: Job, run_dir: Path, measured: list[Measured]) -> dict[str, Any]:
@@ -257,7 +264,8 @@ def _nnunet_missing() -> str | None:
 
 
 METHODS: dict[str, Method] = {
-    "medseg3d": Method(medseg3d_commands, medseg3d_result, lambda: None),
+    "medseg3d": Method(medseg3d_commands(), medseg3d_result, lambda: None),
+    "medseg3d_synth": Method(medseg3d_commands("--augment", "synth"), medseg3d_result, lambda: None),
     "monai_script": Method(script_commands(python(), "benchmarks/peers/monai_script.py"), script_result,
                            lambda: None),
     "nnunet": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py"), script_result,
@@ -408,7 +416,8 @@ def run_study(args: argparse.Namespace) -> None:
     """Run every missing job, ``--jobs`` at a time, printing one line per finished job."""
     check_tests(args.test)
     study = Study(args.dataset, tuple(args.test), args.threads, args.step_cap_minutes,
-                  shlex.join(["python", "benchmarks/training.py", *sys.argv[1:]]))
+                  shlex.join(["python", "benchmarks/training.py", *sys.argv[1:]]),
+                  tuple(shlex.split(args.train_args)))
     jobs = plan_jobs(args, args.results)
     print(f"{len(jobs)} job(s) to run, {args.jobs} at a time; logs in {rel(args.runs)}/<job>/log.txt",
           flush=True)
@@ -578,6 +587,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--step-cap-minutes", type=float, default=240.0,
                         help="wall-time cap of a step-budget job")
+    parser.add_argument("--train-args", default="",
+                        help='extra medseg3d train options, e.g. "--spacing 2,2,2 --patch-size 64,64,96"')
     parser.add_argument("--report", action="store_true", help="only aggregate the saved results")
     parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=Path, default=RUNS, help=argparse.SUPPRESS)

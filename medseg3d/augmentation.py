@@ -10,7 +10,9 @@ the liver. ``patch_transform`` is the MONAI chain applied to each patch.
 Levels: ``light`` = mirroring on the plan's axes (those that move no class onto another),
 affine, intensity scale, gamma, noise and a smooth bias field; ``strong`` adds blur and the
 resolution of clinical scans: thick slices along a random axis (``RandThickSlicesd``,
-slice-profile averaging) and isotropic low resolution.
+slice-profile averaging) and isotropic low resolution; ``synth`` is ``strong`` plus an elastic
+deformation and, for half the patches, an image drawn from the case's tissue map
+(``medseg3d.synthesis``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from monai import transforms as T
 from monai.transforms.utils import map_classes_to_indices
 
 from medseg3d.config import Plan
+from medseg3d.synthesis import RandSynthesized
 
 # Patches of a case smaller than the patch are padded with this value, and so are volumes smaller
 # than the window at prediction (sliding_window): the two must agree. With the channel minimum in
@@ -31,22 +34,32 @@ from medseg3d.config import Plan
 # after normalisation) as nnU-Net; the minimum at prediction cost brainmask 0.004 stress Dice.
 PAD_VALUE = 0.0
 
+# Share of ``synth`` patches whose image is synthesised; the others keep the real contrast.
+SYNTH_PROB = 0.5
+
 # Enough positions to sample patch centres from without holding a 256³ index array per case.
 MAX_INDICES = 200_000
 
 
 def prepare_item(image: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ...],
-                 rng: np.random.Generator, num_classes: int) -> dict:
+                 rng: np.random.Generator, num_classes: int,
+                 tissue: torch.Tensor | None = None) -> dict:
     """Pad a ``(C, X, Y, Z)`` image and its ``(X, Y, Z)`` class indices to ``patch``; index the
-    voxels of each class."""
+    voxels of each class. ``tissue`` (``synthesis.tissue_map``) is padded with a class of its
+    own and counted, for ``--augment synth``."""
     pad = [max(0, p - s) for p, s in zip(patch, image.shape[1:], strict=True)]
     if any(pad):
         widths = [w for p in reversed(pad) for w in (p // 2, p - p // 2)]
         image = F.pad(image, widths, value=PAD_VALUE)
         labels = F.pad(labels, widths, value=0)
+        if tissue is not None:
+            tissue = F.pad(tissue, widths, value=int(tissue.max()) + 1)
     indices = map_classes_to_indices(labels[None], num_classes)
-    return {"image": image, "label": labels[None],
+    item = {"image": image, "label": labels[None],
             "indices": [torch.as_tensor(_subsample(np.asarray(i), rng)) for i in indices]}
+    if tissue is not None:
+        item |= {"tissue": tissue[None], "tissue_counts": torch.bincount(tissue.ravel())}
+    return item
 
 
 def _subsample(indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -96,25 +109,36 @@ def thick_slices(image: torch.Tensor, axis: int, factor: int) -> torch.Tensor:
 
 def patch_transform(plan: Plan, augment: str) -> T.Compose:
     """MONAI patch sampling (see the module docstring) and augmentation."""
-    keys = ["image", "label"]
+    keys = ["image", "label", "tissue"] if augment == "synth" else ["image", "label"]
     foreground = plan.num_classes - 1
     # a class missing from a case gets no patches there (warn=False: no warning per patch)
     steps: list = [T.RandCropByLabelClassesd(keys, label_key="label", spatial_size=plan.patch_size,
                                              ratios=[float(foreground)] + [1.0] * foreground,
                                              num_classes=plan.num_classes, num_samples=1,
                                              indices_key="indices", warn=False)]
-    if augment in ("light", "strong"):
+    if augment != "none":
         steps += [
             *(T.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in plan.mirror_axes),
             T.RandAffined(keys, prob=0.3, rotate_range=(0.26, 0.26, 0.26),
-                          scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
+                          scale_range=(0.15, 0.15, 0.15),
+                          mode=("bilinear", *["nearest"] * (len(keys) - 1)),
                           padding_mode="border"),
+        ]
+    if augment == "synth":
+        # a smooth field of 5³ random displacements (up to 5 % of the patch, 3 voxels in a 64³
+        # patch) upsampled to the patch: 0.12 s a patch, Rand3DElasticd's dense field 0.38 s
+        steps += [T.RandSmoothDeformd(keys, spatial_size=plan.patch_size, rand_size=(5, 5, 5),
+                                      prob=0.3, def_range=0.05,
+                                      grid_mode=("bilinear", *["nearest"] * (len(keys) - 1))),
+                  RandSynthesized(prob=SYNTH_PROB)]
+    if augment != "none":
+        steps += [
             T.RandScaleIntensityd("image", factors=0.25, prob=0.2),
             T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.2),
             T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
             T.RandGaussianNoised("image", prob=0.15, std=0.1),
         ]
-    if augment == "strong":
+    if augment in ("strong", "synth"):
         steps += [
             T.RandGaussianSmoothd("image", prob=0.15, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
                                   sigma_z=(0.5, 1.0)),

@@ -82,6 +82,7 @@ def _networks() -> list[str]:
     return list_networks()
 
 
+AUGMENT_HELP = "none, light, strong or synth (strong + images drawn from tissue maps; MR)."
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N."
 
 
@@ -180,7 +181,7 @@ def train(
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
+    augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
     patch_size: Annotated[str | None, typer.Option(help="Override the plan, e.g. 64,64,64.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     spacing: Annotated[str | None, typer.Option(help="Target spacing in mm, e.g. 1,1,1.")] = None,
@@ -500,7 +501,7 @@ def compare(
     fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
-    augment: Annotated[str, typer.Option(help="none, light or strong.")] = "strong",
+    augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
     reuse_runs: Annotated[bool, typer.Option(help="Score finished runs in OUT/runs again "
                                              "instead of retraining them.")] = False,
 ) -> None:
@@ -516,7 +517,7 @@ def compare(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if augment not in get_args(Augment):
-        raise typer.BadParameter(f"--augment must be none, light or strong, got {augment!r}")
+        raise typer.BadParameter(f"--augment must be none, light, strong or synth, got {augment!r}")
     overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"compare_{dataset.name}"
     result = run_comparison(dataset, networks, minutes, output,

@@ -30,7 +30,7 @@ from medseg3d.errors import MedsegError
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
-Augment = Literal["none", "light", "strong"]  # training augmentation (augmentation.patch_transform)
+Augment = Literal["none", "light", "strong", "synth"]  # training augmentation (augmentation.patch_transform)
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 # A voxel size in mm: finite and positive (no guess is truthful for 0, a negative or NaN).

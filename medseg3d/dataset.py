@@ -5,7 +5,8 @@ nnU-Net v2: ``dataset.json`` + ``imagesTr/CASE_0000.nii.gz`` (``_0001`` ... for 
 ``training`` list of ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}`` and
 4D images holding the channels in their last axis. ``held_out_cases`` finds the labelled test
 cases of ``imagesTs``/``labelsTs`` with the same rules as ``imagesTr``/``labelsTr`` (unlabelled
-test images allowed).
+test images allowed). ``tissuesTr/CASE.nii.gz``, when present, holds a case's tissue classes
+for ``--augment synth`` (``medseg3d.synthesis``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def read_case(case: Case, spec: DatasetSpec) -> tuple[Volume, Volume]:
         raise MedsegError(f"label values {undeclared} are not declared in dataset.json "
                           f"(declared: {sorted(spec.labels.values())})", case.label)
     return image, labels
+
+
+def read_tissues(case: Case, image: Volume) -> Volume | None:
+    """The case's tissue map ``tissuesTr/CASE.nii.gz`` beside ``labelsTr`` (``--augment synth``),
+    checked to lie on the image's grid; None when the dataset has none for it."""
+    path = case.label.parent.parent / "tissuesTr" / case.label.name
+    return read_labels(path, reference=image) if path.is_file() else None
 
 
 def require_foreground(labels: list[Volume], dataset_dir: str | Path) -> None:

@@ -137,7 +137,11 @@ def preprocess_labels(labels: Volume, grid: GridTransform, plan: Plan) -> torch.
     values = np.asarray(plan.label_values, dtype=np.int64)
     array = labels.array.astype(np.int64, copy=False)
     index = np.searchsorted(values, array).clip(0, len(values) - 1)
-    classes = np.where(values[index] == array, index, 0).astype(np.uint8)
+    return label_map_on_grid(np.where(values[index] == array, index, 0).astype(np.uint8), grid)
+
+
+def label_map_on_grid(classes: np.ndarray, grid: GridTransform) -> torch.Tensor:
+    """An integer map on the input grid -> the same values ``(X, Y, Z)`` on the plan grid."""
     canonical = torch.from_numpy(reorient(classes, grid.to_canonical))
     return resize(canonical[None], grid.plan_shape, labels=True)[0]
 

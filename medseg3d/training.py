@@ -76,6 +76,7 @@ from medseg3d.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.resume import STATE_FILE, EpochRecord, TrainingState, load_state, save_state
 from medseg3d.sampling import EpochBatches, PatchDataset, patch_batches
 from medseg3d.sliding_window import sliding_window
+from medseg3d.synthesis import case_tissue_map
 
 # Training patch budget of other networks (before any fit to the time budget).
 DEFAULT_MAX_PATCH_VOXELS = 96**3
@@ -212,7 +213,9 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
             image_vol, label_vol = volumes[case.case_id]
             image, grid = preprocess_image(image_vol, plan)
             labels = preprocess_labels(label_vol, grid, plan)
-            item = (prepare_item(image, labels, plan.patch_size, rng, plan.num_classes)
+            tissue = (case_tissue_map(case, image_vol, image, labels, grid, rng)
+                      if for_training and config.augment == "synth" else None)
+            item = (prepare_item(image, labels, plan.patch_size, rng, plan.num_classes, tissue)
                     if for_training else {"image": image, "label": labels[None]})
             out.append({**item, "case": case.case_id})
         return out
