@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 
 import torch
+from torch import nn
 
 
 @cache
@@ -29,3 +31,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def cpu_bf16_network(network: nn.Module) -> nn.Module:
+    """A bf16, channels-last copy of ``network`` for CPU inference (the original is untouched).
+
+    Autocast keeps instance and layer norms in fp32 and converts every activation around them
+    twice; running the whole network in bf16 (oneDNN still accumulates norms and convolutions in
+    fp32) and channels-last (oneDNN's native layout for 3D convolutions) made the brainmask
+    forward 1.5x faster than autocast with the same labels on 99.99 % of voxels
+    (``benchmarks/sliding_window.py``).
+    """
+    converted = copy.deepcopy(network).to(dtype=torch.bfloat16)
+    for parameter in converted.parameters():  # Module.to's memory_format is not in its stubs
+        if parameter.dim() == 5:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+    return converted.eval()

@@ -27,7 +27,9 @@ How it works (after nnU-Net's ``sliding_window_prediction.py``):
 * Mirroring TTA averages the logits over *all* combinations of ``mirror_axes`` (nnU-Net's choice):
   ``2 ** len(mirror_axes)`` forward passes per window.
 * ``amp_dtype``: autocast the forward passes to this dtype (None: fp32); callers take it from
-  ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA.
+  ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA. On a CPU a
+  network module runs as a bf16 channels-last copy instead of under autocast
+  (``precision.cpu_bf16_network``: 1.5x faster, same labels on 99.99 % of voxels).
 * On CUDA: accumulation on the GPU when the ring takes
   at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU. Out of memory in a
   forward pass, the same windows run again in half the batch, and the rest of the volume keeps
@@ -51,9 +53,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medseg3d.devices import free_device_memory, release_device_memory
 from medseg3d.errors import Cancelled, MedsegError
+from medseg3d.precision import cpu_bf16_network
 
 __all__ = [
     "DeviceLimits",
@@ -197,8 +201,11 @@ def sliding_window(
                      average, grid)
     device = torch.device(device)
     i, j, k = window
+    input_dtype = None
+    if amp_dtype == torch.bfloat16 and device.type == "cpu" and isinstance(network, nn.Module):
+        network, input_dtype, amp_dtype = cpu_bf16_network(network), torch.bfloat16, None
     settings = _Pass((i, j, k), num_classes, overlap, tuple(mirror_axes), device, amp_dtype,
-                     average, min_weight, grid, streaming)
+                     average, min_weight, grid, streaming, input_dtype)
     spatial = tuple(image.shape[1:])
     # allocated outside inference mode so that callers may modify the result in place
     if output == "labels":
@@ -271,6 +278,7 @@ class _Pass:
     min_weight: float
     grid: Grid
     streaming: bool
+    input_dtype: torch.dtype | None = None  # windows cast to it (a cpu_bf16_network's dtype)
 
 
 def accumulates_on_device(accumulate_on: AccumulateOn, device: torch.device,
@@ -348,7 +356,7 @@ def _run(
         ]
         inputs = torch.stack(crops).to(device, non_blocking=True)
         try:
-            logits = _predict(network, inputs, flips, settings.amp_dtype,
+            logits = _predict(network, inputs, flips, settings,
                               average == "probabilities")
         except torch.OutOfMemoryError:
             if batch_size == 1:
@@ -379,10 +387,13 @@ def _predict(
     network: Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     flips: list[tuple[int, ...]],
-    amp_dtype: torch.dtype | None,
+    settings: _Pass,
     softmax: bool,
 ) -> torch.Tensor:
     """Float32 logits (or probabilities) of a batch, summed over the mirrored passes."""
+    amp_dtype = settings.amp_dtype
+    if settings.input_dtype is not None:  # a network converted by cpu_bf16_network
+        inputs = inputs.to(dtype=settings.input_dtype, memory_format=torch.channels_last_3d)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = network(x).float()

@@ -134,7 +134,8 @@ class PatchFreeNet3d(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bottleneck and skip features of the x2-downsampled input (full-res sizes even)."""
-        x = self.stem(F.avg_pool3d(x, 2))  # area average: the low-res scan a scanner would give
+        # area average: the low-res scan a scanner would give (in fp32: CPUs have no bf16 kernel)
+        x = self.stem(F.avg_pool3d(x.float(), 2).to(x.dtype))
         skips = []
         for down in self.down:
             skips.append(x)
