@@ -308,9 +308,13 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
     written in turn (the baseline of ``benchmarks/cohort_io.py``). ``on_read`` runs once a case's
     volume is in memory, ``on_windows`` reports sliding-window progress, ``on_done`` runs after
     its result was handed to the writer. ``replace=False`` never replaces an existing output.
+    A memory limit (``config.max_memory_gb``) turns the overlap off.
     """
-    writer = BackgroundWriter(enabled=overlap_io)
     limit = None if config.max_memory_gb is None else int(config.max_memory_gb * 2**30)
+    # under a limit, one scan at a time: a scan read ahead or a result still being written would
+    # sit beside the prediction that the limit was planned for
+    overlap_io = overlap_io and limit is None
+    writer = BackgroundWriter(enabled=overlap_io)
     volumes = read_cases([case for case, _ in jobs], ahead=overlap_io, max_bytes=limit)
     for (case, target), (_, volume) in zip(jobs, volumes, strict=True):
         if on_read is not None:

@@ -20,12 +20,13 @@ from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
 from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
-from medseg3d.memory import PeakMemory
+from medseg3d.memory import PeakMemory, rss_bytes
 from medseg3d.networks import NetworkTraits, network_traits
 from medseg3d.postprocessing import keep_largest_component
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import (
     GridTransform,
+    plan_grid,
     preprocess_image,
     resize,
     restore_labels,
@@ -84,19 +85,20 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
     traits = traits or network_traits(meta.network.name, **meta.network.options)
     device = resolve_device(device)
     network = network.to(device).eval()
-    image, grid = preprocess_image(volume, plan)
+    grid = plan_grid(volume, plan.spacing)
+    shape = (plan.num_channels, *grid.plan_shape)
     smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4
                                  <= SMOOTH_RESTORE_MAX_BYTES)
     want_probabilities = config.save_probabilities or smooth
-    window = window_for(traits, plan, tuple(image.shape[1:]))
+    window = window_for(traits, plan, grid.plan_shape)
     batch_size = config.batch_size
     accumulate_on: Literal["auto", "device", "cpu"] = "auto"
-    if config.max_memory_gb is not None:
-        cost = host_cost(network, tuple(image.shape), plan.num_classes, window, device)
-        batch_size, want_probabilities = fit_memory(tuple(image.shape), grid, plan.num_classes,
-                                                    window, config, want_probabilities, volume,
-                                                    cost)
+    if config.max_memory_gb is not None:  # planned before preprocessing, which is a peak too
+        cost = host_cost(network, shape, plan.num_classes, window, device)
+        batch_size, want_probabilities = fit_memory(shape, grid, plan.num_classes, window,
+                                                    config, want_probabilities, volume, cost)
         accumulate_on = "cpu" if cost.accumulator else "device"  # as the limit was planned
+    image, grid = preprocess_image(volume, plan)
     output = sliding_window(
         network, image, window=window,
         num_classes=plan.num_classes, overlap=config.overlap, batch_size=batch_size,
@@ -164,22 +166,34 @@ def host_cost(network: nn.Module, shape: tuple[int, ...], num_classes: int,
     return HostCost(weights, forward_bytes(network, shape[0], window))
 
 
+# Host bytes per input voxel (and channel) beyond the input itself, measured on a 512x512x400 CT
+# (benchmarks/predict_memory.py): normalising writes a reoriented float32 copy (8); restoring
+# labels resamples each class in place (10) and keeps the labels (1), and the largest-component
+# postprocessing over a class's bounding box stays below that (8.5).
+PREPROCESS_BYTES_PER_VOXEL = 8
+RESTORE_LABELS_BYTES_PER_VOXEL = 11
+
+
 def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
                   window: tuple[int, int, int], batch_size: int, probabilities: bool,
                   save_probabilities: bool = False, network: HostCost = HostCost()) -> int:
-    """Peak host bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image."""
+    """Peak host bytes of one prediction of a ``(C, X, Y, Z)`` plan-grid image, beyond the input
+    volume and the network's weights' own ``network.weights``; the phases follow one another, so
+    the peak is the largest of preprocessing, the sliding window and the restore."""
     canonical = int(np.prod(grid.canonical_shape))
     image = int(np.prod(shape)) * 4
+    preprocess = canonical * shape[0] * PREPROCESS_BYTES_PER_VOXEL + image
     kind: Literal["labels", "probabilities"] = "probabilities" if probabilities else "labels"
     engine = estimate_memory_bytes(shape, num_classes, window, batch_size, kind)
     if not network.accumulator:
         engine -= accumulator_bytes(shape[1:], num_classes, window, kind)
-    model = network.weights + batch_size * network.per_window
+    window_pass = image + engine + network.weights + batch_size * network.per_window
     if probabilities:  # resized probabilities and their argmax; saved: a channels-last copy too
-        restore = num_classes * canonical * 4 * (3 if save_probabilities else 1) + canonical * 9
-    else:  # class indices, their int64 lookup index and the label values
-        restore = canonical * 10
-    return image + engine + restore + model
+        restore = (num_classes * canonical * 4 * (3 if save_probabilities else 1)
+                   + canonical * RESTORE_LABELS_BYTES_PER_VOXEL)
+    else:
+        restore = canonical * RESTORE_LABELS_BYTES_PER_VOXEL
+    return max(preprocess, window_pass, image + restore)
 
 
 def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
@@ -187,22 +201,27 @@ def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
                volume: Volume, network: HostCost = HostCost()) -> tuple[int, bool]:
     """Window batch and output kind that fit ``config.max_memory_gb``, else a one-line MedsegError.
 
-    Fallbacks keep quality first: a smaller window batch (slower, same result), then streamed
-    labels instead of probabilities (nearest-neighbour instead of smooth restore) unless
-    probabilities were asked for.
+    The limit bounds the whole process: what it holds already (the interpreter, torch, the
+    weights, the input volume: its resident memory now) plus the prediction's own peak. Fallbacks
+    keep quality first: a smaller window batch (slower, same result), then streamed labels
+    instead of probabilities (nearest-neighbour instead of smooth restore) unless probabilities
+    were asked for.
     """
     limit = float(config.max_memory_gb or 0) * 2**30
+    resident = rss_bytes()
     options = [(config.batch_size, probabilities), (1, probabilities)]
     if probabilities and not config.save_probabilities:
         options += [(config.batch_size, False), (1, False)]
     for batch_size, kind in options:
         need = memory_needed(shape, grid, num_classes, window, batch_size, kind,
-                             config.save_probabilities, network)
-        if need <= limit:
+                             config.save_probabilities, network) - network.weights
+        if resident + need <= limit:
             return batch_size, kind
-    raise MedsegError(f"prediction needs about {_size(need)} even with window batch 1 and "
-                      f"{'probabilities' if kind else 'streamed labels'}, more than the memory "
-                      f"limit of {_size(limit)}", volume.path)
+    raise MedsegError(f"prediction needs about {_size(resident + need)} ({_size(need)} for this "
+                      f"volume, with window batch 1 and "
+                      f"{'probabilities' if kind else 'streamed labels'}, on top of the "
+                      f"{_size(resident)} this process holds), more than the memory limit of "
+                      f"{_size(limit)}", volume.path)
 
 
 def _size(nbytes: float) -> str:

@@ -32,10 +32,27 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
     """``labels`` with every piece but the largest of each label value in ``values`` set to 0."""
     out = labels.copy()
     for value in values:
-        pieces, count = ndimage.label(labels == value, _CONNECTIVITY)
+        mask = labels == value
+        box = _bounding_box(mask)  # components of a small organ need not span a whole CT
+        if box is None:
+            continue
+        pieces, count = ndimage.label(mask[box], _CONNECTIVITY)
         if count < 2:
             continue
         sizes = np.bincount(pieces.ravel())
         sizes[0] = 0
-        out[(pieces != int(np.argmax(sizes))) & (pieces > 0)] = 0
+        drop = pieces != int(np.argmax(sizes))
+        drop &= mask[box]  # the class's other pieces (in place: a 1-byte mask per voxel)
+        out[box][drop] = 0
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask`` (None when there is none)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)

@@ -90,33 +90,50 @@ def resize_labels(classes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     """
     if tuple(classes.shape) == tuple(shape):
         return classes
+    # In place, one class at a time: 10 bytes per output voxel (score, best score, best, mask)
+    # instead of 14 with torch.where; restoring a 512x512x400 CT is the peak of its prediction.
     best_score = torch.full(tuple(shape), -1.0)
     best = torch.zeros(tuple(shape), dtype=classes.dtype)
+    better = torch.empty(tuple(shape), dtype=torch.bool)
     for value in torch.unique(classes).tolist():
         onehot = (classes == value).float()[None, None]
         score = F.interpolate(onehot, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
-        better = score > best_score
-        best[better] = value
-        best_score = torch.where(better, score, best_score)
+        torch.gt(score, best_score, out=better)
+        best.masked_fill_(better, value)
+        torch.maximum(best_score, score, out=best_score)
+        del score
     return best
 
 
 def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:
     """Normalise a channels-first image in place of a copy; CT uses dataset stats, MR its own."""
+    # Written into ``out`` in place: 4 bytes per voxel, not the 12 of chained temporaries.
     out = np.empty(image.shape, dtype=np.float32)
     for c, norm in enumerate(norms):
-        channel = image[c].astype(np.float32, copy=False)
+        channel = image[c]
         if norm.scheme == "ct":
             lower = norm.lower if norm.lower is not None else -np.inf
             upper = norm.upper if norm.upper is not None else np.inf
-            out[c] = (np.clip(channel, lower, upper) - norm.mean) / max(norm.std, 1e-8)
+            np.clip(channel, lower, upper, out=out[c], casting="unsafe")
+            mean, std = norm.mean, norm.std
         elif norm.scheme == "zscore":
-            # float64 statistics: float32 sums of squares overflow for |values| above ~1e17
-            mean, std = float(channel.mean(dtype=np.float64)), float(channel.std(dtype=np.float64))
-            out[c] = (channel - mean) / max(std, 1e-8)
+            out[c] = channel
+            mean, std = _mean_std(out[c])
         else:
             out[c] = channel
+            continue
+        out[c] -= mean
+        out[c] /= max(std, 1e-8)
     return out
+
+
+def _mean_std(channel: np.ndarray, slab: int = 16) -> tuple[float, float]:
+    """Mean and standard deviation in float64 (float32 sums of squares overflow above ~1e17),
+    a slab at a time: ``ndarray.std`` makes a float64 copy of the whole volume."""
+    mean = float(channel.mean(dtype=np.float64))
+    squares = sum(float(np.square(channel[i:i + slab].astype(np.float64) - mean).sum())
+                  for i in range(0, channel.shape[0], slab))
+    return mean, (squares / channel.size) ** 0.5
 
 
 def preprocess_image(volume: Volume, plan: Plan) -> tuple[torch.Tensor, GridTransform]:
@@ -150,7 +167,14 @@ def restore_labels(classes: torch.Tensor, grid: GridTransform, plan: Plan) -> np
     """Class indices on the plan grid -> label values on the input's original voxel grid."""
     canonical = resize(classes[None], grid.canonical_shape, labels=True)[0].numpy()
     values = np.asarray(plan.label_values)
-    labels = values.astype(label_dtype(int(values.max())))[canonical.astype(np.int64)]
+    dtype = label_dtype(int(values.max()))
+    if np.array_equal(values, np.arange(len(values))):  # indices are the values: no lookup
+        labels = canonical.astype(dtype, copy=False)
+    else:  # a lookup table, a slab at a time: fancy indexing makes an 8-byte index per voxel
+        labels = np.empty(canonical.shape, dtype)
+        table = values.astype(dtype)
+        for start in range(0, canonical.shape[0], 16):
+            labels[start:start + 16] = table[canonical[start:start + 16]]
     return reorient(labels, _inverse(grid.to_canonical))
 
 

@@ -48,7 +48,10 @@ FORWARD_BYTES = 2**16  # about what a 16³ window of this 4-8 filter U-Net holds
 
 @pytest.fixture(autouse=True)
 def fixed_forward_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed activations, and a process that holds nothing yet: the limits below are the
+    prediction's own (test_the_limit_bounds_the_whole_process measures a real process)."""
     monkeypatch.setattr(inference, "forward_bytes", lambda *args: FORWARD_BYTES)
+    monkeypatch.setattr(inference, "rss_bytes", lambda: 0)
 
 
 def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
@@ -59,7 +62,7 @@ def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
                                torch.device("cpu"))
     assert cost.weights > 0 and cost.per_window == FORWARD_BYTES and cost.accumulator
     return inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
-                                   batch_size, probabilities, network=cost)
+                                   batch_size, probabilities, network=cost) - cost.weights
 
 
 class Allocates(torch.nn.Module):
@@ -132,7 +135,8 @@ def test_impossible_limit_is_one_line_with_the_number(setup, tmp_path: Path) -> 
                                       "--model", str(weights), "--device", "cpu",
                                       "--max-memory", "0.5MB"])  # reading fits, predicting not
     assert result.exit_code == 1
-    line = assert_one_line_error(result.output, r"needs about \d+\.\d+ MB", scan)
+    line = assert_one_line_error(result.output, r"needs about \d+\.\d+ MB \(\d+\.\d+ MB for this "
+                                 r"volume.* on top of the 0\.00 MB this process holds\)", scan)
     needed = float(re.search(r"needs about (\d+\.\d+) MB", line)[1])
     assert needed == pytest.approx(needs(scan, 1, False) / 2**20, abs=0.05)
     assert not (tmp_path / "seg.nii.gz").exists()
@@ -167,26 +171,67 @@ def _zeros_nifti_gz(path: Path, shape: tuple[int, int, int]) -> Path:
     return path
 
 
-def test_a_decompression_bomb_is_refused_from_its_header_within_the_limit(setup, tmp_path) -> None:
-    """800³ float32 zeros (2 GiB, a few MB of gzip) against --max-memory 1GB: refused before a
-    voxel is decompressed, and the whole process stays within 1.5x the limit (peak RSS)."""
+def _peak_run(command: list[str]) -> tuple[int, str, int]:
+    """Exit code, output and peak resident bytes of ``command`` in a process of its own."""
     import subprocess
     import sys
 
-    _, weights, _ = setup
-    bomb = _zeros_nifti_gz(tmp_path / "bomb.nii.gz", (800, 800, 800))
-    assert bomb.stat().st_size < 16 * 2**20
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, "
             "text=True); print(r.returncode); print(r.stdout + r.stderr); "
             "print('peak_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    command = [sys.executable, "-m", "medseg3d", "predict", str(bomb), "-o",
-               str(tmp_path / "seg.nii.gz"), "--model", str(weights), "--device", "cpu",
-               "--max-memory", "1GB"]
     out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True,
                          check=True).stdout
     returncode, _, rest = out.partition("\n")
     output, _, peak = rest.rpartition("peak_kb ")
-    assert returncode == "1", output
+    return int(returncode), output, int(peak) * 1024
+
+
+def _predict_command(scan: Path, out: Path, weights: Path, limit: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "medseg3d", "predict", str(scan), "-o", str(out), "--model",
+            str(weights), "--device", "cpu", "--max-memory", limit]
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_within_the_limit(setup, tmp_path) -> None:
+    """800³ float32 zeros (2 GiB, a few MB of gzip) against --max-memory 1GB: refused before a
+    voxel is decompressed, and the whole process stays within 1.5x the limit (peak RSS)."""
+    _, weights, _ = setup
+    bomb = _zeros_nifti_gz(tmp_path / "bomb.nii.gz", (800, 800, 800))
+    assert bomb.stat().st_size < 16 * 2**20
+    returncode, output, peak = _peak_run(_predict_command(bomb, tmp_path / "seg.nii.gz", weights,
+                                                          "1GB"))
+    assert returncode == 1, output
     assert_one_line_error(output, r"reading it needs about 3\.8 GiB .*memory limit of 1\.0 GiB", bomb)
-    assert int(peak) * 1024 < 1.5 * GB
+    assert peak < 1.5 * GB
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+@pytest.mark.parametrize("shape, limit", [
+    ((40, 36, 32), "1GB"), ((220, 200, 180), "0.9GB"),  # peaks 0.38 and 0.59 GB
+    pytest.param((300, 300, 260), "1.2GB", marks=pytest.mark.slow),  # 0.97 GB
+    pytest.param((300, 300, 260), "0.8GB", marks=pytest.mark.slow),  # streamed labels: 0.76 GB
+])
+def test_the_limit_bounds_the_whole_process(setup, tmp_path, shape, limit) -> None:
+    """The interpreter, torch, the weights, the scan, preprocessing, windows and the restore to
+    a 1 mm grid all count: a prediction that is allowed to run stays within the limit (peak
+    RSS of the whole process), and one that would not fit is refused with what it needs."""
+    _, weights, _ = setup
+    scan = tmp_path / "scan.nii.gz"
+    write(scan, ellipsoid_case(shape, num_classes=3)[0], make_affine((1.0, 1.0, 1.0), "LPS"))
+    out = tmp_path / "seg.nii.gz"
+    returncode, output, peak = _peak_run(_predict_command(scan, out, weights, limit))
+    bound = float(limit.removesuffix("GB")) * GB
+    if returncode == 0:
+        assert nib.load(out).shape == shape
+    else:
+        assert_one_line_error(output, r"needs about .* this process holds\), more than", scan)
+    assert peak <= bound, f"peak {peak / GB:.2f} GB over the {limit} limit"
+
+
+def test_a_limit_below_what_the_process_holds_is_refused_at_once(setup, tmp_path) -> None:
+    _, weights, scan = setup
+    returncode, output, peak = _peak_run(_predict_command(scan, tmp_path / "seg.nii.gz", weights,
+                                                          "0.2GB"))
+    assert returncode == 1
+    assert_one_line_error(output, r"on top of the 0\.\d\d GB this process holds", scan)
