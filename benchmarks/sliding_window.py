@@ -7,8 +7,9 @@ Random weights would make near-ties everywhere and agreement meaningless, so non
 
 Engines (window = the plan's patch, overlap 0.5, Gaussian weights with sigma = window / 8):
 
-* ``ours``: medseg3d's default predict path (``InferenceConfig()``): our engine with bf16
-  autocast where the CPU computes bf16 natively (fp16 on CUDA);
+* ``ours``: medseg3d's default predict path (``InferenceConfig()``): our engine with a bf16
+  channels-last copy of the network where the CPU computes bf16 natively
+  (``precision.cpu_bf16_network``; fp16 autocast on CUDA);
 * ``ours-fp32``: the same with ``--no-amp``;
 * ``monai-softmax``: ``sliding_window_inference`` with a softmax predictor, fp32, as a MONAI user
   writes it on a CPU (MONAI autocasts nothing by itself);
@@ -22,6 +23,7 @@ Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device c
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -56,10 +58,22 @@ FULL = QUICK + [
 class TimedNetwork(torch.nn.Module):
     """Wraps the network to add up the time spent in its forward (the part no engine can save)."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    def __init__(self, network: torch.nn.Module, clock: list[float] | None = None) -> None:
         super().__init__()
         self.network = network
-        self.seconds = 0.0
+        self.clock = clock if clock is not None else [0.0]  # seconds, shared with copies
+
+    @property
+    def seconds(self) -> float:
+        return self.clock[0]
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        self.clock[0] = value
+
+    def __deepcopy__(self, memo: dict) -> TimedNetwork:
+        # the engine runs a bf16 copy on CPUs (precision.cpu_bf16_network): it must keep timing
+        return TimedNetwork(copy.deepcopy(self.network, memo), self.clock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -68,7 +82,7 @@ class TimedNetwork(torch.nn.Module):
         y = self.network(x)
         if y.is_cuda:
             torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
+        self.clock[0] += time.perf_counter() - start
         return y
 
 
