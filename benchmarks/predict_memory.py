@@ -75,7 +75,8 @@ def measure(cmd: list[str], threads: int) -> dict[str, Any]:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if line.strip() and "warn" not in line.lower()]
     return {"command": shlex.join(cmd), "returncode": proc.returncode, "peak_gib": round(peak_kb / 2**20, 3),
             "seconds": round(seconds, 1), "last_line": lines[-1] if lines else ""}
 

@@ -172,6 +172,9 @@ def host_cost(network: nn.Module, shape: tuple[int, ...], num_classes: int,
 # postprocessing over a class's bounding box stays below that (8.5).
 PREPROCESS_BYTES_PER_VOXEL = 8
 RESTORE_LABELS_BYTES_PER_VOXEL = 11
+# The prediction's measured peak was up to 5 % above this model (allocator slack, the writer's
+# buffers): the limit is checked against the estimate plus this margin.
+ESTIMATE_MARGIN = 1.1
 
 
 def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
@@ -213,8 +216,9 @@ def fit_memory(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
     if probabilities and not config.save_probabilities:
         options += [(config.batch_size, False), (1, False)]
     for batch_size, kind in options:
-        need = memory_needed(shape, grid, num_classes, window, batch_size, kind,
-                             config.save_probabilities, network) - network.weights
+        need = int(ESTIMATE_MARGIN * (memory_needed(shape, grid, num_classes, window,
+                                                    batch_size, kind, config.save_probabilities,
+                                                    network) - network.weights))
         if resident + need <= limit:
             return batch_size, kind
     raise MedsegError(f"prediction needs about {_size(resident + need)} ({_size(need)} for this "

@@ -55,14 +55,15 @@ def fixed_forward_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
-    """``memory_needed`` for the scan under the given choice, the network's share included."""
+    """What ``fit_memory`` checks for the scan under the given choice (weights already held)."""
     image, grid = preprocess_image(read_volume(scan), PLAN)
     network = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8]).network
     cost = inference.host_cost(network, tuple(image.shape), PLAN.num_classes, PLAN.patch_size,
                                torch.device("cpu"))
     assert cost.weights > 0 and cost.per_window == FORWARD_BYTES and cost.accumulator
-    return inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
-                                   batch_size, probabilities, network=cost) - cost.weights
+    needed = inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
+                                     batch_size, probabilities, network=cost) - cost.weights
+    return int(inference.ESTIMATE_MARGIN * needed)
 
 
 class Allocates(torch.nn.Module):
