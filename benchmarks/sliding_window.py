@@ -14,6 +14,8 @@ Engines (window = the plan's patch, overlap 0.5, Gaussian weights with sigma = w
 * ``monai-softmax``: ``sliding_window_inference`` with a softmax predictor, fp32, as a MONAI user
   writes it on a CPU (MONAI autocasts nothing by itself);
 * ``monai-softmax-amp``: the same inside ``torch.autocast`` with our dtype: like with like;
+* ``ours-whole-volume``: ``ours`` with the whole plan grid as one window (issue #15's "largest
+  tiles"): no overlap, but instance norms see other statistics than on training patches;
 * ``ours as MONAI``: MONAI's window positions and probability averaging (run once).
 
 Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device cuda]``
@@ -100,13 +102,15 @@ Engine = Callable[[torch.Tensor], torch.Tensor]
 
 
 def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: int,
-            device: torch.device) -> dict[str, Engine]:
+            device: torch.device, divisor: int) -> dict[str, Engine]:
     """Each engine maps a plan-grid image ``(C, D, H, W)`` to labels ``(D, H, W)`` on the CPU."""
     amp = autocast_dtype(device)
 
-    def ours(dtype: torch.dtype | None, **options: str) -> Engine:
+    def ours(dtype: torch.dtype | None, tile: bool = False, **options: str) -> Engine:
         def run(image: torch.Tensor) -> torch.Tensor:
-            return sliding_window(network, image, window=window, num_classes=num_classes,
+            # tile: the whole plan grid in one window (rounded up to the network's divisor)
+            size = tuple(-(-s // divisor) * divisor for s in image.shape[1:]) if tile else window
+            return sliding_window(network, image, window=size, num_classes=num_classes,
                                   overlap=OVERLAP, batch_size=BATCH, device=device,
                                   amp_dtype=dtype, **options)  # type: ignore[arg-type]
 
@@ -127,7 +131,7 @@ def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: in
         return run
 
     return {"ours": ours(amp), "ours-fp32": ours(None), "monai-softmax": monai(None),
-            "monai-softmax-amp": monai(amp),
+            "monai-softmax-amp": monai(amp), "ours-whole-volume": ours(amp, tile=True),
             # MONAI's window positions and softmax averaging: reproduces monai-softmax (once)
             "ours as MONAI": ours(None, grid="monai", average="probabilities")}
 
@@ -138,7 +142,7 @@ def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device) 
     plan = model.meta.plan
     image, _ = preprocess_image(read_volume(scan), plan)
     timed = TimedNetwork(model.network).to(device).eval()
-    runs = engines(timed, plan.patch_size, plan.num_classes, device)
+    runs = engines(timed, plan.patch_size, plan.num_classes, device, model.traits.size_divisor)
     results = {name: Result() for name in runs}
     names = list(runs)
     once = names[-1]
