@@ -20,9 +20,11 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
 Seconds per case run from the scan in memory to the mask in memory on ``--threads`` threads
 (reading and writing files not included; for ROBEX its temporary NIfTI is). Each (method, case)
 record is saved at once to ``<results>/cases/<method>/<case>.json``, so an interrupted run
-continues; ``summary.md`` and ``cases.csv`` are rewritten at the end with per-method mean Dice
-± 95 % CI (t), worst case, HD95, NSD and s/case, and paired differences against the first
-``--medseg3d`` method (mean and 95 % CI of the per-case difference, Wilcoxon signed-rank p).
+continues; ``summary.md`` and ``cases.csv`` are rewritten at the end. Labels ending in ``_sN``
+are seeds of one recipe: its row averages each case over them, then gives the mean Dice ± 95 %
+CI (t) over cases, each seed's mean, the worst case, HD95, NSD and s/case. The first recipe is
+compared with every other one on the same cases (mean and 95 % CI of the per-case difference,
+Wilcoxon signed-rank p).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -134,29 +137,47 @@ def ci95(values: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
 
 
+def group_of(method: str) -> str:
+    """Seeds of one recipe form a group: ``medseg3d_s1`` -> ``medseg3d``."""
+    return re.sub(r"_s\d+$", "", method)
+
+
+def by_group(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    """group -> case -> ``key`` averaged over the group's seeds."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        values.setdefault(group_of(r["method"]), {}).setdefault(r["case"], []).append(r[key])
+    return {g: {c: float(np.mean(v)) for c, v in cases.items()} for g, cases in values.items()}
+
+
 def table(records: list[dict[str, Any]], methods: list[str]) -> list[str]:
-    lines = ["| method | n | Dice mean ± 95 % CI | worst Dice (case) | HD95 mm mean (worst) | NSD@2mm "
-             "| s/case |", "|---|---|---|---|---|---|---|"]
-    for method in methods:
-        rows = [r for r in records if r["method"] == method]
-        dice = np.array([r["dice"] for r in rows])
-        hd = np.array([r["hd95_mm"] for r in rows])
-        worst = rows[int(np.argmin(dice))]
-        lines.append(f"| {method} | {len(rows)} | {dice.mean():.4f} ± {ci95(dice):.4f} | {dice.min():.4f} "
-                     f"(`{worst['case']}`) | {hd.mean():.1f} ({hd.max():.1f}) | "
-                     f"{np.mean([r['nsd'] for r in rows]):.3f} | {np.mean([r['seconds'] for r in rows]):.1f} |")
+    """One row per group: case values averaged over its seeds, then mean ± CI over cases."""
+    dice, hd95, nsd, seconds = (by_group(records, k) for k in ("dice", "hd95_mm", "nsd", "seconds"))
+    lines = ["| method | seeds | cases | Dice mean ± 95 % CI | seed means | worst Dice (case) "
+             "| HD95 mm mean (worst) | NSD@2mm | s/case |", "|---|---|---|---|---|---|---|---|---|"]
+    for group in dict.fromkeys(group_of(m) for m in methods):
+        members = [m for m in methods if group_of(m) == group]
+        d = np.array(list(dice[group].values()))
+        h = np.array(list(hd95[group].values()))
+        worst = min(dice[group], key=dice[group].__getitem__)
+        seed_means = [np.mean([r["dice"] for r in records if r["method"] == m]) for m in members]
+        lines.append(f"| {group} | {len(members)} | {len(d)} | {d.mean():.4f} ± {ci95(d):.4f} | "
+                     f"{', '.join(f'{v:.4f}' for v in seed_means)} | {d.min():.4f} (`{worst}`) | "
+                     f"{h.mean():.1f} ({h.max():.1f}) | {np.mean(list(nsd[group].values())):.3f} | "
+                     f"{np.mean(list(seconds[group].values())):.1f} |")
     return lines
 
 
 def paired(records: list[dict[str, Any]], methods: list[str]) -> list[str]:
-    """Per-case Dice differences of the first method against each other one."""
-    by = {(r["method"], r["case"]): r["dice"] for r in records}
-    first, lines = methods[0], []
-    lines += [f"| {first} minus | n | mean Dice difference ± 95 % CI | cases {first} wins | Wilcoxon p |",
-              "|---|---|---|---|---|"]
-    for other in methods[1:]:
-        cases = sorted(c for m, c in by if m == first and (other, c) in by)
-        diff = np.array([by[(first, c)] - by[(other, c)] for c in cases])
+    """Per-case Dice differences (seed-averaged) of the first group against each other one."""
+    dice = by_group(records, "dice")
+    groups = list(dict.fromkeys(group_of(m) for m in methods))
+    first, lines = groups[0], []
+    lines += [f"| {first} minus | cases | mean Dice difference ± 95 % CI | cases {first} wins "
+              "| Wilcoxon p |", "|---|---|---|---|---|"]
+    for other in groups[1:]:
+        cases = sorted(set(dice[first]) & set(dice[other]))
+        diff = np.array([dice[first][c] - dice[other][c] for c in cases])
         p = stats.wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
         lines.append(f"| {other} | {len(diff)} | {diff.mean():+.4f} ± {ci95(diff):.4f} | "
                      f"{int((diff > 0).sum())}/{len(diff)} | {p:.2g} |")
