@@ -132,6 +132,7 @@ class HostCost:
     weights: int = 0  # parameters and buffers, when they live in host memory
     per_window: int = 0  # activations of one window's forward pass, when it runs on the CPU
     accumulator: bool = True  # False: the accumulator lives on the GPU
+    bf16_copy: int = 0  # the CPU bf16 copy the engine runs (precision.cpu_bf16_network)
 
 
 # Activations of one window's forward pass, measured once per network and input shape.
@@ -161,9 +162,10 @@ def host_cost(network: nn.Module, shape: tuple[int, ...], num_classes: int,
     if device.type == "cuda":
         ring = accumulator_bytes(shape[1:], num_classes, window, "probabilities")
         return HostCost(accumulator=not accumulates_on_device("auto", device, ring))
-    tensors = itertools.chain(network.parameters(), network.buffers())
+    tensors = list(itertools.chain(network.parameters(), network.buffers()))
     weights = sum(t.numel() * t.element_size() for t in tensors)
-    return HostCost(weights, forward_bytes(network, shape[0], window))
+    copy = sum(t.numel() * 2 for t in tensors) if autocast_dtype(device) == torch.bfloat16 else 0
+    return HostCost(weights, forward_bytes(network, shape[0], window), bf16_copy=copy)
 
 
 # Host bytes per input voxel (and channel) beyond the input itself, measured on a 512x512x400 CT
@@ -190,7 +192,8 @@ def memory_needed(shape: tuple[int, ...], grid: GridTransform, num_classes: int,
     engine = estimate_memory_bytes(shape, num_classes, window, batch_size, kind)
     if not network.accumulator:
         engine -= accumulator_bytes(shape[1:], num_classes, window, kind)
-    window_pass = image + engine + network.weights + batch_size * network.per_window
+    window_pass = (image + engine + network.weights + network.bf16_copy
+                   + batch_size * network.per_window)
     if probabilities:  # resized probabilities and their argmax; saved: a channels-last copy too
         restore = (num_classes * canonical * 4 * (3 if save_probabilities else 1)
                    + canonical * RESTORE_LABELS_BYTES_PER_VOXEL)

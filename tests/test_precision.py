@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medseg3d.networks import build_network
-from medseg3d.precision import cpu_bf16_network
+from medseg3d.precision import WindowInstanceNorm, cpu_bf16_network
 
 
 @pytest.mark.parametrize("name", ["unet", "asmlp3d", "mixer3d", "patchfree"])
@@ -25,3 +25,37 @@ def test_bf16_copy_follows_the_fp32_network_and_leaves_it_alone(name):
     assert all(p.dtype == torch.bfloat16 for p in converted.parameters())
     for key, value in network.state_dict().items():  # the fp32 network is untouched
         assert value.dtype == before[key].dtype and torch.equal(value, before[key])
+
+
+def test_window_instance_norm_is_instance_norm_in_any_layout():
+    norm = torch.nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    x = torch.randn(3, 5, 8, 9, 10) * 3 + 1
+    with torch.inference_mode():
+        expected = norm(x)
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            torch.testing.assert_close(WindowInstanceNorm(norm)(x.contiguous(memory_format=layout)),
+                                       expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_copy_swaps_instance_norms_only_without_running_statistics():
+    tracked = torch.nn.InstanceNorm3d(4, track_running_stats=True)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True),
+                                  tracked)
+    converted = cpu_bf16_network(network)
+    assert isinstance(converted[1], WindowInstanceNorm)
+    assert isinstance(converted[2], torch.nn.InstanceNorm3d)  # eval uses its running statistics
+
+
+def test_bf16_copy_is_reused_until_the_weights_change():
+    network = build_network("unet", 1, 2, filters=[4, 8]).eval()
+    first = cpu_bf16_network(network)
+    assert cpu_bf16_network(network) is first
+    with torch.no_grad():
+        next(network.parameters()).add_(1.0)  # an optimizer or EMA step, in place
+    second = cpu_bf16_network(network)
+    assert second is not first
+    assert torch.equal(next(second.parameters()).float(),
+                       next(network.parameters()).to(torch.bfloat16).float())
