@@ -6,7 +6,9 @@ https://arxiv.org/abs/2107.08391 (reference code: svip-lab/AS-MLP).
 A block mixes channels only (1x1x1 convolutions); voxels exchange information because channel
 groups are shifted along D, H and W before the projections. Nothing depends on the number of
 tokens, so there is no patch embedding: the stem keeps full voxel resolution, patch merging
-halves it per stage and a decoder with skip connections restores it.
+halves it per stage and a decoder with skip connections restores it. Channel groups are
+symmetric about the unshifted one at every width (``shift_group_sizes``; the reference's
+``torch.chunk`` left the 16-channel stage without a +2 group).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "asmlp3d",
     "asmlp3d_large",
     "axial_shift",
+    "shift_group_sizes",
     "merge_subgrids",
 ]
 
@@ -51,15 +54,15 @@ def _shift_groups(x: torch.Tensor, axis: int, shift_size: int, dilation: int,
                   sign: int) -> torch.Tensor:
     """Slice-copy each channel group, moved by sign*(g - k//2)*dilation, into one new tensor."""
     dim = axis + 2
-    channels, length = x.shape[1], x.shape[dim]
-    group = -(-channels // shift_size)  # ceil: the same groups as torch.chunk
+    length = x.shape[dim]
     # empty, not zeros: each output voxel is written once, either copied or zeroed in the strip
     # the shift vacates (a full zero fill first would cost one more pass over memory).
     out = torch.empty_like(x)
-    for g in range(shift_size):
-        c0, c1 = g * group, min((g + 1) * group, channels)
-        if c0 >= c1:
-            break  # the remaining groups are empty
+    c1 = 0
+    for g, size in enumerate(shift_group_sizes(x.shape[1], shift_size)):
+        c0, c1 = c1, c1 + size
+        if size == 0:
+            continue
         step = sign * (g - shift_size // 2) * dilation
         keep = length - abs(step)
         dst = out[:, c0:c1]
@@ -70,6 +73,26 @@ def _shift_groups(x: torch.Tensor, axis: int, shift_size: int, dilation: int,
         if step:
             dst.narrow(dim, 0 if step > 0 else keep, abs(step)).zero_()
     return out
+
+
+def shift_group_sizes(channels: int, shift_size: int) -> list[int]:
+    """Channels per shift group, symmetric about the unshifted centre group.
+
+    The reference AS-MLP splits channels with ``torch.chunk`` (groups of ceil(C / shift_size)):
+    16 channels and shift 5 give groups of 4, 4, 4, 4 and 0, so no channel ever moves by +2.
+    Here the remainder of an uneven split goes to the centre group (when odd) and then in pairs
+    to the groups at -1/+1, -2/+2, ...: every offset that has channels has its mirror image.
+    Widths divisible by ``shift_size`` get the reference's groups.
+    """
+    base, extra = divmod(channels, shift_size)
+    sizes, centre = [base] * shift_size, shift_size // 2
+    if extra % 2:
+        sizes[centre] += 1
+        extra -= 1
+    for k in range(1, extra // 2 + 1):
+        sizes[centre - k] += 1
+        sizes[centre + k] += 1
+    return sizes
 
 
 class _AxialShift(torch.autograd.Function):
@@ -91,8 +114,8 @@ class _AxialShift(torch.autograd.Function):
 def axial_shift(x: torch.Tensor, axis: int, shift_size: int = 5, dilation: int = 1) -> torch.Tensor:
     """Shift channel groups of ``x`` (B, C, D, H, W) along spatial ``axis`` (0=D, 1=H, 2=W).
 
-    The channels are split into ``shift_size`` groups of ceil(C / shift_size) channels (the last
-    ones smaller or empty); group g moves by (g - shift_size // 2) * dilation voxels. Voxels
+    The channels are split into ``shift_size`` groups (``shift_group_sizes``: symmetric about the
+    centre); group g moves by (g - shift_size // 2) * dilation voxels. Voxels
     moved past the border are dropped and the vacated ones are zero: nothing wraps around.
     """
     _check_shift(x, axis, shift_size, dilation)

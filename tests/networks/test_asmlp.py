@@ -15,17 +15,18 @@ from medseg3d.networks.asmlp import (
     PointwiseConv3d,
     axial_shift,
     merge_subgrids,
+    shift_group_sizes,
 )
 
 
 def reference_shift(x: torch.Tensor, axis: int, shift_size: int, dilation: int) -> torch.Tensor:
-    """The obviously correct form: pad, chunk, roll each group, concatenate, cut the pad off."""
+    """The obviously correct form: pad, split, roll each group, concatenate, cut the pad off."""
     dim = axis + 2
     pad = shift_size // 2 * dilation
     widths = [0] * 6
     widths[2 * (4 - dim)] = widths[2 * (4 - dim) + 1] = pad  # F.pad lists the last axis first
     padded = F.pad(x, widths)
-    groups = torch.chunk(padded, shift_size, dim=1)
+    groups = torch.split(padded, shift_group_sizes(x.shape[1], shift_size), dim=1)
     rolled = [torch.roll(group, (g - shift_size // 2) * dilation, dims=dim)
               for g, group in enumerate(groups)]
     return torch.cat(rolled, dim=1).narrow(dim, pad, x.shape[dim])
@@ -52,6 +53,26 @@ def test_axial_shift_matches_reference(dtype: torch.dtype, axis: int, channels: 
     x = torch.randn(2, channels, 5, 7, 9).to(dtype)
     torch.testing.assert_close(axial_shift(x, axis, shift_size, dilation),
                                reference_shift(x, axis, shift_size, dilation), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("channels", "shift_size", "expected"), [
+    (16, 5, [3, 3, 4, 3, 3]),  # the asmlp3d stem: torch.chunk gave 4, 4, 4, 4, 0 (no +2)
+    (17, 5, [3, 4, 3, 4, 3]), (18, 5, [3, 4, 4, 4, 3]), (19, 5, [4, 4, 3, 4, 4]),
+    (3, 5, [0, 1, 1, 1, 0]), (12, 3, [4, 4, 4])])
+def test_shift_groups_are_symmetric_about_the_centre(channels: int, shift_size: int,
+                                                     expected: list[int]) -> None:
+    sizes = shift_group_sizes(channels, shift_size)
+    assert sizes == expected and sizes == sizes[::-1] and sum(sizes) == channels
+    if channels % shift_size == 0:  # the reference AS-MLP's torch.chunk groups
+        assert sizes == [len(c) for c in torch.chunk(torch.arange(channels), shift_size)]
+
+
+def test_every_offset_moves_channels_in_the_asmlp3d_stem() -> None:
+    x = torch.zeros(1, 16, 9, 1, 1)
+    x[:, :, 4] = 1.0  # one bright slab in the middle of axis 0
+    moved = axial_shift(x, 0, 5)[0, :, :, 0, 0]  # (channels, positions)
+    offsets = {int(torch.nonzero(row)[0]) - 4 for row in moved}
+    assert offsets == {-2, -1, 0, 1, 2}
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
