@@ -11,11 +11,11 @@ the size of a typical thin-slice abdominal CT. Then, each in its own process, so
 resident memory (``os.wait4``'s ``ru_maxrss``) is that command's alone:
 
 * ``medseg3d predict CT --model abdomenct`` without a limit and with each ``--max-memory``;
-* **monai**: MONAI's tutorial inference pipeline on the same file (``LoadImaged``, RAS,
-  ``Spacingd`` to the abdomenct plan's spacing, ``sliding_window_inference`` 64³ at overlap 0.5,
-  softmax, ``Invertd`` to the input grid, argmax, ``SaveImage``-equivalent nibabel write), with a
-  ``monai.networks.nets.UNet`` of 7 output classes like abdomenct (random weights: memory does not
-  depend on them).
+* **monai**: MONAI's tutorial inference pipeline on the same file (``peers/monai_recipe.predict``:
+  ``LoadImaged``, RAS, ``Spacingd`` to the abdomenct plan's spacing, z-score,
+  ``sliding_window_inference`` 64³ at overlap 0.5, softmax, ``Invertd`` to the input grid, argmax,
+  a nibabel write), with a ``monai.networks.nets.UNet`` of 7 output classes like abdomenct (random
+  weights: memory does not depend on them).
 
 Writes ``benchmarks/results/predict_memory/summary.md`` and ``runs.json``: exit code, peak RSS,
 wall seconds and the last line each command printed.
@@ -38,6 +38,8 @@ import nibabel as nib
 import numpy as np
 
 from medseg3d.atomic import write_text_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # monai_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "benchmarks" / "predict_memory"
@@ -77,42 +79,26 @@ def measure(cmd: list[str], threads: int) -> dict[str, Any]:
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     lines = [line for line in (proc.stdout + proc.stderr).splitlines()
              if line.strip() and "warn" not in line.lower()]
-    return {"command": shlex.join(cmd), "returncode": proc.returncode, "peak_gib": round(peak_kb / 2**20, 3),
-            "seconds": round(seconds, 1), "last_line": lines[-1] if lines else ""}
+    shown = ["python", *cmd[1:]] if cmd[0] == sys.executable else cmd  # no machine paths
+    return {"command": shlex.join(shown), "returncode": proc.returncode,
+            "peak_gib": round(peak_kb / 2**20, 3), "seconds": round(seconds, 1),
+            "last_line": lines[-1] if lines else ""}
 
 
 def monai_peer(ct: Path, out: Path) -> None:
-    """MONAI's tutorial inference pipeline with a 7-class UNet at the abdomenct plan's spacing."""
-    import torch
-    from monai.inferers import sliding_window_inference
+    """MONAI's tutorial inference pipeline (``peers/monai_recipe.predict``) with a 7-class UNet at
+    the abdomenct plan's spacing."""
     from monai.networks.nets import UNet
-    from monai.transforms import (
-        AsDiscreted,
-        Compose,
-        EnsureChannelFirstd,
-        Invertd,
-        LoadImaged,
-        NormalizeIntensityd,
-        Orientationd,
-        Spacingd,
-    )
+    from monai_recipe import Recipe, predict
 
     from medseg3d.api import load_model
 
     spacing = load_model("abdomenct", device="cpu").plan.spacing
-    pre = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image"),
-                   Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=spacing),
-                   NormalizeIntensityd(keys="image")])
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=7, channels=(16, 32, 64, 128, 256),
+    recipe = Recipe(spacing=spacing, patch=(64, 64, 64), channels=(16, 32, 64, 128, 256),
+                    patches_per_step=2, flip_axes=(), intensity_jitter=False, sw_batch_size=2)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=7, channels=recipe.channels,
                strides=(2, 2, 2, 2), num_res_units=2).eval()
-    data = pre({"image": str(ct)})
-    with torch.inference_mode():
-        data["pred"] = sliding_window_inference(data["image"][None], (64, 64, 64), sw_batch_size=2,
-                                                predictor=net, overlap=0.5, mode="gaussian").softmax(1)[0]
-    post = Compose([Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
-                    AsDiscreted(keys="pred", argmax=True)])
-    labels = np.asarray(post(data)["pred"][0].numpy(), np.uint8)
-    nib.save(nib.Nifti1Image(labels, nib.load(str(ct)).affine), str(out))
+    predict(net, ct, out, recipe, overlap=0.5)
     print(f"monai wrote {out.name}")
 
 

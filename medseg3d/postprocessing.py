@@ -33,9 +33,11 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
     out = labels.copy()
     for value in values:
         mask = labels == value
-        box = _bounding_box(mask)  # components of a small organ need not span a whole CT
-        if box is None:
+        # label within the class's bounding box: a small organ need not span a whole CT
+        boxes = ndimage.find_objects(mask.view(np.uint8))
+        if not boxes:
             continue
+        box = boxes[0]
         pieces, count = ndimage.label(mask[box], _CONNECTIVITY)
         if count < 2:
             continue
@@ -45,14 +47,3 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
         drop &= mask[box]  # the class's other pieces (in place: a 1-byte mask per voxel)
         out[box][drop] = 0
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every True voxel of ``mask`` (None when there is none)."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)

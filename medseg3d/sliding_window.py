@@ -29,7 +29,7 @@ How it works (after nnU-Net's ``sliding_window_prediction.py``):
 * ``amp_dtype``: autocast the forward passes to this dtype (None: fp32); callers take it from
   ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA. On a CPU a
   network module runs as a bf16 channels-last copy, one window at a time, instead of under
-  autocast (``precision.cpu_bf16_network``: 1.9x faster, same labels on 99.99 % of voxels).
+  autocast (``precision.cpu_bf16_network``; same labels on 99.99 % of voxels).
 * On CUDA: accumulation on the GPU when the ring takes
   at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU. Out of memory in a
   forward pass, the same windows run again in half the batch, and the rest of the volume keeps

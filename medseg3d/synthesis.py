@@ -134,7 +134,8 @@ class RandSynthesized(T.RandomizableTransform, T.MapTransform):
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``(X, Y, Z)`` image blurred by a separable Gaussian of ``sigma`` voxels (edges replicated)."""
+    """``(X, Y, Z)`` image blurred by a separable Gaussian of ``sigma`` voxels (edges replicated:
+    MONAI's ``GaussianSmooth`` pads with zeros, which would darken every patch's border)."""
     radius = max(1, int(np.ceil(2.5 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
