@@ -79,7 +79,7 @@ def _forward_and_train_step(net: nn.Module, size: int) -> tuple[Callable[[], Non
         logits = net(x)
         loss = F.cross_entropy(logits, target)
         if hasattr(net, "auxiliary_loss"):
-            loss = loss + net.auxiliary_loss(x, target)
+            loss = loss + net.auxiliary_loss(x, target[:, None])
         loss.backward()
 
     return forward, train_step

@@ -478,56 +478,72 @@ def _network_options(pairs: list[str], networks: list[str]) -> dict[str, dict[st
     return options
 
 
+def _numbers(text: str, flag: str, kind: type = float) -> list[Any]:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
 @app.command()
 @user_errors
 def compare(
-    dataset: Annotated[Path, typer.Argument(help="Dataset folder; imagesTs/labelsTs are the "
-                                            "test cases (else the validation fold).")],
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder; its imagesTs/labelsTs cases "
+                                            "form fold 0.")],
     models: Annotated[str, typer.Option("--models", help="Comma-separated network names.")
-                      ] = "unet,asmlp3d,patchfree,mixer3d",
-    budget: Annotated[str, typer.Option(help="Training budget per network: 20m, 90s, 1.5h.")
-                      ] = "20m",
+                      ] = "unet_1m,asmlp3d_1m,patchfree_1m,mixer3d_1m",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of every final run.")
+                     ] = 500,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (fold 0: imagesTs)."
+                                       )] = 5,
+    lr: Annotated[str, typer.Option("--lr", help="Learning rates to sweep.")] = "1e-3",
+    wd: Annotated[str, typer.Option("--wd", help="Weight decays to sweep.")] = "1e-5",
+    sweep_steps: Annotated[int, typer.Option(min=0, help="Steps of each sweep run (0: no "
+                                             "sweep, the first --lr and --wd).")] = 0,
+    extra_test: Annotated[list[Path] | None, typer.Option(
+        "--extra-test", help="A dataset folder whose imagesTs/labelsTs derive from DATASET's "
+                             "test cases (e.g. a stress set); scored by fold 0.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Comparison folder.")
                       ] = None,
     spacing: Annotated[str | None, typer.Option(help="Plan spacing in mm, e.g. 3,3,3.")] = None,
-    patch_size: Annotated[str | None, typer.Option(help="Plan patch, e.g. 48,48,48 (also the "
+    patch_size: Annotated[str | None, typer.Option(help="Plan patch, e.g. 48,48,64 (also the "
                                                    "input size of fixed-size networks).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     option: Annotated[list[str] | None, typer.Option("--option", help="Network option "
                                                      "NETWORK.KEY=VALUE, e.g. unet.filters=[8,16]."
                                                      )] = None,
-    iterations: Annotated[int, typer.Option("--iterations", min=1,
-                                            help="Iterations per epoch.")] = 20,
-    fold: Annotated[int, typer.Option(min=-1, help="Fold of a 5-fold split; -1: all.")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
-    reuse_runs: Annotated[bool, typer.Option(help="Score finished runs in OUT/runs again "
-                                             "instead of retraining them.")] = False,
 ) -> None:
-    """Train each network with the same budget, seed and split; compare accuracy and cost."""
-    from medseg3d.experiments.compare import compare as run_comparison
-    from medseg3d.experiments.compare import parse_budget, summary_table
+    """Rank networks: same steps, data and augmentation; LR/WD sweep, seeds, folds, paired tests.
+
+    Resumable: finished cells are kept and skipped, and a second process given the same command
+    and folder works on other cells at the same time.
+    """
+    from medseg3d.experiments.compare import Protocol, run_protocol
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
     for name in networks:
         _check_network(name)
-    try:
-        minutes = parse_budget(budget)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
     if augment not in get_args(Augment):
         raise typer.BadParameter(f"--augment must be none, light, strong or synth, got {augment!r}")
-    overrides = _plan_overrides(patch_size, batch_size, spacing)
+    protocol = Protocol(
+        dataset=str(dataset), networks=networks,
+        options=_network_options(option or [], networks), steps=steps,
+        seeds=_numbers(seeds, "--seeds", int), num_folds=folds,
+        learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
+        sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
+        plan_overrides=_plan_overrides(patch_size, batch_size, spacing),
+        augment=cast(Augment, augment), device=device)
     output = output or Path("runs") / f"compare_{dataset.name}"
-    result = run_comparison(dataset, networks, minutes, output,
-                            options=_network_options(option or [], networks),
-                            plan_overrides=overrides, seed=seed, fold=fold,
-                            iterations_per_epoch=iterations, device=device,
-                            augment=cast(Augment, augment),
-                            reuse_runs=reuse_runs, log=console.print)
-    out.print(summary_table(result))
-    out.print(f"wrote comparison.json, comparison.csv, comparison.png and slices.png to {output}")
+    run_protocol(protocol, output, log=console.print)
+    from medseg3d.experiments.ranking import summary_table, write_ranking
+
+    ranking = write_ranking(protocol, output)
+    for table in summary_table(ranking):
+        out.print(table)
+    out.print(f"wrote ranking.json, ranking.md, cases.csv and ranking.png to {output}")
 
 
 @app.command()

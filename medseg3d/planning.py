@@ -8,13 +8,14 @@ modalities per image.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from medseg3d.config import ChannelNorm, DatasetSpec, Plan
+from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
 from medseg3d.preprocessing import plan_grid, reorient
 
@@ -144,6 +145,37 @@ def _floats(values: Iterable[float]) -> tuple[float, float, float]:
 MIN_BUDGET_STEPS = 1500
 MIN_PATCH_COVERAGE = 0.15
 SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def fit_whole_volume(plan: Plan, size_divisor: int, max_voxels: int,
+                     fixed_spacing: Sequence[float] | None = None) -> Plan:
+    """Coarsen ``plan`` until its median volume is one patch of at most ``max_voxels`` voxels.
+
+    Patch-free networks train on whole volumes; where the median volume is too large at the
+    median spacing, the spacing grows instead of the patch shrinking. ``fixed_spacing`` (the
+    user's) is never changed: a volume too large at it is refused.
+    """
+    median_mm = np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
+    base = np.array(fixed_spacing if fixed_spacing is not None else plan.spacing, dtype=float)
+    factors = (1.0,) if fixed_spacing is not None else (*SPACING_FACTORS, 6.0, 8.0)
+    for factor in factors:
+        spacing = base * factor
+        median = np.maximum(np.round(median_mm / spacing), 1).astype(int)
+        whole = np.ceil(median / size_divisor).astype(int) * size_divisor
+        if np.prod(whole) <= max_voxels:
+            reasons = {**plan.reasons,
+                       "spacing": f"{factor:g} x the median spacing: the finest at which the "
+                                  f"whole median volume fits {max_voxels:,} voxels",
+                       "patch_size": "the whole median volume (patch-free training)"}
+            if fixed_spacing is not None:
+                reasons["spacing"] = "set by the user"
+            return plan.model_copy(update={
+                "spacing": tuple(round(float(s), 5) for s in spacing), "patch_size": _ints(whole),
+                "median_shape": _ints(median), "reasons": reasons})
+    side = "x".join(str(int(s)) for s in median)
+    raise MedsegError(f"the median volume ({side} voxels at {spacing.round(2).tolist()} mm) is "
+                      f"too large to train whole (at most {max_voxels:,} voxels); choose a "
+                      "coarser --spacing")
 
 
 def fit_plan_to_budget(plan: Plan, *, step_allowance_s: float, seconds_per_voxel: float,

@@ -69,7 +69,13 @@ from medseg3d.figures import progress_figure, save_figure
 from medseg3d.fingerprint import fingerprint_cases
 from medseg3d.inference import window_for
 from medseg3d.networks import AuxiliaryLoss, NetworkTraits, build_network, network_traits
-from medseg3d.planning import MIN_BUDGET_STEPS, fingerprint_case, fit_plan_to_budget, make_plan
+from medseg3d.planning import (
+    MIN_BUDGET_STEPS,
+    fingerprint_case,
+    fit_plan_to_budget,
+    fit_whole_volume,
+    make_plan,
+)
 from medseg3d.postprocessing import single_component_classes
 from medseg3d.precision import autocast_dtype
 from medseg3d.preprocessing import preprocess_image, preprocess_labels
@@ -236,6 +242,9 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
     max_voxels = config.plan_overrides.max_patch_voxels or DEFAULT_MAX_PATCH_VOXELS
     plan = make_plan(spec, fingerprints, size_divisor=network.size_divisor,
                      max_patch_voxels=max_voxels)
+    if network.whole_volume:
+        plan = fit_whole_volume(plan, network.size_divisor, max_voxels,
+                                fixed_spacing=config.plan_overrides.spacing)
     allowance = step_allowance(config)
     fits = network.fixed_input_size is None and not network.whole_volume
     if allowance is not None and fits and not {"spacing", "patch_size"} & overrides.keys():
@@ -508,8 +517,15 @@ def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig
     overrides = config.plan_overrides
     if traits.fixed_input_size is not None:  # token-mixing MLPs accept one input size only
         overrides = overrides.model_copy(update={"patch_size": traits.fixed_input_size})
-    elif traits.whole_volume and overrides.max_patch_voxels is None:
-        # Patch-free networks are meant to see the whole (median) volume during training too.
+    elif traits.whole_volume:
+        # Patch-free networks see the whole volume in training too (PFSeg): no patch choices.
+        chosen = [flag for flag, value in (("--patch-size", overrides.patch_size),
+                                           ("--max-patch-voxels", overrides.max_patch_voxels))
+                  if value is not None]
+        if chosen:
+            raise MedsegError(f"{config.network.name} trains on the whole volume, so "
+                              f"{' and '.join(chosen)} cannot apply; choose a coarser --spacing "
+                              "to make it cheaper")
         overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
     return traits, config.model_copy(update={"plan_overrides": overrides})
 

@@ -1,21 +1,27 @@
-"""Compare networks under one wall-clock training budget: same data, split, seed and plan.
+"""Rank networks: same data, augmentation and optimizer steps; sweep, seeds, folds, paired tests.
 
-``compare(...)`` trains every network with ``TrainConfig.time_budget_minutes`` (epochs set so
-high that the budget is what stops training), then segments the held-out cases (the dataset's
-``imagesTs``/``labelsTs`` when present, else the validation fold) with each best checkpoint and
-scores them with Dice, HD95 and NSD (``medseg3d.evaluation``). It also measures parameters,
-prediction seconds per case and peak prediction memory: on CUDA ``max_memory_allocated``; on the
-CPU the peak resident-set growth over the process's RSS before prediction (after handing freed
-heap pages back to the OS), sampled by a thread every few milliseconds (a lower bound: short
-spikes between samples are missed).
+The protocol (``Protocol``, saved as ``protocol.json``):
 
-Outputs in the output folder: ``comparison.json`` (:class:`Comparison`), ``comparison.csv``,
-``comparison.png`` (Dice against prediction time, HD95 beside it), ``slices.png`` (one slice of
-one held-out case segmented by each network, the reference as a contour) and ``runs/<network>/``
-with each training run and its test predictions.
+1. **Folds.** Every labelled case is tested once. Fold 0 holds out the dataset's own test cases
+   (``imagesTs``/``labelsTs``), so its models never saw them; the training cases are split into
+   the other ``num_folds - 1`` folds (leave-one-out when there are fewer cases than that).
+   Without ``imagesTs`` the folds are a plain seeded k-fold of the training cases.
+2. **Extra test sets** (``--extra-test``, e.g. the stress set of the held-out heads) are scored
+   by fold 0's models only: they derive from the dataset's test cases, which only fold 0 holds
+   out.
+3. **Sweep.** Per network, every (learning rate, weight decay) of the grid trains for
+   ``sweep_steps`` on fold 0's training cases minus a validation share, with the first seed,
+   and is scored on that validation share; the best mean Dice is used for every final run. Test
+   cases of fold 0 and the extra sets are never used for a choice (the validation cases are
+   test cases of the other folds: ``Ranking`` says so).
+4. **Final runs.** Every (fold, seed, network) trains for exactly ``steps`` optimizer steps
+   and predicts its test cases with the final weights.
 
-A dataset.json may mark partially labelled test cases with ``cases.<id>.annotated`` (a list of
-class names, ``DatasetSpec.cases``); only those classes are scored for that case.
+Every finished run is a **cell**, saved at once as ``cells/<stage>/<network>/<tag>.json`` with
+its per-case metrics; a rerun skips finished cells and so resumes an interrupted study. Several
+processes may work on one output folder at the same time: each claims a cell with a lock
+(``medseg3d.lock``) and skips the cells others hold, so two processes use two cores.
+``medseg3d.experiments.ranking`` turns the cells into the report.
 
 An experiment, not part of the core flow: it drives ``medseg3d.training`` and ``medseg3d.api``
 the way a user would, and nothing in the core imports it (the CLI loads it for ``compare``).
@@ -23,65 +29,44 @@ the way a user would, and nothing in the core imports it (the CLI loads it for `
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
+import json
 import math
-import os
-import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
-from rich.table import Table
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.flop_counter import FlopCounterMode
 
 from medseg3d.api import load_model
 from medseg3d.atomic import write_text_atomic
 from medseg3d.config import (
     Augment,
-    CheckpointMeta,
-    DatasetSpec,
     InferenceConfig,
     NetworkConfig,
     OptionValue,
+    Plan,
     PlanOverrides,
-    Scalar,
     TrainConfig,
     load_model_file,
 )
-from medseg3d.dataset import Case, find_cases, held_out_cases, load_spec, read_case, split_cases
-from medseg3d.devices import resolve_device
+from medseg3d.dataset import Case, find_cases, held_out_cases, load_spec, read_case
 from medseg3d.errors import MedsegError
-from medseg3d.evaluation import CaseMetrics, ClassMetrics, Summary, evaluate_case, summarise
-from medseg3d.figures import orthogonal_slices, pyplot, save_figure
-from medseg3d.io import write_labels
-from medseg3d.memory import PeakMemory
-from medseg3d.networks import network_traits
-from medseg3d.preprocessing import canonical_orientation, reorient
+from medseg3d.evaluation import evaluate_case
+from medseg3d.lock import output_locks
+from medseg3d.networks import build_network, network_traits
 from medseg3d.training import train
 
-__all__ = [
-    "ClassScore",
-    "Comparison",
-    "ComparisonRow",
-    "compare",
-    "parse_budget",
-    "plot_comparison",
-    "plot_slices",
-    "summary_table",
-    "write_comparison",
-]
+__all__ = ["Cell", "CaseScore", "Fold", "Protocol", "cell_path", "make_folds", "run_protocol"]
 
-# Epoch cap for budgeted runs: far beyond what any budget reaches, so the budget is the limit.
-BUDGETED_EPOCHS = 100_000
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
-
-
-MemoryMeasure = Literal["cpu_rss_delta", "cuda_max_allocated"]
+Stage = Literal["sweep", "final"]
+# Seconds between "waiting for another process's sweep cell" log lines.
+WAIT_LOG_S = 60.0
 
 
 class _Model(BaseModel):
@@ -89,307 +74,364 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
 
-class ClassScore(_Model):
-    """Mean test metrics of one class for one network."""
+class Protocol(_Model):
+    """Everything that defines a comparison; a folder holds one protocol and refuses another."""
 
+    dataset: str
+    networks: list[str] = Field(min_length=1)
+    options: dict[str, dict[str, OptionValue]] = Field(default_factory=dict)
+    steps: int = Field(ge=1)
+    seeds: list[int] = Field(min_length=1)
+    num_folds: int = Field(default=5, ge=2)
+    learning_rates: list[float] = Field(default=[1e-3], min_length=1)
+    weight_decays: list[float] = Field(default=[1e-5], min_length=1)
+    sweep_steps: int = Field(default=0, ge=0)  # 0: no sweep, the first grid point everywhere
+    validation_share: float = Field(default=0.34, gt=0, lt=1)
+    extra_tests: list[str] = Field(default_factory=list)
+    plan_overrides: PlanOverrides = Field(default_factory=PlanOverrides)
+    augment: Augment = "strong"
+    device: str = "auto"
+
+
+class Fold(_Model):
+    """Training and test case ids of one fold; ``extra`` when the extra test sets belong to it."""
+
+    index: int
+    train: list[str]
+    test: list[str]
+    extra: bool
+
+
+class CaseScore(_Model):
+    """One test case of one cell: metrics averaged over the scored classes, and per class."""
+
+    case: str
+    test_set: str  # "fold", "validation" or the extra set's folder name
     dice: float
     hd95_mm: float
     nsd: float
-    n_cases: int
+    classes: dict[str, dict[str, float]]
 
 
-class ComparisonRow(_Model):
-    """One network's size, training, test metrics and prediction cost."""
+class Cell(_Model):
+    """One finished training run and its test predictions."""
 
+    stage: Stage
     network: str
     options: dict[str, OptionValue]
-    parameters: int
-    epochs: int
-    train_minutes: float
-    best_val_dice: float
-    mean_dice: float
-    mean_hd95_mm: float
-    mean_nsd: float
-    classes: dict[str, ClassScore]
-    predict_seconds_per_case: float
-    peak_memory_mb: float
-    memory_measure: MemoryMeasure
-    run: str  # relative to the comparison folder
-
-
-class Comparison(_Model):
-    """What ``comparison.json`` holds: the shared settings and one row per network."""
-
-    dataset: str
-    budget_minutes: float
+    learning_rate: float
+    weight_decay: float
     seed: int
     fold: int
-    iterations_per_epoch: int
-    plan_overrides: dict[str, Any]
-    test_split: Literal["imagesTs", "validation fold"]
-    test_cases: list[str]
+    train_cases: list[str]
+    parameters: int
+    input_size: tuple[int, int, int]
+    gflops_per_forward: float
+    steps: int
+    train_seconds: float
+    predict_seconds_per_case: float
     device: str
-    machine: str
-    created: str
-    rows: list[ComparisonRow]
+    cases: list[CaseScore]
 
 
-def parse_budget(text: str) -> float:
-    """Minutes in a budget like ``20m``, ``90s``, ``1.5h`` or ``7`` (minutes)."""
-    match = _BUDGET.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"expected a positive duration like 20m, 90s or 1.5h, got {text!r}")
-    unit = (match.group(2) or "m").lower()
-    return float(match.group(1)) * {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0,
-                                    "h": 60.0}[unit]
+def _tag(value: float) -> str:
+    return f"{value:g}"
 
 
-def _train_one(config: TrainConfig, reuse: bool, log: Callable[[str], None]) -> float:
-    """Train (or reuse a finished run); returns the training minutes."""
-    run = Path(config.output)
-    timing = run / "train_seconds.txt"
-    if reuse and (run / "checkpoint_best.safetensors").is_file() and timing.is_file():
-        log(f"reusing the finished run in {run}")
-        return float(timing.read_text()) / 60
-    if (run / "training_state.safetensors").is_file():
-        raise MedsegError("folder already holds a training run; pass --reuse-runs to score it "
-                          "again or choose another --output", run)
-    started = time.perf_counter()
-    train(config, log=log)
-    seconds = time.perf_counter() - started
-    write_text_atomic(timing, f"{seconds:.1f}\n")
-    return seconds / 60
+def cell_path(output: Path, stage: Stage, network: str, lr: float, wd: float, seed: int,
+              fold: int) -> Path:
+    """Where a cell's JSON lives (its existence means the cell is finished)."""
+    return (output / "cells" / stage / network /
+            f"lr{_tag(lr)}_wd{_tag(wd)}_seed{seed}_fold{fold}.json")
 
 
-def _test_one(weights: Path, cases: list[Case], spec: DatasetSpec, device: str,
-              out_dir: Path) -> tuple[Summary, float, float, MemoryMeasure, dict[str, np.ndarray]]:
-    """Segment and score the test cases: (summary, seconds/case, peak MB, measure, labels)."""
-    model = load_model(weights, device)
-    config = InferenceConfig()  # on the model's device
-    results, seconds, peaks, predictions = [], [], [], {}
-    measure: MemoryMeasure = "cpu_rss_delta"
+def labelled_cases(dataset: Path) -> tuple[list[Case], list[Case]]:
+    """Training cases and labelled test cases (``imagesTs``/``labelsTs``) of a dataset."""
+    spec = load_spec(dataset)
+    return find_cases(dataset, spec), held_out_cases(dataset, spec) or []
+
+
+def make_folds(train_cases: Sequence[Case], test_cases: Sequence[Case], num_folds: int,
+               seed: int = 0) -> list[Fold]:
+    """Fold 0 = the dataset's test cases; the training cases spread over the other folds."""
+    ids = [c.case_id for c in train_cases]
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    groups = num_folds - 1 if test_cases else num_folds
+    groups = max(1, min(groups, len(order)))
+    chunks = [order[i::groups] for i in range(groups)]
+    if test_cases:
+        chunks.insert(0, [c.case_id for c in test_cases])
+    everyone = [*ids, *(c.case_id for c in test_cases)]
+    if len(chunks) < 2:
+        raise MedsegError(f"{len(everyone)} labelled case(s) cannot be cross-validated")
+    return [Fold(index=i, train=[c for c in everyone if c not in chunk], test=sorted(chunk),
+                 extra=i == 0 and bool(test_cases)) for i, chunk in enumerate(chunks)]
+
+
+def sweep_split(fold: Fold, share: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Training and validation case ids of the sweep, from fold 0's training cases."""
+    order = [fold.train[i] for i in np.random.default_rng(seed).permutation(len(fold.train))]
+    count = min(len(order) - 1, max(1, round(share * len(order))))
+    if count < 1:
+        raise MedsegError("the sweep needs at least two training cases in fold 0")
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def fold_dataset(source: Path, cases: Sequence[Case], target: Path) -> Path:
+    """A dataset folder of ``cases`` only, as symbolic links into ``source`` (rebuilt each time)."""
+    spec = json.loads((source / "dataset.json").read_text())
+    if target.exists():
+        shutil.rmtree(target)
+    ending = load_spec(source).file_ending
+    training = []
     for case in cases:
-        image, ref = read_case(case, spec)
-        with PeakMemory(resolve_device(device)) as memory:
-            started = time.perf_counter()
-            labels = model.predict_volume(image, config).labels
-            seconds.append(time.perf_counter() - started)
-        peaks.append(memory.peak_mb)
-        measure = memory.measure
-        predictions[case.case_id] = labels
-        target = out_dir / f"{case.case_id}{spec.file_ending}"
-        write_labels(labels, image, target)
-        classes = evaluate_case(labels, ref.array, ref.spacing, spec.annotated_labels(case.case_id))
-        results.append(CaseMetrics(case=case.case_id, prediction=target.name,
-                                   reference=case.label.name, spacing_mm=ref.spacing,
-                                   classes={k: ClassMetrics(**v) for k, v in classes.items()}))
-    summary = summarise(results, dict(spec.labels), tolerance_mm=2.0)
-    write_text_atomic(out_dir / "metrics.json", summary.model_dump_json(indent=2) + "\n")
-    return summary, float(np.mean(seconds)), float(np.max(peaks)), measure, predictions
+        for kind, src in (("labels", case.label), *(("images", p) for p in case.images)):
+            folder = target / f"{kind}Tr"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{case.case_id}{ending}" if case.channels_in_file and kind == "images" \
+                else src.name
+            (folder / name).symlink_to(src.resolve())
+        tissues = source / "tissuesTr" / f"{case.case_id}{ending}"
+        if tissues.is_file():
+            (target / "tissuesTr").mkdir(exist_ok=True)
+            (target / "tissuesTr" / tissues.name).symlink_to(tissues.resolve())
+        training.append({"image": f"./imagesTr/{case.case_id}{ending}",
+                         "label": f"./labelsTr/{case.case_id}{ending}"})
+    spec["numTraining"] = len(cases)
+    spec.pop("test", None)
+    if spec.get("training"):  # Decathlon layout: 4D images listed in dataset.json
+        spec["training"] = training
+    write_text_atomic(target / "dataset.json", json.dumps(spec, indent=2) + "\n")
+    return target
 
 
-def _options_for(name: str, options: dict[str, OptionValue],
-                 overrides: PlanOverrides) -> dict[str, OptionValue]:
-    """Network options; a fixed-input-size network gets the shared patch size as its input."""
-    fixed = network_traits(name, **options).fixed_input_size is not None
-    if fixed and "input_size" not in options and overrides.patch_size is not None:
-        size: list[Scalar] = [int(s) for s in overrides.patch_size]
-        return {**options, "input_size": size}
+def network_options(protocol: Protocol, name: str) -> dict[str, OptionValue]:
+    """A network's options; a fixed-input-size network gets the shared patch as its input."""
+    options = dict(protocol.options.get(name, {}))
+    patch = protocol.plan_overrides.patch_size
+    if network_traits(name, **options).fixed_input_size is not None and patch is not None:
+        options.setdefault("input_size", [int(s) for s in patch])
     return options
 
 
-def compare(dataset: str | Path, networks: Sequence[str], budget_minutes: float,
-            output: str | Path, *, options: dict[str, dict[str, OptionValue]] | None = None,
-            plan_overrides: PlanOverrides | None = None, seed: int = 0, fold: int = 0,
-            iterations_per_epoch: int = 20, val_every: int = 1, device: str = "auto",
-            augment: Augment = "light", reuse_runs: bool = False,
-            log: Callable[[str], None] = print) -> Comparison:
-    """Train, test and measure each network under the same budget; write the comparison files."""
-    dataset_dir, output = Path(dataset), Path(output)
-    if not networks:
-        raise MedsegError("no networks to compare")
-    spec = load_spec(dataset_dir)
-    test = held_out_cases(dataset_dir, spec)
-    split: Literal["imagesTs", "validation fold"] = "imagesTs"
-    if test is None:
-        split = "validation fold"
-        _, test = split_cases(find_cases(dataset_dir, spec), fold, 5, seed)
-    overrides = plan_overrides or PlanOverrides()
-    rows: list[ComparisonRow] = []
-    predictions: dict[str, dict[str, np.ndarray]] = {}
-    output.mkdir(parents=True, exist_ok=True)
-    for name in networks:
-        net_options = _options_for(name, dict((options or {}).get(name, {})), overrides)
-        config = TrainConfig(
-            dataset=str(dataset_dir), output=str(output / "runs" / name),
-            network=NetworkConfig(name=name, options=net_options), epochs=BUDGETED_EPOCHS,
-            iterations_per_epoch=iterations_per_epoch, val_every=val_every, fold=fold,
-            seed=seed, device=device, augment=augment,
-            time_budget_minutes=budget_minutes, plan_overrides=overrides)
-        row, predictions[name] = _run_one(config, test, spec, reuse_runs, log, output)
-        rows.append(row)
-    resolved = resolve_device(device)
-    machine = (torch.cuda.get_device_name(resolved) if resolved.type == "cuda"
-               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
-    comparison = Comparison(
-        dataset=spec.name, budget_minutes=budget_minutes, seed=seed, fold=fold,
-        iterations_per_epoch=iterations_per_epoch,
-        plan_overrides=overrides.model_dump(mode="json"), test_split=split,
-        test_cases=[c.case_id for c in test], device=resolved.type, machine=machine,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), rows=rows)
-    write_comparison(comparison, output)
-    plot_comparison(comparison, output / "comparison.png")
-    case = test[0]
+def network_overrides(protocol: Protocol, name: str) -> PlanOverrides:
+    """The shared plan overrides, less the patch choices of a whole-volume network."""
+    if network_traits(name, **network_options(protocol, name)).whole_volume:
+        return protocol.plan_overrides.model_copy(update={"patch_size": None,
+                                                          "max_patch_voxels": None})
+    return protocol.plan_overrides
+
+
+def network_cost(network: torch.nn.Module, in_channels: int, size: Sequence[int]
+                 ) -> tuple[int, float]:
+    """Parameters and GFLOPs of one forward of a ``size`` input (multiply-add = 2 FLOPs)."""
+    x = torch.zeros(1, in_channels, *size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network.eval()(x)
+    return sum(p.numel() for p in network.parameters()), counter.get_total_flops() / 1e9
+
+
+def score_case(model: Any, case: Case, spec: Any, test_set: str) -> tuple[CaseScore, float]:
+    """Segment one case with the final weights; its scores and the prediction seconds."""
     image, ref = read_case(case, spec)
-    plot_slices(image.array if image.array.ndim == 3 else image.array[..., 0], image.affine,
-                ref.array, {r.network: predictions[r.network][case.case_id] for r in rows},
-                {r.network: r.mean_dice for r in rows}, output / "slices.png",
-                title=f"{spec.name}: {case.case_id} (held out); reference yellow, "
-                      "prediction filled with a red outline")
-    return comparison
+    started = time.perf_counter()
+    labels = model.predict_volume(image, InferenceConfig()).labels
+    seconds = time.perf_counter() - started
+    classes = evaluate_case(labels, ref.array, ref.spacing, spec.annotated_labels(case.case_id))
+    scored = {k: v for k, v in classes.items() if v["status"] != "both_empty"}
+    finite = [v["hd95_mm"] for v in scored.values() if math.isfinite(v["hd95_mm"])]
+
+    def mean(key: str) -> float:
+        return float(np.mean([v[key] for v in scored.values()])) if scored else math.nan
+
+    return CaseScore(case=case.case_id, test_set=test_set, dice=mean("dice"),
+                     hd95_mm=float(np.mean(finite)) if finite else math.inf, nsd=mean("nsd"),
+                     classes={k: {m: v[m] for m in ("dice", "hd95_mm", "nsd")}
+                              for k, v in classes.items()}), seconds
 
 
-def _run_one(config: TrainConfig, test: list[Case], spec: DatasetSpec, reuse: bool,
-             log: Callable[[str], None], output: Path
-             ) -> tuple[ComparisonRow, dict[str, np.ndarray]]:
-    """Train one network (or reuse its finished run), then test it: its row and its labels."""
-    name, run = config.network.name, Path(config.output)
-
-    def run_log(text: str) -> None:
-        log(f"{name}: {text}")
-
-    log(f"{name}: training for {config.time_budget_minutes:g} min")
-    minutes = _train_one(config, reuse, run_log)
-    weights = run / "checkpoint_best.safetensors"
-    best = load_model_file(CheckpointMeta, weights.with_suffix(".json"))
-    epochs = len((run / "metrics.jsonl").read_text().splitlines())
-    log(f"{name}: predicting {len(test)} held-out case(s)")
-    summary, seconds, peak, measure, predictions = _test_one(
-        weights, test, spec, config.device, run / "test")
-    network = load_model(weights, "cpu").network
-    hd95 = [m.hd95_mm for m in summary.mean.values() if math.isfinite(m.hd95_mm)]
-    row = ComparisonRow(
-        network=name, options=config.network.options,
-        parameters=sum(p.numel() for p in network.parameters()), epochs=epochs,
-        train_minutes=round(minutes, 2), best_val_dice=best.metrics["val_mean_dice"],
-        mean_dice=summary.mean_dice, mean_hd95_mm=float(np.mean(hd95)) if hd95 else math.nan,
-        mean_nsd=summary.mean_nsd,
-        classes={k: ClassScore(dice=m.dice, hd95_mm=m.hd95_mm, nsd=m.nsd, n_cases=m.n_cases)
-                 for k, m in summary.mean.items() if m.n_cases > 0},
-        predict_seconds_per_case=round(seconds, 3), peak_memory_mb=round(peak, 1),
-        memory_measure=measure, run=run.relative_to(output).as_posix())
-    return row, predictions
+def _train_cell(protocol: Protocol, output: Path, name: str, lr: float, wd: float, seed: int,
+                steps: int, data: Path, run: Path, log: Callable[[str], None]) -> float:
+    """Train one cell from scratch (an interrupted run is discarded); the training seconds."""
+    if run.exists():
+        shutil.rmtree(run)
+    config = TrainConfig(
+        dataset=str(data), output=str(run),
+        network=NetworkConfig(name=name, options=network_options(protocol, name)),
+        steps=steps, iterations_per_epoch=min(50, steps), val_every=10**6, fold=-1,
+        learning_rate=lr, weight_decay=wd, seed=seed, device=protocol.device,
+        augment=protocol.augment, plan_overrides=network_overrides(protocol, name))
+    started = time.perf_counter()
+    train(config, log=log)
+    return time.perf_counter() - started
 
 
-def summary_table(comparison: Comparison) -> Table:
-    """The comparison as ``medseg3d compare`` prints it: one row per network."""
-    table = Table(title=f"{comparison.dataset}: {comparison.budget_minutes:g} min per network, "
-                  f"{len(comparison.test_cases)} held-out case(s) ({comparison.test_split}), "
-                  f"{comparison.machine}", title_justify="left")
-    for column in ("network", "params", "epochs", "Dice", "HD95 (mm)", "NSD", "s/case",
-                   "peak MB"):
-        table.add_column(column, justify="left" if column == "network" else "right")
-    for r in comparison.rows:
-        table.add_row(r.network, f"{r.parameters / 1e6:.2f} M", str(r.epochs), f"{r.mean_dice:.4f}",
-                      f"{r.mean_hd95_mm:.2f}", f"{r.mean_nsd:.4f}",
-                      f"{r.predict_seconds_per_case:.2f}", f"{r.peak_memory_mb:.0f}")
-    return table
+def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: float, wd: float,
+             seed: int, fold: int, train_cases: list[Case], tests: dict[str, list[Case]],
+             log: Callable[[str], None]) -> Cell:
+    """Train and test one cell and save it; the caller holds the cell's lock."""
+    tag = cell_path(output, stage, name, lr, wd, seed, fold).stem
+    data = fold_dataset(Path(protocol.dataset), train_cases,
+                        output / "data" / stage / f"{name}_{tag}")
+    run = output / "runs" / stage / name / tag
+    seconds = _train_cell(protocol, output, name, lr, wd, seed,
+                          protocol.sweep_steps if stage == "sweep" else protocol.steps, data,
+                          run, lambda text: log(f"{name} {tag}: {text}"))
+    model = load_model(run / "checkpoint_final.safetensors", protocol.device)
+    plan = load_model_file(Plan, run / "plan.json")
+    options = network_options(protocol, name)
+    parameters, gflops = network_cost(
+        build_network(name, plan.num_channels, plan.num_classes, **options), plan.num_channels,
+        plan.patch_size)
+    scores, times = [], []
+    for test_set, cases in tests.items():
+        spec = load_spec(protocol.dataset if test_set in ("fold", "validation") else
+                         next(p for p in protocol.extra_tests if Path(p).name == test_set))
+        for case in cases:
+            score, took = score_case(model, case, spec, test_set)
+            scores.append(score)
+            times.append(took)
+    cell = Cell(stage=stage, network=name, options=options,
+                learning_rate=lr, weight_decay=wd, seed=seed, fold=fold,
+                train_cases=[c.case_id for c in train_cases], parameters=parameters,
+                input_size=plan.patch_size, gflops_per_forward=round(gflops, 3),
+                steps=protocol.sweep_steps if stage == "sweep" else protocol.steps,
+                train_seconds=round(seconds, 1),
+                predict_seconds_per_case=round(float(np.mean(times)), 3),
+                device=str(model.device), cases=scores)
+    target = cell_path(output, stage, name, lr, wd, seed, fold)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, cell.model_dump_json(indent=2) + "\n")
+    shutil.rmtree(data)
+    return cell
 
 
-def _fmt(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.4f}"
+def load_cell(path: Path) -> Cell:
+    return load_model_file(Cell, path)
 
 
-def write_comparison(comparison: Comparison, output: str | Path) -> tuple[Path, Path]:
-    """Write ``comparison.json`` and ``comparison.csv`` (one row per network)."""
-    output = Path(output)
-    json_path, csv_path = output / "comparison.json", output / "comparison.csv"
-    write_text_atomic(json_path, comparison.model_dump_json(indent=2) + "\n")
-    class_names = sorted({k for r in comparison.rows for k in r.classes})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["network", "parameters", "epochs", "train_minutes", "best_val_dice",
-                     "mean_dice", "mean_hd95_mm", "mean_nsd", "predict_seconds_per_case",
-                     "peak_memory_mb", *[f"{m}_{c}" for c in class_names
-                                         for m in ("dice", "hd95_mm", "nsd")]])
-    for r in comparison.rows:
-        per_class = []
-        for c in class_names:
-            s = r.classes.get(c)
-            per_class += [_fmt(s.dice), _fmt(s.hd95_mm), _fmt(s.nsd)] if s else ["", "", ""]
-        writer.writerow([r.network, r.parameters, r.epochs, r.train_minutes,
-                         _fmt(r.best_val_dice), _fmt(r.mean_dice), _fmt(r.mean_hd95_mm),
-                         _fmt(r.mean_nsd), r.predict_seconds_per_case, r.peak_memory_mb,
-                         *per_class])
-    write_text_atomic(csv_path, buffer.getvalue())
-    return json_path, csv_path
+def _extra_cases(protocol: Protocol) -> dict[str, list[Case]]:
+    extra = {}
+    for folder in map(Path, protocol.extra_tests):
+        cases = held_out_cases(folder, load_spec(folder))
+        if not cases:
+            raise MedsegError("extra test set has no labelled cases in imagesTs/labelsTs", folder)
+        extra[folder.name] = cases
+    return extra
 
 
-def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
-    """Dice against prediction seconds per case (HD95 in the labels), and HD95 per network."""
-    plt = pyplot()
-    rows = comparison.rows
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = plt.get_cmap("tab10")
-    for i, r in enumerate(rows):  # a legend, not point labels: nearby points would overlap
-        left.scatter(r.predict_seconds_per_case, r.mean_dice, s=60, color=colours(i),
-                     label=f"{r.network}: HD95 {r.mean_hd95_mm:.1f} mm")
-    # below the axes: inside, it would hide the networks that score Dice 0 or predict fastest
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8,
-                frameon=False)
-    left.set_xlabel("prediction time per case (s)")
-    left.set_ylabel("mean Dice (held-out)")
-    left.set_ylim(min([0.0, *[r.mean_dice for r in rows if math.isfinite(r.mean_dice)]]), 1.0)
-    left.set_xlim(0, max([1e-3, *[r.predict_seconds_per_case for r in rows]]) * 1.35)
-    left.grid(alpha=0.3)
-    hd95 = [r.mean_hd95_mm if math.isfinite(r.mean_hd95_mm) else 0.0 for r in rows]
-    right.bar([r.network for r in rows], hd95, color=[colours(i) for i in range(len(rows))])
-    right.set_ylabel("mean HD95 (mm, lower is better)")
-    right.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{comparison.dataset}: {comparison.budget_minutes:g} min training budget each, "
-                 f"{comparison.machine}", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, bbox_inches="tight")
+def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: float,
+                 wd: float, seed: int, fold: int, train_cases: list[Case],
+                 tests: dict[str, list[Case]], log: Callable[[str], None]) -> None:
+    path = cell_path(output, stage, name, lr, wd, seed, fold)
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    claim = contextlib.ExitStack()
+    try:
+        claim.enter_context(output_locks([path]))
+    except MedsegError:
+        log(f"{stage} {name} {path.stem}: another process is on it")
+        return
+    with claim:
+        if path.is_file():  # finished by another process between the check and the lock
+            return
+        started = time.perf_counter()
+        log(f"{stage} {name} {path.stem}: training on {len(train_cases)} case(s)")
+        run_cell(protocol, output, stage, name, lr, wd, seed, fold, train_cases, tests, log)
+        log(f"{stage} {name} {path.stem}: done in {time.perf_counter() - started:.0f} s")
 
 
-def plot_slices(image: np.ndarray, affine: np.ndarray, reference: np.ndarray,
-                predictions: dict[str, np.ndarray], dice: dict[str, float], path: str | Path,
-                title: str = "") -> Path:
-    """Axial, coronal and sagittal slices through the reference's centre, one column a network."""
-    plt = pyplot()
-    ornt = canonical_orientation(affine)
-    scan, ref = reorient(image, ornt), reorient(reference, ornt)
-    spacing = np.abs(np.linalg.norm(affine[:3, :3], axis=0))[np.argsort(ornt[:, 0])]
-    focus = np.argwhere(ref > 0)
-    x, y, z = (focus.mean(0) if len(focus) else np.array(ref.shape) / 2).astype(int)
-    centre = (int(x), int(y), int(z))
-    low, high = np.percentile(scan, [1, 99.5])
-    views = [("axial", spacing[1] / spacing[0]), ("coronal", spacing[2] / spacing[0]),
-             ("sagittal", spacing[2] / spacing[1])]
-    fig, axes = plt.subplots(len(views), len(predictions), squeeze=False,
-                             figsize=(3.2 * len(predictions), 3.3 * len(views)), facecolor="black")
-    scans, refs = orthogonal_slices(scan, centre), orthogonal_slices(ref, centre)
-    for col, (name, labels) in enumerate(predictions.items()):
-        segs = orthogonal_slices(reorient(labels, ornt), centre)
-        for row, (view, aspect) in enumerate(views):
-            ax = axes[row][col]
-            ax.imshow(scans[row], cmap="gray", vmin=low, vmax=high, aspect=aspect,
-                      interpolation="nearest")
-            ax.imshow(np.ma.masked_equal(segs[row], 0), cmap="tab10", vmin=0, vmax=10,
-                      alpha=0.45, aspect=aspect, interpolation="nearest")
-            # the prediction's own outline too: blocky (patch-sized) boundaries show up in lines
-            if segs[row].any():
-                ax.contour(segs[row] > 0, levels=[0.5], colors="red", linewidths=0.6)
-            if refs[row].any():
-                ax.contour(refs[row] > 0, levels=[0.5], colors="yellow", linewidths=0.8)
-            ax.axis("off")
-            if col == 0:
-                ax.text(0.02, 0.98, view, color="white", fontsize=8, va="top",
-                        transform=ax.transAxes)
-            if row == 0:
-                ax.set_title(f"{name}  Dice {dice.get(name, math.nan):.3f}", color="white",
-                             fontsize=9)
-    if title:
-        fig.suptitle(title, color="white", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path, facecolor="black")
+def _wait_for(paths: list[Path], log: Callable[[str], None]) -> list[Cell]:
+    """The cells at ``paths``, waiting for those that another process is still running."""
+    last = 0.0
+    while missing := [p for p in paths if not p.is_file()]:
+        if time.monotonic() - last > WAIT_LOG_S:
+            log(f"waiting for {len(missing)} sweep cell(s) of another process, e.g. "
+                f"{missing[0].parent.name}/{missing[0].stem}")
+            last = time.monotonic()
+        time.sleep(5)
+    return [load_cell(p) for p in paths]
+
+
+def chosen_settings(protocol: Protocol, output: Path, log: Callable[[str], None] = print
+                    ) -> dict[str, tuple[float, float]]:
+    """Each network's (learning rate, weight decay): the sweep's best mean validation Dice."""
+    grid = [(lr, wd) for lr in protocol.learning_rates for wd in protocol.weight_decays]
+    if not protocol.sweep_steps or len(grid) == 1:
+        return {name: grid[0] for name in protocol.networks}
+    chosen = {}
+    for name in protocol.networks:
+        cells = _wait_for([cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0)
+                           for lr, wd in grid], log)
+        best = max(cells, key=lambda c: np.nanmean([s.dice for s in c.cases]))
+        chosen[name] = (best.learning_rate, best.weight_decay)
+    return chosen
+
+
+def write_protocol(protocol: Protocol, output: Path) -> None:
+    """Save ``protocol.json``; a folder holding a different protocol is refused."""
+    path = output / "protocol.json"
+    if path.is_file():
+        saved = load_model_file(Protocol, path)
+        if saved != protocol:
+            changed = sorted(k for k in Protocol.model_fields
+                             if getattr(saved, k) != getattr(protocol, k))
+            raise MedsegError(f"folder holds a comparison with another protocol (differs in "
+                              f"{', '.join(changed)}); choose another --output", output)
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, protocol.model_dump_json(indent=2) + "\n")
+
+
+def run_protocol(protocol: Protocol, output: str | Path,
+                 log: Callable[[str], None] = print) -> list[Fold]:
+    """Run (or resume) every sweep and final cell not yet finished; returns the folds."""
+    output, dataset = Path(output), Path(protocol.dataset)
+    write_protocol(protocol, output)
+    train_cases, test_cases = labelled_cases(dataset)
+    by_id = {c.case_id: c for c in [*train_cases, *test_cases]}
+    folds = make_folds(train_cases, test_cases, protocol.num_folds)
+    write_text_atomic(output / "folds.json",
+                      json.dumps([f.model_dump() for f in folds], indent=2) + "\n")
+    extra = _extra_cases(protocol)
+    if protocol.sweep_steps:
+        fit, val = sweep_split(folds[0], protocol.validation_share)
+        for name in protocol.networks:
+            for lr in protocol.learning_rates:
+                for wd in protocol.weight_decays:
+                    _run_or_skip(protocol, output, "sweep", name, lr, wd, protocol.seeds[0], 0,
+                                 [by_id[c] for c in fit],
+                                 {"validation": [by_id[c] for c in val]}, log)
+    settings = chosen_settings(protocol, output, log)
+    for fold in folds:
+        tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
+        for seed in protocol.seeds:
+            for name in protocol.networks:
+                lr, wd = settings[name]
+                _run_or_skip(protocol, output, "final", name, lr, wd, seed, fold.index,
+                             [by_id[c] for c in fold.train], tests, log)
+    return folds
+
+
+def final_cells(protocol: Protocol, output: Path) -> list[Cell]:
+    """The finished final cells of the chosen settings (a partial study gives fewer)."""
+    settings = chosen_settings(protocol, output) if _sweep_done(protocol, output) else {}
+    cells = []
+    for path in sorted((output / "cells" / "final").glob("*/*.json")):
+        cell = load_cell(path)
+        if cell.network in settings and settings[cell.network] != (cell.learning_rate,
+                                                                   cell.weight_decay):
+            continue
+        cells.append(cell)
+    return cells
+
+
+def sweep_cells(output: Path) -> list[Cell]:
+    return [load_cell(p) for p in sorted((output / "cells" / "sweep").glob("*/*.json"))]
+
+
+def _sweep_done(protocol: Protocol, output: Path) -> bool:
+    return all(cell_path(output, "sweep", n, lr, wd, protocol.seeds[0], 0).is_file()
+               for n in protocol.networks for lr in protocol.learning_rates
+               for wd in protocol.weight_decays) or not protocol.sweep_steps

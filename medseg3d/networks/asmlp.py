@@ -32,6 +32,7 @@ __all__ = [
     "PatchMerging3d",
     "PointwiseConv3d",
     "asmlp3d",
+    "asmlp3d_1m",
     "asmlp3d_large",
     "axial_shift",
     "shift_group_sizes",
@@ -384,4 +385,10 @@ def asmlp3d(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
 @register_network("asmlp3d_large", ASMLP3d, embed_dim=48, depths=[2, 2, 6, 2], drop_path=0.1)
 def asmlp3d_large(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
     """GPU-sized 3D AS-MLP (embed 48, depths 2-2-6-2, drop path 0.1, 11.9 M parameters)."""
+    return ASMLP3d(in_channels, out_channels, **options)
+
+
+@register_network("asmlp3d_1m", ASMLP3d, embed_dim=16, depths=[1, 1, 2, 3])
+def asmlp3d_1m(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
+    """The comparison's 3D AS-MLP: embed 16, depths 1-1-2-3, 1.08 M parameters."""
     return ASMLP3d(in_channels, out_channels, **options)

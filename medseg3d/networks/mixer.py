@@ -19,8 +19,9 @@ Fixed input size, and how other sizes are handled:
 Decoder: the paper classifies images, so the segmentation head is ours. Token features are
 expanded to ``decoder_channels * p³`` channels by a 1x1x1 convolution and rearranged into full
 resolution (voxel shuffle, the 3D pixel shuffle); a light 3x3x3 convolution of the full-resolution
-input is concatenated (so that boundaries inside a patch can follow image edges), and a 3x3x3
-convolution plus a 1x1x1 head give the logits.
+input is concatenated (so that boundaries inside a patch can follow image edges; part of the
+boundary quality is then a CNN's: ``skip_channels=0`` leaves it out), and a 3x3x3 convolution plus
+a 1x1x1 head give the logits.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "Mlp",
     "PatchEmbed3d",
     "mixer3d",
+    "mixer3d_1m",
+    "mixer3d_skip_1m",
     "voxel_shuffle",
 ]
 
@@ -136,7 +139,8 @@ class MixerSegmenter3d(nn.Module):
                                       for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.expand = nn.Conv3d(dim, decoder_channels * patch_size**3, 1)
-        self.skip = _conv_norm_act(in_channels, skip_channels)
+        # skip_channels=0: a pure MLP segmenter, with no convolution seeing full resolution
+        self.skip = _conv_norm_act(in_channels, skip_channels) if skip_channels else None
         self.fuse = _conv_norm_act(decoder_channels + skip_channels, decoder_channels)
         self.head = nn.Conv3d(decoder_channels, out_channels, 1)
 
@@ -148,7 +152,9 @@ class MixerSegmenter3d(nn.Module):
     def forward_head(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Full-resolution logits from token features and the input (for the skip)."""
         up = voxel_shuffle(self.expand(features), self.size_divisor)
-        return self.head(self.fuse(torch.cat([up, self.skip(x)], dim=1)))
+        if self.skip is not None:
+            up = torch.cat([up, self.skip(x)], dim=1)
+        return self.head(self.fuse(up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[2:])
@@ -167,4 +173,20 @@ class MixerSegmenter3d(nn.Module):
 @register_network("mixer3d", MixerSegmenter3d, input_size=64, patch_size=8, dim=128, depth=4)
 def mixer3d(in_channels: int, out_channels: int, **options: Any) -> MixerSegmenter3d:
     """Small 3D MLP-Mixer (64³ input, 8³ patches -> 512 tokens, dim 128, depth 4) for CPUs."""
+    return MixerSegmenter3d(in_channels, out_channels, **options)
+
+
+@register_network("mixer3d_1m", MixerSegmenter3d, input_size=64, patch_size=8, dim=128, depth=3,
+                  skip_channels=0)
+def mixer3d_1m(in_channels: int, out_channels: int, **options: Any) -> MixerSegmenter3d:
+    """The comparison's pure MLP-Mixer: no convolution at full resolution, depth 3, dim 128
+    (1.19 M parameters at 64³, 1.10 M at 48x48x64)."""
+    return MixerSegmenter3d(in_channels, out_channels, **options)
+
+
+@register_network("mixer3d_skip_1m", MixerSegmenter3d, input_size=64, patch_size=8, dim=128,
+                  depth=3)
+def mixer3d_skip_1m(in_channels: int, out_channels: int, **options: Any) -> MixerSegmenter3d:
+    """``mixer3d_1m`` plus the full-resolution convolution skip (8 channels): how much of the
+    Mixer's boundary quality comes from that CNN part."""
     return MixerSegmenter3d(in_channels, out_channels, **options)

@@ -1,18 +1,25 @@
 """Patch-free 3D segmentation: a low-resolution whole volume in, a full-resolution mask out.
 
 After Wang et al., "Patch-Free 3D Medical Image Segmentation Driven by Super-Resolution Technique
-and Self-Supervised Guidance", MICCAI 2021 (PFSeg).
+and Self-Supervised Guidance", MICCAI 2021 (PFSeg), and its public code.
 
-The network receives the full-resolution volume, halves it by average pooling and runs a residual
-U-Net encoder at that low resolution. Two decoders share the encoder: a segmentation decoder and a
-super-resolution (SR) decoder, each with one extra x2 stage back to full resolution. During
-training the SR decoder reconstructs the full-resolution image, and a full-resolution guidance
-patch (a random crop, a quarter of each side) is encoded by a small encoder and added to the SR
-decoder's bottleneck at the crop's location (PFSeg's self-supervised guidance). Guidance feeds
-only the SR decoder, never the segmentation one, because no guidance exists at test time: the
-segmentation logits are computed the same way in training and evaluation. The SR loss, with an
-extra term inside the guidance region, is returned by ``auxiliary_loss``. At evaluation only the
-encoder and the segmentation decoder run.
+* **Input.** The network receives the full-resolution volume (the plan's spacing) and halves it
+  by average pooling; a residual U-Net encoder runs at that low resolution.
+* **Two decoders** share the encoder: segmentation and super-resolution (SR). Each has one extra
+  x2 stage back to full resolution, so the mask has the input's resolution.
+* **Self-supervised guidance (SGM).** The full-resolution centre crop, a quarter of each side
+  (PFSeg's guidance patch: half the low-resolution input's side), is encoded down to the
+  bottleneck's size and concatenated to the bottleneck of *both* decoders, in training and at
+  test time alike: the crop is part of the input, so nothing differs between the two modes.
+* **Losses** (``auxiliary_loss``, added to training's Dice + CE as PFSeg adds them to its
+  Dice + BCE): ``w_sr * (MSE(sr, image) + MSE(mask * sr, mask * image))`` with the guidance box
+  as the mask, plus ``w_tf`` times the task-fusion loss: the MSE between foreground probability
+  x SR image and the reference mask x image, plus the L1 distance between the voxel affinity
+  (Gram) matrices of the two, average-pooled by ``affinity_pool`` first. PFSeg's weights:
+  ``w_sr = w_tf = 0.5``, pooling 10.
+
+Training feeds the whole volume (``whole_volume`` trait); ``medseg3d.training`` refuses a
+``--patch-size`` for it.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from torch import nn
 
 from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
-__all__ = ["PatchFreeNet3d", "patchfree", "patchfree_large"]
+__all__ = ["PatchFreeNet3d", "guidance_box", "patchfree", "patchfree_1m", "patchfree_large",
+           "task_fusion_loss"]
 
 _NORM = "instance"
 
@@ -55,11 +63,16 @@ class UpBlock3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
-    """U-Net decoder from the bottleneck to low resolution, then one extra x2 stage to full."""
+    """U-Net decoder from the bottleneck to low resolution, then one extra x2 stage to full.
 
-    def __init__(self, filters: Sequence[int], full_res_channels: int, out_channels: int) -> None:
+    ``extra_channels``: channels concatenated to the bottleneck (the guidance features).
+    """
+
+    def __init__(self, filters: Sequence[int], full_res_channels: int, out_channels: int,
+                 extra_channels: int = 0) -> None:
         super().__init__()
-        self.ups = nn.ModuleList(UpBlock3d(filters[i + 1], filters[i], filters[i])
+        ins = [*filters[:-1], filters[-1] + extra_channels]  # the bottleneck carries the guide
+        self.ups = nn.ModuleList(UpBlock3d(ins[i + 1], filters[i], filters[i])
                                  for i in reversed(range(len(filters) - 1)))
         self.to_full = UpBlock3d(filters[0], full_res_channels)
         self.head = nn.Conv3d(full_res_channels, out_channels, kernel_size=1)
@@ -72,27 +85,55 @@ class Decoder3d(nn.Module):
 
 
 class GuidanceEncoder3d(nn.Module):
-    """Encode a full-resolution crop down to bottleneck resolution (``num_down`` x2 steps)."""
+    """PFSeg's guidance branch: a full-resolution crop down to bottleneck size, ``channels`` out.
 
-    def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
+    The crop is a quarter of the full-resolution side and the bottleneck 1/``size_divisor`` of
+    it, so ``levels - 1`` strided blocks close the gap.
+    """
+
+    def __init__(self, in_channels: int, filters: Sequence[int], channels: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for c_in, c_out in zip([in_channels, *channels[:-1]], channels, strict=True):
-            # No normalisation: the deepest maps can be a single voxel, where instance norm fails.
-            layers += [nn.Conv3d(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.01)]
-        self.body = nn.Sequential(*layers)
-        self.proj = nn.Conv3d(channels[-1], channels[-1], kernel_size=1)
-        # Zero init: guidance starts as a no-op and the SR decoder learns how much to use it.
-        nn.init.zeros_(self.proj.weight)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
+        levels = len(filters) - 1
+        blocks = [_res_block(in_channels, filters[0])]
+        blocks += [_res_block(filters[i], filters[i + 1], stride=2) for i in range(levels - 1)]
+        self.body = nn.Sequential(*blocks, nn.Conv3d(filters[max(levels - 1, 0)], channels, 1))
 
     def forward(self, patch: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.body(patch))
+        return self.body(patch)
+
+
+def guidance_box(shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    """PFSeg's guidance patch: the centre crop, a quarter of each (padded) side."""
+    box = [slice((size - size // 4) // 2, (size - size // 4) // 2 + size // 4) for size in shape]
+    return box[0], box[1], box[2]
+
+
+def _affinity(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, N, N) Gram matrix over the N voxels."""
+    flat = features.flatten(2)
+    return flat.transpose(1, 2) @ flat
+
+
+def task_fusion_loss(probabilities: torch.Tensor, sr: torch.Tensor, target_mask: torch.Tensor,
+                     image: torch.Tensor, pool: int) -> torch.Tensor:
+    """PFSeg's task-fusion loss: fused-output MSE plus the L1 gap of pooled affinity matrices.
+
+    ``probabilities``/``target_mask`` are (B, K, ...) foreground channels, ``sr``/``image``
+    (B, 1, ...). The affinity L1 is divided by (H*W)^2 of the pooled grid, as PFSeg does. PFSeg
+    pools probabilities and SR separately and multiplies the means; we pool the product, as for
+    the target, so that a perfect output costs exactly zero.
+    """
+    fused, target = probabilities * sr, target_mask * image
+    mse = F.mse_loss(fused, target)
+    kernel = [max(1, min(pool, s)) for s in sr.shape[2:]]
+    pooled, target = F.avg_pool3d(fused, kernel), F.avg_pool3d(target, kernel)
+    _, _, _, h, w = pooled.shape
+    gap = (_affinity(pooled) - _affinity(target)).abs().sum()
+    return mse + gap / float((h * w) ** 2)
 
 
 class PatchFreeNet3d(nn.Module):
-    """PFSeg-style patch-free segmenter: full-resolution logits from a x2-downsampled input.
+    """PFSeg: full-resolution logits from a x2-downsampled input plus a full-resolution guide.
 
     ``filters[i]`` channels at 1/2**(i+1) resolution; ``size_divisor`` = 2 * 2**(len(filters)-1).
     """
@@ -106,90 +147,71 @@ class PatchFreeNet3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int,
                  filters: Sequence[int] = (16, 32, 64), full_res_channels: int | None = None,
-                 guidance_fraction: float = 0.25, guidance_weight: float = 1.0,
-                 sr_loss: str = "l1") -> None:
+                 guidance_channels: int | None = None, w_sr: float = 0.5, w_tf: float = 0.5,
+                 affinity_pool: int = 10) -> None:
         super().__init__()
         filters = list(filters)
-        if sr_loss not in ("l1", "mse"):
-            raise ValueError(f"sr_loss must be 'l1' or 'mse', got {sr_loss!r}")
-        if not 0 < guidance_fraction <= 1:
-            raise ValueError(f"guidance_fraction must be in (0, 1], got {guidance_fraction}")
-        levels = len(filters) - 1
+        if len(filters) < 2:
+            raise ValueError(f"filters needs at least two levels, got {filters}")
+        if w_sr < 0 or w_tf < 0 or affinity_pool < 1:
+            raise ValueError("w_sr and w_tf must be >= 0 and affinity_pool >= 1")
         self.size_divisor = self.traits({"filters": filters}).size_divisor
-        self.guidance_fraction = guidance_fraction
-        self.guidance_weight = guidance_weight
-        self.sr_loss = sr_loss
+        self.w_sr, self.w_tf, self.affinity_pool = w_sr, w_tf, affinity_pool
         # Full resolution is where memory goes: fewer channels there than at low resolution.
         full = full_res_channels or max(filters[0] // 2, 8)
+        # PFSeg concatenates 64 guidance channels to a 256-channel bottleneck: a quarter.
+        guide = guidance_channels or max(filters[-1] // 4, 4)
 
         self.stem = _res_block(in_channels, filters[0])
         self.down = nn.ModuleList(_res_block(filters[i], filters[i + 1], stride=2)
-                                  for i in range(levels))
-        self.seg_decoder = Decoder3d(filters, full, out_channels)
-        self.sr_decoder = Decoder3d(filters, full, in_channels)
-        self.guidance = GuidanceEncoder3d(in_channels, filters)
+                                  for i in range(len(filters) - 1))
+        self.guidance = GuidanceEncoder3d(in_channels, filters, guide)
+        self.seg_decoder = Decoder3d(filters, full, out_channels, extra_channels=guide)
+        self.sr_decoder = Decoder3d(filters, full, in_channels, extra_channels=guide)
         # Set by a training-mode forward with gradients, consumed by auxiliary_loss.
-        self._sr: torch.Tensor | None = None
-        self._guidance_box: tuple[slice, slice, slice] | None = None
+        self._outputs: tuple[torch.Tensor, torch.Tensor, tuple[slice, ...]] | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Bottleneck and skip features of the x2-downsampled input (full-res sizes even)."""
+        """Bottleneck (with the guidance features) and skips; full-res sizes a multiple of
+        ``size_divisor``."""
         # area average: the low-res scan a scanner would give (in fp32: CPUs have no bf16 kernel)
-        x = self.stem(F.avg_pool3d(x.float(), 2).to(x.dtype))
+        low = self.stem(F.avg_pool3d(x.float(), 2).to(x.dtype))
         skips = []
         for down in self.down:
-            skips.append(x)
-            x = down(x)
-        return x, skips
-
-    def _guidance_crop(self, x: torch.Tensor) -> tuple[slice, slice, slice]:
-        # The crop starts and ends on the bottleneck grid, so its features land on whole cells.
-        step = self.size_divisor
-        box = []
-        for size in x.shape[2:]:
-            side = max(step, int(size * self.guidance_fraction) // step * step)
-            start = step * int(torch.randint(0, (size - side) // step + 1, ()).item())
-            box.append(slice(start, start + side))
-        return box[0], box[1], box[2]
-
-    def _super_resolve(self, x: torch.Tensor, bottleneck: torch.Tensor, skips: list[torch.Tensor]
-                       ) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
-        box = self._guidance_crop(x)
-        region = (slice(None), slice(None), *box)
-        guide = self.guidance(x[region])
-        cells = tuple(slice(s.start // self.size_divisor, s.stop // self.size_divisor) for s in box)
-        target = (slice(None), slice(None), *cells)
-        fused = bottleneck.clone()
-        fused[target] += guide
-        return self.sr_decoder(fused, skips), box
+            skips.append(low)
+            low = down(low)
+        guide = self.guidance(x[(slice(None), slice(None), *guidance_box(x.shape[2:]))])
+        return torch.cat([low, guide], dim=1), skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, crop = pad_to_divisor(x, self.size_divisor)
         bottleneck, skips = self.encode(x)
         logits = self.seg_decoder(bottleneck, skips)
-        self._sr, self._guidance_box = None, None
+        self._outputs = None
         if self.training and torch.is_grad_enabled():
-            sr, box = self._super_resolve(x, bottleneck, skips)
-            self._sr, self._guidance_box = sr[crop], box
+            sr = self.sr_decoder(bottleneck, skips)
+            self._outputs = (logits[crop], sr[crop], guidance_box(x.shape[2:]))
         return logits[crop]
 
-    def auxiliary_loss(self, image: torch.Tensor,
-                       label: torch.Tensor | None = None) -> torch.Tensor:
-        """SR loss of the last training forward: whole image plus the guidance region."""
-        if self._sr is None or self._guidance_box is None:
+    def auxiliary_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """PFSeg's SR, guidance and task-fusion losses of the last training forward."""
+        if self._outputs is None:
             raise RuntimeError("auxiliary_loss needs a training-mode forward pass with gradients")
-        sr, box = self._sr.float(), self._guidance_box
-        self._sr, self._guidance_box = None, None  # free the graph's reference once used
-        if sr.shape != image.shape:
-            raise ValueError(f"image shape {tuple(image.shape)} differs from the forward input's "
-                             f"{tuple(sr.shape)}")
-        image = image.float()
-        loss_fn = F.l1_loss if self.sr_loss == "l1" else F.mse_loss
-        loss = loss_fn(sr, image)
-        region = (slice(None), slice(None), *box)
-        if self.guidance_weight and sr[region].numel():  # the crop may lie in the padding only
-            loss = loss + self.guidance_weight * loss_fn(sr[region], image[region])
-        return loss
+        logits, sr, box = self._outputs
+        self._outputs = None  # free the graph's reference once used
+        if sr.shape != image.shape or label.shape != (image.shape[0], 1, *image.shape[2:]):
+            raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} must "
+                             f"match the forward input {tuple(sr.shape)} (label: one channel)")
+        sr, image = sr.float(), image.float()
+        mask = torch.zeros_like(image[:, :1])
+        mask[(slice(None), slice(None), *box)] = 1.0  # the box may reach into the padding
+        loss_sr = F.mse_loss(sr, image) + F.mse_loss(mask * sr, mask * image)
+        classes = logits.shape[1]
+        foreground = torch.softmax(logits.float(), dim=1)[:, 1:]
+        target = F.one_hot(label[:, 0].long(), classes).movedim(-1, 1)[:, 1:].float()
+        fusion = task_fusion_loss(foreground, sr.mean(1, keepdim=True), target,
+                                  image.mean(1, keepdim=True), self.affinity_pool)
+        return self.w_sr * loss_sr + self.w_tf * fusion
 
 
 @register_network("patchfree", PatchFreeNet3d, filters=[16, 32, 64])
@@ -201,4 +223,10 @@ def patchfree(in_channels: int, out_channels: int, **options: Any) -> PatchFreeN
 @register_network("patchfree_large", PatchFreeNet3d, filters=[32, 64, 128, 256, 320])
 def patchfree_large(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
     """GPU-sized patch-free CNN (32..320 filters, 5 levels at half resolution, 28.6 M params)."""
+    return PatchFreeNet3d(in_channels, out_channels, **options)
+
+
+@register_network("patchfree_1m", PatchFreeNet3d, filters=[24, 48, 96], full_res_channels=8)
+def patchfree_1m(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
+    """The comparison's PFSeg: 24-48-96 filters, 8 at full resolution, 1.20 M parameters."""
     return PatchFreeNet3d(in_channels, out_channels, **options)

@@ -17,7 +17,7 @@ from torch import nn
 
 from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
-__all__ = ["FullResolutionHead", "ResidualBlock", "UNet3d", "unet", "unet_large"]
+__all__ = ["FullResolutionHead", "ResidualBlock", "UNet3d", "unet", "unet_1m", "unet_large"]
 
 
 class ResidualBlock(nn.Module):
@@ -129,4 +129,12 @@ def unet(in_channels: int, out_channels: int, **options: Any) -> UNet3d:
 @register_network("unet_large", UNet3d, filters=[32, 64, 128, 256, 320, 320], blocks_per_level=2)
 def unet_large(in_channels: int, out_channels: int, **options: Any) -> UNet3d:
     """nnU-Net-sized residual U-Net (32..320 filters, 6 levels, 2 blocks a level) for GPUs."""
+    return UNet3d(in_channels, out_channels, **options)
+
+
+# The comparison's presets (issue 14): about 1.1 M parameters each, so that architecture, not
+# size, is what a ranking of the four families measures (GFLOPs are reported beside them).
+@register_network("unet_1m", UNet3d, filters=[14, 28, 56, 112], stem_stride=2)
+def unet_1m(in_channels: int, out_channels: int, **options: Any) -> UNet3d:
+    """Residual U-Net of 1.09 M parameters (14..112 filters, 4 levels, first level strided)."""
     return UNet3d(in_channels, out_channels, **options)

@@ -1,11 +1,11 @@
-"""Patch-free CNN: full-resolution output from a low-resolution pass, SR guidance in training."""
+"""PFSeg: full-resolution output from a low-resolution pass, guidance in both decoders."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medseg3d.networks.patchfree import PatchFreeNet3d
+from medseg3d.networks.patchfree import PatchFreeNet3d, guidance_box, task_fusion_loss
 
 
 def small_net(**options: object) -> PatchFreeNet3d:
@@ -20,71 +20,96 @@ def test_output_has_the_full_input_resolution(shape: tuple[int, int, int]) -> No
         assert net(torch.randn(2, 1, *shape)).shape == (2, 3, *shape)
 
 
-def test_training_forward_gives_an_sr_loss_with_gradients_everywhere() -> None:
+@pytest.mark.parametrize("filters", [(4, 8), (8, 16, 32), (4, 8, 16, 32)])
+def test_guidance_reaches_the_bottleneck_size_at_every_depth(filters: tuple[int, ...]) -> None:
+    net = PatchFreeNet3d(1, 2, filters=filters).eval()
+    size = 4 * net.size_divisor
+    with torch.no_grad():
+        bottleneck, _ = net.encode(torch.randn(1, 1, size, size, 2 * size))
+    assert bottleneck.shape[2:] == (4, 4, 8)
+    assert bottleneck.shape[1] == filters[-1] + max(filters[-1] // 4, 4)
+
+
+def test_guidance_box_is_the_centre_quarter() -> None:
+    assert guidance_box((64, 40, 16)) == (slice(24, 40), slice(15, 25), slice(6, 10))
+
+
+def test_segmentation_uses_the_guidance_in_training_and_at_test_time() -> None:
+    # The guide is part of the input, so both modes give the same logits (instance norm keeps no
+    # running statistics) and changing only the centre crop changes the segmentation.
+    torch.manual_seed(0)
+    net = small_net()
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        train_logits = net.train()(image)
+        eval_logits = net.eval()(image)
+        torch.testing.assert_close(train_logits, eval_logits)
+        edited = image.clone()
+        edited[(slice(None), slice(None), *guidance_box(image.shape[2:]))] += 3.0
+        changed = (net(edited) - eval_logits).abs()
+    assert changed.max() > 1e-3  # the guide moves the whole segmentation, not only its box
+    assert changed[..., 28:, 28:, 28:].max() > 1e-4
+
+
+def test_training_forward_gives_an_auxiliary_loss_with_gradients_everywhere() -> None:
     torch.manual_seed(0)
     net = small_net().train()
     image = torch.randn(2, 1, 17, 26, 19)
+    label = torch.randint(0, 3, (2, 1, 17, 26, 19))
     logits = net(image)
     assert logits.shape == (2, 3, 17, 26, 19)
-    loss = net.auxiliary_loss(image, torch.zeros(2, 1, 17, 26, 19))
+    loss = net.auxiliary_loss(image, label)
     assert loss.ndim == 0 and loss.item() > 0
-    (logits.mean() + loss).backward()
-    # Encoder, both decoders and the guidance encoder all learn (guidance's zero-initialised
-    # output projection gets a gradient even though its own output is still zero).
-    for name in ("stem", "seg_decoder", "sr_decoder", "guidance.proj"):
+    loss.backward()
+    # SR, guidance and (through task fusion) the segmentation decoder all learn from it.
+    for name in ("stem", "guidance", "seg_decoder", "sr_decoder"):
         grads = [p.grad for n, p in net.named_parameters() if n.startswith(name)]
-        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+        assert grads and all(g is not None for g in grads), name
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
 
 
 def test_auxiliary_loss_is_consumed_once_and_needs_a_training_forward() -> None:
     net = small_net().train()
     image = torch.randn(1, 1, 16, 16, 16)
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
     net(image)
-    net.auxiliary_loss(image, image)
+    net.auxiliary_loss(image, label)
     with pytest.raises(RuntimeError):
-        net.auxiliary_loss(image, image)
+        net.auxiliary_loss(image, label)
     net.eval()
     with torch.no_grad():
         net(image)
-    with pytest.raises(RuntimeError):  # eval skips the SR branch entirely
-        net.auxiliary_loss(image, image)
+    with pytest.raises(RuntimeError):  # eval skips the SR decoder
+        net.auxiliary_loss(image, label)
 
 
-def test_guidance_region_adds_to_the_loss() -> None:
+def test_loss_weights_follow_the_paper_and_scale_their_terms() -> None:
     torch.manual_seed(0)
-    image = torch.randn(1, 1, 32, 32, 32)
-    net = small_net(guidance_weight=0.0).train()
-    torch.manual_seed(1)
-    net(image)
-    plain = net.auxiliary_loss(image, image)
-    net.guidance_weight = 1.0
-    torch.manual_seed(1)
-    net(image)
-    assert net.auxiliary_loss(image, image) > plain
-
-
-def test_guidance_crop_lies_on_the_bottleneck_grid() -> None:
-    net = small_net(guidance_fraction=0.25)
-    for _ in range(20):
-        box = net._guidance_crop(torch.zeros(1, 1, 64, 40, 16))
-        for s, size in zip(box, (64, 40, 16), strict=True):
-            assert s.start % 8 == 0 and s.stop % 8 == 0 and 0 <= s.start < s.stop <= size
-        assert [s.stop - s.start for s in box] == [16, 8, 8]
-
-
-def test_segmentation_ignores_guidance_so_train_and_eval_agree() -> None:
-    # Guidance only feeds the SR decoder: the same weights give the same logits in both modes
-    # (instance norm has no running statistics, so train/eval differ in nothing else).
+    image = torch.randn(1, 1, 24, 24, 24)
+    label = (image > 0).long()
     net = small_net()
-    image = torch.randn(1, 1, 16, 24, 16)
-    with torch.no_grad():
-        train_logits = net.train()(image)
-        eval_logits = net.eval()(image)
-    torch.testing.assert_close(train_logits, eval_logits)
+    assert (net.w_sr, net.w_tf, net.affinity_pool) == (0.5, 0.5, 10)
+    losses = {}
+    for w_sr, w_tf in ((0.5, 0.0), (0.0, 0.5), (0.5, 0.5)):
+        net.w_sr, net.w_tf = w_sr, w_tf
+        torch.manual_seed(1)
+        net.train()(image)
+        losses[w_sr, w_tf] = net.auxiliary_loss(image, label).item()
+    assert losses[0.5, 0.5] == pytest.approx(losses[0.5, 0.0] + losses[0.0, 0.5], rel=1e-5)
+
+
+def test_task_fusion_loss_is_zero_for_a_perfect_output_and_sees_affinity() -> None:
+    image = torch.rand(1, 1, 20, 20, 20) + 0.5
+    mask = torch.zeros(1, 1, 20, 20, 20)
+    mask[..., 5:15, 5:15, 5:15] = 1
+    assert task_fusion_loss(mask, image, mask, image, 10).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = torch.roll(mask, 5, dims=2)
+    plain_mse = torch.nn.functional.mse_loss(shifted * image, mask * image)
+    assert task_fusion_loss(shifted, image, mask, image, 10) > plain_mse > 0
 
 
 def test_rejects_bad_options() -> None:
     with pytest.raises(ValueError):
-        small_net(sr_loss="huber")
+        small_net(w_sr=-1.0)
     with pytest.raises(ValueError):
-        small_net(guidance_fraction=0.0)
+        PatchFreeNet3d(1, 2, filters=(8,))

@@ -89,7 +89,7 @@ def train_and_score(name: str, size: int, steps: int) -> float:
         logits = net(image)
         loss = F.cross_entropy(logits, label) + 1 - _dice(logits, label.float())
         if hasattr(net, "auxiliary_loss"):  # what the trainer does for SR-guided networks
-            loss = loss + net.auxiliary_loss(image, label)
+            loss = loss + net.auxiliary_loss(image, label[:, None])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
