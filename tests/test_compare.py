@@ -1,9 +1,10 @@
-"""``medseg3d compare``: four networks, one budget, one held-out set; JSON, CSV and figures."""
+"""``medseg3d compare``: folds, sweep, seeds, resumable cells and the ranking report."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +12,24 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.cli import app
-from medseg3d.experiments.compare import parse_budget
+from medseg3d.dataset import Case
+from medseg3d.errors import MedsegError
+from medseg3d.experiments.compare import (
+    Protocol,
+    _run_or_skip,
+    cell_path,
+    make_folds,
+    sweep_split,
+)
+from medseg3d.lock import output_locks
 
 runner = CliRunner()
-NETWORKS = ["unet", "asmlp3d", "patchfree", "mixer3d"]
-# Tiny widths so that one training epoch and one prediction take about a second each.
+NETWORKS = ["unet", "asmlp3d", "patchfree", "mixer3d_1m", "mixer3d_skip_1m"]
+# Tiny widths so that one training step and one prediction take well under a second.
 TINY_OPTIONS = ["unet.filters=[4,8]", "asmlp3d.embed_dim=4", "asmlp3d.depths=[1,1]",
-                "patchfree.filters=[4,8]", "mixer3d.dim=16", "mixer3d.depth=1",
-                "mixer3d.patch_size=4"]
+                "patchfree.filters=[4,8]", "mixer3d_1m.dim=16", "mixer3d_1m.depth=1",
+                "mixer3d_1m.patch_size=4", "mixer3d_skip_1m.dim=16", "mixer3d_skip_1m.depth=1",
+                "mixer3d_skip_1m.patch_size=4"]
 
 
 @pytest.fixture(autouse=True)
@@ -30,56 +41,129 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def dataset_with_test_case(tmp_path):
-    """Three training cases and one held-out case in imagesTs/labelsTs, annotated for 'blob' only."""
-    root = make_dataset(tmp_path / "data", num_cases=4, shape=(16, 16, 16), num_classes=3)
-    for kind, name in (("images", "case003_0000.nii.gz"), ("labels", "case003.nii.gz")):
-        (root / f"{kind}Ts").mkdir()
+def _hold_out(root: Path, case: str, annotated: list[str] | None = None) -> Path:
+    for kind, name in (("images", f"{case}_0000.nii.gz"), ("labels", f"{case}.nii.gz")):
+        (root / f"{kind}Ts").mkdir(exist_ok=True)
         shutil.move(root / f"{kind}Tr" / name, root / f"{kind}Ts" / name)
     spec = json.loads((root / "dataset.json").read_text())
-    spec.update(numTraining=3, cases={"case003": {"annotated": ["blob"]}})
+    spec["numTraining"] -= 1
+    if annotated:
+        spec["cases"] = {case: {"annotated": annotated}}
     (root / "dataset.json").write_text(json.dumps(spec))
     return root
 
 
-def test_compare_writes_rows_for_every_network_and_the_figures(dataset_with_test_case, tmp_path):
-    out = tmp_path / "cmp"
-    args = ["compare", dataset_with_test_case, "--models", ",".join(NETWORKS), "--budget", "0.6s",
-            "-o", out, "--patch-size", "16,16,16", "--spacing", "1,1,1", "--iterations", "1",
-            "--device", "cpu", "--augment", "none"]
+@pytest.fixture
+def study(tmp_path):
+    """Four training cases, one held-out case annotated for 'blob' only, and a stress set."""
+    root = _hold_out(make_dataset(tmp_path / "data", num_cases=5, shape=(16, 16, 16),
+                                  num_classes=3), "case004", ["blob"])
+    stress = make_dataset(tmp_path / "stress", num_cases=2, shape=(16, 16, 16), num_classes=3)
+    for case in ("case000", "case001"):
+        _hold_out(stress, case)
+    return root, stress
+
+
+def _args(root: Path, stress: Path, out: Path, networks: list[str]) -> list[str]:
+    args = ["compare", root, "--models", ",".join(networks), "--steps", "2", "--seeds", "0,1",
+            "--folds", "3", "--lr", "1e-3,3e-3", "--sweep-steps", "1", "--extra-test", stress,
+            "-o", out, "--patch-size", "16,16,16", "--spacing", "1,1,1", "--device", "cpu",
+            "--augment", "none"]
     for option in TINY_OPTIONS:
-        args += ["--option", option]
-    result = runner.invoke(app, [str(a) for a in args])
+        if option.split(".")[0] in networks:
+            args += ["--option", option]
+    return [str(a) for a in args]
+
+
+def test_compare_runs_every_cell_resumes_and_ranks(study, tmp_path):
+    root, stress = study
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, _args(root, stress, out, NETWORKS))
     assert result.exit_code == 0, result.output
-    comparison = json.loads((out / "comparison.json").read_text())
-    assert [r["network"] for r in comparison["rows"]] == NETWORKS
-    assert comparison["test_split"] == "imagesTs" and comparison["test_cases"] == ["case003"]
-    for row in comparison["rows"]:
-        assert row["epochs"] >= 1 and row["parameters"] > 0
-        assert set(row["classes"]) == {"blob"}  # the test case is annotated for blob only
-        assert 0.0 <= row["mean_dice"] <= 1.0 and row["predict_seconds_per_case"] > 0
-    # the fixed-size network was given the shared patch as its input size
-    assert comparison["rows"][3]["options"]["input_size"] == [16, 16, 16]
-    for run in NETWORKS:
-        plan = json.loads((out / "runs" / run / "plan.json").read_text())
-        assert plan["patch_size"] == [16, 16, 16] and plan["spacing"] == [1.0, 1.0, 1.0]
-    assert len((out / "comparison.csv").read_text().splitlines()) == 1 + len(NETWORKS)
-    for figure in ("comparison.png", "slices.png"):
-        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a second comparison into the same folder must not silently retrain over the first
-    again = runner.invoke(app, [str(a) for a in [*args[:3], "unet", *args[4:-2 * len(TINY_OPTIONS)],
-                                                 "--option", TINY_OPTIONS[0]]])
-    assert again.exit_code == 1 and "--reuse-runs" in again.output
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["finished_cells"] == ranking["expected_cells"] == 3 * 2 * len(NETWORKS)
+    held_out, cv = ranking["groups"]
+    assert held_out["group"] == "held-out" and held_out["cases"] == 3  # case004 + 2 stress
+    assert cv["cases"] == 5  # every labelled case once
+    assert {r["network"] for r in cv["networks"]} == set(NETWORKS)
+    for row in cv["networks"]:
+        assert row["steps"] == 2 and row["seeds"] == [0, 1] and row["parameters"] > 0
+        assert 0.0 <= row["dice"]["mean"] <= 1.0 and row["gflops_per_forward"] > 0
+    assert len(cv["pairs"]) == 2 * len(NETWORKS) * (len(NETWORKS) - 1) // 2
+    assert len(ranking["sweep"]) == 2 * len(NETWORKS)
+    assert sum(s["chosen"] for s in ranking["sweep"]) == len(NETWORKS)
+    # the held-out case is scored on its annotated class only; the patch-free net trained whole
+    cell = json.loads(next((out / "cells" / "final" / "patchfree").glob("*fold0.json"))
+                      .read_text())
+    assert set(cell["cases"][0]["classes"]) == {"blob"}
+    assert {s["test_set"] for s in cell["cases"]} == {"fold", "stress"}
+    plan = json.loads(next((out / "runs" / "final" / "patchfree").glob("*/plan.json"))
+                      .read_text())
+    assert plan["patch_size"] == [16, 16, 16]
+    mixer = json.loads(next((out / "cells" / "final" / "mixer3d_1m").glob("*.json")).read_text())
+    assert mixer["options"]["input_size"] == [16, 16, 16]  # the shared patch
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(NETWORKS) * 2 * (3 + 2 + 2)  # fold 0: 1 + 2 stress cases
+    assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out" in (out / "ranking.md").read_text()
+
+    # a rerun trains nothing: every cell is finished
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+    again = runner.invoke(app, _args(root, stress, out, NETWORKS))
+    assert again.exit_code == 0, again.output
+    assert "training" not in again.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+
+    # a lost cell is redone alone
+    lost = next(iter(stamps))
+    lost.unlink()
+    again = runner.invoke(app, _args(root, stress, out, NETWORKS))
+    assert again.exit_code == 0 and again.output.count(": training on") == 1
 
 
-@pytest.mark.parametrize("text, minutes", [("20m", 20.0), ("90s", 1.5), ("1.5h", 90.0),
-                                           ("7", 7.0), ("2 min", 2.0)])
-def test_parse_budget(text: str, minutes: float) -> None:
-    assert parse_budget(text) == pytest.approx(minutes)
+def test_a_folder_refuses_another_protocol(study, tmp_path):
+    root, stress = study
+    out = tmp_path / "cmp"
+    assert runner.invoke(app, _args(root, stress, out, ["unet"])).exit_code == 0
+    other = _args(root, stress, out, ["unet"])
+    other[other.index("--steps") + 1] = "3"
+    result = runner.invoke(app, other)
+    assert result.exit_code == 1 and "another protocol" in result.output and "steps" in result.output
 
 
-@pytest.mark.parametrize("text", ["", "0m", "-3m", "ten minutes", "5d"])
-def test_bad_budgets_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="duration"):
-        parse_budget(text)
+def test_a_cell_held_by_another_process_is_skipped(study, tmp_path):
+    root, _ = study
+    protocol = Protocol(dataset=str(root), networks=["unet"], steps=1, seeds=[0])
+    path = cell_path(tmp_path, "final", "unet", 1e-3, 1e-5, 0, 0)
+    path.parent.mkdir(parents=True)
+    lines: list[str] = []
+    with output_locks([path]):
+        _run_or_skip(protocol, tmp_path, "final", "unet", 1e-3, 1e-5, 0, 0, [], {}, lines.append)
+    assert not path.exists() and "another process" in lines[0]
+
+
+def _cases(*ids: str) -> list[Case]:
+    return [Case(i, (Path(f"{i}_0000.nii.gz"),), Path(f"{i}.nii.gz")) for i in ids]
+
+
+@pytest.mark.parametrize("n_train, n_test, folds", [(3, 1, 4), (3, 1, 5), (9, 2, 5), (6, 0, 3)])
+def test_folds_test_every_labelled_case_once(n_train: int, n_test: int, folds: int) -> None:
+    train = _cases(*(f"t{i}" for i in range(n_train)))
+    test = _cases(*(f"h{i}" for i in range(n_test)))
+    made = make_folds(train, test, folds)
+    tested = [c for f in made for c in f.test]
+    assert sorted(tested) == sorted(c.case_id for c in [*train, *test])
+    for fold in made:
+        assert not set(fold.train) & set(fold.test)
+    if n_test:
+        assert made[0].test == [c.case_id for c in test] and made[0].extra
+        assert not any(f.extra for f in made[1:])
+    assert len(made) == min(folds, n_train + (1 if n_test else 0))
+
+
+def test_sweep_validates_on_fold_zero_training_cases_only() -> None:
+    folds = make_folds(_cases("a", "b", "c"), _cases("h"), 4)
+    fit, val = sweep_split(folds[0], 0.34)
+    assert len(val) == 1 and sorted(fit + val) == ["a", "b", "c"] and "h" not in fit + val
+    with pytest.raises(MedsegError):
+        sweep_split(folds[0].model_copy(update={"train": ["a"]}), 0.34)

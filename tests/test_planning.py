@@ -87,3 +87,21 @@ def test_plan_mirrors_only_the_axes_that_swap_no_class():
     assert 0 not in plan.mirror_axes and "x " in plan.reasons["mirror_axes"]
     assert make_plan(spec, [_fingerprint((1.0, 1.0, 1.0), (40, 30, 20))],
                      size_divisor=4).mirror_axes == (0, 1, 2)
+
+
+def test_whole_volume_plans_coarsen_the_spacing_instead_of_cutting_patches():
+    import pytest
+
+    from medseg3d.errors import MedsegError
+    from medseg3d.planning import fit_whole_volume
+
+    plan = _brain_plan()  # 200x230x200 at 1 mm: 9.2 M voxels
+    fitted = fit_whole_volume(plan, 8, 160**3)
+    assert np.prod(fitted.patch_size) <= 160**3 and fitted.spacing[0] > 1.0
+    assert all(p >= m and p % 8 == 0 for p, m in zip(fitted.patch_size, fitted.median_shape,
+                                                        strict=True))
+    assert "whole" in fitted.reasons["patch_size"]
+    kept = fit_whole_volume(plan, 8, 160**3, fixed_spacing=(2.0, 2.0, 2.0))
+    assert kept.spacing == (2.0, 2.0, 2.0) and kept.patch_size == (104, 120, 104)
+    with pytest.raises(MedsegError, match="coarser --spacing"):
+        fit_whole_volume(plan, 8, 160**3, fixed_spacing=(1.0, 1.0, 1.0))

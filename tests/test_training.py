@@ -123,3 +123,15 @@ def test_progress_legend_hides_no_data():
     legend = fig.axes[0].get_legend().get_window_extent(renderer)
     for axes in fig.axes:  # the loss axes and the Dice twin share one plotting area
         assert not legend.overlaps(axes.get_window_extent(renderer))
+
+
+@pytest.mark.parametrize("override", [{"patch_size": (16, 16, 16)}, {"max_patch_voxels": 4096}])
+def test_patch_free_networks_refuse_patch_choices(small_dataset, tmp_path, override):
+    from medseg3d.config import NetworkConfig, PlanOverrides
+    from medseg3d.training import apply_network_rules
+
+    config = _config(small_dataset, tmp_path / "run").model_copy(update={
+        "network": NetworkConfig(name="patchfree"),
+        "plan_overrides": PlanOverrides(**override)})
+    with pytest.raises(MedsegError, match="whole volume"):
+        apply_network_rules(config)

@@ -52,6 +52,7 @@ from medseg3d.config import (
     OptionValue,
     Plan,
     PlanOverrides,
+    Scalar,
     TrainConfig,
     load_model_file,
 )
@@ -210,7 +211,8 @@ def network_options(protocol: Protocol, name: str) -> dict[str, OptionValue]:
     options = dict(protocol.options.get(name, {}))
     patch = protocol.plan_overrides.patch_size
     if network_traits(name, **options).fixed_input_size is not None and patch is not None:
-        options.setdefault("input_size", [int(s) for s in patch])
+        size: list[Scalar] = [int(s) for s in patch]
+        options.setdefault("input_size", size)
     return options
 
 
@@ -307,6 +309,7 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
 
 
 def load_cell(path: Path) -> Cell:
+    """Read a cell's JSON."""
     return load_model_file(Cell, path)
 
 
@@ -416,7 +419,7 @@ def run_protocol(protocol: Protocol, output: str | Path,
 
 def final_cells(protocol: Protocol, output: Path) -> list[Cell]:
     """The finished final cells of the chosen settings (a partial study gives fewer)."""
-    settings = chosen_settings(protocol, output) if _sweep_done(protocol, output) else {}
+    settings = chosen_settings(protocol, output) if sweep_done(protocol, output) else {}
     cells = []
     for path in sorted((output / "cells" / "final").glob("*/*.json")):
         cell = load_cell(path)
@@ -428,10 +431,12 @@ def final_cells(protocol: Protocol, output: Path) -> list[Cell]:
 
 
 def sweep_cells(output: Path) -> list[Cell]:
+    """The finished sweep cells."""
     return [load_cell(p) for p in sorted((output / "cells" / "sweep").glob("*/*.json"))]
 
 
-def _sweep_done(protocol: Protocol, output: Path) -> bool:
+def sweep_done(protocol: Protocol, output: Path) -> bool:
+    """Whether every sweep cell is finished (True when the protocol has no sweep)."""
     return all(cell_path(output, "sweep", n, lr, wd, protocol.seeds[0], 0).is_file()
                for n in protocol.networks for lr in protocol.learning_rates
                for wd in protocol.weight_decays) or not protocol.sweep_steps

@@ -180,7 +180,8 @@ class PatchFreeNet3d(nn.Module):
         for down in self.down:
             skips.append(low)
             low = down(low)
-        guide = self.guidance(x[(slice(None), slice(None), *guidance_box(x.shape[2:]))])
+        region = (slice(None), slice(None), *guidance_box(x.shape[2:]))
+        guide = self.guidance(x[region])
         return torch.cat([low, guide], dim=1), skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,8 @@ class PatchFreeNet3d(nn.Module):
                              f"match the forward input {tuple(sr.shape)} (label: one channel)")
         sr, image = sr.float(), image.float()
         mask = torch.zeros_like(image[:, :1])
-        mask[(slice(None), slice(None), *box)] = 1.0  # the box may reach into the padding
+        region = (slice(None), slice(None), *box)
+        mask[region] = 1.0  # the box may reach into the padding
         loss_sr = F.mse_loss(sr, image) + F.mse_loss(mask * sr, mask * image)
         classes = logits.shape[1]
         foreground = torch.softmax(logits.float(), dim=1)[:, 1:]

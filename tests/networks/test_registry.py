@@ -110,3 +110,24 @@ def test_short_training_segments_ellipsoids(name: str) -> None:
 def test_training_segments_larger_ellipsoids(name: str) -> None:
     dice = train_and_score(name, size=32, steps=60)
     assert dice > 0.8, f"{name}: held-out Dice {dice:.3f}"
+
+
+def test_comparison_presets_match_in_parameters() -> None:
+    # issue 14: the four families at 1.08-1.20 M parameters (at 64³ for the Mixers)
+    counts = {name: sum(p.numel() for p in build_network(name, 1, 2).parameters())
+              for name in ("unet_1m", "asmlp3d_1m", "patchfree_1m", "mixer3d_1m",
+                           "mixer3d_skip_1m")}
+    assert max(counts.values()) / min(counts.values()) < 1.12, counts
+    assert all(1.0e6 < n < 1.25e6 for n in counts.values()), counts
+
+
+def test_pure_mixer_has_no_convolution_at_full_resolution() -> None:
+    pure = build_network("mixer3d_1m", 1, 2, input_size=16, patch_size=4, dim=8, depth=1)
+    assert pure.skip is None
+    kernels = [m.kernel_size for m in pure.modules() if isinstance(m, torch.nn.Conv3d)]
+    # the patch embedding (stride 4), the 1x1 expansion, the decoder conv after voxel shuffle
+    # and the 1x1 head: no convolution reads the full-resolution input
+    assert pure.patch_embed.proj.kernel_size == (4, 4, 4) and len(kernels) == 4
+    with torch.no_grad():
+        assert pure(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+    assert build_network("mixer3d_skip_1m", 1, 2, input_size=16, patch_size=4).skip is not None

@@ -1,0 +1,317 @@
+"""The report of a comparison: per-network means with 95 % intervals, paired tests, raw cases.
+
+Two test groups, never mixed:
+
+* **held-out** — fold 0's test cases plus the extra test sets: cases that no choice (sweep,
+  settings, architecture sizes) ever saw. This is the group a ranking stands on.
+* **cross-validation** — every labelled case once, as the test case of its fold; the sweep's
+  validation cases are among them, which the report names.
+
+Within a group, each case's score is the mean over seeds; intervals are Student's t over cases,
+and two networks are compared case by case (``medseg3d.statistics``). Each seed's own mean is
+listed too, so that seed-to-seed spread shows beside case-to-case spread.
+
+Files: ``ranking.json`` (:class:`Ranking`), ``ranking.md`` (the tables), ``cases.csv`` (every
+cell's every case: the raw numbers) and ``ranking.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from rich.table import Table
+
+from medseg3d.atomic import write_text_atomic
+from medseg3d.config import load_model_file
+from medseg3d.experiments.compare import (
+    Cell,
+    Fold,
+    Protocol,
+    chosen_settings,
+    final_cells,
+    sweep_cells,
+    sweep_done,
+    sweep_split,
+)
+from medseg3d.figures import pyplot, save_figure
+from medseg3d.statistics import MeanCI, PairedDifference, mean_ci95, paired_difference
+
+__all__ = ["GroupResult", "NetworkResult", "Ranking", "summary_table", "write_ranking"]
+
+GROUPS = ("held-out", "cross-validation")
+METRICS = ("dice", "hd95_mm", "nsd")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
+
+
+class NetworkResult(_Model):
+    """One network in one test group."""
+
+    network: str
+    learning_rate: float
+    weight_decay: float
+    parameters: int
+    gflops_per_forward: float
+    input_size: tuple[int, int, int]
+    cells: int
+    seeds: list[int]
+    steps: int
+    train_seconds_per_step: float
+    predict_seconds_per_case: float
+    dice: MeanCI
+    hd95_mm: MeanCI
+    nsd: MeanCI
+    seed_dice: dict[int, float]
+    worst_dice: float
+    worst_case: str
+
+
+class PairResult(_Model):
+    """``a - b`` on the cases both networks were scored on (seed means)."""
+
+    a: str
+    b: str
+    metric: str
+    difference: PairedDifference
+
+
+class GroupResult(_Model):
+    """All networks of one test group, best mean Dice first."""
+
+    group: str
+    cases: int
+    networks: list[NetworkResult]
+    pairs: list[PairResult]
+
+
+class SweepResult(_Model):
+    """One sweep run: its settings and its mean validation Dice."""
+
+    network: str
+    learning_rate: float
+    weight_decay: float
+    validation_dice: float
+    chosen: bool
+
+
+class Ranking(_Model):
+    """What ``ranking.json`` holds."""
+
+    protocol: Protocol
+    folds: list[Fold]
+    sweep_validation_cases: list[str]
+    sweep: list[SweepResult]
+    expected_cells: int
+    finished_cells: int
+    groups: list[GroupResult]
+
+
+def _group_cases(cell: Cell, group: str) -> list:
+    if group == "held-out":
+        return [s for s in cell.cases if cell.fold == 0]
+    return [s for s in cell.cases if s.test_set == "fold"]
+
+
+def _per_case(cells: Sequence[Cell], group: str, metric: str) -> dict[str, float]:
+    """Case -> mean over seeds of ``metric`` (cases keyed with their test set)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for cell in cells:
+        for score in _group_cases(cell, group):
+            values[f"{score.test_set}/{score.case}"].append(getattr(score, metric))
+    return {case: float(np.mean(v)) for case, v in values.items()}
+
+
+def _network_result(name: str, cells: Sequence[Cell], group: str) -> NetworkResult | None:
+    scored = [c for c in cells if _group_cases(c, group)]
+    if not scored:
+        return None
+    per_case = {m: _per_case(scored, group, m) for m in METRICS}
+    seeds = sorted({c.seed for c in scored})
+    seed_dice = {s: float(np.mean([x.dice for c in scored if c.seed == s
+                                   for x in _group_cases(c, group)])) for s in seeds}
+    worst = min(per_case["dice"].items(), key=lambda kv: kv[1])
+    first = scored[0]
+    return NetworkResult(
+        network=name, learning_rate=first.learning_rate, weight_decay=first.weight_decay,
+        parameters=first.parameters, gflops_per_forward=first.gflops_per_forward,
+        input_size=first.input_size, cells=len(scored), seeds=seeds, steps=first.steps,
+        train_seconds_per_step=round(float(np.mean([c.train_seconds / c.steps
+                                                    for c in scored])), 3),
+        predict_seconds_per_case=round(float(np.mean([c.predict_seconds_per_case
+                                                      for c in scored])), 3),
+        dice=mean_ci95(list(per_case["dice"].values())),
+        hd95_mm=mean_ci95(list(per_case["hd95_mm"].values())),
+        nsd=mean_ci95(list(per_case["nsd"].values())), seed_dice=seed_dice,
+        worst_dice=worst[1], worst_case=worst[0])
+
+
+def _pairs(by_network: dict[str, list[Cell]], group: str) -> list[PairResult]:
+    pairs = []
+    for a, b in itertools.combinations(sorted(by_network), 2):
+        for metric in ("dice", "nsd"):
+            left, right = (_per_case(by_network[n], group, metric) for n in (a, b))
+            common = sorted(set(left) & set(right))
+            if len(common) < 2:
+                continue
+            diff = paired_difference([left[c] for c in common], [right[c] for c in common])
+            pairs.append(PairResult(a=a, b=b, metric=metric, difference=diff))
+    return pairs
+
+
+def rank(protocol: Protocol, output: Path) -> Ranking:
+    """Build the ranking from the finished cells of ``output`` (a partial study is allowed)."""
+    folds = [Fold.model_validate(f) for f in json.loads((output / "folds.json").read_text())]
+    cells = final_cells(protocol, output)
+    sweeps = sweep_cells(output)
+    chosen = chosen_settings(protocol, output) if sweep_done(protocol, output) else {}
+    groups = []
+    for group in GROUPS:
+        by_network: dict[str, list[Cell]] = defaultdict(list)
+        for cell in cells:
+            by_network[cell.network].append(cell)
+        results = [r for n in protocol.networks if n in by_network
+                   if (r := _network_result(n, by_network[n], group)) is not None]
+        results.sort(key=lambda r: -r.dice.mean if math.isfinite(r.dice.mean) else math.inf)
+        cases = {c for n in by_network for c in _per_case(by_network[n], group, "dice")}
+        groups.append(GroupResult(group=group, cases=len(cases), networks=results,
+                                  pairs=_pairs(by_network, group)))
+    sweep = [SweepResult(network=c.network, learning_rate=c.learning_rate,
+                         weight_decay=c.weight_decay,
+                         validation_dice=float(np.nanmean([s.dice for s in c.cases])),
+                         chosen=chosen.get(c.network) == (c.learning_rate, c.weight_decay))
+             for c in sweeps]
+    validation = sweep_split(folds[0], protocol.validation_share)[1] if protocol.sweep_steps \
+        else []
+    expected = len(folds) * len(protocol.seeds) * len(protocol.networks)
+    return Ranking(protocol=protocol, folds=folds, sweep_validation_cases=validation,
+                   sweep=sweep, expected_cells=expected, finished_cells=len(cells),
+                   groups=groups)
+
+
+def _ci(m: MeanCI, spec: str = ".4f") -> str:
+    if not math.isfinite(m.mean):
+        return "n/a"
+    return f"{m.mean:{spec}} ± {m.ci95:{spec}}" if math.isfinite(m.ci95) else f"{m.mean:{spec}}"
+
+
+def markdown(ranking: Ranking) -> str:
+    """The ranking as Markdown tables (what ``ranking.md`` holds)."""
+    p = ranking.protocol
+    lines = [f"# Ranking on {Path(p.dataset).name}", "",
+             f"{ranking.finished_cells} of {ranking.expected_cells} final cells finished "
+             f"({len(ranking.folds)} folds x {len(p.seeds)} seeds x {len(p.networks)} networks); "
+             f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
+    for group in ranking.groups:
+        lines += [f"## {group.group}: {group.cases} case(s)", "",
+                  "| network | Dice mean ± 95 % CI | HD95 mm | NSD@2mm | worst Dice (case) | "
+                  "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
+                  "LR, WD |",
+                  "|---|---|---|---|---|---|---:|---|---:|---:|---|"]
+        for r in group.networks:
+            seeds = ", ".join(f"{v:.4f}" for v in r.seed_dice.values())
+            size = "x".join(map(str, r.input_size))
+            lines.append(
+                f"| {r.network} | {_ci(r.dice)} | {_ci(r.hd95_mm, '.2f')} | {_ci(r.nsd)} | "
+                f"{r.worst_dice:.4f} ({r.worst_case}) | {seeds} | {r.parameters / 1e6:.2f} M | "
+                f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
+                f"{r.predict_seconds_per_case:.2f} | {r.learning_rate:g}, {r.weight_decay:g} |")
+        if group.pairs:
+            lines += ["", "Paired differences (row a minus b, per-case seed means): mean ± 95 % "
+                      "CI, wins/losses, Wilcoxon signed-rank p.", "",
+                      "| a | b | metric | a - b | wins/losses | p |", "|---|---|---|---|---|---:|"]
+            for pair in group.pairs:
+                d = pair.difference
+                lines.append(f"| {pair.a} | {pair.b} | {pair.metric} | "
+                             f"{d.mean:+.4f} ± {d.ci95:.4f} | {d.wins}/{d.losses} | "
+                             f"{d.p_wilcoxon:.2g} |")
+        lines.append("")
+    if ranking.sweep:
+        lines += ["## Sweep", "",
+                  f"Validation case(s): {', '.join(ranking.sweep_validation_cases)} "
+                  f"({p.sweep_steps} steps, seed {p.seeds[0]}, fold 0's training cases less "
+                  "these). They are test cases of the cross-validation group only.", "",
+                  "| network | LR | WD | validation Dice | chosen |", "|---|---:|---:|---:|---|"]
+        for s in sorted(ranking.sweep, key=lambda s: (s.network, s.learning_rate,
+                                                      s.weight_decay)):
+            lines.append(f"| {s.network} | {s.learning_rate:g} | {s.weight_decay:g} | "
+                         f"{s.validation_dice:.4f} | {'yes' if s.chosen else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cases_csv(cells: Sequence[Cell]) -> str:
+    """Every final cell's every test case: the raw numbers behind the tables."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["network", "fold", "seed", "learning_rate", "weight_decay", "steps",
+                     "test_set", "case", "dice", "hd95_mm", "nsd", "train_seconds"])
+    for c in cells:
+        for s in c.cases:
+            writer.writerow([c.network, c.fold, c.seed, c.learning_rate, c.weight_decay,
+                             c.steps, s.test_set, s.case, f"{s.dice:.6f}", f"{s.hd95_mm:.4f}",
+                             f"{s.nsd:.6f}", c.train_seconds])
+    return buffer.getvalue()
+
+
+def plot_ranking(ranking: Ranking, path: Path) -> Path:
+    """Mean Dice ± 95 % CI per network, one panel per test group."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(ranking.groups), figsize=(5.5 * len(ranking.groups), 3.8),
+                             squeeze=False)
+    for ax, group in zip(axes[0], ranking.groups, strict=True):
+        names = [r.network for r in group.networks]
+        means = [r.dice.mean for r in group.networks]
+        errors = [r.dice.ci95 if math.isfinite(r.dice.ci95) else 0.0 for r in group.networks]
+        ax.barh(names[::-1], means[::-1], xerr=errors[::-1], color="tab:blue", alpha=0.7,
+                capsize=3)
+        finite = [m for m in means if math.isfinite(m)]
+        ax.set_xlim(max(0.0, min(finite, default=0.0) - 0.05), 1.0)
+        ax.set_xlabel("mean Dice ± 95 % CI")
+        ax.set_title(f"{group.group}: {group.cases} cases", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{Path(ranking.protocol.dataset).name}: {ranking.protocol.steps} steps, "
+                 f"{len(ranking.protocol.seeds)} seeds", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_ranking(protocol: Protocol, output: str | Path) -> Ranking:
+    """Write ranking.json, ranking.md, cases.csv and ranking.png from the finished cells."""
+    output = Path(output)
+    ranking = rank(protocol, output)
+    write_text_atomic(output / "ranking.json", ranking.model_dump_json(indent=2) + "\n")
+    write_text_atomic(output / "ranking.md", markdown(ranking))
+    write_text_atomic(output / "cases.csv", cases_csv(final_cells(protocol, output)))
+    plot_ranking(ranking, output / "ranking.png")
+    return ranking
+
+
+def summary_table(ranking: Ranking) -> list[Table]:
+    """One table per test group, as ``medseg3d compare`` prints them."""
+    tables = []
+    for group in ranking.groups:
+        table = Table(title=f"{group.group}: {group.cases} case(s), {ranking.finished_cells} of "
+                      f"{ranking.expected_cells} cells", title_justify="left")
+        for column in ("network", "Dice ± 95% CI", "HD95 (mm)", "NSD", "params", "s/step"):
+            table.add_column(column, justify="left" if column == "network" else "right")
+        for r in group.networks:
+            table.add_row(r.network, _ci(r.dice), _ci(r.hd95_mm, ".2f"), _ci(r.nsd),
+                          f"{r.parameters / 1e6:.2f} M", f"{r.train_seconds_per_step:.2f}")
+        tables.append(table)
+    return tables
+
+
+def load_ranking(path: str | Path) -> Ranking:
+    """Read a ``ranking.json``."""
+    return load_model_file(Ranking, Path(path))
