@@ -521,6 +521,8 @@ def compare(
     Resumable: finished cells are kept and skipped, and a second process given the same command
     and folder works on other cells at the same time.
     """
+    from pydantic import ValidationError
+
     from medseg3d.experiments.compare import Protocol, run_protocol
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
@@ -528,14 +530,19 @@ def compare(
         _check_network(name)
     if augment not in get_args(Augment):
         raise typer.BadParameter(f"--augment must be none, light, strong or synth, got {augment!r}")
-    protocol = Protocol(
-        dataset=str(dataset), networks=networks,
-        options=_network_options(option or [], networks), steps=steps,
-        seeds=_numbers(seeds, "--seeds", int), num_folds=folds,
-        learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
-        sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
-        plan_overrides=_plan_overrides(patch_size, batch_size, spacing),
-        augment=cast(Augment, augment), device=device)
+    try:
+        protocol = Protocol(
+            dataset=str(dataset), networks=networks,
+            options=_network_options(option or [], networks), steps=steps,
+            seeds=_numbers(seeds, "--seeds", int), num_folds=folds,
+            learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
+            sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
+            plan_overrides=_plan_overrides(patch_size, batch_size, spacing),
+            augment=cast(Augment, augment), device=device)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
     output = output or Path("runs") / f"compare_{dataset.name}"
     run_protocol(protocol, output, log=console.print)
     from medseg3d.experiments.ranking import summary_table, write_ranking

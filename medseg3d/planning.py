@@ -164,7 +164,7 @@ def fit_whole_volume(plan: Plan, size_divisor: int, max_voxels: int,
         whole = np.ceil(median / size_divisor).astype(int) * size_divisor
         if np.prod(whole) <= max_voxels:
             reasons = {**plan.reasons,
-                       "spacing": f"{factor:g} x the median spacing: the finest at which the "
+                       "spacing": f"{factor:g} x the planned spacing: the finest at which the "
                                   f"whole median volume fits {max_voxels:,} voxels",
                        "patch_size": "the whole median volume (patch-free training)"}
             if fixed_spacing is not None:

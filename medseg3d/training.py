@@ -518,15 +518,14 @@ def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig
     if traits.fixed_input_size is not None:  # token-mixing MLPs accept one input size only
         overrides = overrides.model_copy(update={"patch_size": traits.fixed_input_size})
     elif traits.whole_volume:
-        # Patch-free networks see the whole volume in training too (PFSeg): no patch choices.
-        chosen = [flag for flag, value in (("--patch-size", overrides.patch_size),
-                                           ("--max-patch-voxels", overrides.max_patch_voxels))
-                  if value is not None]
-        if chosen:
+        # Patch-free networks see the whole volume in training too (PFSeg): no patch to choose;
+        # --max-patch-voxels caps the whole volume instead (the spacing coarsens to fit it).
+        if overrides.patch_size is not None:
             raise MedsegError(f"{config.network.name} trains on the whole volume, so "
-                              f"{' and '.join(chosen)} cannot apply; choose a coarser --spacing "
-                              "to make it cheaper")
-        overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
+                              "--patch-size cannot apply; choose a coarser --spacing or a "
+                              "smaller --max-patch-voxels to make it cheaper")
+        if overrides.max_patch_voxels is None:
+            overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
     return traits, config.model_copy(update={"plan_overrides": overrides})
 
 

@@ -125,13 +125,18 @@ def test_progress_legend_hides_no_data():
         assert not legend.overlaps(axes.get_window_extent(renderer))
 
 
-@pytest.mark.parametrize("override", [{"patch_size": (16, 16, 16)}, {"max_patch_voxels": 4096}])
-def test_patch_free_networks_refuse_patch_choices(small_dataset, tmp_path, override):
+def test_patch_free_networks_refuse_a_patch_and_cap_the_whole_volume(small_dataset, tmp_path):
     from medseg3d.config import NetworkConfig, PlanOverrides
-    from medseg3d.training import apply_network_rules
+    from medseg3d.training import PATCH_FREE_MAX_VOXELS, apply_network_rules
 
-    config = _config(small_dataset, tmp_path / "run").model_copy(update={
-        "network": NetworkConfig(name="patchfree"),
-        "plan_overrides": PlanOverrides(**override)})
+    def config(**overrides):
+        return _config(small_dataset, tmp_path / "run").model_copy(update={
+            "network": NetworkConfig(name="patchfree"),
+            "plan_overrides": PlanOverrides(**overrides)})
+
     with pytest.raises(MedsegError, match="whole volume"):
-        apply_network_rules(config)
+        apply_network_rules(config(patch_size=(16, 16, 16)))
+    assert apply_network_rules(config())[1].plan_overrides.max_patch_voxels == \
+        PATCH_FREE_MAX_VOXELS
+    capped = apply_network_rules(config(max_patch_voxels=4096))[1]
+    assert capped.plan_overrides.max_patch_voxels == 4096

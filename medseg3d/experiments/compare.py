@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg3d.api import load_model
@@ -70,12 +70,14 @@ Stage = Literal["sweep", "final"]
 WAIT_LOG_S = 60.0
 
 
-class _Model(BaseModel):
+class Record(BaseModel):
+    """A frozen record of the study (cells, folds, the report)."""
+
     # HD95 can be NaN/inf: written as "NaN"/"Infinity" strings, as in metrics.json.
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
 
-class Protocol(_Model):
+class Protocol(Record):
     """Everything that defines a comparison; a folder holds one protocol and refuses another."""
 
     dataset: str
@@ -93,8 +95,15 @@ class Protocol(_Model):
     augment: Augment = "strong"
     device: str = "auto"
 
+    @field_validator("networks", "seeds", "learning_rates", "weight_decays", "extra_tests")
+    @classmethod
+    def _no_repeats(cls, values: list[Any]) -> list[Any]:
+        if len(set(values)) != len(values):  # a repeat would count as a missing cell forever
+            raise ValueError(f"repeats a value: {values}")
+        return values
 
-class Fold(_Model):
+
+class Fold(Record):
     """Training and test case ids of one fold; ``extra`` when the extra test sets belong to it."""
 
     index: int
@@ -103,7 +112,7 @@ class Fold(_Model):
     extra: bool
 
 
-class CaseScore(_Model):
+class CaseScore(Record):
     """One test case of one cell: metrics averaged over the scored classes, and per class."""
 
     case: str
@@ -114,7 +123,7 @@ class CaseScore(_Model):
     classes: dict[str, dict[str, float]]
 
 
-class Cell(_Model):
+class Cell(Record):
     """One finished training run and its test predictions."""
 
     stage: Stage
@@ -241,19 +250,18 @@ def score_case(model: Any, case: Case, spec: Any, test_set: str) -> tuple[CaseSc
     seconds = time.perf_counter() - started
     classes = evaluate_case(labels, ref.array, ref.spacing, spec.annotated_labels(case.case_id))
     scored = {k: v for k, v in classes.items() if v["status"] != "both_empty"}
-    finite = [v["hd95_mm"] for v in scored.values() if math.isfinite(v["hd95_mm"])]
 
-    def mean(key: str) -> float:
+    def mean(key: str) -> float:  # a class missed in one mask makes the case's HD95 infinite
         return float(np.mean([v[key] for v in scored.values()])) if scored else math.nan
 
     return CaseScore(case=case.case_id, test_set=test_set, dice=mean("dice"),
-                     hd95_mm=float(np.mean(finite)) if finite else math.inf, nsd=mean("nsd"),
+                     hd95_mm=mean("hd95_mm"), nsd=mean("nsd"),
                      classes={k: {m: v[m] for m in ("dice", "hd95_mm", "nsd")}
                               for k, v in classes.items()}), seconds
 
 
-def _train_cell(protocol: Protocol, output: Path, name: str, lr: float, wd: float, seed: int,
-                steps: int, data: Path, run: Path, log: Callable[[str], None]) -> float:
+def _train_cell(protocol: Protocol, name: str, lr: float, wd: float, seed: int, steps: int,
+                data: Path, run: Path, log: Callable[[str], None]) -> float:
     """Train one cell from scratch (an interrupted run is discarded); the training seconds."""
     if run.exists():
         shutil.rmtree(run)
@@ -272,13 +280,13 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
              seed: int, fold: int, train_cases: list[Case], tests: dict[str, list[Case]],
              log: Callable[[str], None]) -> Cell:
     """Train and test one cell and save it; the caller holds the cell's lock."""
-    tag = cell_path(output, stage, name, lr, wd, seed, fold).stem
+    target = cell_path(output, stage, name, lr, wd, seed, fold)
     data = fold_dataset(Path(protocol.dataset), train_cases,
-                        output / "data" / stage / f"{name}_{tag}")
-    run = output / "runs" / stage / name / tag
-    seconds = _train_cell(protocol, output, name, lr, wd, seed,
-                          protocol.sweep_steps if stage == "sweep" else protocol.steps, data,
-                          run, lambda text: log(f"{name} {tag}: {text}"))
+                        output / "data" / stage / f"{name}_{target.stem}")
+    run = output / "runs" / stage / name / target.stem
+    steps = protocol.sweep_steps if stage == "sweep" else protocol.steps
+    seconds = _train_cell(protocol, name, lr, wd, seed, steps, data, run,
+                          lambda text: log(f"{name} {target.stem}: {text}"))
     model = load_model(run / "checkpoint_final.safetensors", protocol.device)
     plan = load_model_file(Plan, run / "plan.json")
     options = network_options(protocol, name)
@@ -286,9 +294,9 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
         build_network(name, plan.num_channels, plan.num_classes, **options), plan.num_channels,
         plan.patch_size)
     scores, times = [], []
+    folders = {Path(p).name: p for p in protocol.extra_tests}
     for test_set, cases in tests.items():
-        spec = load_spec(protocol.dataset if test_set in ("fold", "validation") else
-                         next(p for p in protocol.extra_tests if Path(p).name == test_set))
+        spec = load_spec(folders.get(test_set, protocol.dataset))
         for case in cases:
             score, took = score_case(model, case, spec, test_set)
             scores.append(score)
@@ -297,11 +305,9 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
                 learning_rate=lr, weight_decay=wd, seed=seed, fold=fold,
                 train_cases=[c.case_id for c in train_cases], parameters=parameters,
                 input_size=plan.patch_size, gflops_per_forward=round(gflops, 3),
-                steps=protocol.sweep_steps if stage == "sweep" else protocol.steps,
-                train_seconds=round(seconds, 1),
+                steps=steps, train_seconds=round(seconds, 1),
                 predict_seconds_per_case=round(float(np.mean(times)), 3),
                 device=str(model.device), cases=scores)
-    target = cell_path(output, stage, name, lr, wd, seed, fold)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, cell.model_dump_json(indent=2) + "\n")
     shutil.rmtree(data)
@@ -313,10 +319,20 @@ def load_cell(path: Path) -> Cell:
     return load_model_file(Cell, path)
 
 
-def _extra_cases(protocol: Protocol) -> dict[str, list[Case]]:
-    extra = {}
+def extra_cases(protocol: Protocol, folds: list[Fold]) -> dict[str, list[Case]]:
+    """The labelled cases of each extra test set, checked against the dataset."""
+    labels = load_spec(protocol.dataset).labels
+    if protocol.extra_tests and not any(f.extra for f in folds):
+        raise MedsegError("extra test sets derive from the dataset's test cases, but it has no "
+                          "imagesTs/labelsTs to hold out", Path(protocol.dataset))
+    extra: dict[str, list[Case]] = {}
     for folder in map(Path, protocol.extra_tests):
-        cases = held_out_cases(folder, load_spec(folder))
+        if folder.name in extra or folder.name in ("fold", "validation"):
+            raise MedsegError("two extra test sets share this folder name", folder)
+        spec = load_spec(folder)
+        if spec.labels != labels:
+            raise MedsegError(f"labels {spec.labels} differ from the dataset's {labels}", folder)
+        cases = held_out_cases(folder, spec)
         if not cases:
             raise MedsegError("extra test set has no labelled cases in imagesTs/labelsTs", folder)
         extra[folder.name] = cases
@@ -334,7 +350,7 @@ def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: 
     try:
         claim.enter_context(output_locks([path]))
     except MedsegError:
-        log(f"{stage} {name} {path.stem}: another process is on it")
+        return  # another process holds it
         return
     with claim:
         if path.is_file():  # finished by another process between the check and the lock
@@ -345,29 +361,29 @@ def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: 
         log(f"{stage} {name} {path.stem}: done in {time.perf_counter() - started:.0f} s")
 
 
-def _wait_for(paths: list[Path], log: Callable[[str], None]) -> list[Cell]:
-    """The cells at ``paths``, waiting for those that another process is still running."""
-    last = 0.0
-    while missing := [p for p in paths if not p.is_file()]:
-        if time.monotonic() - last > WAIT_LOG_S:
-            log(f"waiting for {len(missing)} sweep cell(s) of another process, e.g. "
-                f"{missing[0].parent.name}/{missing[0].stem}")
-            last = time.monotonic()
-        time.sleep(5)
-    return [load_cell(p) for p in paths]
+def grid(protocol: Protocol) -> list[tuple[float, float]]:
+    """The (learning rate, weight decay) pairs of the sweep."""
+    return [(lr, wd) for lr in protocol.learning_rates for wd in protocol.weight_decays]
 
 
-def chosen_settings(protocol: Protocol, output: Path, log: Callable[[str], None] = print
-                    ) -> dict[str, tuple[float, float]]:
+def has_sweep(protocol: Protocol) -> bool:
+    return bool(protocol.sweep_steps) and len(grid(protocol)) > 1
+
+
+def _validation_dice(cell: Cell) -> float:
+    dice = float(np.nanmean([s.dice for s in cell.cases])) if cell.cases else math.nan
+    return dice if math.isfinite(dice) else -math.inf  # a NaN run never wins
+
+
+def chosen_settings(protocol: Protocol, output: Path) -> dict[str, tuple[float, float]]:
     """Each network's (learning rate, weight decay): the sweep's best mean validation Dice."""
-    grid = [(lr, wd) for lr in protocol.learning_rates for wd in protocol.weight_decays]
-    if not protocol.sweep_steps or len(grid) == 1:
-        return {name: grid[0] for name in protocol.networks}
+    if not has_sweep(protocol):
+        return {name: grid(protocol)[0] for name in protocol.networks}
     chosen = {}
     for name in protocol.networks:
-        cells = _wait_for([cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0)
-                           for lr, wd in grid], log)
-        best = max(cells, key=lambda c: np.nanmean([s.dice for s in c.cases]))
+        cells = [load_cell(cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0))
+                 for lr, wd in grid(protocol)]
+        best = max(cells, key=_validation_dice)
         chosen[name] = (best.learning_rate, best.weight_decay)
     return chosen
 
@@ -375,38 +391,55 @@ def chosen_settings(protocol: Protocol, output: Path, log: Callable[[str], None]
 def write_protocol(protocol: Protocol, output: Path) -> None:
     """Save ``protocol.json``; a folder holding a different protocol is refused."""
     path = output / "protocol.json"
-    if path.is_file():
-        saved = load_model_file(Protocol, path)
-        if saved != protocol:
-            changed = sorted(k for k in Protocol.model_fields
-                             if getattr(saved, k) != getattr(protocol, k))
-            raise MedsegError(f"folder holds a comparison with another protocol (differs in "
-                              f"{', '.join(changed)}); choose another --output", output)
-        return
     output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, protocol.model_dump_json(indent=2) + "\n")
+    with output_locks([path]):  # two first runs must not both find the folder empty
+        if not path.is_file():
+            write_text_atomic(path, protocol.model_dump_json(indent=2) + "\n")
+            return
+    saved = load_model_file(Protocol, path)
+    if saved != protocol:
+        changed = sorted(k for k in Protocol.model_fields
+                         if getattr(saved, k) != getattr(protocol, k))
+        raise MedsegError(f"folder holds a comparison with another protocol (differs in "
+                          f"{', '.join(changed)}); choose another --output", output)
+
+
+def write_folds(folds: list[Fold], output: Path) -> None:
+    """Save ``folds.json``; folds that changed under finished cells (cases added or removed
+    from the dataset) are refused."""
+    path = output / "folds.json"
+    text = json.dumps([f.model_dump() for f in folds], indent=2) + "\n"
+    if path.is_file() and path.read_text() != text:
+        raise MedsegError("the dataset's cases changed since this comparison started, so its "
+                          "folds would too; choose another --output", path)
+    write_text_atomic(path, text)
 
 
 def run_protocol(protocol: Protocol, output: str | Path,
                  log: Callable[[str], None] = print) -> list[Fold]:
     """Run (or resume) every sweep and final cell not yet finished; returns the folds."""
     output, dataset = Path(output), Path(protocol.dataset)
-    write_protocol(protocol, output)
     train_cases, test_cases = labelled_cases(dataset)
     by_id = {c.case_id: c for c in [*train_cases, *test_cases]}
     folds = make_folds(train_cases, test_cases, protocol.num_folds)
-    write_text_atomic(output / "folds.json",
-                      json.dumps([f.model_dump() for f in folds], indent=2) + "\n")
-    extra = _extra_cases(protocol)
-    if protocol.sweep_steps:
+    extra = extra_cases(protocol, folds)  # checked before anything is written
+    write_protocol(protocol, output)
+    write_folds(folds, output)
+    if has_sweep(protocol):
         fit, val = sweep_split(folds[0], protocol.validation_share)
-        for name in protocol.networks:
-            for lr in protocol.learning_rates:
-                for wd in protocol.weight_decays:
+        last_log = 0.0
+        while not sweep_done(protocol, output):  # others' cells: wait, or run them if dropped
+            for name in protocol.networks:
+                for lr, wd in grid(protocol):
                     _run_or_skip(protocol, output, "sweep", name, lr, wd, protocol.seeds[0], 0,
                                  [by_id[c] for c in fit],
                                  {"validation": [by_id[c] for c in val]}, log)
-    settings = chosen_settings(protocol, output, log)
+            if not sweep_done(protocol, output):
+                if time.monotonic() - last_log > WAIT_LOG_S:
+                    log("waiting for the sweep cells that another process is running")
+                    last_log = time.monotonic()
+                time.sleep(5)
+    settings = chosen_settings(protocol, output)
     for fold in folds:
         tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
         for seed in protocol.seeds:
@@ -417,26 +450,26 @@ def run_protocol(protocol: Protocol, output: str | Path,
     return folds
 
 
-def final_cells(protocol: Protocol, output: Path) -> list[Cell]:
+def final_cells(protocol: Protocol, output: Path, folds: list[Fold]) -> list[Cell]:
     """The finished final cells of the chosen settings (a partial study gives fewer)."""
-    settings = chosen_settings(protocol, output) if sweep_done(protocol, output) else {}
-    cells = []
-    for path in sorted((output / "cells" / "final").glob("*/*.json")):
-        cell = load_cell(path)
-        if cell.network in settings and settings[cell.network] != (cell.learning_rate,
-                                                                   cell.weight_decay):
-            continue
-        cells.append(cell)
-    return cells
+    if not sweep_done(protocol, output):
+        return []
+    settings = chosen_settings(protocol, output)
+    paths = [cell_path(output, "final", name, *settings[name], seed, fold.index)
+             for fold in folds for seed in protocol.seeds for name in protocol.networks]
+    return [load_cell(p) for p in paths if p.is_file()]
 
 
-def sweep_cells(output: Path) -> list[Cell]:
+def sweep_cells(protocol: Protocol, output: Path) -> list[Cell]:
     """The finished sweep cells."""
-    return [load_cell(p) for p in sorted((output / "cells" / "sweep").glob("*/*.json"))]
+    if not has_sweep(protocol):
+        return []
+    paths = [cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0)
+             for name in protocol.networks for lr, wd in grid(protocol)]
+    return [load_cell(p) for p in paths if p.is_file()]
 
 
 def sweep_done(protocol: Protocol, output: Path) -> bool:
     """Whether every sweep cell is finished (True when the protocol has no sweep)."""
-    return all(cell_path(output, "sweep", n, lr, wd, protocol.seeds[0], 0).is_file()
-               for n in protocol.networks for lr in protocol.learning_rates
-               for wd in protocol.weight_decays) or not protocol.sweep_steps
+    return not has_sweep(protocol) or len(sweep_cells(protocol, output)) == (
+        len(protocol.networks) * len(grid(protocol)))

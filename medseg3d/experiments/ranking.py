@@ -1,15 +1,19 @@
 """The report of a comparison: per-network means with 95 % intervals, paired tests, raw cases.
 
-Two test groups, never mixed:
+Test groups, never mixed:
 
-* **held-out** — fold 0's test cases plus the extra test sets: cases that no choice (sweep,
-  settings, architecture sizes) ever saw. This is the group a ranking stands on.
-* **cross-validation** — every labelled case once, as the test case of its fold; the sweep's
-  validation cases are among them, which the report names.
+* **cross-validation** — every labelled case once, as the test case of its fold: the only group
+  whose cases are different subjects. The sweep's validation cases are among them (the report
+  names them); fold 0's test cases never informed a choice.
+* **one group per extra test set** (e.g. the stress set), scored by fold 0's models: variants
+  of the dataset's held-out cases. Their intervals say how robust a network is across those
+  variants, not how it generalises across subjects: variants of one head are not independent.
 
-Within a group, each case's score is the mean over seeds; intervals are Student's t over cases,
-and two networks are compared case by case (``medseg3d.statistics``). Each seed's own mean is
-listed too, so that seed-to-seed spread shows beside case-to-case spread.
+Within a group, each case's score is the mean over the seeds that both networks of a pair (or
+the one network) have; intervals are Student's t over cases, and two networks are compared case
+by case (``medseg3d.statistics``). Each seed's own mean is listed too, so that seed-to-seed
+spread shows beside case-to-case spread. HD95 means skip cases where a mask is empty; their
+count is reported beside (``hd95_failures``).
 
 Files: ``ranking.json`` (:class:`Ranking`), ``ranking.md`` (the tables), ``cases.csv`` (every
 cell's every case: the raw numbers) and ``ranking.png``.
@@ -27,17 +31,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 from rich.table import Table
 
 from medseg3d.atomic import write_text_atomic
 from medseg3d.config import load_model_file
 from medseg3d.experiments.compare import (
+    CaseScore,
     Cell,
     Fold,
     Protocol,
+    Record,
     chosen_settings,
     final_cells,
+    has_sweep,
     sweep_cells,
     sweep_done,
     sweep_split,
@@ -47,15 +53,11 @@ from medseg3d.statistics import MeanCI, PairedDifference, mean_ci95, paired_diff
 
 __all__ = ["GroupResult", "NetworkResult", "Ranking", "summary_table", "write_ranking"]
 
-GROUPS = ("held-out", "cross-validation")
+CROSS_VALIDATION = "cross-validation"
 METRICS = ("dice", "hd95_mm", "nsd")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
-
-
-class NetworkResult(_Model):
+class NetworkResult(Record):
     """One network in one test group."""
 
     network: str
@@ -71,13 +73,14 @@ class NetworkResult(_Model):
     predict_seconds_per_case: float
     dice: MeanCI
     hd95_mm: MeanCI
+    hd95_failures: int  # cases whose HD95 is infinite for some seed (a class missed entirely)
     nsd: MeanCI
     seed_dice: dict[int, float]
     worst_dice: float
     worst_case: str
 
 
-class PairResult(_Model):
+class PairResult(Record):
     """``a - b`` on the cases both networks were scored on (seed means)."""
 
     a: str
@@ -86,7 +89,7 @@ class PairResult(_Model):
     difference: PairedDifference
 
 
-class GroupResult(_Model):
+class GroupResult(Record):
     """All networks of one test group, best mean Dice first."""
 
     group: str
@@ -95,7 +98,7 @@ class GroupResult(_Model):
     pairs: list[PairResult]
 
 
-class SweepResult(_Model):
+class SweepResult(Record):
     """One sweep run: its settings and its mean validation Dice."""
 
     network: str
@@ -105,7 +108,7 @@ class SweepResult(_Model):
     chosen: bool
 
 
-class Ranking(_Model):
+class Ranking(Record):
     """What ``ranking.json`` holds."""
 
     protocol: Protocol
@@ -117,18 +120,17 @@ class Ranking(_Model):
     groups: list[GroupResult]
 
 
-def _group_cases(cell: Cell, group: str) -> list:
-    if group == "held-out":
-        return [s for s in cell.cases if cell.fold == 0]
-    return [s for s in cell.cases if s.test_set == "fold"]
+def _group_cases(cell: Cell, group: str) -> list[CaseScore]:
+    wanted = "fold" if group == CROSS_VALIDATION else group
+    return [score for score in cell.cases if score.test_set == wanted]
 
 
 def _per_case(cells: Sequence[Cell], group: str, metric: str) -> dict[str, float]:
-    """Case -> mean over seeds of ``metric`` (cases keyed with their test set)."""
+    """Case -> mean over the cells' seeds of ``metric``."""
     values: dict[str, list[float]] = defaultdict(list)
     for cell in cells:
         for score in _group_cases(cell, group):
-            values[f"{score.test_set}/{score.case}"].append(getattr(score, metric))
+            values[score.case].append(getattr(score, metric))
     return {case: float(np.mean(v)) for case, v in values.items()}
 
 
@@ -138,8 +140,8 @@ def _network_result(name: str, cells: Sequence[Cell], group: str) -> NetworkResu
         return None
     per_case = {m: _per_case(scored, group, m) for m in METRICS}
     seeds = sorted({c.seed for c in scored})
-    seed_dice = {s: float(np.mean([x.dice for c in scored if c.seed == s
-                                   for x in _group_cases(c, group)])) for s in seeds}
+    seed_dice = {s: float(np.nanmean([x.dice for c in scored if c.seed == s
+                                      for x in _group_cases(c, group)])) for s in seeds}
     worst = min(per_case["dice"].items(), key=lambda kv: kv[1])
     first = scored[0]
     return NetworkResult(
@@ -152,15 +154,19 @@ def _network_result(name: str, cells: Sequence[Cell], group: str) -> NetworkResu
                                                       for c in scored])), 3),
         dice=mean_ci95(list(per_case["dice"].values())),
         hd95_mm=mean_ci95(list(per_case["hd95_mm"].values())),
+        hd95_failures=sum(not math.isfinite(v) for v in per_case["hd95_mm"].values()),
         nsd=mean_ci95(list(per_case["nsd"].values())), seed_dice=seed_dice,
         worst_dice=worst[1], worst_case=worst[0])
 
 
 def _pairs(by_network: dict[str, list[Cell]], group: str) -> list[PairResult]:
+    """Every pair on the cases and seeds both networks have (a partial study differs)."""
     pairs = []
     for a, b in itertools.combinations(sorted(by_network), 2):
+        seeds = {c.seed for c in by_network[a]} & {c.seed for c in by_network[b]}
         for metric in ("dice", "nsd"):
-            left, right = (_per_case(by_network[n], group, metric) for n in (a, b))
+            left, right = (_per_case([c for c in by_network[n] if c.seed in seeds], group,
+                                     metric) for n in (a, b))
             common = sorted(set(left) & set(right))
             if len(common) < 2:
                 continue
@@ -169,17 +175,16 @@ def _pairs(by_network: dict[str, list[Cell]], group: str) -> list[PairResult]:
     return pairs
 
 
-def rank(protocol: Protocol, output: Path) -> Ranking:
-    """Build the ranking from the finished cells of ``output`` (a partial study is allowed)."""
+def rank(protocol: Protocol, output: Path) -> tuple[Ranking, list[Cell]]:
+    """The ranking of the finished cells of ``output`` (a partial study is allowed), and them."""
     folds = [Fold.model_validate(f) for f in json.loads((output / "folds.json").read_text())]
-    cells = final_cells(protocol, output)
-    sweeps = sweep_cells(output)
+    cells = final_cells(protocol, output, folds)
     chosen = chosen_settings(protocol, output) if sweep_done(protocol, output) else {}
+    by_network: dict[str, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        by_network[cell.network].append(cell)
     groups = []
-    for group in GROUPS:
-        by_network: dict[str, list[Cell]] = defaultdict(list)
-        for cell in cells:
-            by_network[cell.network].append(cell)
+    for group in [CROSS_VALIDATION, *(Path(p).name for p in protocol.extra_tests)]:
         results = [r for n in protocol.networks if n in by_network
                    if (r := _network_result(n, by_network[n], group)) is not None]
         results.sort(key=lambda r: -r.dice.mean if math.isfinite(r.dice.mean) else math.inf)
@@ -190,13 +195,14 @@ def rank(protocol: Protocol, output: Path) -> Ranking:
                          weight_decay=c.weight_decay,
                          validation_dice=float(np.nanmean([s.dice for s in c.cases])),
                          chosen=chosen.get(c.network) == (c.learning_rate, c.weight_decay))
-             for c in sweeps]
-    validation = sweep_split(folds[0], protocol.validation_share)[1] if protocol.sweep_steps \
+             for c in sweep_cells(protocol, output)]
+    validation = sweep_split(folds[0], protocol.validation_share)[1] if has_sweep(protocol) \
         else []
     expected = len(folds) * len(protocol.seeds) * len(protocol.networks)
-    return Ranking(protocol=protocol, folds=folds, sweep_validation_cases=validation,
-                   sweep=sweep, expected_cells=expected, finished_cells=len(cells),
-                   groups=groups)
+    ranking = Ranking(protocol=protocol, folds=folds, sweep_validation_cases=validation,
+                      sweep=sweep, expected_cells=expected, finished_cells=len(cells),
+                      groups=groups)
+    return ranking, cells
 
 
 def _ci(m: MeanCI, spec: str = ".4f") -> str:
@@ -214,7 +220,8 @@ def markdown(ranking: Ranking) -> str:
              f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
     for group in ranking.groups:
         lines += [f"## {group.group}: {group.cases} case(s)", "",
-                  "| network | Dice mean ± 95 % CI | HD95 mm | NSD@2mm | worst Dice (case) | "
+                  "| network | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
+                  "worst Dice (case) | "
                   "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
                   "LR, WD |",
                   "|---|---|---|---|---|---|---:|---|---:|---:|---|"]
@@ -222,7 +229,8 @@ def markdown(ranking: Ranking) -> str:
             seeds = ", ".join(f"{v:.4f}" for v in r.seed_dice.values())
             size = "x".join(map(str, r.input_size))
             lines.append(
-                f"| {r.network} | {_ci(r.dice)} | {_ci(r.hd95_mm, '.2f')} | {_ci(r.nsd)} | "
+                f"| {r.network} | {_ci(r.dice)} | {_ci(r.hd95_mm, '.2f')} ({r.hd95_failures}) | "
+                f"{_ci(r.nsd)} | "
                 f"{r.worst_dice:.4f} ({r.worst_case}) | {seeds} | {r.parameters / 1e6:.2f} M | "
                 f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
                 f"{r.predict_seconds_per_case:.2f} | {r.learning_rate:g}, {r.weight_decay:g} |")
@@ -289,10 +297,10 @@ def plot_ranking(ranking: Ranking, path: Path) -> Path:
 def write_ranking(protocol: Protocol, output: str | Path) -> Ranking:
     """Write ranking.json, ranking.md, cases.csv and ranking.png from the finished cells."""
     output = Path(output)
-    ranking = rank(protocol, output)
+    ranking, cells = rank(protocol, output)
     write_text_atomic(output / "ranking.json", ranking.model_dump_json(indent=2) + "\n")
     write_text_atomic(output / "ranking.md", markdown(ranking))
-    write_text_atomic(output / "cases.csv", cases_csv(final_cells(protocol, output)))
+    write_text_atomic(output / "cases.csv", cases_csv(cells))
     plot_ranking(ranking, output / "ranking.png")
     return ranking
 

@@ -102,9 +102,15 @@ class GuidanceEncoder3d(nn.Module):
         return self.body(patch)
 
 
-def guidance_box(shape: Sequence[int]) -> tuple[slice, slice, slice]:
-    """PFSeg's guidance patch: the centre crop, a quarter of each (padded) side."""
-    box = [slice((size - size // 4) // 2, (size - size // 4) // 2 + size // 4) for size in shape]
+def guidance_box(shape: Sequence[int], content: Sequence[int] | None = None
+                 ) -> tuple[slice, slice, slice]:
+    """PFSeg's guidance patch: a quarter of each (padded) side, centred on the ``content`` (the
+    unpadded extent at the start of each axis; default the whole shape)."""
+    box = []
+    for size, inside in zip(shape, content or shape, strict=True):
+        side = size // 4
+        start = min(max((inside - side) // 2, 0), size - side)
+        box.append(slice(start, start + side))
     return box[0], box[1], box[2]
 
 
@@ -119,17 +125,21 @@ def task_fusion_loss(probabilities: torch.Tensor, sr: torch.Tensor, target_mask:
     """PFSeg's task-fusion loss: fused-output MSE plus the L1 gap of pooled affinity matrices.
 
     ``probabilities``/``target_mask`` are (B, K, ...) foreground channels, ``sr``/``image``
-    (B, 1, ...). The affinity L1 is divided by (H*W)^2 of the pooled grid, as PFSeg does. PFSeg
-    pools probabilities and SR separately and multiplies the means; we pool the product, as for
-    the target, so that a perfect output costs exactly zero.
+    (B, 1, ...). The fused maps (probability x SR, mask x image) are average-pooled by ``pool``
+    and their voxel Gram matrices compared; the L1 gap is divided by (H*W)^2 of the pooled grid,
+    as PFSeg does, and by the batch size (PFSeg trains with batches of one). PFSeg pools
+    probabilities and SR separately and multiplies the means; pooling the product, as the
+    target, makes a perfect output cost exactly zero. Computed in fp32
+    whatever the autocast: Gram sums overflow fp16 and lose bf16's few digits.
     """
-    fused, target = probabilities * sr, target_mask * image
-    mse = F.mse_loss(fused, target)
-    kernel = [max(1, min(pool, s)) for s in sr.shape[2:]]
-    pooled, target = F.avg_pool3d(fused, kernel), F.avg_pool3d(target, kernel)
-    _, _, _, h, w = pooled.shape
-    gap = (_affinity(pooled) - _affinity(target)).abs().sum()
-    return mse + gap / float((h * w) ** 2)
+    with torch.autocast(sr.device.type, enabled=False):
+        fused, target = probabilities.float() * sr.float(), target_mask.float() * image.float()
+        mse = F.mse_loss(fused, target)
+        kernel = [max(1, min(pool, s)) for s in sr.shape[2:]]
+        pooled, target = F.avg_pool3d(fused, kernel), F.avg_pool3d(target, kernel)
+        b, _, _, h, w = pooled.shape
+        gap = (_affinity(pooled) - _affinity(target)).abs().sum()
+        return mse + gap / float(b * (h * w) ** 2)
 
 
 class PatchFreeNet3d(nn.Module):
@@ -171,27 +181,29 @@ class PatchFreeNet3d(nn.Module):
         # Set by a training-mode forward with gradients, consumed by auxiliary_loss.
         self._outputs: tuple[torch.Tensor, torch.Tensor, tuple[slice, ...]] | None = None
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor, content: Sequence[int] | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bottleneck (with the guidance features) and skips; full-res sizes a multiple of
-        ``size_divisor``."""
+        ``size_divisor``, ``content`` the unpadded size (where the guidance is centred)."""
         # area average: the low-res scan a scanner would give (in fp32: CPUs have no bf16 kernel)
         low = self.stem(F.avg_pool3d(x.float(), 2).to(x.dtype))
         skips = []
         for down in self.down:
             skips.append(low)
             low = down(low)
-        region = (slice(None), slice(None), *guidance_box(x.shape[2:]))
+        region = (slice(None), slice(None), *guidance_box(x.shape[2:], content))
         guide = self.guidance(x[region])
         return torch.cat([low, guide], dim=1), skips
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[2:])
         x, crop = pad_to_divisor(x, self.size_divisor)
-        bottleneck, skips = self.encode(x)
+        bottleneck, skips = self.encode(x, size)
         logits = self.seg_decoder(bottleneck, skips)
         self._outputs = None
         if self.training and torch.is_grad_enabled():
             sr = self.sr_decoder(bottleneck, skips)
-            self._outputs = (logits[crop], sr[crop], guidance_box(x.shape[2:]))
+            self._outputs = (logits[crop], sr[crop], guidance_box(x.shape[2:], size))
         return logits[crop]
 
     def auxiliary_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,11 @@ def test_guidance_reaches_the_bottleneck_size_at_every_depth(filters: tuple[int,
     assert bottleneck.shape[1] == filters[-1] + max(filters[-1] // 4, 4)
 
 
-def test_guidance_box_is_the_centre_quarter() -> None:
+def test_guidance_box_is_the_centre_quarter_of_the_content() -> None:
     assert guidance_box((64, 40, 16)) == (slice(24, 40), slice(15, 25), slice(6, 10))
+    # padded at the far end: centred on the unpadded content, clamped inside the volume
+    assert guidance_box((64, 40, 16), (50, 40, 3)) == (slice(17, 33), slice(15, 25),
+                                                       slice(0, 4))
 
 
 def test_segmentation_uses_the_guidance_in_training_and_at_test_time() -> None:
@@ -96,6 +99,20 @@ def test_loss_weights_follow_the_paper_and_scale_their_terms() -> None:
         net.train()(image)
         losses[w_sr, w_tf] = net.auxiliary_loss(image, label).item()
     assert losses[0.5, 0.5] == pytest.approx(losses[0.5, 0.0] + losses[0.0, 0.5], rel=1e-5)
+
+
+def test_task_fusion_loss_is_fp32_under_autocast_and_per_sample() -> None:
+    torch.manual_seed(0)
+    probs, sr = torch.rand(2, 1, 20, 20, 20), torch.rand(2, 1, 20, 20, 20) * 100
+    mask, image = (torch.rand(2, 1, 20, 20, 20) > 0.5).float(), torch.rand(2, 1, 20, 20, 20) * 100
+    plain = task_fusion_loss(probs, sr, mask, image, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = task_fusion_loss(probs, sr, mask, image, 10)
+    assert cast.dtype == torch.float32 and torch.allclose(cast, plain)
+    single = task_fusion_loss(probs[:1], sr[:1], mask[:1], image[:1], 10)
+    double = task_fusion_loss(probs[:1].repeat(2, 1, 1, 1, 1), sr[:1].repeat(2, 1, 1, 1, 1),
+                              mask[:1].repeat(2, 1, 1, 1, 1), image[:1].repeat(2, 1, 1, 1, 1), 10)
+    assert torch.allclose(single, double)
 
 
 def test_task_fusion_loss_is_zero_for_a_perfect_output_and_sees_affinity() -> None:
