@@ -526,6 +526,8 @@ def compare(
     from medseg3d.experiments.compare import Protocol, run_protocol
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
+    if not networks:
+        raise typer.BadParameter("--models names no network")
     for name in networks:
         _check_network(name)
     if augment not in get_args(Augment):

@@ -170,7 +170,7 @@ def test_sweep_validates_on_fold_zero_training_cases_only() -> None:
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--seeds", "0,0", "repeats"), ("--models", ",", "networks"), ("--lr", "", "learning_rates")])
+    ("--seeds", "0,0", "repeats"), ("--models", ",", "no network"), ("--lr", "", "learning_rates")])
 def test_bad_protocols_get_one_line(study, tmp_path, flag, value, message):
     root, stress = study
     args = _args(root, stress, tmp_path / "cmp", ["unet"])
