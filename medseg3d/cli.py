@@ -515,6 +515,8 @@ def compare(
                                                      )] = None,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
+    report_only: Annotated[bool, typer.Option(help="Write the report from the cells finished "
+                                              "so far; train nothing.")] = False,
 ) -> None:
     """Rank networks: same steps, data and augmentation; LR/WD sweep, seeds, folds, paired tests.
 
@@ -523,7 +525,7 @@ def compare(
     """
     from pydantic import ValidationError
 
-    from medseg3d.experiments.compare import Protocol, run_protocol
+    from medseg3d.experiments.compare import Protocol, check_protocol, run_protocol
 
     networks = [name.strip() for name in models.split(",") if name.strip()]
     if not networks:
@@ -546,7 +548,10 @@ def compare(
         where = ".".join(str(part) for part in problem["loc"])
         raise typer.BadParameter(f"{where}: {problem['msg']}") from None
     output = output or Path("runs") / f"compare_{dataset.name}"
-    run_protocol(protocol, output, log=console.print)
+    if report_only:
+        check_protocol(protocol, output)
+    else:
+        run_protocol(protocol, output, log=console.print)
     from medseg3d.experiments.ranking import summary_table, write_ranking
 
     ranking = write_ranking(protocol, output)

@@ -114,9 +114,15 @@ def test_compare_runs_every_cell_resumes_and_ranks(study, tmp_path):
     assert "training" not in again.output
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
 
-    # a lost cell is redone alone
-    lost = next(iter(stamps))
+    # --report-only trains nothing, even where a cell is missing
+    lost = next(p for p in stamps if "final" in p.parts)
     lost.unlink()
+    report = runner.invoke(app, [*_args(root, stress, out, NETWORKS), "--report-only"])
+    assert report.exit_code == 0 and ": training on" not in report.output
+    assert json.loads((out / "ranking.json").read_text())["finished_cells"] == 3 * 2 * len(
+        NETWORKS) - 1
+
+    # a lost cell is redone alone
     again = runner.invoke(app, _args(root, stress, out, NETWORKS))
     assert again.exit_code == 0 and again.output.count(": training on") == 1
 

@@ -63,7 +63,17 @@ from medseg3d.lock import output_locks
 from medseg3d.networks import build_network, network_traits
 from medseg3d.training import train
 
-__all__ = ["Cell", "CaseScore", "Fold", "Protocol", "cell_path", "make_folds", "run_protocol"]
+__all__ = [
+    "CaseScore",
+    "Cell",
+    "Fold",
+    "Protocol",
+    "Record",
+    "cell_path",
+    "check_protocol",
+    "make_folds",
+    "run_protocol",
+]
 
 Stage = Literal["sweep", "final"]
 # Seconds between "waiting for another process's sweep cell" log lines.
@@ -402,6 +412,13 @@ def write_protocol(protocol: Protocol, output: Path) -> None:
                          if getattr(saved, k) != getattr(protocol, k))
         raise MedsegError(f"folder holds a comparison with another protocol (differs in "
                           f"{', '.join(changed)}); choose another --output", output)
+
+
+def check_protocol(protocol: Protocol, output: Path) -> None:
+    """Refuse a folder that holds no comparison, or one with another protocol."""
+    if not (output / "protocol.json").is_file():
+        raise MedsegError("no comparison here (protocol.json missing)", output)
+    write_protocol(protocol, output)
 
 
 def write_folds(folds: list[Fold], output: Path) -> None:
