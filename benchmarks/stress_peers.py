@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from peer_common import PEER_RUNS, evaluate_mask
 from robex_peer import Case, _relative, find_cases, run_robex, save_mask
-from scipy import stats
 
 from medseg3d.atomic import write_text_atomic
+from medseg3d.statistics import mean_ci95, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stress_peers"
@@ -132,11 +132,6 @@ def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: 
     return records
 
 
-def ci95(values: np.ndarray) -> float:
-    """Half-width of the t-distribution 95 % CI of the mean."""
-    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-
-
 def group_of(method: str) -> str:
     """Seeds of one recipe form a group: ``medseg3d_s1`` -> ``medseg3d``."""
     return re.sub(r"_s\d+$", "", method)
@@ -161,7 +156,7 @@ def table(records: list[dict[str, Any]], methods: list[str]) -> list[str]:
         h = np.array(list(hd95[group].values()))
         worst = min(dice[group], key=dice[group].__getitem__)
         seed_means = [np.mean([r["dice"] for r in records if r["method"] == m]) for m in members]
-        lines.append(f"| {group} | {len(members)} | {len(d)} | {d.mean():.4f} ± {ci95(d):.4f} | "
+        lines.append(f"| {group} | {len(members)} | {len(d)} | {d.mean():.4f} ± {mean_ci95(d).ci95:.4f} | "
                      f"{', '.join(f'{v:.4f}' for v in seed_means)} | {d.min():.4f} (`{worst}`) | "
                      f"{h.mean():.1f} ({h.max():.1f}) | {np.mean(list(nsd[group].values())):.3f} | "
                      f"{np.mean(list(seconds[group].values())):.1f} |")
@@ -177,10 +172,9 @@ def paired(records: list[dict[str, Any]], methods: list[str]) -> list[str]:
               "| Wilcoxon p |", "|---|---|---|---|---|"]
     for other in groups[1:]:
         cases = sorted(set(dice[first]) & set(dice[other]))
-        diff = np.array([dice[first][c] - dice[other][c] for c in cases])
-        p = stats.wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
-        lines.append(f"| {other} | {len(diff)} | {diff.mean():+.4f} ± {ci95(diff):.4f} | "
-                     f"{int((diff > 0).sum())}/{len(diff)} | {p:.2g} |")
+        d = paired_difference([dice[first][c] for c in cases], [dice[other][c] for c in cases])
+        lines.append(f"| {other} | {d.n} | {d.mean:+.4f} ± {d.ci95:.4f} | "
+                     f"{d.wins}/{d.n} | {d.p_wilcoxon:.2g} |")
     return lines
 
 
