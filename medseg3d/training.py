@@ -519,11 +519,11 @@ def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig
         overrides = overrides.model_copy(update={"patch_size": traits.fixed_input_size})
     elif traits.whole_volume:
         # Patch-free networks see the whole volume in training too (PFSeg): no patch to choose;
-        # --max-patch-voxels caps the whole volume instead (the spacing coarsens to fit it).
+        # max_patch_voxels caps the whole volume instead (the spacing coarsens to fit it).
         if overrides.patch_size is not None:
             raise MedsegError(f"{config.network.name} trains on the whole volume, so "
-                              "--patch-size cannot apply; choose a coarser --spacing or a "
-                              "smaller --max-patch-voxels to make it cheaper")
+                              "--patch-size cannot apply; choose a coarser --spacing to make "
+                              "it cheaper")
         if overrides.max_patch_voxels is None:
             overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
     return traits, config.model_copy(update={"plan_overrides": overrides})
