@@ -104,7 +104,8 @@ def test_compare_runs_every_cell_resumes_and_ranks(study, tmp_path):
     assert mixer["options"]["input_size"] == [16, 16, 16]  # the shared patch
     rows = (out / "cases.csv").read_text().splitlines()
     assert len(rows) == 1 + len(NETWORKS) * 2 * (3 + 2 + 2)  # fold 0: 1 + 2 stress cases
-    assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("ranking.png", "slices.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cross-validation" in (out / "ranking.md").read_text()
 
     # a rerun trains nothing: every cell is finished

@@ -72,6 +72,7 @@ __all__ = [
     "cell_path",
     "check_protocol",
     "make_folds",
+    "run_folder",
     "run_protocol",
 ]
 
@@ -163,6 +164,11 @@ def cell_path(output: Path, stage: Stage, network: str, lr: float, wd: float, se
     """Where a cell's JSON lives (its existence means the cell is finished)."""
     return (output / "cells" / stage / network /
             f"lr{_tag(lr)}_wd{_tag(wd)}_seed{seed}_fold{fold}.json")
+
+
+def run_folder(output: Path, stage: Stage, network: str, tag: str) -> Path:
+    """The training run of the cell whose JSON is named ``tag``.json."""
+    return output / "runs" / stage / network / tag
 
 
 def labelled_cases(dataset: Path) -> tuple[list[Case], list[Case]]:
@@ -293,7 +299,7 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
     target = cell_path(output, stage, name, lr, wd, seed, fold)
     data = fold_dataset(Path(protocol.dataset), train_cases,
                         output / "data" / stage / f"{name}_{target.stem}")
-    run = output / "runs" / stage / name / target.stem
+    run = run_folder(output, stage, name, target.stem)
     steps = protocol.sweep_steps if stage == "sweep" else protocol.steps
     seconds = _train_cell(protocol, name, lr, wd, seed, steps, data, run,
                           lambda text: log(f"{name} {target.stem}: {text}"))

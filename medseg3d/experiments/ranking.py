@@ -33,22 +33,28 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from medseg3d.api import load_model
 from medseg3d.atomic import write_text_atomic
-from medseg3d.config import load_model_file
+from medseg3d.config import InferenceConfig, load_model_file
+from medseg3d.dataset import load_spec, read_case
 from medseg3d.experiments.compare import (
     CaseScore,
     Cell,
     Fold,
     Protocol,
     Record,
+    cell_path,
     chosen_settings,
     final_cells,
     has_sweep,
+    labelled_cases,
+    run_folder,
     sweep_cells,
     sweep_done,
     sweep_split,
 )
-from medseg3d.figures import pyplot, save_figure
+from medseg3d.figures import orthogonal_slices, pyplot, save_figure
+from medseg3d.preprocessing import canonical_orientation, reorient
 from medseg3d.statistics import MeanCI, PairedDifference, mean_ci95, paired_difference
 
 __all__ = ["GroupResult", "NetworkResult", "Ranking", "summary_table", "write_ranking"]
@@ -294,14 +300,89 @@ def plot_ranking(ranking: Ranking, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_slices(image: np.ndarray, affine: np.ndarray, reference: np.ndarray,
+                predictions: dict[str, np.ndarray], dice: dict[str, float], path: str | Path,
+                title: str = "") -> Path:
+    """Axial, coronal and sagittal slices through the reference's centre, one column a network."""
+    plt = pyplot()
+    ornt = canonical_orientation(affine)
+    scan, ref = reorient(image, ornt), reorient(reference, ornt)
+    spacing = np.abs(np.linalg.norm(affine[:3, :3], axis=0))[np.argsort(ornt[:, 0])]
+    focus = np.argwhere(ref > 0)
+    x, y, z = (focus.mean(0) if len(focus) else np.array(ref.shape) / 2).astype(int)
+    centre = (int(x), int(y), int(z))
+    low, high = np.percentile(scan, [1, 99.5])
+    views = [("axial", spacing[1] / spacing[0]), ("coronal", spacing[2] / spacing[0]),
+             ("sagittal", spacing[2] / spacing[1])]
+    fig, axes = plt.subplots(len(views), len(predictions), squeeze=False,
+                             figsize=(3.2 * len(predictions), 3.3 * len(views)), facecolor="black")
+    scans, refs = orthogonal_slices(scan, centre), orthogonal_slices(ref, centre)
+    for col, (name, labels) in enumerate(predictions.items()):
+        segs = orthogonal_slices(reorient(labels, ornt), centre)
+        for row, (view, aspect) in enumerate(views):
+            ax = axes[row][col]
+            ax.imshow(scans[row], cmap="gray", vmin=low, vmax=high, aspect=aspect,
+                      interpolation="nearest")
+            ax.imshow(np.ma.masked_equal(segs[row], 0), cmap="tab10", vmin=0, vmax=10,
+                      alpha=0.45, aspect=aspect, interpolation="nearest")
+            # the prediction's own outline too: blocky (patch-sized) boundaries show up in lines
+            if segs[row].any():
+                ax.contour(segs[row] > 0, levels=[0.5], colors="red", linewidths=0.6)
+            if refs[row].any():
+                ax.contour(refs[row] > 0, levels=[0.5], colors="yellow", linewidths=0.8)
+            ax.axis("off")
+            if col == 0:
+                ax.text(0.02, 0.98, view, color="white", fontsize=8, va="top",
+                        transform=ax.transAxes)
+            if row == 0:
+                ax.set_title(f"{name}  Dice {dice.get(name, math.nan):.3f}", color="white",
+                             fontsize=9)
+    if title:
+        fig.suptitle(title, color="white", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, facecolor="black")
+
+
+def slices_figure(protocol: Protocol, output: Path, cells: Sequence[Cell]) -> Path | None:
+    """Fold 0's first test case segmented by each network's lowest-seed model (``slices.png``).
+
+    Predicts again from the runs' final weights; networks whose run folder is gone are left out.
+    """
+    fold0 = sorted((c for c in cells if c.fold == 0), key=lambda c: c.seed)
+    models = {}
+    for cell in fold0:
+        tag = cell_path(output, "final", cell.network, cell.learning_rate, cell.weight_decay,
+                        cell.seed, 0).stem
+        weights = run_folder(output, "final", cell.network, tag) / "checkpoint_final.safetensors"
+        if cell.network not in models and weights.is_file():
+            models[cell.network] = (weights, cell)
+    if not models:
+        return None
+    train_cases, test_cases = labelled_cases(Path(protocol.dataset))
+    case = next(c for c in test_cases or train_cases
+                if c.case_id == next(iter(models.values()))[1].cases[0].case)
+    spec = load_spec(protocol.dataset)
+    image, ref = read_case(case, spec)
+    labels, dice = {}, {}
+    for name, (weights, cell) in models.items():
+        labels[name] = load_model(weights, "cpu").predict_volume(image, InferenceConfig()).labels
+        dice[name] = next(s.dice for s in cell.cases if s.case == case.case_id)
+    array = image.array if image.array.ndim == 3 else image.array[..., 0]
+    return plot_slices(array, image.affine, ref.array, labels, dice, output / "slices.png",
+                       title=f"{spec.name}: {case.case_id} (fold 0, never trained on), seed "
+                             f"{min(c.seed for c in fold0)}; reference yellow, prediction "
+                             "filled with a red outline")
+
+
 def write_ranking(protocol: Protocol, output: str | Path) -> Ranking:
-    """Write ranking.json, ranking.md, cases.csv and ranking.png from the finished cells."""
+    """Write ranking.json, ranking.md, cases.csv, ranking.png and slices.png."""
     output = Path(output)
     ranking, cells = rank(protocol, output)
     write_text_atomic(output / "ranking.json", ranking.model_dump_json(indent=2) + "\n")
     write_text_atomic(output / "ranking.md", markdown(ranking))
     write_text_atomic(output / "cases.csv", cases_csv(cells))
     plot_ranking(ranking, output / "ranking.png")
+    slices_figure(protocol, output, cells)
     return ranking
 
 
