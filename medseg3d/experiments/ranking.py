@@ -226,16 +226,17 @@ def markdown(ranking: Ranking) -> str:
              f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
     for group in ranking.groups:
         lines += [f"## {group.group}: {group.cases} case(s)", "",
-                  "| network | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
+                  "| network | cases | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
                   "worst Dice (case) | "
                   "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
                   "LR, WD |",
-                  "|---|---|---|---|---|---|---:|---|---:|---:|---|"]
+                  "|---|---:|---|---|---|---|---|---:|---|---:|---:|---|"]
         for r in group.networks:
             seeds = ", ".join(f"{v:.4f}" for v in r.seed_dice.values())
             size = "x".join(map(str, r.input_size))
             lines.append(
-                f"| {r.network} | {_ci(r.dice)} | {_ci(r.hd95_mm, '.2f')} ({r.hd95_failures}) | "
+                f"| {r.network} | {r.dice.n} | {_ci(r.dice)} | "
+                f"{_ci(r.hd95_mm, '.2f')} ({r.hd95_failures}) | "
                 f"{_ci(r.nsd)} | "
                 f"{r.worst_dice:.4f} ({r.worst_case}) | {seeds} | {r.parameters / 1e6:.2f} M | "
                 f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
