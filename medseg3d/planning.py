@@ -8,7 +8,7 @@ modalities per image.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -147,6 +147,15 @@ MIN_PATCH_COVERAGE = 0.15
 SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
+def _coarsenings(plan: Plan, base: Sequence[float], factors: Sequence[float]
+                 ) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+    """(factor, spacing, median shape) for ``base`` spacing coarsened by each factor in turn."""
+    median_mm = np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
+    for factor in factors:
+        spacing = np.array(base, dtype=float) * factor
+        yield factor, spacing, np.maximum(np.round(median_mm / spacing), 1).astype(int)
+
+
 def fit_whole_volume(plan: Plan, size_divisor: int, max_voxels: int,
                      fixed_spacing: Sequence[float] | None = None) -> Plan:
     """Coarsen ``plan`` until its median volume is one patch of at most ``max_voxels`` voxels.
@@ -155,12 +164,9 @@ def fit_whole_volume(plan: Plan, size_divisor: int, max_voxels: int,
     median spacing, the spacing grows instead of the patch shrinking. ``fixed_spacing`` (the
     user's) is never changed: a volume too large at it is refused.
     """
-    median_mm = np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
-    base = np.array(fixed_spacing if fixed_spacing is not None else plan.spacing, dtype=float)
+    base = fixed_spacing if fixed_spacing is not None else plan.spacing
     factors = (1.0,) if fixed_spacing is not None else (*SPACING_FACTORS, 6.0, 8.0)
-    for factor in factors:
-        spacing = base * factor
-        median = np.maximum(np.round(median_mm / spacing), 1).astype(int)
+    for factor, spacing, median in _coarsenings(plan, base, factors):
         whole = np.ceil(median / size_divisor).astype(int) * size_divisor
         if np.prod(whole) <= max_voxels:
             reasons = {**plan.reasons,
@@ -185,11 +191,9 @@ def fit_plan_to_budget(plan: Plan, *, step_allowance_s: float, seconds_per_voxel
     ``seconds_per_voxel`` is one training step's measured cost per input voxel on this device
     (network, precision and batch included); ``why`` says where the allowance comes from.
     """
-    median_mm = np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
     max_voxels = int(step_allowance_s / (seconds_per_voxel * plan.batch_size))
-    for factor in SPACING_FACTORS:
-        spacing = np.array(plan.spacing) * factor
-        median = np.maximum(np.round(median_mm / spacing), 1).astype(int)
+    # the loop's last values are the plan: it stops at the first spacing that suits
+    for factor, spacing, median in _coarsenings(plan, plan.spacing, SPACING_FACTORS):  # noqa: B007
         # two cells at the bottleneck: instance norm needs more than one voxel per channel
         patch = _fit_patch(median, size_divisor, max_voxels, min_side=2 * size_divisor)
         coverage = min(1.0, float(np.prod(patch) / np.prod(median)))

@@ -241,9 +241,9 @@ def network_options(protocol: Protocol, name: str) -> dict[str, OptionValue]:
     return options
 
 
-def network_overrides(protocol: Protocol, name: str) -> PlanOverrides:
+def network_overrides(protocol: Protocol, network: NetworkConfig) -> PlanOverrides:
     """The shared plan overrides, less the patch choices of a whole-volume network."""
-    if network_traits(name, **network_options(protocol, name)).whole_volume:
+    if network_traits(network.name, **network.options).whole_volume:
         return protocol.plan_overrides.model_copy(update={"patch_size": None,
                                                           "max_patch_voxels": None})
     return protocol.plan_overrides
@@ -276,17 +276,17 @@ def score_case(model: Any, case: Case, spec: Any, test_set: str) -> tuple[CaseSc
                               for k, v in classes.items()}), seconds
 
 
-def _train_cell(protocol: Protocol, name: str, lr: float, wd: float, seed: int, steps: int,
-                data: Path, run: Path, log: Callable[[str], None]) -> float:
+def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float, seed: int,
+                steps: int, data: Path, run: Path, log: Callable[[str], None]) -> float:
     """Train one cell from scratch (an interrupted run is discarded); the training seconds."""
     if run.exists():
         shutil.rmtree(run)
     config = TrainConfig(
         dataset=str(data), output=str(run),
-        network=NetworkConfig(name=name, options=network_options(protocol, name)),
+        network=network,
         steps=steps, iterations_per_epoch=min(50, steps), val_every=10**6, fold=-1,
         learning_rate=lr, weight_decay=wd, seed=seed, device=protocol.device,
-        augment=protocol.augment, plan_overrides=network_overrides(protocol, name))
+        augment=protocol.augment, plan_overrides=network_overrides(protocol, network))
     started = time.perf_counter()
     train(config, log=log)
     return time.perf_counter() - started
@@ -301,14 +301,14 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
                         output / "data" / stage / f"{name}_{target.stem}")
     run = run_folder(output, stage, name, target.stem)
     steps = protocol.sweep_steps if stage == "sweep" else protocol.steps
-    seconds = _train_cell(protocol, name, lr, wd, seed, steps, data, run,
+    network = NetworkConfig(name=name, options=network_options(protocol, name))
+    seconds = _train_cell(protocol, network, lr, wd, seed, steps, data, run,
                           lambda text: log(f"{name} {target.stem}: {text}"))
     model = load_model(run / "checkpoint_final.safetensors", protocol.device)
     plan = load_model_file(Plan, run / "plan.json")
-    options = network_options(protocol, name)
     parameters, gflops = network_cost(
-        build_network(name, plan.num_channels, plan.num_classes, **options), plan.num_channels,
-        plan.patch_size)
+        build_network(name, plan.num_channels, plan.num_classes, **network.options),
+        plan.num_channels, plan.patch_size)
     scores, times = [], []
     folders = {Path(p).name: p for p in protocol.extra_tests}
     for test_set, cases in tests.items():
@@ -317,7 +317,7 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
             score, took = score_case(model, case, spec, test_set)
             scores.append(score)
             times.append(took)
-    cell = Cell(stage=stage, network=name, options=options,
+    cell = Cell(stage=stage, network=name, options=network.options,
                 learning_rate=lr, weight_decay=wd, seed=seed, fold=fold,
                 train_cases=[c.case_id for c in train_cases], parameters=parameters,
                 input_size=plan.patch_size, gflops_per_forward=round(gflops, 3),

@@ -194,7 +194,8 @@ def rank(protocol: Protocol, output: Path) -> tuple[Ranking, list[Cell]]:
         results = [r for n in protocol.networks if n in by_network
                    if (r := _network_result(n, by_network[n], group)) is not None]
         results.sort(key=lambda r: -r.dice.mean if math.isfinite(r.dice.mean) else math.inf)
-        cases = {c for n in by_network for c in _per_case(by_network[n], group, "dice")}
+        cases = {score.case for network_cells in by_network.values()
+                 for cell in network_cells for score in _group_cases(cell, group)}
         groups.append(GroupResult(group=group, cases=len(cases), networks=results,
                                   pairs=_pairs(by_network, group)))
     sweep = [SweepResult(network=c.network, learning_rate=c.learning_rate,
