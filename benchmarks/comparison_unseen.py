@@ -48,9 +48,11 @@ def fold_rows(study: Path, protocol: Protocol, fold: Fold, dataset: Path) -> lis
     unseen = held_out_cases(dataset, spec)
     if not unseen:
         raise SystemExit(f"{dataset}: no labelled test cases (imagesTs/labelsTs)")
-    overlap = {c.case_id for c in unseen} & set(fold.train)
+    overlap = {c.case_id for c in unseen} & {*fold.train, *fold.test}
     if overlap:
-        raise SystemExit(f"{dataset}: {sorted(overlap)} were trained on in fold {fold.index}")
+        raise SystemExit(f"{dataset}: {sorted(overlap)} are already cases of fold {fold.index}")
+    if spec.labels != load_spec(protocol.dataset).labels:
+        raise SystemExit(f"{dataset}: labels {spec.labels} are not the study's")
     rows: list[Row] = []
     for name, seed in itertools.product(protocol.networks, protocol.seeds):
         cell_file = cell_path(study, "final", name, *settings[name], seed, fold.index)
@@ -81,18 +83,25 @@ def summary(rows: list[Row], fold: Fold, dataset: Path) -> str:
     """The Markdown summary: per-head seed means, their mean over heads, paired differences."""
     dice, nsd = per_head(rows, "dice"), per_head(rows, "nsd")
     cases = list(next(iter(dice.values())))
-    order = sorted(dice, key=lambda n: -np.mean(list(dice[n].values())))
+    if any(set(heads) != set(cases) for heads in dice.values()):
+        raise SystemExit("every network must be scored on the same heads")
+
+    def mean(table: dict[str, dict[str, float]], network: str) -> float:
+        return float(np.nanmean([table[network][c] for c in cases]))
+
+    order = sorted(dice, key=lambda n: -mean(dice, n) if np.isfinite(mean(dice, n)) else np.inf)
     lines = [f"# Fold {fold.index}'s models on heads they never saw", "",
              f"Trained on {', '.join(fold.train)}; tested on the fold's own test case(s) "
              f"({', '.join(fold.test)}) and on {dataset.name}'s test cases. Dice (NSD at 2 mm) "
-             "per head is the mean over seeds; the last columns average over heads.", "",
+             "per head is the mean over seeds; the last columns average over heads. The fold's "
+             "own test cases were scored on the study's device, the others on the CPU.", "",
              "| network | " + " | ".join(cases) + " | Dice, mean ± 95 % CI | NSD, mean |",
              "|---|" + "---:|" * len(cases) + "---|---:|"]
     for n in order:
-        interval = mean_ci95(list(dice[n].values()))
+        interval = mean_ci95([dice[n][c] for c in cases])
         lines.append(f"| {n} | " + " | ".join(f"{dice[n][c]:.3f} ({nsd[n][c]:.2f})" for c in cases)
                      + f" | {interval.mean:.3f} ± {interval.ci95:.3f} | "
-                     f"{np.mean(list(nsd[n].values())):.3f} |")
+                     f"{mean(nsd, n):.3f} |")
     lines += ["", "Paired over the heads (a minus b, per-head seed means): mean, wins/losses.", "",
               "| a | b | Dice a - b | wins/losses | NSD a - b |", "|---|---|---:|---|---:|"]
     for a, b in itertools.combinations(order, 2):
@@ -111,7 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     protocol = Protocol.model_validate_json((args.study / "protocol.json").read_text())
     folds = [Fold.model_validate(f) for f in json.loads((args.study / "folds.json").read_text())]
-    fold = folds[args.fold]
+    fold = next((f for f in folds if f.index == args.fold), None)
+    if fold is None:
+        raise SystemExit(f"{args.study}: no fold {args.fold}")
     rows = fold_rows(args.study, protocol, fold, args.dataset)
     args.output.mkdir(parents=True, exist_ok=True)
     with open(args.output / "cases.csv", "w", newline="") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -92,8 +93,8 @@ def test_a_mask_stored_left_right_flipped_is_put_back_on_the_image_grid() -> Non
 def test_a_test_only_recipe_writes_imagests_and_no_training_cases(tmp_path: Path) -> None:
     import nibabel as nib
 
-    def head(raw: Path):
-        _, ball, tissue, *_ = synthetic_brain((24, 24, 24))
+    def head(raw: Path) -> prepare.Case:
+        _, ball, *_ = synthetic_brain((24, 24, 24))
         image = np.where(ball, 100, 10).astype(np.int16)
         return prepare.Case("onlyhead", image, ball.astype(np.uint8),
                             nib.Nifti1Image(image, np.eye(4)).header, "synthetic")
@@ -105,4 +106,7 @@ def test_a_test_only_recipe_writes_imagests_and_no_training_cases(tmp_path: Path
     rows = prepare.build(recipe, tmp_path, tmp_path / "raw")
     assert [row["split"] for row in rows] == ["test"]
     assert (tmp_path / "Unseen/imagesTs/onlyhead_0000.nii.gz").is_file()
+    assert (tmp_path / "Unseen/labelsTs/onlyhead.nii.gz").is_file()
     assert not (tmp_path / "Unseen/imagesTr").exists()
+    spec = json.loads((tmp_path / "Unseen/dataset.json").read_text())
+    assert spec["numTraining"] == 0 and spec["cases"]["onlyhead"]["split"] == "test"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medseg3d.experiments.compare import CaseScore, Cell, Fold, Protocol, cell_path
-from medseg3d.experiments.ranking import CROSS_VALIDATION, markdown, rank
+from medseg3d.experiments.ranking import CROSS_VALIDATION, GroupResult, Ranking, markdown, rank
 from medseg3d.statistics import mean_ci95
 
 FOLDS = [Fold(index=0, train=["c1", "c2"], test=["c0"], extra=True),
@@ -36,7 +36,7 @@ def _cell(network: str, seed: int, fold: Fold) -> Cell:
 
 
 @pytest.fixture
-def report(tmp_path: Path):
+def report(tmp_path: Path) -> tuple[Ranking, list[Cell]]:
     protocol = Protocol(dataset=str(tmp_path / "data"), networks=["a", "b"], steps=10,
                         seeds=[0, 1], num_folds=3, extra_tests=[str(tmp_path / "Stress")])
     (tmp_path / "folds.json").write_text(json.dumps([f.model_dump() for f in FOLDS]))
@@ -49,7 +49,7 @@ def report(tmp_path: Path):
     return rank(protocol, tmp_path)
 
 
-def _group(ranking, name):
+def _group(ranking: Ranking, name: str) -> GroupResult:
     return next(g for g in ranking.groups if g.group == name)
 
 
@@ -59,7 +59,9 @@ def test_cross_validation_scores_each_case_by_its_seed_mean(report) -> None:
     group = _group(ranking, CROSS_VALIDATION)
     assert group.cases == 3  # the stress variants never enter it
     a = next(r for r in group.networks if r.network == "a")
-    assert a.dice == mean_ci95([0.8, 0.7, 0.6])  # per case, the mean of seeds 0 and 1
+    expected = mean_ci95([0.8, 0.7, 0.6])  # per case, the mean of seeds 0 and 1
+    assert (a.dice.mean, a.dice.ci95, a.dice.n) == (pytest.approx(expected.mean),
+                                                    pytest.approx(expected.ci95), 3)
     assert a.seed_dice == pytest.approx({0: 0.8, 1: 0.6})
     assert (a.worst_case, a.worst_dice) == ("c2", pytest.approx(0.6))
 
