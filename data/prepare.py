@@ -346,6 +346,16 @@ def csf_rim(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
     return mask & np.isin(components, outside[outside > 0])
 
 
+def brain_from_strip(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
+                     rim: np.ndarray | None = None) -> np.ndarray:
+    """This project's brain from a skull-stripping mask: its CSF rim peeled, then the envelope
+    of the rest inside the mask. The references of stripped heads are made so, and a peer's mask
+    is scored after the same rule too (benchmarks/stress_peers.py --rim)."""
+    mask = mask.astype(bool)
+    rim = csf_rim(image, mask, spacing) if rim is None else rim
+    return brain_envelope(mask & ~rim, spacing, within=mask)
+
+
 def _spacing_of(image: nib.Nifti1Image) -> tuple[float, ...]:
     return tuple(float(s) for s in np.linalg.norm(image.affine[:3, :3], axis=0))
 
@@ -422,7 +432,7 @@ def _skull_stripped_case(case_id: str, image: nib.Nifti1Image, mask: np.ndarray,
     spacing = _spacing_of(image)
     data = np.asanyarray(image.dataobj).astype(np.float64)
     rim = csf_rim(data, mask, spacing)
-    brain = brain_envelope(mask & ~rim, spacing, within=mask)
+    brain = brain_from_strip(data, mask, spacing, rim)
     return _brain_case(case_id, image, mask, brain, source,
                        f"{note} CSF rim peeled: {int(np.count_nonzero(rim))} voxels darker than "
                        f"{csf_threshold(data, mask):.1f} within {CSF_RIM_MM:g} mm of its edge.")
