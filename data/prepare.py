@@ -735,7 +735,8 @@ def build(recipe: DatasetRecipe, out: Path, raw: Path | None = None) -> list[dic
         read_labels(label_path, reference=image)
         counts = np.bincount(case.labels.ravel(), minlength=max(recipe.labels.values()) + 1)
         rows.append({"dataset": recipe.name, "case": case.case_id,
-                     "split": "test" if test else "train", "shape": image.spatial_shape,
+                     "split": recipe.roles.get(case.case_id, "test" if test else "train"),
+                     "shape": image.spatial_shape,
                      "spacing": tuple(round(s, 3) for s in image.spacing),
                      "orientation": image.orientation, "dtype": str(case.image.dtype),
                      "counts": {names[v]: int(counts[v]) for v in sorted(names) if v}})
@@ -756,7 +757,7 @@ def build(recipe: DatasetRecipe, out: Path, raw: Path | None = None) -> list[dic
     spec = {"name": recipe.name, "description": recipe.description,
             "reference": recipe.reference, "licence": recipe.licence,
             "channel_names": {"0": recipe.channel}, "labels": labels,
-            "numTraining": sum(row["split"] == "train" for row in rows),
+            "numTraining": sum(row["case"] not in recipe.held_out for row in rows),
             "file_ending": ".nii.gz", "cases": cases_json}
     DatasetSpec.model_validate(spec)  # fail here, not at training time
     write_text_atomic(folder / "dataset.json", json.dumps(spec, indent=2) + "\n")
@@ -788,7 +789,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
     print_columns([
         ("dataset", "<12", lambda r: r["dataset"]),
         ("case", "<17", lambda r: r["case"]),
-        ("split", "<5", lambda r: r["split"]),
+        ("split", "<10", lambda r: r["split"]),
         ("shape", "<16", lambda r: grid_text(r)[0]),
         ("spacing (mm)", "<19", lambda r: grid_text(r)[1]),
         ("orient", "<6", lambda r: r["orientation"]),

@@ -68,6 +68,10 @@ class CaseNotes(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     annotated: list[str] | None = None  # a partially labelled case: the classes it labels
+    # its part in an evaluation protocol: trained on only, makes choices, or only reported
+    role: Literal["train", "validation", "test"] | None = None
+    subject: str | None = None  # who was scanned; folds never split a subject's cases
+    contrast: str | None = None  # when it differs from the channel's name (e.g. EPI in an MRI set)
 
 
 class DatasetSpec(BaseModel):
@@ -338,6 +342,14 @@ class TrainingData(Frozen):
     cases: int | None = None
 
 
+class EvaluationProtocol(Frozen):
+    """How a shipped model's numbers were made: each case's role and what validation chose."""
+
+    scheme: str  # e.g. "leave-one-subject-out over the test subjects"
+    roles: dict[str, Literal["train", "validation", "test"]]  # case id -> role
+    choices: list[str] = Field(default_factory=list)  # each choice and the cases that made it
+
+
 class ModelCard(Frozen):
     """``models/<name>/card.yaml``: a shipped model's identity, provenance and weights checksum."""
 
@@ -352,6 +364,7 @@ class ModelCard(Frozen):
     metrics: dict[str, float] = Field(default_factory=dict)
     # how the published run was trained, one line per length it was given (see medseg3d.resume)
     training_history: list[str] = Field(default_factory=list)
+    protocol: EvaluationProtocol | None = None
     intended_use: str = "research only; not a medical device"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medseg3d.atomic import write_bytes_atomic
 from medseg3d.checkpoint import load_tensors, run_checkpoint, save_tensors, sha256_of
-from medseg3d.config import ModelCard, TrainingData, load_model_file, save_model_file
+from medseg3d.config import EvaluationProtocol, ModelCard, TrainingData, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.resume import history_lines
 
@@ -76,7 +76,8 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
 
 def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
-                  root: Path | None = None, half: bool = False) -> Path:
+                  root: Path | None = None, half: bool = False,
+                  protocol: EvaluationProtocol | None = None) -> Path:
     """Copy the checkpoint a run predicts with into ``<root>/<name>/``; write its card + SHA-256."""
     weights = run_checkpoint(run_dir)
     if weights is None:
@@ -93,6 +94,6 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
     card = ModelCard(name=name, description=description, weights="model.safetensors",
                      sha256=sha256_of(target / "model.safetensors"), task=task,
                      training_data=training_data, command=command, hardware=hardware,
-                     metrics=metrics, training_history=history_lines(run_dir))
+                     metrics=metrics, training_history=history_lines(run_dir), protocol=protocol)
     save_model_file(card, target / "card.yaml")
     return target

@@ -1,7 +1,12 @@
 """Copy a training run's checkpoint into medseg3d/models/<name>/ and write its card (with SHA-256).
 
     python models/publish.py RUN_DIR NAME --description "..." --task "..." \
-        --data-name BrainMaskT1 --data-licence "..." --hardware "..." --command "medseg3d train ..."
+        --data-name BrainMaskT1 --data-licence "..." --hardware "..." --command "medseg3d train ..." \
+        [--roles-from data/BrainMask --scheme "leave-one-subject-out ..." --choice "..."]
+
+``--roles-from DATASET`` records every case's role (train / validation / test, from its
+``dataset.json``) in the card's ``protocol``, with the evaluation ``--scheme`` and each choice
+that validation made (``--choice``, repeatable).
 """
 
 from __future__ import annotations
@@ -10,8 +15,19 @@ import argparse
 import json
 from pathlib import Path
 
-from medseg3d.config import TrainingData
+from medseg3d.config import EvaluationProtocol, TrainingData
+from medseg3d.dataset import load_spec
 from medseg3d.zoo import publish_model
+
+
+def protocol_from(dataset: Path | None, scheme: str, choices: list[str]) -> EvaluationProtocol | None:
+    """The card's protocol: each case's role as its dataset.json gives it (None without a dataset)."""
+    if dataset is None:
+        return None
+    roles = {case: notes.role for case, notes in load_spec(dataset).cases.items() if notes.role}
+    if not roles:
+        raise SystemExit(f"{dataset / 'dataset.json'} gives no case a role")
+    return EvaluationProtocol(scheme=scheme, roles=roles, choices=choices)
 
 
 def main() -> None:
@@ -23,13 +39,16 @@ def main() -> None:
     parser.add_argument("--data-source", action="append", default=[])
     parser.add_argument("--metrics", default="{}", help="JSON object of held-out metrics")
     parser.add_argument("--fp16", action="store_true", help="store the weights as float16")
+    parser.add_argument("--roles-from", type=Path, default=None, help="dataset whose roles the card records")
+    parser.add_argument("--scheme", default="leave-one-subject-out over the test subjects")
+    parser.add_argument("--choice", action="append", default=[], help="a choice validation made")
     args = parser.parse_args()
     target = publish_model(
         args.run_dir, args.name, description=args.description, command=args.command,
         task=args.task, hardware=args.hardware, metrics=json.loads(args.metrics),
         training_data=TrainingData(name=args.data_name, sources=args.data_source,
                                    licence=args.data_licence, cases=None),
-        half=args.fp16,
+        half=args.fp16, protocol=protocol_from(args.roles_from, args.scheme, args.choice),
     )
     meta = json.loads((target / "model.json").read_text())  # the checkpoint predict uses
     print(f"published {target} (trained {meta['epoch']} epochs)")

@@ -77,6 +77,18 @@ def test_csf_rim_peels_the_dark_shell_a_skull_strip_kept_and_nothing_inside() ->
     assert abs(brain.sum() / ball.sum() - 1) < 0.02
 
 
+def test_brain_from_strip_turns_a_generous_strip_into_the_references_brain() -> None:
+    xyz, ball, _, _, _, ventricle = synthetic_brain()
+    radius = np.linalg.norm(xyz, axis=-1)
+    image = np.where(ball, np.where(radius < 18, 110.0, 80.0), 30.0)
+    image[radius > 26] = 60.0
+    image[ventricle] = 30.0
+    strip = radius <= 26  # what a peer returns: brain plus a 2 mm CSF shell
+    brain = prepare.brain_from_strip(image, strip, (1.0, 1.0, 1.0))
+    assert not (brain & ~strip).any()  # never grows past the peer's own mask
+    assert abs(brain.sum() / ball.sum() - 1) < 0.03 and brain[ventricle].all()
+
+
 def test_a_mask_stored_left_right_flipped_is_put_back_on_the_image_grid() -> None:
     import nibabel as nib
 
@@ -110,3 +122,30 @@ def test_a_test_only_recipe_writes_imagests_and_no_training_cases(tmp_path: Path
     assert not (tmp_path / "Unseen/imagesTr").exists()
     spec = json.loads((tmp_path / "Unseen/dataset.json").read_text())
     assert spec["numTraining"] == 0 and spec["cases"]["onlyhead"]["split"] == "test"
+
+
+def test_roles_subjects_and_contrasts_reach_dataset_json_and_all_cases_train(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from medseg3d.config import DatasetSpec
+
+    def maker(case_id: str, subject: str | None, contrast: str | None):
+        def head(raw: Path) -> prepare.Case:
+            _, ball, *_ = synthetic_brain((24, 24, 24))
+            image = np.where(ball, 100, 10).astype(np.int16)
+            return prepare.Case(case_id, image, ball.astype(np.uint8),
+                                nib.Nifti1Image(image, np.eye(4)).header, "synthetic",
+                                subject=subject, contrast=contrast)
+        return head
+
+    recipe = prepare.DatasetRecipe(
+        name="Heads", channel="MRI", labels={"background": 0, "brain": 1}, description="",
+        licence="", reference="", builders=[maker("a1", "a", None), maker("a2", "a", "EPI"),
+                                            maker("b", None, None)],
+        roles={"a1": "train", "a2": "test", "b": "validation"})
+    rows = prepare.build(recipe, tmp_path, tmp_path / "raw")
+    assert [row["split"] for row in rows] == ["train", "test", "validation"]
+    spec = DatasetSpec.model_validate_json((tmp_path / "Heads/dataset.json").read_text())
+    assert spec.numTraining == 3 and (tmp_path / "Heads/imagesTr/a2_0000.nii.gz").is_file()
+    assert spec.cases["a2"].role == "test" and spec.cases["a2"].subject == "a"
+    assert spec.cases["a2"].contrast == "EPI" and spec.cases["b"].subject is None

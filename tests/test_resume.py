@@ -7,7 +7,14 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.cli import app
-from medseg3d.config import NetworkConfig, TrainConfig, TrainingData
+from medseg3d.config import (
+    EvaluationProtocol,
+    ModelCard,
+    NetworkConfig,
+    TrainConfig,
+    TrainingData,
+    load_model_file,
+)
 from medseg3d.resume import extend
 from medseg3d.zoo import publish_model
 
@@ -54,10 +61,13 @@ def test_cli_extends_a_finished_run_and_publish_records_the_history(tmp_path):
 
     shutil.copy(run / "checkpoint_final.json", run / "checkpoint_best.json")
     shutil.copy(run / "checkpoint_final.safetensors", run / "checkpoint_best.safetensors")
+    protocol = EvaluationProtocol(scheme="leave-one-subject-out", roles={"case000": "train",
+                                  "case001": "validation"}, choices=["threshold: case001"])
     target = publish_model(run, "tiny", description="d", command="c", task="t",
                            training_data=TrainingData(name="Synthetic"), hardware="h",
-                           metrics={}, root=tmp_path / "models")
+                           metrics={}, root=tmp_path / "models", protocol=protocol)
     card = (target / "card.yaml").read_text()
+    assert load_model_file(ModelCard, target / "card.yaml").protocol == protocol
     assert "trained for 1 epochs x 2 iterations; resumed with a new length after epoch 1" in card
     assert "then extended to 2 epochs x 2 iterations; ended after epoch 2 (step 4)" in card
 
