@@ -331,8 +331,18 @@ class CheckpointMeta(Frozen):
     dataset_name: str = ""
     # classes whose prediction keeps only its largest connected piece (postprocessing.py)
     largest_component: list[str] = Field(default_factory=list)
+    # two-class models: foreground where its probability (on the input grid) exceeds this,
+    # instead of the argmax's 0.5; a calibration chosen on validation cases (models/publish.py)
+    foreground_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     created: str = ""
     fingerprint: TrainingFingerprint | None = None  # what the training data looked like
+
+    @model_validator(mode="after")
+    def _threshold_needs_two_classes(self) -> CheckpointMeta:
+        if self.foreground_threshold is not None and self.plan.num_classes != 2:
+            raise ValueError(f"foreground_threshold needs a two-class model, this one has "
+                             f"{self.plan.num_classes} classes")
+        return self
 
 
 class TrainingData(Frozen):

@@ -89,7 +89,8 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
     shape = (plan.num_channels, *grid.plan_shape)
     smooth = grid.resampled and (plan.num_classes * int(np.prod(grid.canonical_shape)) * 4
                                  <= SMOOTH_RESTORE_MAX_BYTES)
-    want_probabilities = config.save_probabilities or smooth
+    threshold = meta.foreground_threshold  # needs the probabilities, resampled or not
+    want_probabilities = config.save_probabilities or smooth or threshold is not None
     window = window_for(traits, plan, grid.plan_shape)
     batch_size = config.batch_size
     accumulate_on: Literal["auto", "device", "cpu"] = "auto"
@@ -107,11 +108,14 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
         output="probabilities" if want_probabilities else "labels",
         progress=progress, should_stop=should_stop, limits=limits, accumulate_on=accumulate_on,
     )
-    if not want_probabilities:
+    if not want_probabilities:  # a memory limit may fall back to streamed labels: the argmax
         return Prediction(postprocess(restore_labels(output, grid, plan), meta))
     probabilities = resize(output, grid.canonical_shape)
-    classes = torch.empty(probabilities.shape[1:], dtype=torch.uint8)
-    argmax_into(probabilities, classes)  # torch's argmax(0) took 3 s on a 256³ head, this 0.1 s
+    if threshold is not None:
+        classes = (probabilities[1] > threshold).to(torch.uint8)
+    else:
+        classes = torch.empty(probabilities.shape[1:], dtype=torch.uint8)
+        argmax_into(probabilities, classes)  # torch's argmax(0) took 3 s on a 256³ head, this 0.1 s
     labels = postprocess(restore_labels(classes, grid, plan), meta)
     if config.save_probabilities:
         return Prediction(labels, restore_probabilities(probabilities, grid))

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from medseg3d.atomic import write_bytes_atomic
 from medseg3d.checkpoint import load_tensors, run_checkpoint, save_tensors, sha256_of
-from medseg3d.config import EvaluationProtocol, ModelCard, TrainingData, load_model_file, save_model_file
+from medseg3d.config import (
+    CheckpointMeta,
+    EvaluationProtocol,
+    ModelCard,
+    TrainingData,
+    load_model_file,
+    save_model_file,
+)
 from medseg3d.errors import MedsegError
 from medseg3d.resume import history_lines
 
@@ -77,7 +84,8 @@ def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
 def publish_model(run_dir: Path, name: str, *, description: str, command: str, task: str,
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
                   root: Path | None = None, half: bool = False,
-                  protocol: EvaluationProtocol | None = None) -> Path:
+                  protocol: EvaluationProtocol | None = None,
+                  foreground_threshold: float | None = None) -> Path:
     """Copy the checkpoint a run predicts with into ``<root>/<name>/``; write its card + SHA-256."""
     weights = run_checkpoint(run_dir)
     if weights is None:
@@ -86,6 +94,11 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
     target.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
         write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())
+    if foreground_threshold is not None:  # a decision rule chosen on validation cases
+        meta = load_model_file(CheckpointMeta, target / "model.json")
+        meta = CheckpointMeta.model_validate({**meta.model_dump(),
+                                              "foreground_threshold": foreground_threshold})
+        save_model_file(meta, target / "model.json")
     if half:
         # fp16 storage halves the file; load_state_dict casts back to the network's fp32.
         tensors = load_tensors(target / "model.safetensors")

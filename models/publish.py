@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--roles-from", type=Path, default=None, help="dataset whose roles the card records")
     parser.add_argument("--scheme", default="leave-one-subject-out over the test subjects")
     parser.add_argument("--choice", action="append", default=[], help="a choice validation made")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="foreground probability threshold chosen on validation cases")
     args = parser.parse_args()
     target = publish_model(
         args.run_dir, args.name, description=args.description, command=args.command,
@@ -49,6 +51,7 @@ def main() -> None:
         training_data=TrainingData(name=args.data_name, sources=args.data_source,
                                    licence=args.data_licence, cases=None),
         half=args.fp16, protocol=protocol_from(args.roles_from, args.scheme, args.choice),
+        foreground_threshold=args.threshold,
     )
     meta = json.loads((target / "model.json").read_text())  # the checkpoint predict uses
     print(f"published {target} (trained {meta['epoch']} epochs)")

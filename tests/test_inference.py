@@ -10,7 +10,7 @@ from synthetic import ellipsoid_case
 
 import medseg3d.inference as inference
 from medseg3d.api import Model
-from medseg3d.config import ChannelNorm, InferenceConfig, Plan
+from medseg3d.config import ChannelNorm, CheckpointMeta, InferenceConfig, Plan
 from medseg3d.io import Volume
 from medseg3d.precision import autocast_dtype
 from medseg3d.sliding_window import argmax_into
@@ -62,3 +62,26 @@ def test_the_unet_predict_path_does_not_import_monai():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("affine", [np.eye(4), np.diag([0.7, 0.8, 1.3, 1.0])])  # plan grid or not
+def test_a_foreground_threshold_replaces_the_argmax_on_the_input_grid(affine):
+    import nibabel as nib
+
+    model = _model()
+    volume = Volume(_volume().array, affine, nib.Nifti1Header())
+    config = InferenceConfig(save_probabilities=True, amp=False)
+    plain = model.predict_volume(volume, config)
+    threshold = float(np.quantile(plain.probabilities[..., 1], 0.6))
+    model.meta = model.meta.model_copy(update={"foreground_threshold": threshold})
+    cut = model.predict_volume(volume, InferenceConfig(amp=False)).labels
+    assert np.array_equal(cut, (plain.probabilities[..., 1] > threshold).astype(cut.dtype))
+    assert 0.3 < cut.mean() < 0.45  # the 60th percentile keeps about 40 % of the voxels
+
+
+def test_a_foreground_threshold_needs_a_two_class_model():
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
+                labels={"background": 0, "a": 1, "b": 2})
+    meta = Model.from_network("unet", plan, filters=[4, 8]).meta.model_dump()
+    with pytest.raises(ValueError, match="two-class"):
+        CheckpointMeta.model_validate({**meta, "foreground_threshold": 0.7})
