@@ -1,0 +1,79 @@
+"""Choose a brain model's foreground threshold on validation cases (never on test cases).
+
+Usage::
+
+    python benchmarks/brainmask_threshold.py runs/loso/v3/s0/colin27 \\
+        --test data/BrainMaskT1/imagesTs --test data/BrainMaskT1Stress/imagesTs \\
+        --results benchmarks/results/brainmask_v3/threshold
+
+The model (a run folder or a shipped name) predicts each validation case once with its
+probabilities on the case's own grid; every candidate threshold (``--thresholds``) turns them
+into a mask, scored against the case's reference (Dice, HD95, NSD at 2 mm, through
+``peer_common.evaluate_mask``). The chosen threshold has the highest mean Dice over the cases
+(ties: the one closest to 0.5). Writes ``cases.csv`` (one row per case and threshold) and
+``choice.json`` (means per threshold, the choice, the command) to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from peer_common import PEER_RUNS, evaluate_mask
+from robex_peer import _relative, find_cases, save_mask
+
+from medseg3d.api import load_model
+from medseg3d.atomic import write_text_atomic
+from medseg3d.config import InferenceConfig
+from medseg3d.io import read_volume
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--test", type=Path, action="append", required=True, help="an imagesTs/ folder")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, device="cpu")
+    scratch = PEER_RUNS / "threshold"
+    rows = []
+    for case in find_cases(args.test):
+        probabilities = model.predict_volume(read_volume(case.image), InferenceConfig(
+            save_probabilities=True)).probabilities
+        assert probabilities is not None
+        source = nib.load(str(case.image))
+        for threshold in args.thresholds:
+            path = save_mask(probabilities[..., 1] > threshold, source, scratch / f"{case.name}.nii.gz")
+            rows.append({"case": case.name, "threshold": threshold,
+                         **evaluate_mask(path, image_path=case.image, label_path=case.label)})
+        best = max((r for r in rows if r["case"] == case.name), key=lambda r: r["dice"])
+        print(f"{case.name}: best {best['threshold']} (Dice {best['dice']:.4f})", flush=True)
+    means = {t: float(np.mean([r["dice"] for r in rows if r["threshold"] == t])) for t in args.thresholds}
+    chosen = max(args.thresholds, key=lambda t: (round(means[t], 4), -abs(t - 0.5)))
+    args.results.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(args.results / "cases.csv", text.getvalue())
+    command = shlex.join(["python", "benchmarks/brainmask_threshold.py", *sys.argv[1:]])
+    write_text_atomic(args.results / "choice.json", json.dumps({
+        "model": _relative(Path(args.model)) if Path(args.model).exists() else args.model,
+        "cases": len(rows) // len(args.thresholds), "mean_dice": means, "chosen": chosen,
+        "command": command}, indent=2) + "\n")
+    print(f"chosen threshold {chosen}: mean Dice {means[chosen]:.4f} (0.5: {means.get(0.5, float('nan')):.4f})")
+
+
+if __name__ == "__main__":
+    main()
