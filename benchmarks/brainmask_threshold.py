@@ -72,7 +72,7 @@ def main() -> None:
         "model": _relative(Path(args.model)) if Path(args.model).exists() else args.model,
         "cases": len(rows) // len(args.thresholds), "mean_dice": means, "chosen": chosen,
         "command": command}, indent=2) + "\n")
-    print(f"chosen threshold {chosen}: mean Dice {means[chosen]:.4f} (0.5: {means.get(0.5, float('nan')):.4f})")
+    print(f"chosen threshold {chosen}: mean Dice {means[chosen]:.4f}", flush=True)
 
 
 if __name__ == "__main__":
