@@ -30,7 +30,8 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
 ``--rim`` also scores every mask after the rule that made the references from skull-stripping
 masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the brain envelope
 inside it), as a user of this project's definition of brain would apply it; those rows are
-``LABEL+rim``. ``--role`` keeps the cases whose ``dataset.json`` role is that one.
+``LABEL+rim``. ``--threshold`` sets the medseg3d models' foreground threshold (one that
+validation chose: ``brainmask_threshold.py``). ``--role`` keeps the cases whose ``dataset.json`` role is that one.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -91,10 +92,20 @@ def timed(segment: Callable[[Case], np.ndarray]) -> Segmenter:
     return call
 
 
-def medseg3d_segmenter(model: str) -> Segmenter:
+def load_at(model: str, threshold: float | None) -> Any:
+    """A medseg3d model, with its foreground threshold replaced when one is given."""
     from medseg3d.api import load_model
+    from medseg3d.config import CheckpointMeta
 
     loaded = load_model(model, device="cpu")
+    if threshold is not None:
+        loaded.meta = CheckpointMeta.model_validate({**loaded.meta.model_dump(),
+                                                     "foreground_threshold": threshold})
+    return loaded
+
+
+def medseg3d_segmenter(model: str, threshold: float | None) -> Segmenter:
+    loaded = load_at(model, threshold)
     return timed(lambda case: loaded.predict(case.image) > 0)
 
 
@@ -104,15 +115,13 @@ def case_notes(case: Case) -> dict[str, Any]:
     return json.loads(spec.read_text()).get("cases", {}).get(case.name, {}) if spec.exists() else {}
 
 
-def loso_segmenter(folder: Path) -> Segmenter:
+def loso_segmenter(folder: Path, threshold: float | None) -> Segmenter:
     """Each case predicted by ``folder/<its subject>``, the run that never saw that subject."""
-    from medseg3d.api import load_model
-
     def segment(case: Case) -> tuple[np.ndarray, float]:
         run = folder / case_notes(case).get("subject", case.name)
         if not run.is_dir():
             raise SystemExit(f"{case.name}: no leave-one-subject-out run {_relative(run)}")
-        model = load_model(str(run), device="cpu")  # before the clock, as for a loaded model
+        model = load_at(str(run), threshold)  # before the clock, as for a loaded model
         return timed(lambda c: model.predict(c.image) > 0)(case)
 
     return segment
@@ -157,10 +166,10 @@ def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
     out: dict[str, Segmenter] = {}
     for spec in args.medseg3d:
         label, _, model = spec.partition("=")
-        out[label] = medseg3d_segmenter(model or label)
+        out[label] = medseg3d_segmenter(model or label, args.threshold)
     for spec in args.loso:
         label, _, folder = spec.partition("=")
-        out[label] = loso_segmenter(Path(folder))
+        out[label] = loso_segmenter(Path(folder), args.threshold)
     for spec in args.monai:
         label, _, weights = spec.partition("=")
         out[label] = monai_segmenter(Path(weights))
@@ -323,6 +332,8 @@ def main() -> None:
                         help="a brain-extraction peer in its own venv")
     parser.add_argument("--robex", action="store_true", help="--peer robex")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peers' venv's python")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="foreground threshold of the --medseg3d and --loso models (chosen on validation)")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")
