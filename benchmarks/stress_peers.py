@@ -31,7 +31,8 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
 masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the brain envelope
 inside it), as a user of this project's definition of brain would apply it; those rows are
 ``LABEL+rim``. ``--threshold`` sets the medseg3d models' foreground threshold (one that
-validation chose: ``brainmask_threshold.py``). ``--role`` keeps the cases whose ``dataset.json`` role is that one.
+validation chose: ``brainmask_threshold.py``). ``--role`` keeps the cases whose
+``dataset.json`` role is that one.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -333,7 +334,7 @@ def main() -> None:
     parser.add_argument("--robex", action="store_true", help="--peer robex")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peers' venv's python")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="foreground threshold of the --medseg3d and --loso models (chosen on validation)")
+                        help="foreground threshold of the --medseg3d and --loso models")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")
