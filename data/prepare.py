@@ -42,11 +42,18 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.brain_definition import (
+    CSF_RIM_MM,
+    ENVELOPE_CLOSING_MM,
+    brain_envelope,
+    brain_from_strip,
+    csf_rim,
+    csf_threshold,
+)
 from medseg3d.checkpoint import sha256_of
 from medseg3d.config import DatasetSpec
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume, from_sitk, integer_labels, nifti_header, read_labels, read_volume, write_array
-from medseg3d.synthesis import kmeans_centres
 
 
 class PrepareError(Exception):
@@ -285,75 +292,9 @@ def image_dtype(data: np.ndarray) -> np.ndarray:
 # One definition of brain for every head, the one T1 brain-extraction tools and their manual
 # references use (data/README.md): cerebrum, cerebellum and brainstem with the CSF they enclose
 # (ventricles, sulci, the interhemispheric fissure), bounded by the outer brain surface; not the
-# CSF between that surface and the skull, nor dura, sinuses, skull, eyes or neck. brain_envelope()
-# writes it once; each builder only says which voxels of its source are brain tissue.
-ENVELOPE_CLOSING_MM = 5.0  # bridges sulci and the fissure up to ~10 mm wide, adds nothing convex
-CSF_RIM_MM = 3.0  # how deep a skull-stripping mask's CSF rim is peeled (csf_rim)
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected component (drops isolated specks outside the brain)."""
-    components, count = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
-
-
-def ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
-    """A ball of ``radius_mm`` on a grid of voxel ``spacing`` (mm per axis): a structuring element."""
-    half = [int(np.floor(radius_mm / s + 1e-9)) for s in spacing]
-    axes = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing, strict=True)],
-                       indexing="ij")
-    return sum(a**2 for a in axes) <= radius_mm**2 + 1e-9
-
-
-def brain_envelope(tissue: np.ndarray, spacing: tuple[float, ...],
-                   within: np.ndarray | None = None,
-                   closing_mm: float = ENVELOPE_CLOSING_MM) -> np.ndarray:
-    """The brain by this project's one definition, from a mask of brain tissue.
-
-    ``tissue`` holds the parenchyma (grey and white matter, deep nuclei, cerebellum, brainstem;
-    ventricles may be in or out). A closing with a ball of ``closing_mm`` (in mm, so that 1 and
-    1.5 mm grids get the same envelope) adds the CSF in sulci and fissures narrower than twice
-    the radius but nothing outside the brain's convex surface; the largest 26-connected
-    component drops specks; a 3D fill adds the ventricles. ``within``, when given, is a mask the
-    result never leaves (the source's own brain mask).
-    """
-    kernel = ball(closing_mm, spacing)
-    pad = [(k // 2, k // 2) for k in kernel.shape]
-    closed = ndi.binary_closing(np.pad(tissue.astype(bool), pad), kernel)
-    closed = closed[tuple(slice(p, p + n) for (p, _), n in zip(pad, tissue.shape, strict=True))]
-    brain = ndi.binary_fill_holes(largest_component(closed))
-    return brain & within if within is not None else brain
-
-
-def csf_threshold(image: np.ndarray, mask: np.ndarray) -> float:
-    """Intensity halfway between the CSF and grey-matter classes of a T1 inside ``mask``: a
-    three-class (CSF, GM, WM) deterministic k-means on the masked intensities."""
-    centres = kmeans_centres(image[mask], 3)
-    return float((centres[0] + centres[1]) / 2)
-
-
-def csf_rim(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
-            depth_mm: float = CSF_RIM_MM) -> np.ndarray:
-    """Voxels of a skull-stripping ``mask`` that are CSF-dark, within ``depth_mm`` of its edge
-    and connected to the outside through such voxels: the extra-cerebral CSF it kept."""
-    dark = image < csf_threshold(image, mask)
-    rim = mask & (ndi.distance_transform_edt(mask, sampling=spacing) <= depth_mm)
-    components, _ = ndi.label((rim & dark) | ~mask)
-    outside = np.unique(components[~mask])
-    return mask & np.isin(components, outside[outside > 0])
-
-
-def brain_from_strip(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...],
-                     rim: np.ndarray | None = None) -> np.ndarray:
-    """This project's brain from a skull-stripping mask: its CSF rim peeled, then the envelope
-    of the rest inside the mask. The references of stripped heads are made so, and a peer's mask
-    is scored after the same rule too (benchmarks/stress_peers.py --rim)."""
-    mask = mask.astype(bool)
-    rim = csf_rim(image, mask, spacing) if rim is None else rim
-    return brain_envelope(mask & ~rim, spacing, within=mask)
+# CSF between that surface and the skull, nor dura, sinuses, skull, eyes or neck.
+# medseg3d.brain_definition writes it once (brain_envelope, csf_rim, brain_from_strip); each
+# builder only says which voxels of its source are brain tissue.
 
 
 def _spacing_of(image: nib.Nifti1Image) -> tuple[float, ...]:

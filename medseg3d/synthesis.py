@@ -31,26 +31,13 @@ import torch
 import torch.nn.functional as F
 from monai import transforms as T
 
+from medseg3d.brain_definition import kmeans_centres
 from medseg3d.dataset import Case, read_tissues
 from medseg3d.io import Volume
 from medseg3d.preprocessing import GridTransform, label_map_on_grid
 
 CLUSTERS = 4  # intensity classes per segmentation class where no tissue map says otherwise
 KMEANS_SAMPLE = 200_000  # voxels a class's k-means centres are fitted on
-
-
-def kmeans_centres(values: np.ndarray, k: int, iterations: int = 100) -> np.ndarray:
-    """Sorted centres of a deterministic 1-D k-means (started at evenly spaced percentiles)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    centres = np.percentile(values, np.linspace(10.0, 90.0, k))
-    for _ in range(iterations):
-        nearest = np.argmin(np.abs(values[:, None] - centres[None, :]), axis=1)
-        updated = np.array([values[nearest == c].mean() if np.any(nearest == c) else centres[c]
-                            for c in range(k)])
-        if np.allclose(updated, centres):
-            break
-        centres = updated
-    return np.sort(centres)
 
 
 def tissue_map(image: torch.Tensor, labels: torch.Tensor, tissues: torch.Tensor | None = None,
