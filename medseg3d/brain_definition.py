@@ -135,11 +135,13 @@ def kmeans_centres(values: np.ndarray, k: int, iterations: int = 100) -> np.ndar
     thousand distinct values).
     """
     values = np.asarray(values).ravel()
+    weights: np.ndarray
     if values.size and np.issubdtype(values.dtype, np.integer):
         points, weights = np.unique(values, return_counts=True)
     else:
         points, weights = values, np.ones(values.size)
     points = points.astype(np.float64)
+    weights = weights.astype(np.float64)
     centres = _weighted_percentiles(points, weights, np.linspace(10.0, 90.0, k))
     for _ in range(iterations):
         nearest = np.argmin(np.abs(points[:, None] - centres[None, :]), axis=1)
