@@ -30,8 +30,8 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
 ``--rim`` also scores every mask after the rule that made the references from skull-stripping
 masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the brain envelope
 inside it), as a user of this project's definition of brain would apply it; those rows are
-``LABEL+rim``. ``--threshold`` sets the medseg3d models' foreground threshold (one that
-validation chose: ``brainmask_threshold.py``). ``--role`` keeps the cases whose
+``LABEL+rim``. ``--threshold`` and ``--brain-rule`` set the medseg3d models' postprocessing
+(what validation chose: ``brainmask_choices.py``). ``--role`` keeps the cases whose
 ``dataset.json`` role is that one.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
@@ -93,20 +93,19 @@ def timed(segment: Callable[[Case], np.ndarray]) -> Segmenter:
     return call
 
 
-def load_at(model: str, threshold: float | None) -> Any:
-    """A medseg3d model, with its foreground threshold replaced when one is given."""
+def load_at(model: str, choices: dict[str, Any]) -> Any:
+    """A medseg3d model with the postprocessing that validation chose (``CheckpointMeta`` fields)."""
     from medseg3d.api import load_model
     from medseg3d.config import CheckpointMeta
 
     loaded = load_model(model, device="cpu")
-    if threshold is not None:
-        loaded.meta = CheckpointMeta.model_validate({**loaded.meta.model_dump(),
-                                                     "foreground_threshold": threshold})
+    if choices:
+        loaded.meta = CheckpointMeta.model_validate({**loaded.meta.model_dump(), **choices})
     return loaded
 
 
-def medseg3d_segmenter(model: str, threshold: float | None) -> Segmenter:
-    loaded = load_at(model, threshold)
+def medseg3d_segmenter(model: str, choices: dict[str, Any]) -> Segmenter:
+    loaded = load_at(model, choices)
     return timed(lambda case: loaded.predict(case.image) > 0)
 
 
@@ -116,13 +115,13 @@ def case_notes(case: Case) -> dict[str, Any]:
     return json.loads(spec.read_text()).get("cases", {}).get(case.name, {}) if spec.exists() else {}
 
 
-def loso_segmenter(folder: Path, threshold: float | None) -> Segmenter:
+def loso_segmenter(folder: Path, choices: dict[str, Any]) -> Segmenter:
     """Each case predicted by ``folder/<its subject>``, the run that never saw that subject."""
     def segment(case: Case) -> tuple[np.ndarray, float]:
         run = folder / case_notes(case).get("subject", case.name)
         if not run.is_dir():
             raise SystemExit(f"{case.name}: no leave-one-subject-out run {_relative(run)}")
-        model = load_at(str(run), threshold)  # before the clock, as for a loaded model
+        model = load_at(str(run), choices)  # before the clock, as for a loaded model
         return timed(lambda c: model.predict(c.image) > 0)(case)
 
     return segment
@@ -165,12 +164,14 @@ def monai_segmenter(weights: Path) -> Segmenter:
 def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
     """LABEL -> segmenter, in the order of the command line (medseg3d first)."""
     out: dict[str, Segmenter] = {}
+    choices = {**({"foreground_threshold": args.threshold} if args.threshold is not None else {}),
+               **({"brain_rule": True} if args.brain_rule else {})}
     for spec in args.medseg3d:
         label, _, model = spec.partition("=")
-        out[label] = medseg3d_segmenter(model or label, args.threshold)
+        out[label] = medseg3d_segmenter(model or label, choices)
     for spec in args.loso:
         label, _, folder = spec.partition("=")
-        out[label] = loso_segmenter(Path(folder), args.threshold)
+        out[label] = loso_segmenter(Path(folder), choices)
     for spec in args.monai:
         label, _, weights = spec.partition("=")
         out[label] = monai_segmenter(Path(weights))
@@ -335,6 +336,8 @@ def main() -> None:
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peers' venv's python")
     parser.add_argument("--threshold", type=float, default=None,
                         help="foreground threshold of the --medseg3d and --loso models")
+    parser.add_argument("--brain-rule", action="store_true",
+                        help="the --medseg3d and --loso models apply the definition of brain")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")

@@ -334,14 +334,17 @@ class CheckpointMeta(Frozen):
     # two-class models: foreground where its probability (on the input grid) exceeds this,
     # instead of the argmax's 0.5; a calibration chosen on validation cases (models/publish.py)
     foreground_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # brain models: apply the definition of brain to the mask on the input grid, at its
+    # resolution (brain_definition.brain_from_strip); chosen on validation cases
+    brain_rule: bool = False
     created: str = ""
     fingerprint: TrainingFingerprint | None = None  # what the training data looked like
 
     @model_validator(mode="after")
     def _threshold_needs_two_classes(self) -> CheckpointMeta:
-        if self.foreground_threshold is not None and self.plan.num_classes != 2:
-            raise ValueError(f"foreground_threshold needs a two-class model, this one has "
-                             f"{self.plan.num_classes} classes")
+        if (self.foreground_threshold is not None or self.brain_rule) and self.plan.num_classes != 2:
+            raise ValueError(f"foreground_threshold and brain_rule need a two-class model, this "
+                             f"one has {self.plan.num_classes} classes")
         return self
 
 

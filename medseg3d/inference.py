@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg3d.brain_definition import brain_from_strip
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
 from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
@@ -109,24 +110,30 @@ def predict_volume(network: nn.Module, meta: CheckpointMeta, volume: Volume,
         progress=progress, should_stop=should_stop, limits=limits, accumulate_on=accumulate_on,
     )
     if not want_probabilities:  # a memory limit may fall back to streamed labels: the argmax
-        return Prediction(postprocess(restore_labels(output, grid, plan), meta))
+        return Prediction(postprocess(restore_labels(output, grid, plan), meta, volume))
     probabilities = resize(output, grid.canonical_shape)
     if threshold is not None:
         classes = (probabilities[1] > threshold).to(torch.uint8)
     else:
         classes = torch.empty(probabilities.shape[1:], dtype=torch.uint8)
         argmax_into(probabilities, classes)  # torch's argmax(0) took 3 s on a 256³ head, this 0.1 s
-    labels = postprocess(restore_labels(classes, grid, plan), meta)
+    labels = postprocess(restore_labels(classes, grid, plan), meta, volume)
     if config.save_probabilities:
         return Prediction(labels, restore_probabilities(probabilities, grid))
     return Prediction(labels)
 
 
-def postprocess(labels: np.ndarray, meta: CheckpointMeta) -> np.ndarray:
-    """Apply the checkpoint's postprocessing (largest component of the classes it names)."""
-    if not meta.largest_component:
-        return labels
-    return keep_largest_component(labels, [meta.plan.labels[n] for n in meta.largest_component])
+def postprocess(labels: np.ndarray, meta: CheckpointMeta, volume: Volume) -> np.ndarray:
+    """Apply the checkpoint's postprocessing: the largest component of the classes it names,
+    then, for a brain model that asks for it, the definition of brain at the input's resolution
+    (``brain_definition.brain_from_strip``: the CSF rim peeled, the envelope inside the mask)."""
+    if meta.largest_component:
+        labels = keep_largest_component(labels, [meta.plan.labels[n] for n in meta.largest_component])
+    if meta.brain_rule:
+        image = volume.array if volume.array.ndim == 3 else volume.array[..., 0]
+        brain = brain_from_strip(image, labels > 0, volume.spacing)
+        labels = brain.astype(labels.dtype)
+    return labels
 
 
 @dataclass(frozen=True)
