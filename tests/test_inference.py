@@ -85,3 +85,15 @@ def test_a_foreground_threshold_needs_a_two_class_model():
     meta = Model.from_network("unet", plan, filters=[4, 8]).meta.model_dump()
     with pytest.raises(ValueError, match="two-class"):
         CheckpointMeta.model_validate({**meta, "foreground_threshold": 0.7})
+
+
+def test_a_brain_rule_applies_the_definition_of_brain_to_the_models_mask():
+    from medseg3d.brain_definition import brain_from_strip
+
+    model = _model()
+    volume = _volume()
+    plain = model.predict_volume(volume, InferenceConfig(amp=False)).labels
+    model.meta = CheckpointMeta.model_validate({**model.meta.model_dump(), "brain_rule": True})
+    ruled = model.predict_volume(volume, InferenceConfig(amp=False)).labels
+    expected = brain_from_strip(volume.array, plain > 0, volume.spacing)
+    assert np.array_equal(ruled, expected.astype(ruled.dtype))
