@@ -220,6 +220,12 @@ def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: 
     return records
 
 
+def _saved(case: Case, methods: dict[str, Segmenter], args: argparse.Namespace) -> bool:
+    """Whether every method's record of ``case`` is already in the results."""
+    names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
+    return all((args.results / "cases" / n / f"{case.name}.json").exists() for n in names)
+
+
 def group_of(method: str) -> str:
     """Seeds of one recipe form a group: ``medseg3d_s1`` -> ``medseg3d``, ``v3_s0+rim`` -> ``v3+rim``."""
     return re.sub(r"_s\d+(?=(\+rim)?$)", "", method)
@@ -340,6 +346,8 @@ def main() -> None:
                         help="the --medseg3d and --loso models apply the definition of brain")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
+    parser.add_argument("--case", action="append", default=None,
+                        help="only these cases now (a resumed run adds the others)")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -350,7 +358,10 @@ def main() -> None:
     if not methods:
         raise SystemExit("no method: give --medseg3d, --loso, --monai, --peer or --robex")
     cases = [c for c in find_cases(args.test) if args.role is None or case_notes(c).get("role") == args.role]
-    records = run(cases, methods, args.results, PEER_RUNS / "stress_peers", args.rim)
+    now = [c for c in cases if args.case is None or c.name in args.case]
+    run(now, methods, args.results, PEER_RUNS / "stress_peers", args.rim)
+    records = run([c for c in cases if _saved(c, methods, args)], methods, args.results,
+                  PEER_RUNS / "stress_peers", args.rim)  # the report covers every case scored so far
     names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
     peer_names = set(args.peer) | ({"robex"} if args.robex else set())
     peers = [n for n in names if n.removesuffix("+rim") in peer_names]
