@@ -30,9 +30,9 @@ scores every mask with the same code (``peer_common.evaluate_mask``: Dice, HD95 
 ``--rim`` also scores every mask after the rule that made the references from skull-stripping
 masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the brain envelope
 inside it), as a user of this project's definition of brain would apply it; those rows are
-``LABEL+rim``. ``--threshold`` and ``--brain-rule`` set the medseg3d models' postprocessing
-(what validation chose: ``brainmask_choices.py``). ``--role`` keeps the cases whose
-``dataset.json`` role is that one.
+``LABEL+rim``. ``--threshold`` and ``--brain-rule`` set the ``--loso`` models' postprocessing
+(what validation chose: ``brainmask_choices.py``); ``--medseg3d`` models predict as shipped.
+``--role`` keeps the cases whose ``dataset.json`` role is that one.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -168,7 +168,7 @@ def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
                **({"brain_rule": True} if args.brain_rule else {})}
     for spec in args.medseg3d:
         label, _, model = spec.partition("=")
-        out[label] = medseg3d_segmenter(model or label, choices)
+        out[label] = medseg3d_segmenter(model or label, {})  # as shipped
     for spec in args.loso:
         label, _, folder = spec.partition("=")
         out[label] = loso_segmenter(Path(folder), choices)
@@ -341,9 +341,9 @@ def main() -> None:
     parser.add_argument("--robex", action="store_true", help="--peer robex")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peers' venv's python")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="foreground threshold of the --medseg3d and --loso models")
+                        help="foreground threshold of the --loso models")
     parser.add_argument("--brain-rule", action="store_true",
-                        help="the --medseg3d and --loso models apply the definition of brain")
+                        help="the --loso models apply the definition of brain")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
     parser.add_argument("--case", action="append", default=None,
