@@ -15,6 +15,8 @@ scipy's binary closing with the discrete ball of ``ball()`` voxel for voxel
 
 from __future__ import annotations
 
+import os
+
 import edt
 import numpy as np
 from scipy import ndimage as ndi
@@ -23,6 +25,7 @@ ENVELOPE_CLOSING_MM = 5.0  # bridges sulci and the fissure up to ~10 mm wide, ad
 CSF_RIM_MM = 3.0  # how deep below a skull-strip's edge kept CSF is looked for
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood for the largest component
 _TIE = 1e-5  # mm: a ball holds the voxels at exactly its radius, as ball() does
+_THREADS = min(4, os.cpu_count() or 1)
 
 
 def ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
@@ -36,7 +39,7 @@ def ball(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
 def _distance(mask: np.ndarray, spacing: tuple[float, ...], outside_is_background: bool) -> np.ndarray:
     """Distance (mm) of every ``mask`` voxel to the nearest voxel outside it."""
     return edt.edt(np.ascontiguousarray(mask, dtype=np.uint8), anisotropy=tuple(spacing),
-                   black_border=outside_is_background, parallel=1)
+                   black_border=outside_is_background, parallel=_THREADS)
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
@@ -130,13 +133,23 @@ def brain_from_strip(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, 
 def kmeans_centres(values: np.ndarray, k: int, iterations: int = 100) -> np.ndarray:
     """Sorted centres of a deterministic 1-D k-means (started at evenly spaced percentiles).
 
-    Integer intensities are clustered through their histogram (the same centres, computed on
-    the distinct values weighted by their counts: a 256³ head's 1.6 M brain voxels hold a few
-    thousand distinct values).
+    Integer intensities (also when stored as floats) are clustered through their histogram: the
+    same centres, computed on the distinct values weighted by their counts (a 256³ head's 1.6 M
+    brain voxels hold a few thousand distinct values).
     """
     values = np.asarray(values).ravel()
+    if values.size and np.issubdtype(values.dtype, np.floating) and np.all(np.isfinite(values)):
+        whole = values.astype(np.int64)
+        if np.array_equal(whole, values):  # integer intensities read as floats (int16 scans)
+            values = whole
     weights: np.ndarray
-    if values.size and np.issubdtype(values.dtype, np.integer):
+    if values.size and np.issubdtype(values.dtype, np.integer) and int(values.max()) - int(
+            values.min()) < 1 << 20:  # a histogram by counting, no sort
+        low = int(values.min())
+        counts = np.bincount((values.astype(np.int64) - low).ravel())
+        points = np.flatnonzero(counts) + low
+        weights = counts[points - low]
+    elif values.size and np.issubdtype(values.dtype, np.integer):
         points, weights = np.unique(values, return_counts=True)
     else:
         points, weights = values, np.ones(values.size)
