@@ -84,6 +84,10 @@ OWN_HEAD = {"robex": "robexatlas"}  # a peer's own reference head does not count
 Segmenter = Callable[[Case], tuple[np.ndarray, float]]
 
 
+class PeerFailed(Exception):
+    """A peer crashed or refused a case: scored as an empty mask, with the reason recorded."""
+
+
 def timed(segment: Callable[[Case], np.ndarray]) -> Segmenter:
     """A segmenter timed around its whole call."""
     def call(case: Case) -> tuple[np.ndarray, float]:
@@ -138,8 +142,8 @@ def peer_segmenter(name: str, python: Path) -> Segmenter:
         done = subprocess.run([str(python), str(PEER_SCRIPT), name, str(case.image), str(scratch)],
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SystemExit(f"{name} failed on {case.name}: {last}")
+            reason = "segmentation fault" if done.returncode == -11 else f"exit {done.returncode}"
+            raise PeerFailed(f"{name} crashed on {case.name} ({reason})")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         return np.asarray(nib.load(str(scratch)).dataobj) > 0, float(seconds)
 
@@ -184,7 +188,12 @@ def score(method: str, segment: Segmenter, case: Case, masks: Path, rim: bool) -
     """Segment one case (timed), write its mask beside the others and score it; with ``rim``
     also score the mask after the references' rule (``method+rim``)."""
     source = nib.load(str(case.image))  # for the mask's grid; each method reads the scan itself
-    mask, seconds = segment(case)
+    failed = None
+    try:
+        mask, seconds = segment(case)
+    except PeerFailed as exc:  # a user of that tool gets no mask for this scan
+        mask, seconds, failed = np.zeros(source.shape[:3], bool), float("nan"), str(exc)
+        print(f"{failed}: scored as an empty mask", flush=True)
     variants = {method: mask}
     if rim:
         variants[f"{method}+rim"] = _prepare_module().brain_from_strip(
@@ -194,6 +203,7 @@ def score(method: str, segment: Segmenter, case: Case, masks: Path, rim: bool) -
         path = save_mask(variant, source, masks / name / f"{case.name}.nii.gz")
         records.append({"method": name, "case": case.name, "folder": case.folder,
                         "contrast": case_notes(case).get("contrast", "T1"), "seconds": round(seconds, 2),
+                        **({"failed": failed} if failed else {}),
                         **evaluate_mask(path, image_path=case.image, label_path=case.label),
                         "load_average_1min": round(os.getloadavg()[0], 2),
                         "finished_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")})
@@ -309,8 +319,8 @@ def write_report(records: list[dict[str, Any]], methods: list[str], results: Pat
                  peers: list[str]) -> None:
     text = io.StringIO()
     fields = ["method", "case", "folder", "contrast", "dice", "hd95_mm", "nsd", "pred_voxels", "ref_voxels",
-              "seconds", "load_average_1min", "finished_utc"]
-    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+              "seconds", "failed", "load_average_1min", "finished_utc"]
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
     write_text_atomic(results / "cases.csv", text.getvalue())
