@@ -123,8 +123,9 @@ def loso_segmenter(folder: Path, choices: dict[str, Any]) -> Segmenter:
     """Each case predicted by ``folder/<its subject>``, the run that never saw that subject."""
     def segment(case: Case) -> tuple[np.ndarray, float]:
         run = folder / case_notes(case).get("subject", case.name)
-        if not run.is_dir():
-            raise SystemExit(f"{case.name}: no leave-one-subject-out run {_relative(run)}")
+        if not (run / "checkpoint_final.safetensors").is_file():  # never a run still training
+            raise SystemExit(f"{case.name}: the leave-one-subject-out run {_relative(run)} has not "
+                             "finished")
         model = load_at(str(run), choices)  # before the clock, as for a loaded model
         return timed(lambda c: model.predict(c.image) > 0)(case)
 
