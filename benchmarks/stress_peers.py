@@ -32,7 +32,8 @@ masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the
 inside it), as a user of this project's definition of brain would apply it; those rows are
 ``LABEL+rim``. ``--threshold`` and ``--brain-rule`` set the ``--loso`` models' postprocessing
 (what validation chose: ``brainmask_choices.py``); ``--medseg3d`` models predict as shipped.
-``--role`` keeps the cases whose ``dataset.json`` role is that one.
+``--role`` keeps the cases whose ``dataset.json`` role is that one; ``--seen LABEL=CASES`` leaves
+the cases of subjects that a shipped model trained on out of its rows.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -167,16 +168,17 @@ def monai_segmenter(weights: Path) -> Segmenter:
 
 
 def methods_from(args: argparse.Namespace) -> dict[str, Segmenter]:
-    """LABEL -> segmenter, in the order of the command line (medseg3d first)."""
+    """LABEL -> segmenter: leave-one-subject-out recipes first (the rows the others are paired
+    with), then shipped medseg3d models, the MONAI script and the peers."""
     out: dict[str, Segmenter] = {}
     choices = {**({"foreground_threshold": args.threshold} if args.threshold is not None else {}),
                **({"brain_rule": True} if args.brain_rule else {})}
-    for spec in args.medseg3d:
-        label, _, model = spec.partition("=")
-        out[label] = medseg3d_segmenter(model or label, {})  # as shipped
     for spec in args.loso:
         label, _, folder = spec.partition("=")
         out[label] = loso_segmenter(Path(folder), choices)
+    for spec in args.medseg3d:
+        label, _, model = spec.partition("=")
+        out[label] = medseg3d_segmenter(model or label, {})  # as shipped
     for spec in args.monai:
         label, _, weights = spec.partition("=")
         out[label] = monai_segmenter(Path(weights))
@@ -357,6 +359,8 @@ def main() -> None:
                         help="the --loso models apply the definition of brain")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
     parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
+    parser.add_argument("--seen", action="append", default=[],
+                        help="LABEL=CASE,CASE: subjects a shipped model trained on (scored, not reported)")
     parser.add_argument("--case", action="append", default=None,
                         help="only these cases now (a resumed run adds the others)")
     parser.add_argument("--threads", type=int, default=1, help="torch, OMP and ITK threads")
@@ -374,6 +378,9 @@ def main() -> None:
     records = run([c for c in cases if _saved(c, methods, args)], methods, args.results,
                   PEER_RUNS / "stress_peers", args.rim)  # the report covers every case scored so far
     names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
+    seen = {label: set(cases.split(",")) for label, _, cases in (s.partition("=") for s in args.seen)}
+    records = [r for r in records
+               if r["case"] not in seen.get(group_of(r["method"]).removesuffix("+rim"), ())]
     peer_names = set(args.peer) | ({"robex"} if args.robex else set())
     peers = [n for n in names if n.removesuffix("+rim") in peer_names]
     write_report(records, names, args.results,
