@@ -361,8 +361,11 @@ def train_step(ctx: StepContext, batch: dict[str, torch.Tensor]) -> torch.Tensor
             loss = loss + core.auxiliary_loss(image, label)
     ctx.scaler.scale(loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
-    torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), 12.0)
-    ctx.scaler.step(ctx.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), 12.0)
+    if ctx.scaler.is_enabled() or bool(torch.isfinite(norm)):  # fp16: the scaler skips for us
+        ctx.scaler.step(ctx.optimizer)
+    # else: a non-finite gradient (bf16/fp32) would turn every weight into NaN for good; the
+    # step is skipped, as GradScaler does, and its loss is left out of the epoch's mean
     ctx.scaler.update()
     return loss.detach()
 
@@ -678,8 +681,10 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
     record = EpochRecord(epoch=state.epoch + 1, step=run.step,
                          train_loss=_mean_across(losses, run.rank, run.device),
                          learning_rate=run.ctx.optimizer.param_groups[0]["lr"], seconds=0.0)
-    if record.train_loss is None:
-        run.log(f"warning: epoch {record.epoch} had no finite loss (fp16 overflow?)")
+    if record.train_loss is None and losses:  # every step skipped: nothing can be learnt
+        raise MedsegError(f"epoch {record.epoch}: no step had a finite loss, so every update was "
+                          "skipped; the run diverged (the last finished epoch is saved)",
+                          run.output)
     if run.data.val and ((state.epoch + 1) % config.val_every == 0 or run.done):
         record.val_dice = validate(run.eval_network, run.data.val, run.plan, run.device,
                                    run.rank, run.ctx.amp_dtype, traits=run.traits)

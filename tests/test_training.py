@@ -140,3 +140,22 @@ def test_patch_free_networks_refuse_a_patch_and_cap_the_whole_volume(small_datas
         PATCH_FREE_MAX_VOXELS
     capped = apply_network_rules(config(max_patch_voxels=4096))[1]
     assert capped.plan_overrides.max_patch_voxels == 4096
+
+
+def test_a_step_with_a_non_finite_loss_leaves_the_weights_finite_and_unchanged():
+    import torch
+    from torch import nn
+
+    from medseg3d.training import StepContext, train_step
+
+    class NaNLoss(nn.Module):
+        def forward(self, logits, label):
+            return logits.sum() * float("nan")
+
+    model = nn.Conv3d(1, 2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    ctx = StepContext(model, NaNLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                      torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+    loss = train_step(ctx, {"image": torch.ones(1, 1, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2)})
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
