@@ -85,7 +85,7 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
                   training_data: TrainingData, hardware: str, metrics: dict[str, float],
                   root: Path | None = None, half: bool = False,
                   protocol: EvaluationProtocol | None = None,
-                  foreground_threshold: float | None = None) -> Path:
+                  foreground_threshold: float | None = None, brain_rule: bool = False) -> Path:
     """Copy the checkpoint a run predicts with into ``<root>/<name>/``; write its card + SHA-256."""
     weights = run_checkpoint(run_dir)
     if weights is None:
@@ -94,9 +94,9 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
     target.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
         write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())
-    if foreground_threshold is not None:  # a decision rule chosen on validation cases
+    if foreground_threshold is not None or brain_rule:  # postprocessing chosen on validation
         meta = load_model_file(CheckpointMeta, target / "model.json")
-        meta = CheckpointMeta.model_validate({**meta.model_dump(),
+        meta = CheckpointMeta.model_validate({**meta.model_dump(), "brain_rule": brain_rule,
                                               "foreground_threshold": foreground_threshold})
         save_model_file(meta, target / "model.json")
     if half:

@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--choice", action="append", default=[], help="a choice validation made")
     parser.add_argument("--threshold", type=float, default=None,
                         help="foreground probability threshold chosen on validation cases")
+    parser.add_argument("--brain-rule", action="store_true",
+                        help="apply the definition of brain at the input's resolution (chosen on validation)")
     args = parser.parse_args()
     target = publish_model(
         args.run_dir, args.name, description=args.description, command=args.command,
@@ -51,7 +53,7 @@ def main() -> None:
         training_data=TrainingData(name=args.data_name, sources=args.data_source,
                                    licence=args.data_licence, cases=None),
         half=args.fp16, protocol=protocol_from(args.roles_from, args.scheme, args.choice),
-        foreground_threshold=args.threshold,
+        foreground_threshold=args.threshold, brain_rule=args.brain_rule,
     )
     meta = json.loads((target / "model.json").read_text())  # the checkpoint predict uses
     print(f"published {target} (trained {meta['epoch']} epochs)")
