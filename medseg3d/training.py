@@ -681,6 +681,10 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
     record = EpochRecord(epoch=state.epoch + 1, step=run.step,
                          train_loss=_mean_across(losses, run.rank, run.device),
                          learning_rate=run.ctx.optimizer.param_groups[0]["lr"], seconds=0.0)
+    skipped = int((~torch.isfinite(torch.stack(losses).float())).sum()) if losses else 0
+    if skipped and record.train_loss is not None:
+        run.log(f"warning: epoch {record.epoch}: {skipped} of {len(losses)} steps had a non-finite "
+                "loss; their updates were skipped")
     if record.train_loss is None and losses:  # every step skipped: nothing can be learnt
         raise MedsegError(f"epoch {record.epoch}: no step had a finite loss, so every update was "
                           "skipped; the run diverged (the last finished epoch is saved)",

@@ -153,8 +153,10 @@ def test_non_finite_losses_leave_a_resumable_run(dataset, tmp_path, monkeypatch)
 
     monkeypatch.setattr(training, "train_step", overflows)
     config = _config(dataset, tmp_path / "run", epochs=2)
+    logged: list[str] = []
     with pytest.raises(MedsegError, match="epoch 2: no step had a finite loss"):
-        train(config, log=lambda *_: None)  # a whole epoch of NaN stops the run
+        train(config, log=logged.append)  # a whole epoch of NaN stops the run
+    assert any("epoch 1: 1 of 2 steps had a non-finite loss" in line for line in logged)
     records = [json.loads(line) for line in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["train_loss"] is not None and records[0]["train_loss"] > 0
