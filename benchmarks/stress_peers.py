@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -68,9 +69,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from peer_common import PEER_RUNS, evaluate_mask
-from robex_peer import Case, _prepare_module, _relative, find_cases, save_mask, spacing_of
+from robex_peer import Case, _relative, find_cases, save_mask, spacing_of
 
 from medseg3d.atomic import write_text_atomic
+from medseg3d.brain_definition import brain_from_strip
 from medseg3d.statistics import mean_ci95, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +118,13 @@ def medseg3d_segmenter(model: str, choices: dict[str, Any]) -> Segmenter:
 
 def case_notes(case: Case) -> dict[str, Any]:
     """The case's entry in its dataset's ``dataset.json`` (``{}`` without one)."""
-    spec = Path(case.image).parent.parent / "dataset.json"
-    return json.loads(spec.read_text()).get("cases", {}).get(case.name, {}) if spec.exists() else {}
+    return _dataset_cases(Path(case.image).parent.parent / "dataset.json").get(case.name, {})
+
+
+@functools.cache
+def _dataset_cases(spec: Path) -> dict[str, Any]:
+    """The ``cases`` notes of one ``dataset.json``, read once per run."""
+    return json.loads(spec.read_text()).get("cases", {}) if spec.exists() else {}
 
 
 def loso_segmenter(folder: Path, choices: dict[str, Any]) -> Segmenter:
@@ -199,7 +206,7 @@ def score(method: str, segment: Segmenter, case: Case, masks: Path, rim: bool) -
         print(f"{failed}: scored as an empty mask", flush=True)
     variants = {method: mask}
     if rim:
-        variants[f"{method}+rim"] = _prepare_module().brain_from_strip(
+        variants[f"{method}+rim"] = brain_from_strip(
             np.asarray(source.dataobj, dtype=np.float64), mask, spacing_of(source))
     records = []
     for name, variant in variants.items():
@@ -218,8 +225,7 @@ def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: 
     records = []
     for i, case in enumerate(cases, 1):
         for method, segment in methods.items():
-            paths = [results / "cases" / name / f"{case.name}.json"
-                     for name in (method, *([f"{method}+rim"] if rim else []))]
+            paths = [results / "cases" / name / f"{case.name}.json" for name in scored_names([method], rim)]
             if all(path.exists() for path in paths):
                 records += [json.loads(path.read_text()) for path in paths]
                 continue
@@ -233,10 +239,14 @@ def run(cases: list[Case], methods: dict[str, Segmenter], results: Path, masks: 
     return records
 
 
-def _saved(case: Case, methods: dict[str, Segmenter], args: argparse.Namespace) -> bool:
-    """Whether every method's record of ``case`` is already in the results."""
-    names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
-    return all((args.results / "cases" / n / f"{case.name}.json").exists() for n in names)
+def scored_names(methods: list[str], rim: bool) -> list[str]:
+    """The record names of ``methods``: each, then its ``+rim`` variant when ``rim``."""
+    return [n for m in methods for n in (m, *([f"{m}+rim"] if rim else []))]
+
+
+def _saved(case: Case, names: list[str], results: Path) -> bool:
+    """Whether every record of ``case`` is already in the results."""
+    return all((results / "cases" / n / f"{case.name}.json").exists() for n in names)
 
 
 def group_of(method: str) -> str:
@@ -375,9 +385,9 @@ def main() -> None:
     cases = [c for c in find_cases(args.test) if args.role is None or case_notes(c).get("role") == args.role]
     now = [c for c in cases if args.case is None or c.name in args.case]
     run(now, methods, args.results, PEER_RUNS / "stress_peers", args.rim)
-    records = run([c for c in cases if _saved(c, methods, args)], methods, args.results,
+    names = scored_names(list(methods), args.rim)
+    records = run([c for c in cases if _saved(c, names, args.results)], methods, args.results,
                   PEER_RUNS / "stress_peers", args.rim)  # the report covers every case scored so far
-    names = [n for m in methods for n in (m, *([f"{m}+rim"] if args.rim else []))]
     seen = {label: set(cases.split(",")) for label, _, cases in (s.partition("=") for s in args.seen)}
     records = [r for r in records
                if r["case"] not in seen.get(group_of(r["method"]).removesuffix("+rim"), ())]

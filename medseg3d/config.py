@@ -341,7 +341,7 @@ class CheckpointMeta(Frozen):
     fingerprint: TrainingFingerprint | None = None  # what the training data looked like
 
     @model_validator(mode="after")
-    def _threshold_needs_two_classes(self) -> CheckpointMeta:
+    def _binary_postprocessing_needs_two_classes(self) -> CheckpointMeta:
         if (self.foreground_threshold is not None or self.brain_rule) and self.plan.num_classes != 2:
             raise ValueError(f"foreground_threshold and brain_rule need a two-class model, this "
                              f"one has {self.plan.num_classes} classes")
