@@ -42,7 +42,8 @@ def main() -> int:
     png = save_overlay(image, pred.array, OUT / f"{CASE}_overlay.png", reference=ref.array,
                        title=f"{CASE}: predicted brain (fill) vs reference (yellow), "
                              f"Dice {brain['dice']:.3f}")
-    print(f"\nheld-out case {CASE} (not in training): Dice {brain['dice']:.4f}, "
+    print(f"\nvalidation case {CASE} (not in training, but it chose the model's settings: not a "
+          f"test score): Dice {brain['dice']:.4f}, "
           f"HD95 {brain['hd95_mm']:.2f} mm, surface Dice@2mm {brain['nsd']:.4f}")
     print(f"segmentation: {prediction}\noverlay:      {png}")
     return 0
