@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint
-from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan
+from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan, checked
 from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import ood_warning
@@ -66,7 +66,7 @@ class Model:
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Integer labels on the input's own voxel grid (an array input uses ``affine``, else 1 mm)."""
-        config = InferenceConfig(overlap=overlap, tta=tta)
+        config = checked(InferenceConfig, "predict()", overlap=overlap, tta=tta)
         return self.predict_volume(as_volume(image, affine), config, progress=progress,
                                    should_stop=should_stop).labels
 
@@ -83,6 +83,9 @@ class Model:
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
                               should_stop=should_stop, limits=self.limits, traits=self.traits,
                               device=self.device)
+
+
+MAX_CHANNELS_FIRST = 8  # a first axis this short, before a longer last one, is read as channels
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:
@@ -106,6 +109,11 @@ def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None
     if array.ndim not in (3, 4):
         raise MedsegError(f"image array: expected a 3D array (or 4D with channels last), got "
                           f"shape {array.shape}")
+    if array.ndim == 4 and array.shape[0] < min(array.shape[3], MAX_CHANNELS_FIRST + 1):
+        # (C, X, Y, Z) as torch and MONAI hold images; read as channels last it would be a
+        # C-voxel-thin volume of Z channels
+        raise MedsegError(f"image array: shape {array.shape} looks channels-first; channels go "
+                          "last, (X, Y, Z, C): pass np.moveaxis(array, 0, -1)")
     header = nib.Nifti1Header()
     volume = Volume(array.astype(np.float32), affine, header)
     volume = check_volume(volume, allow_channels=True, source="image array")

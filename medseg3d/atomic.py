@@ -124,7 +124,8 @@ def _write_error(exc: OSError, path: Path) -> MedsegError:
 
 def _temp_affixes(path: Path) -> tuple[str, str]:
     """Prefix and suffix of ``atomic_path``'s temporary files for ``path`` (hidden dotfiles)."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    # .NII.GZ too: a temp named .tmp.GZ is a format nibabel does not know
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".gz") else path.suffix
     return f".{path.name}.", f".tmp{suffix}"
 
 

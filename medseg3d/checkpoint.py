@@ -90,9 +90,12 @@ def check_weights(network: nn.Module, state: dict[str, torch.Tensor], name: str,
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k}: file {tuple(state[k].shape)}, network {tuple(v.shape)}"
                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    # load_state_dict would cast int8 (quantised or foreign) weights to float without a word
+    retyped = [f"{k}: file {state[k].dtype}, network {v.dtype}" for k, v in expected.items()
+               if k in state and v.is_floating_point() and not state[k].is_floating_point()]
     problems = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
-                ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
-                if keys]
+                ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"),
+                 (retyped, "of an integer type where the network holds floats")) if keys]
     if problems:
         raise MedsegError(f"weights do not match network {name!r}: {'; '.join(problems)}; were "
                           "they trained with other network options?", weights)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar, cast, get_args
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -30,17 +32,19 @@ from medseg3d.config import (
     NetworkConfig,
     PlanOverrides,
     TrainConfig,
+    checked,
     load_model_file,
 )
 from medseg3d.errors import MedsegError
+from medseg3d.logs import LogConsole
 
 if TYPE_CHECKING:
     from medseg3d.evaluation import Summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="3D medical image segmentation: train, predict, evaluate.")
-console = Console(stderr=True)
-out = Console()
+console = LogConsole(stderr=True)  # no wrapped paths in log files
+out = LogConsole()
 
 
 def _log_line(level: str, text: str) -> None:
@@ -126,10 +130,8 @@ def _plan_overrides(patch_size: str | None, batch_size: int | None, spacing: str
             overrides["spacing"] = [float(v) for v in spacing.split(",")]
         except ValueError:
             raise typer.BadParameter(f"--spacing expects three numbers, got {spacing!r}") from None
-    try:
+    with _option_errors():
         return PlanOverrides.model_validate(overrides)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc).splitlines()[-1].strip()) from None
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -146,20 +148,20 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _memory(text: str | None) -> float | None:
+    """``--max-memory`` in GB: a positive finite size such as 2GB, 512MB or 0.5 (GB)."""
     if text is None:
         return None
     units = {"tb": 1024, "gb": 1, "g": 1, "mb": 1 / 1024, "m": 1 / 1024}
     lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            try:
-                return float(lowered[: -len(unit)]) * factor
-            except ValueError:
-                break
+    unit = next((u for u in units if lowered.endswith(u)), "")
     try:
-        return float(lowered)
+        size = float(lowered[: len(lowered) - len(unit)]) * units.get(unit, 1)
     except ValueError:
-        raise typer.BadParameter(f"expected a size like 2GB or 512MB, got {text!r}") from None
+        size = math.nan
+    if not (math.isfinite(size) and size > 0):
+        raise typer.BadParameter(f"--max-memory must be a positive size like 2GB or 512MB, "
+                                 f"got {text!r}")
+    return size
 
 
 @app.command()
@@ -180,7 +182,7 @@ def train(
         "fold 0, or all cases without validation when there are fewer than 10.")] = None,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate: finite, above 0.")] = 1e-3,
     augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
     patch_size: Annotated[str | None, typer.Option(help="Override the plan, e.g. 64,64,64.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
@@ -205,10 +207,11 @@ def train(
 ) -> None:
     """Train a segmenter on a dataset folder."""
     from medseg3d.atomic import remove_stale_temps_in
-    from medseg3d.training import current_rank
+    from medseg3d.training import check_run_folder, current_rank
 
-    overrides = _plan_overrides(patch_size, batch_size, spacing)
     output = output or Path("runs") / f"{dataset.name}_{model}"
+    check_run_folder(output)
+    overrides = _plan_overrides(patch_size, batch_size, spacing)
     main_rank = current_rank().is_main  # under torchrun only rank 0 writes files and reports
     if resume and main_rank:
         remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
@@ -238,7 +241,8 @@ def _extended_config(output: Path, main_rank: bool, **length: Any) -> TrainConfi
     from medseg3d.resume import describe_length, extend
 
     saved = load_model_file(TrainConfig, output / "train_config.json")
-    train_config = extend(saved, output, **length)
+    with _option_errors():
+        train_config = extend(saved, output, **length)
     if train_config is not saved and main_rank:
         console.print("resuming with a new length: " + describe_length(
             train_config.epochs, train_config.iterations_per_epoch, train_config.steps,
@@ -248,10 +252,31 @@ def _extended_config(output: Path, main_rank: bool, **length: Any) -> TrainConfi
 
 def _new_config(fields: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from command-line values; a bad one is a one-line user error."""
-    try:
+    with _option_errors():
         return TrainConfig.model_validate(fields)
-    except ValueError as exc:
-        raise MedsegError(f"invalid option: {str(exc).splitlines()[-1].strip()}") from None
+
+
+# train options whose TrainConfig / PlanOverrides field has another name
+_FLAGS = {"learning_rate": "--lr", "time_budget_minutes": "--budget",
+          "iterations_per_epoch": "--iterations", "num_workers": "--workers",
+          "network": "--option"}
+
+
+@contextlib.contextmanager
+def _option_errors() -> Iterator[None]:
+    """Turn a ValidationError of command-line values into one line naming the option and value
+    (pydantic's own text ends in a URL line, and its field names are not the flags)."""
+    try:
+        yield
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        flag = _FLAGS.get(field, "--" + field.replace("_", "-")) if field else "option"
+        raise MedsegError(f"{flag} {_given(error['input'])}: {error['msg']}") from None
+
+
+def _given(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _train_with_progress(train_config: TrainConfig, *, resume: bool, main_rank: bool) -> Path:
@@ -294,9 +319,9 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
-    config = InferenceConfig(overlap=overlap, batch_size=batch_size, tta=tta, amp=amp,
-                             save_probabilities=save_probabilities,
-                             max_memory_gb=_memory(max_memory))
+    config = checked(InferenceConfig, None, overlap=overlap, batch_size=batch_size, tta=tta,
+                     amp=amp, save_probabilities=save_probabilities,
+                     max_memory_gb=_memory(max_memory))
     _predict_cohort(input, output, model, device, config, num_parts=num_parts, part_id=part_id,
                     resume=resume, overwrite=overwrite)
 
@@ -318,20 +343,44 @@ def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
         jobs = cohort.jobs_to_do(plan.planned, config.save_probabilities, resume=resume,
                                  overwrite=overwrite)
         if not jobs:
-            out.print(f"nothing to do: all {len(plan.cases)} case(s) already have outputs")
+            out.print(f"nothing to do: all {len(plan.cases)} case(s) already have outputs"
+                      f"{_skipped(plan.skipped)}", highlight=False, soft_wrap=True)
             return
         predictor = load_model(model, device)
         console.print(f"device: {describe_device(predictor.device)}", highlight=False,
                       soft_wrap=True)
         cohort.check_channels([case for case, _ in jobs], predictor.num_channels)
         started = time.perf_counter()
-        _predict_jobs(predictor, jobs, config, replace=overwrite)
-    out.print(f"wrote {len(jobs)} segmentation(s) in {time.perf_counter() - started:.1f}s"
-              + (f" to {jobs[0][1]}" if len(jobs) == 1 else f" to {output}"))
+        # In a folder, one bad scan is reported and skipped; the others still get their outputs.
+        failed = _predict_jobs(predictor, jobs, config, replace=overwrite,
+                               keep_going=not source.is_file())
+    written = len(jobs) - len(failed)
+    out.print(f"wrote {written} segmentation(s){_skipped(plan.skipped)}"
+              f"{f', {len(failed)} failed' if failed else ''} in "
+              f"{time.perf_counter() - started:.1f}s"
+              + (f" to {jobs[0][1] if len(jobs) == 1 else output}" if written else ""),
+              highlight=False, soft_wrap=True)
+    if failed:
+        raise MedsegError(_failures(failed, len(jobs)))
 
 
-def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replace: bool) -> None:
-    """Run ``cohort.predict_cases`` with progress bars, warnings and the volume tables."""
+def _skipped(skipped: list) -> str:
+    return f", skipped {len(skipped)} (not files, see the warnings)" if skipped else ""
+
+
+def _failures(failed: list[MedsegError], total: int) -> str:
+    """``N of M scan(s) failed: FILE (problem); ...``: the list to redo once the files are fixed."""
+    shown = [f"{exc.path} ({str(exc).removeprefix(f'{exc.path}: ')})" for exc in failed[:10]]
+    more = f"; and {len(failed) - 10} more (see the warnings)" if len(failed) > 10 else ""
+    return f"{len(failed)} of {total} scan(s) failed: {'; '.join(shown)}{more}"
+
+
+def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replace: bool,
+                  keep_going: bool = False) -> list[MedsegError]:
+    """Run ``cohort.predict_cases`` with progress bars, warnings and the volume tables.
+
+    With ``keep_going``, scans that fail are skipped; their errors are returned.
+    """
     from medseg3d import cohort
     from medseg3d.inference import Prediction
     from medseg3d.io import Volume, geometry_warning
@@ -358,12 +407,24 @@ def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replac
                                label_volumes(prediction.labels, volume.affine,
                                              predictor.labels))
 
+        failed: list[MedsegError] = []
+
+        def on_failed(case: cohort.InputCase, error: MedsegError) -> None:
+            bar.advance(files_task)
+            failed.append(error)
+
         cohort.predict_cases(predictor, jobs, config, on_read=on_read, on_windows=on_windows,
-                             on_done=on_done, replace=replace)
+                             on_done=on_done, replace=replace,
+                             on_failed=on_failed if keep_going else None)
+        if failed:
+            bar.live.transient = True  # the run ends in an error: its lines, not the bars
+    return failed
 
 
 def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list) -> None:
-    table = Table(title=f"{case_id} -> {path}", title_justify="left")
+    # the path on a line of its own: a table title wraps at the table's width, however long
+    target_console.print(f"{case_id} -> {path}", highlight=False, soft_wrap=True, markup=False)
+    table = Table()
     table.add_column("label")
     table.add_column("value", justify="right")
     table.add_column("voxels", justify="right")
@@ -387,11 +448,16 @@ def evaluate(
                                                 "(and predictions) go.")] = None,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Surface Dice tolerance, mm.")] = 2.0,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
+    labels_from: Annotated[Path | None, typer.Option(help="A dataset.json that names the labels "
+                                                     "(default: REF_DIR/dataset.json, or the "
+                                                     "dataset's own for labelsTr/labelsTs).")
+                           ] = None,
 ) -> None:
     """Dice, HD95 and surface Dice per case and class.
 
     Three forms: PRED.nii.gz REF.nii.gz (two files), PRED_DIR REF_DIR (cases matched by name),
-    or --model MODEL DATASET_DIR (predict the dataset's test cases, then score them).
+    or --model MODEL DATASET_DIR (predict the dataset's test cases, then score them). Every label
+    value found in the references or predictions is scored; a dataset.json only names them.
     """
     from medseg3d.evaluation import evaluate_files, evaluate_folders, write_metrics
 
@@ -404,7 +470,8 @@ def evaluate(
     elif _is_file_form(predictions, references):
         out.print(f"evaluating two files: {predictions} against {references}", highlight=False,
                   soft_wrap=True)
-        summary = evaluate_files(predictions, references, tolerance_mm=tolerance)
+        summary = evaluate_files(predictions, references, tolerance_mm=tolerance,
+                                 dataset_json=labels_from)
         if output is not None:  # written only once the scores exist: a failure leaves nothing
             output.mkdir(parents=True, exist_ok=True)
             write_metrics(summary, output)
@@ -414,7 +481,7 @@ def evaluate(
         out.print(f"evaluating two folders: {predictions} against {references} (cases matched "
                   "by file name)", highlight=False, soft_wrap=True)
     summary = evaluate_folders(predictions, references, out_dir=output or predictions,
-                               tolerance_mm=tolerance)
+                               tolerance_mm=tolerance, dataset_json=labels_from)
     _print_summary(summary, tolerance, output or predictions)
 
 
@@ -458,6 +525,8 @@ def _print_summary(summary: Summary, tolerance: float, written_to: Path | None) 
         table.add_row(name, f"{m.dice:.4f}", f"{m.min_dice:.4f}", f"{m.hd95_mm:.2f}",
                       f"{m.max_hd95_mm:.2f}", f"{m.nsd:.4f}", str(m.n_cases))
     out.print(table)
+    if summary.labels_from is not None:
+        out.print(f"label names from {summary.labels_from}", highlight=False, soft_wrap=True)
     for name, m in summary.mean.items():
         if m.n_cases > 1:  # a mean hides the failures: name the worst cases
             out.print(f"worst {name}: Dice {m.min_dice:.4f} ({m.min_dice_case}), HD95 "

@@ -14,28 +14,39 @@ segmented, which keeps the accelerator busy.
 from __future__ import annotations
 
 import functools
+import gzip
+import logging
+import os
 import re
+import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+from nibabel.arrayproxy import ArrayProxy
 
+from medseg3d import sitk_log
 from medseg3d.atomic import remove_stale_temps
 from medseg3d.errors import MedsegError
 from medseg3d.io import (
+    DETACHED_SUFFIXES,
+    NIFTI_SUFFIXES,
     VOLUME_SUFFIXES,
     Volume,
     case_name,
+    data_files,
     read_volume,
     volume_suffix,
     write_array,
     write_labels,
 )
-from medseg3d.paths import unique_by_case
+from medseg3d.paths import broken_link, confined, not_a_file, unique_by_case
 
 if TYPE_CHECKING:
     from medseg3d.api import Model
@@ -43,6 +54,8 @@ if TYPE_CHECKING:
     from medseg3d.inference import Prediction
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,24 +66,46 @@ class InputCase:
     files: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class SkippedInput:
+    """An entry of the input folder named like a volume that is not a file (and why)."""
+
+    path: Path
+    reason: str  # "a dangling symbolic link", "a symbolic link loop", "a FIFO (named pipe)" ...
+
+
 def find_inputs(path: Path) -> list[InputCase]:
     """Cases in a file or folder, sorted by case id; nnU-Net channel files are grouped."""
+    return list_inputs(path)[0]
+
+
+def list_inputs(path: Path) -> tuple[list[InputCase], list[SkippedInput]]:
+    """Cases in a file or folder, and the folder's entries named like volumes that are not files.
+
+    Symbolic links are followed, also out of the folder: the folder's owner put them there.
+    """
     if path.is_file():
-        return [InputCase(case_name(path), (path,))]
+        return [InputCase(case_name(path), (path,))], []
     if not path.is_dir():
-        raise MedsegError("file or folder not found", path)
+        problem = not_a_file(path)
+        raise MedsegError("file or folder not found" if problem == "a missing file" else
+                          f"input is {problem}, not a volume file", path)
     try:
-        files = sorted(p for p in path.iterdir() if volume_suffix(p) and p.is_file()
-                       and not p.name.startswith("."))
+        named = sorted(p for p in path.iterdir()
+                       if volume_suffix(p) and not p.name.startswith("."))
     except PermissionError as exc:
         raise MedsegError("folder is not readable", path) from exc
+    reasons = {p: not_a_file(p) for p in named}
+    files = [p for p in named if reasons[p] is None]
+    skipped = [SkippedInput(p, reason) for p, reason in reasons.items() if reason is not None]
     if not files:
-        raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)})", path)
+        seen = f"; {skipped[0].path.name} is {skipped[0].reason}" if skipped else ""
+        raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)}){seen}", path)
     groups = _channel_groups(files)
     if groups is not None:
-        return [InputCase(case, fs) for case, fs in sorted(groups.items())]
+        return [InputCase(case, fs) for case, fs in sorted(groups.items())], skipped
     return [InputCase(case, (file,)) for case, file in unique_by_case(files, case_name,
-                                                                       path).items()]
+                                                                       path).items()], skipped
 
 
 def _channel_groups(files: list[Path]) -> dict[str, tuple[Path, ...]] | None:
@@ -120,6 +155,7 @@ def plan_outputs(cases: Sequence[InputCase], output: Path | None, *, folder_inpu
     for case in cases:
         target = _target(case, output, folder_input)
         for written in (target, *((probabilities_path(target),) if probabilities else ())):
+            check_output_entry(written)
             if written.resolve() in inputs:
                 raise MedsegError("output would overwrite an input scan; choose another "
                                   "--output", written)
@@ -142,9 +178,38 @@ def _target(case: InputCase, output: Path | None, folder_input: bool) -> Path:
     if target.is_dir():
         raise MedsegError("output is an existing folder; give a file name such as "
                           f"{target / (case.case_id + '_seg.nii.gz')}", target)
-    if not volume_suffix(target):
+    suffix = volume_suffix(target)
+    if not suffix:
         raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", target)
+    if not target.name.endswith(suffix):
+        # nibabel takes .NII.GZ, but SimpleITK neither reads .MHA nor .MHD back: one rule for all
+        stem = target.name[: len(target.name) - len(suffix)]
+        raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}, in lower case "
+                          f"(SimpleITK does not read upper-case .MHA or .MHD); e.g. {stem}{suffix}",
+                          target)
     return target
+
+
+def check_output_entry(output: Path) -> None:
+    """Refuse an output that is a link, a folder or a FIFO, or lies in a link that leads nowhere.
+
+    Writing renames a new file over the output: it would replace the link, not write through it,
+    and a dangling link would only be found at that rename, after all the work. Linked folders
+    that exist are fine.
+    """
+    for folder in reversed(output.parents):
+        if (problem := broken_link(folder)) is not None:
+            raise MedsegError(f"output folder is {problem}; remove it or choose another "
+                              "--output", folder)
+    if not os.path.lexists(output):
+        return
+    problem = broken_link(output) or not_a_file(output)
+    if problem is not None:
+        raise MedsegError(f"output is {problem}; remove it or choose another --output", output)
+    if output.is_symlink():
+        raise MedsegError(f"output is a symbolic link (to {os.readlink(output)}); results are "
+                          "never written through links; remove it or choose another --output",
+                          output)
 
 
 @dataclass(frozen=True)
@@ -154,18 +219,26 @@ class CohortPlan:
     cases: list[InputCase]  # this part's cases
     planned: list[tuple[InputCase, Path]]  # each case and its label output
     written: list[Path]  # every file the planned outputs write (each is locked while working)
+    skipped: list[SkippedInput] = field(default_factory=list)  # entries that are not files
 
 
 def plan_cohort(source: Path, output: Path | None, *, num_parts: int = 1, part_id: int = 0,
                 probabilities: bool = False) -> CohortPlan:
-    """Find, shard and name every output (suffix, collisions, a writable folder) up front."""
-    cases = shard(find_inputs(source), num_parts, part_id)
+    """Find, shard and name every output (suffix, collisions, a writable folder) up front.
+
+    Entries named like volumes that are not files (dangling links, loops, FIFOs, folders) are
+    skipped with one warning each.
+    """
+    found, skipped = list_inputs(source)
+    for entry in skipped:
+        LOGGER.warning(f"{entry.path}: skipped: {entry.reason}, not a volume file")
+    cases = shard(found, num_parts, part_id)
     planned = plan_outputs(cases, output, folder_input=not source.is_file(),
                            probabilities=probabilities)
     for folder in sorted({target.parent for _, target in planned}):
         check_writable(folder)
     written = [w for _, target in planned for w in written_paths(target, probabilities)]
-    return CohortPlan(cases, planned, written)
+    return CohortPlan(cases, planned, written, skipped)
 
 
 def written_paths(target: Path, probabilities: bool) -> list[Path]:
@@ -188,16 +261,86 @@ def _to_do(target: Path, probabilities: bool, *, resume: bool, overwrite: bool) 
     if overwrite:
         return True
     if target.exists():
-        if resume:
+        if not resume:
+            raise MedsegError("output exists; pass --continue to skip finished cases or "
+                              "--overwrite to replace them", target)
+        problem = unfinished(target)
+        if problem is None:
             return False
-        raise MedsegError("output exists; pass --continue to skip finished cases or "
-                          "--overwrite to replace them", target)
+        # A broken output holds nothing worth keeping: remove it (we hold its lock), as the new
+        # one is written without replacing anything.
+        LOGGER.warning(f"{target}: existing output is not a complete volume ({problem}); "
+                       "--continue predicts this case again and replaces it")
+        for written in (extra, *_data_files_of(target), target):
+            written.unlink(missing_ok=True)
+        return True
     if probabilities and extra.exists():
         if resume:  # probabilities are written first: their labels never came, redo both
             extra.unlink()
             return True
         raise MedsegError("output exists; pass --overwrite to replace it", extra)
     return True
+
+
+def unfinished(output: Path) -> str | None:
+    """Why an existing output is not a complete volume file, judged from its header; else None.
+
+    Cheap: no voxel is decompressed. A gzip's last four bytes hold its uncompressed size, which a
+    complete NIfTI's header predicts; an uncompressed file must be as long as its header says.
+    """
+    if (problem := not_a_file(output)) is not None:
+        return problem
+    if output.stat().st_size == 0:
+        return "file is empty"
+    try:
+        if volume_suffix(output) in NIFTI_SUFFIXES:
+            return _unfinished_nifti(output)
+        return _unfinished_itk(output)
+    except (OSError, EOFError, ValueError, RuntimeError, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as exc:
+        return f"its header does not read ({' '.join(str(exc).split())[:120]})"
+
+
+def _unfinished_nifti(output: Path) -> str | None:
+    with open(output, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+        fh.seek(-4, os.SEEK_END)
+        trailer = fh.read(4)
+    with nib.imageglobals.LoggingOutputSuppressor():
+        img = cast(nib.Nifti1Image, nib.load(str(output)))  # the header: voxels stay on disk
+    proxy = cast(ArrayProxy, img.dataobj)
+    voxels = int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    expected = int(proxy.offset) + voxels
+    if gzipped:
+        if struct.unpack("<I", trailer)[0] != expected % 2**32:
+            return "its gzip stream is cut short"
+        with gzip.open(output, "rb") as fh:  # the header parsed; the stream start decodes too
+            fh.read(1)
+    elif output.stat().st_size < expected:
+        return f"holds {output.stat().st_size:,} of the {expected:,} bytes its header declares"
+    return None
+
+
+def _unfinished_itk(output: Path) -> str | None:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(output))
+    with sitk_log.about(output):
+        reader.ReadImageInformation()
+    for name in data_files(output):
+        data = confined(output.parent, name, output, "data file")
+        if not data.is_file() or data.stat().st_size == 0:
+            return f"its data file {name} is missing or empty"
+    return None
+
+
+def _data_files_of(output: Path) -> list[Path]:
+    """The data files a detached output's header names (those inside its folder)."""
+    if volume_suffix(output) not in DETACHED_SUFFIXES:
+        return []
+    try:
+        return [confined(output.parent, name, output) for name in data_files(output)]
+    except (OSError, MedsegError):
+        return []
 
 
 def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCase]:
@@ -209,6 +352,9 @@ def shard(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCas
 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove a file can be made there, before any work starts."""
+    if (problem := broken_link(folder)) is not None:
+        raise MedsegError(f"output folder is {problem}; remove it or choose another --output",
+                          folder)
     if folder.exists() and not folder.is_dir():
         raise MedsegError("output folder is a file", folder)
     try:
@@ -240,19 +386,38 @@ def read_input(case: InputCase, max_bytes: int | None = None) -> Volume:
 def read_cases(cases: list[InputCase], ahead: bool = True, max_bytes: int | None = None
                ) -> Iterator[tuple[InputCase, Volume]]:
     """Each case with its volume; with ``ahead`` the next one is read in a thread meanwhile."""
+    return _each_read(cases, read_input, ahead, max_bytes)
+
+
+def _each_read(cases: list[InputCase], read: Callable[[InputCase, int | None], T], ahead: bool,
+               max_bytes: int | None) -> Iterator[tuple[InputCase, T]]:
     if not ahead:
         for case in cases:
-            yield case, read_input(case, max_bytes)
+            yield case, read(case, max_bytes)
         return
     if not cases:
         return
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read_input, cases[0], max_bytes)
+        future = pool.submit(read, cases[0], max_bytes)
         for i, case in enumerate(cases):
             volume = future.result()
             if i + 1 < len(cases):
-                future = pool.submit(read_input, cases[i + 1], max_bytes)
+                future = pool.submit(read, cases[i + 1], max_bytes)
             yield case, volume
+
+
+def about_case(error: MedsegError, case: InputCase) -> bool:
+    """Whether ``error`` names one of the case's files: a bad scan, not a bad job."""
+    return error.path is not None and error.path in case.files
+
+
+def _read_or_failure(case: InputCase, max_bytes: int | None) -> Volume | MedsegError:
+    try:
+        return read_input(case, max_bytes)
+    except MedsegError as exc:
+        if about_case(exc, case):
+            return exc
+        raise
 
 
 class BackgroundWriter:
@@ -299,8 +464,8 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
                   overlap_io: bool = True, replace: bool = True,
                   on_read: Callable[[InputCase, Volume], None] | None = None,
                   on_windows: Callable[[int, int], None] | None = None,
-                  on_done: Callable[[InputCase, Path, Volume, Prediction], None] | None = None
-                  ) -> None:
+                  on_done: Callable[[InputCase, Path, Volume, Prediction], None] | None = None,
+                  on_failed: Callable[[InputCase, MedsegError], None] | None = None) -> None:
     """Segment each ``(case, output path)`` job and write the result there.
 
     With ``overlap_io`` the next scan is read and the previous result written in background
@@ -308,18 +473,29 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
     written in turn (the baseline of ``benchmarks/cohort_io.py``). ``on_read`` runs once a case's
     volume is in memory, ``on_windows`` reports sliding-window progress, ``on_done`` runs after
     its result was handed to the writer. ``replace=False`` never replaces an existing output.
-    A memory limit (``config.max_memory_gb``) turns the overlap off.
+    A memory limit (``config.max_memory_gb``) turns the overlap off. With ``on_failed``, a scan
+    that cannot be read or segmented (a MedsegError naming its file) is reported to it, with one
+    warning, and the others go on; any other error stops at once.
     """
     limit = None if config.max_memory_gb is None else int(config.max_memory_gb * 2**30)
     # under a limit, one scan at a time: a scan read ahead or a result still being written would
     # sit beside the prediction that the limit was planned for
     overlap_io = overlap_io and limit is None
     writer = BackgroundWriter(enabled=overlap_io)
-    volumes = read_cases([case for case, _ in jobs], ahead=overlap_io, max_bytes=limit)
+    volumes = _each_read([case for case, _ in jobs], _read_or_failure, overlap_io, limit)
     for (case, target), (_, volume) in zip(jobs, volumes, strict=True):
-        if on_read is not None:
-            on_read(case, volume)
-        prediction = model.predict_volume(volume, config, progress=on_windows)
+        try:
+            if isinstance(volume, MedsegError):
+                raise volume
+            if on_read is not None:
+                on_read(case, volume)
+            prediction = model.predict_volume(volume, config, progress=on_windows)
+        except MedsegError as exc:
+            if on_failed is None or not about_case(exc, case):
+                raise
+            LOGGER.warning(f"{exc}; skipped, the other scans go on")
+            on_failed(case, exc)
+            continue
         writer.submit(functools.partial(write_prediction, prediction.labels,
                                         prediction.probabilities, volume, target, replace))
         if on_done is not None:

@@ -45,6 +45,9 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The longest wall-clock budget a training run may be given (a year, in minutes).
+MAX_BUDGET_MINUTES = 365 * 24 * 60
+
 # Label maps are written as uint8/uint16/uint32, whichever holds the largest value.
 MAX_LABEL_VALUE = 2**32 - 1
 
@@ -102,11 +105,26 @@ class DatasetSpec(BaseModel):
         data = dict(data)
         if "channel_names" not in data and "modality" in data:
             data["channel_names"] = data.pop("modality")
-        labels = data.get("labels")
-        if isinstance(labels, dict) and labels and all(
-                str(k).isdigit() and isinstance(v, str) for k, v in labels.items()):
-            data["labels"] = {v: int(k) for k, v in labels.items()}
         return data
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_from_decathlon(cls, labels: Any) -> Any:
+        if not (isinstance(labels, dict) and labels and all(
+                str(k).isdigit() and isinstance(v, str) for k, v in labels.items())):
+            return labels
+        values: dict[str, list[int]] = {}
+        for value, name in labels.items():
+            values.setdefault(name, []).append(int(value))
+        # name -> value would keep only the last value of a repeated name, and its other
+        # values would then be "undeclared" in every label map that uses them
+        repeated = {name: found for name, found in values.items() if len(found) > 1}
+        if repeated:
+            name, found = next(iter(repeated.items()))
+            raise ValueError(f"label name {name!r} is given to values "
+                             f"{', '.join(map(str, found[:-1]))} and {found[-1]}; each class "
+                             "needs its own name")
+        return {name: found[0] for name, found in values.items()}
 
     @field_validator("labels")
     @classmethod
@@ -270,8 +288,10 @@ class TrainConfig(Frozen):
     # with no validation; -1: all cases, validated on the training cases (no honest selection).
     fold: int | None = Field(default=None, ge=-1)
     num_folds: int = Field(default=5, ge=2)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-5, ge=0)
+    # AdamW moves every weight by about the rate at each step: above 1 nothing is learnt, and
+    # an infinite rate (or one beyond float32) wrecks every weight at the first step
+    learning_rate: float = Field(default=1e-3, gt=0, le=1, allow_inf_nan=False)
+    weight_decay: float = Field(default=1e-5, ge=0, allow_inf_nan=False)
     device: Device = "auto"
     seed: int = 0
     # data loader workers; None: none on a CPU (they would take its cores), some on a GPU
@@ -279,7 +299,9 @@ class TrainConfig(Frozen):
     amp: bool = True  # fp16 autocast on CUDA, bf16 on CPUs that compute it natively
     ema: float | None = Field(default=0.99, gt=0, lt=1)  # decay of the weight average; None: off
     augment: Augment = "strong"
-    time_budget_minutes: float | None = Field(default=None, gt=0)
+    # at most a year: an infinite or astronomic budget overflows the planner's arithmetic
+    time_budget_minutes: float | None = Field(default=None, gt=0, le=MAX_BUDGET_MINUTES,
+                                              allow_inf_nan=False)
     plan_overrides: PlanOverrides = Field(default_factory=PlanOverrides)
     # earlier lengths of a run extended with --resume, oldest first (the current one is above)
     segments: list[RunSegment] = Field(default_factory=list)
@@ -292,7 +314,7 @@ class InferenceConfig(Frozen):
     holds its weights there, so the two can never disagree.
     """
 
-    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] = 0.5
     batch_size: int = Field(default=2, ge=1)
     tta: bool = False
     # bf16 on CPUs that compute it natively (a bf16 channels-last copy of the network), fp16
@@ -300,7 +322,7 @@ class InferenceConfig(Frozen):
     # 3.1-4.9x MONAI's fp32 sliding window on a 2-core CPU (benchmarks/sliding_window.py)
     amp: bool = True
     save_probabilities: bool = False
-    max_memory_gb: float | None = Field(default=None, gt=0)
+    max_memory_gb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class TrainingFingerprint(Frozen):
@@ -404,6 +426,15 @@ def load_model_file(model: type[M], path: str | Path) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise MedsegError(f"invalid {model.__name__}: {_first_error(exc)}", path) from exc
+
+
+def checked(model: type[M], source: str | None = None, **fields: Any) -> M:
+    """``model(**fields)`` for values a user gave by hand (options, API arguments): a bad one is
+    a one-line MedsegError naming the field, not a pydantic traceback."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise MedsegError(f"{source + ': ' if source else ''}{_first_error(exc)}") from None
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -11,8 +11,11 @@ for ``--augment synth`` (``medseg3d.synthesis``).
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +40,23 @@ def load_spec(dataset_dir: str | Path) -> DatasetSpec:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise MedsegError("dataset folder not found", dataset_dir)
-    return load_model_file(DatasetSpec, dataset_dir / "dataset.json")
+    spec = load_model_file(DatasetSpec, dataset_dir / "dataset.json")
+    refuse_repeated_keys(dataset_dir / "dataset.json")
+    return spec
+
+
+def refuse_repeated_keys(path: Path) -> None:
+    """Refuse a JSON file with a key twice in one object: JSON keeps the last one silently, so
+    ``{"tumour": 1, "tumour": 2}`` would lose class 1 (its voxels then "undeclared")."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        key, times = Counter(key for key, _ in pairs).most_common(1)[0] if pairs else ("", 1)
+        if times > 1:
+            raise MedsegError(f"key {key!r} appears {times} times in one JSON object; JSON keeps "
+                              "only the last, so the others would be lost silently", path)
+        return dict(pairs)
+
+    json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique)
 
 
 def find_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case]:
@@ -108,7 +127,24 @@ def _decathlon_cases(root: Path, spec: DatasetSpec) -> list[Case]:
             if not path.is_file():
                 raise MedsegError("listed in dataset.json but missing", path)
         cases.append(Case(case_name(label), (image,), label, channels_in_file=True))
+    refuse_repeated_cases(cases, root / "dataset.json")
     return cases
+
+
+def refuse_repeated_cases(cases: list[Case], where: Path) -> None:
+    """A case listed twice would be trained on twice and counted as two, and two label files of
+    one name would share one case id (the second read in place of the first)."""
+    counts = Counter(case.case_id for case in cases)
+    case_id, times = counts.most_common(1)[0] if counts else ("", 1)
+    if times < 2:
+        return
+    labels = sorted({str(c.label) for c in cases if c.case_id == case_id})
+    if len(labels) == 1:
+        raise MedsegError(f"the 'training' list names case {case_id!r} {times} times; list each "
+                          "case once", where)
+    raise MedsegError(f"the 'training' list names case {case_id!r} {times} times, with label "
+                      f"files {', '.join(labels)}; case names come from label file names, so "
+                      "rename one", where)
 
 
 def read_case(case: Case, spec: DatasetSpec) -> tuple[Volume, Volume]:

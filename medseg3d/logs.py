@@ -12,7 +12,11 @@ import logging
 import warnings
 from collections.abc import Callable
 
+from rich.console import Console, ConsoleDimensions
+
 LOGGER = logging.getLogger("medseg3d")
+# Wider than any path (PATH_MAX is 4096): nothing is wrapped in a log file.
+LOG_WIDTH = 10_000
 # Libraries whose log records reach the user; their own handlers are removed.
 LIBRARY_LOGGERS = ("nibabel", "nibabel.global", "monai", "torch", "SimpleITK")
 
@@ -52,3 +56,21 @@ def route_to(emit_line: Callable[[str, str], None]) -> OneLineHandler:
 
     warnings.showwarning = show
     return handler
+
+
+class LogConsole(Console):
+    """A rich Console that wraps to the terminal, but never in a log file or pipe.
+
+    Rich assumes 80 columns when its stream is not a terminal, so a table in a SLURM log breaks
+    each long path over several lines; there, the console is as wide as any line. Asked each
+    time, as the stream can change (tests swap ``sys.stdout``).
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(LOG_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size

@@ -118,13 +118,22 @@ def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:
             mean, std = norm.mean, norm.std
         elif norm.scheme == "zscore":
             out[c] = channel
-            mean, std = _mean_std(out[c])
+            mean, std = _mean_std(channel)
         else:
             out[c] = channel
             continue
-        out[c] -= mean
-        out[c] /= max(std, 1e-8)
+        _standardise(out[c], channel if norm.scheme == "zscore" else out[c], mean, std)
     return out
+
+
+def _standardise(out: np.ndarray, source: np.ndarray, mean: float, std: float,
+                 slab: int = 16) -> None:
+    """``out = (source - mean) / std`` in float64, a slab at a time. A z-score does not depend on
+    the intensity scale, so a head scaled by 1e-12 (std far below any fixed epsilon) or one whose
+    float32 values are subnormal gets the same result; only a constant image has std 0."""
+    scale = 1.0 / std if std > 0 else 0.0
+    for i in range(0, source.shape[0], slab):
+        out[i:i + slab] = (source[i:i + slab].astype(np.float64) - mean) * scale
 
 
 def _mean_std(channel: np.ndarray, slab: int = 16) -> tuple[float, float]:

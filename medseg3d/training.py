@@ -69,6 +69,7 @@ from medseg3d.figures import progress_figure, save_figure
 from medseg3d.fingerprint import fingerprint_cases
 from medseg3d.inference import window_for
 from medseg3d.networks import AuxiliaryLoss, NetworkTraits, build_network, network_traits
+from medseg3d.networks.registry import check_network_size
 from medseg3d.planning import (
     MIN_BUDGET_STEPS,
     fingerprint_case,
@@ -191,23 +192,21 @@ def choose_split(cases: list[Case], config: TrainConfig) -> tuple[list[Case], li
 def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -> TrainingData:
     """Validate the dataset folder, plan it (or reuse the run's plan) and preprocess every case."""
     spec = load_spec(config.dataset)
+    # before any volume is read: a slip such as 1,000,000 filters is refused in a moment
+    check_network_size(config.network.name, spec.num_channels, len(spec.labels),
+                       **config.network.options)
     cases = find_cases(config.dataset, spec)
     train_cases, val_cases, split_text = choose_split(cases, config)
     log(f"split: {split_text}")
     volumes = {c.case_id: read_case(c, spec) for c in cases}
     require_foreground([labels for _, labels in volumes.values()], config.dataset)
-    plan_path = Path(config.output) / "plan.json"
-    if plan_path.is_file() and config.plan_overrides.reuse_plan:
-        plan = load_model_file(Plan, plan_path)
-    else:
+    plan = saved_plan(config, log)
+    if plan is None:
         plan = _make_plan(config, spec, [volumes[c.case_id] for c in train_cases], network, log)
         if rank.distributed:  # the budget fit timed this device: every rank takes rank 0's plan
             shared = [plan]
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
-        if rank.is_main:
-            plan_path.parent.mkdir(parents=True, exist_ok=True)
-            save_model_file(plan, plan_path)
     check_patch(plan.patch_size, network, config.network.name)
     log(f"plan: spacing {plan.spacing} mm, patch {plan.patch_size}, batch {plan.batch_size}, "
         f"classes {plan.class_names}")
@@ -231,6 +230,30 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
                          "val": [c.case_id for c in val_cases]},
                         fingerprint_cases([volumes[c.case_id] for c in train_cases],
                                           list(spec.channel_names.values())))
+
+
+def saved_plan(config: TrainConfig, log: Callable[[str], None]) -> Plan | None:
+    """The run folder's ``plan.json``, unless it is absent or disagrees with the plan values given
+    (``--patch-size``, ``--batch-size``, ``--spacing``): those win, and the run is planned again.
+
+    A resumed run gets its own plan back (its saved config holds the values it was planned with);
+    a plan edited by hand is used as it is, as nnU-Net uses an edited plans file.
+    """
+    path = Path(config.output) / "plan.json"
+    if not (path.is_file() and config.plan_overrides.reuse_plan):
+        return None
+    plan = load_model_file(Plan, path)
+    given = config.plan_overrides.plan_fields()
+    differ = [f"{key} {_shown(getattr(plan, key))} (now {_shown(value)})"
+              for key, value in given.items() if getattr(plan, key) != value]
+    if differ:
+        log(f"plan: {path} has {', '.join(differ)}; planning again with the values given")
+        return None
+    return plan
+
+
+def _shown(value: object) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: NetworkTraits,
@@ -465,6 +488,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
     """Run a training job; returns the path of the final checkpoint's weights."""
     rank = current_rank()
     output = Path(config.output)
+    check_run_folder(output)
     state_path = output / STATE_FILE
     if resume and not state_path.is_file():
         raise MedsegError("nothing to resume: no training_state.safetensors", output)
@@ -479,6 +503,16 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
             # A group left to interpreter exit makes gloo abort now and then ("terminate called
             # without an active exception"); _train's model and DDP reducer are freed by now.
             dist.destroy_process_group()
+
+
+def check_run_folder(output: Path) -> None:
+    """Refuse an ``--output`` that cannot become a run folder, before any work is done."""
+    if output.exists() and not output.is_dir():
+        raise MedsegError("output is an existing file; --output must be a folder", output)
+    existing = next((p for p in output.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise MedsegError(f"{existing} is a file, so no run folder can be made inside it; "
+                          "--output must be a folder", output)
 
 
 def training_device(config: TrainConfig, rank: Rank) -> torch.device:
@@ -529,6 +563,8 @@ def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig
                               "it cheaper")
         if overrides.max_patch_voxels is None:
             overrides = overrides.model_copy(update={"max_patch_voxels": PATCH_FREE_MAX_VOXELS})
+    if overrides.patch_size is not None:  # now, before the dataset is read and planned
+        check_patch(overrides.patch_size, traits, config.network.name)
     return traits, config.model_copy(update={"plan_overrides": overrides})
 
 
@@ -590,8 +626,9 @@ def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str],
     traits, config = apply_network_rules(requested)
     data = prepare_data(config, traits, rank, log)
     output = Path(config.output)
-    if rank.is_main:  # only now: a dataset that fails validation leaves no run folder behind
+    if rank.is_main:  # only now: a dataset or plan that fails its checks leaves no run folder
         save_model_file(requested, output / "train_config.json")
+        save_model_file(data.plan, output / "plan.json")
     torch.manual_seed(config.seed)
     model = build_network(config.network.name, data.plan.num_channels, data.plan.num_classes,
                           **config.network.options).to(device)
@@ -689,6 +726,7 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
         raise MedsegError(f"epoch {record.epoch}: no step had a finite loss, so every update was "
                           "skipped; the run diverged (the last finished epoch is saved)",
                           run.output)
+    require_finite_weights(run)  # every rank holds the same weights: all of them stop together
     if run.data.val and ((state.epoch + 1) % config.val_every == 0 or run.done):
         record.val_dice = validate(run.eval_network, run.data.val, run.plan, run.device,
                                    run.rank, run.ctx.amp_dtype, traits=run.traits)
@@ -714,6 +752,7 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
 def finish(run: Run) -> Path:
     """Save ``checkpoint_final`` (rank 0) and wait for every rank; its weights' path."""
     history = run.state.history
+    require_finite_weights(run)
     if run.rank.is_main:
         _checkpoint(run, "checkpoint_final", {**_loss_metric(history[-1].train_loss),
                                               "steps": float(run.step)} if history else {})
@@ -722,6 +761,24 @@ def finish(run: Run) -> Path:
     if run.rank.distributed:
         dist.barrier()  # no rank may exit (torchrun ends the job) before rank 0's last writes
     return run.output / "checkpoint_final.safetensors"
+
+
+def require_finite_weights(run: Run) -> None:
+    """Refuse to save weights holding NaN/inf: a diverged run must not end as a "final
+    checkpoint" (a finite first loss can be followed by a step that wrecks every weight)."""
+    # the network saved in checkpoints and the one in the resume state (the same one without
+    # a weight average) have the same tensors: count them in the worse of the two
+    bad, total = max(_non_finite(unwrap(run.ctx.model)), _non_finite(run.eval_network))
+    if bad:
+        kept = " (the last finished epoch is)" if run.state.epoch else ""
+        raise MedsegError(f"training diverged: {bad} of {total} weight tensors hold NaN/inf "
+                          f"after step {run.step}; not saved{kept}; try a lower --lr", run.output)
+
+
+def _non_finite(network: nn.Module) -> tuple[int, int]:
+    """Floating-point tensors of ``network`` that hold NaN/inf, and how many it has."""
+    tensors = [t for t in network.state_dict().values() if t.is_floating_point()]
+    return sum(not bool(torch.isfinite(t).all()) for t in tensors), len(tensors)
 
 
 def _checkpoint(run: Run, stem: str, metrics: dict[str, float]) -> None:

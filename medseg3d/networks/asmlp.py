@@ -327,7 +327,8 @@ class ASMLP3d(nn.Module):
         self.dims = dims
         # Stochastic depth grows linearly over the encoder; a decoder stage reuses its
         # encoder stage's rates (the deepest, most droppable blocks sit in the middle of the U).
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        # plain numbers, made on the CPU even while the network is built on the meta device
+        rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()
         stage_rates = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
 
         # A small convolution as stem (not a patch embedding): full voxel resolution is kept,

@@ -24,6 +24,10 @@ from medseg3d.errors import MedsegError
 
 NetworkFactory = Callable[..., nn.Module]
 
+# More parameters than this (8 GB of float32 weights, 40 times the largest preset) is a slip in
+# the options, such as 1,000,000 filters: refused before a byte of it is allocated.
+MAX_PARAMETERS = 2_000_000_000
+
 
 @dataclass(frozen=True)
 class NetworkTraits:
@@ -118,6 +122,30 @@ def list_networks() -> list[str]:
 
 def build_network(name: str, in_channels: int, out_channels: int, **options: object) -> nn.Module:
     """Build the network registered as ``name``; unknown names or options give a MedsegError."""
+    check_network_size(name, in_channels, out_channels, **options)
+    return _construct(name, in_channels, out_channels, options)
+
+
+def count_parameters(name: str, in_channels: int, out_channels: int, **options: object) -> int:
+    """Parameters of ``build_network(name, ...)``, counted without allocating them."""
+    with torch.device("meta"):  # tensors without storage: any size costs nothing
+        net = _construct(name, in_channels, out_channels, options)
+    return sum(p.numel() for p in net.parameters())
+
+
+def check_network_size(name: str, in_channels: int, out_channels: int, **options: object
+                       ) -> None:
+    """Refuse options that would build a network of more than ``MAX_PARAMETERS``."""
+    count = count_parameters(name, in_channels, out_channels, **options)
+    if count > MAX_PARAMETERS:
+        given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+        raise MedsegError(f"network {name!r} with {given} would hold {count:.2g} parameters "
+                          f"({4 * count / 1e9:,.0f} GB of float32 weights), more than the "
+                          f"{MAX_PARAMETERS:.0e} medseg3d builds; are the options right?")
+
+
+def _construct(name: str, in_channels: int, out_channels: int, options: Mapping[str, object]
+               ) -> nn.Module:
     preset = _preset(name)
     try:
         net = preset.factory(in_channels, out_channels, **{**preset.defaults, **options})

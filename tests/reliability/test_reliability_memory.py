@@ -236,3 +236,14 @@ def test_a_limit_below_what_the_process_holds_is_refused_at_once(setup, tmp_path
                                                           "0.2GB"))
     assert returncode == 1
     assert_one_line_error(output, r"on top of the 0\.\d\d GB this process holds", scan)
+
+
+@pytest.mark.parametrize("limit", ["nan", "-1GB", "0", "inf", "0MB", "lots"])
+def test_a_limit_that_is_no_size_is_named(setup, tmp_path: Path, limit: str) -> None:
+    _, weights, scan = setup
+    result = CliRunner().invoke(app, ["predict", str(scan), "-o", str(tmp_path / "s.nii.gz"),
+                                      "--model", str(weights), f"--max-memory={limit}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--max-memory must be a positive size like 2GB or 512MB, got '{limit}'" in \
+        " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "s.nii.gz").exists()

@@ -1,0 +1,230 @@
+"""Issue #30: hostile inputs to ``medseg3d train``, refused in one line before the costly work.
+
+Each test is one case from the issue (#30) or one of ours of the same kind, with the expected
+line in its assertion. Most are refused before the dataset is read, so they run in a moment; the
+two that must train run one step on a 16³ dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import Result
+from synthetic import make_dataset
+from test_reliability_corpus import assert_one_line_error
+from test_reliability_round2 import edited_model, train
+
+import medseg3d.training as training
+from medseg3d.api import load_model
+from medseg3d.errors import MedsegError
+from medseg3d.networks import build_network, list_networks
+from medseg3d.networks.registry import count_parameters
+
+TINY = ("--option", "filters=[4,8]")  # a two-level U-Net: 16³ patches are deep enough
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+
+
+def decathlon(root: Path, **edits: object) -> Path:
+    """A two-case Decathlon-style dataset folder with ``edits`` applied to its dataset.json."""
+    make_dataset(root, num_cases=2, shape=(16, 16, 16))
+    spec = json.loads((root / "dataset.json").read_text())
+    spec.pop("numTraining")
+    spec["training"] = [{"image": f"./imagesTr/case00{i}_0000.nii.gz",
+                         "label": f"./labelsTr/case00{i}.nii.gz"} for i in range(2)]
+    (root / "dataset.json").write_text(json.dumps({**spec, **edits}))
+    return root
+
+
+def refused(result: Result, pattern: str, path: Path | str = "") -> str:
+    """Exit code 1 and one ``error:`` line matching ``pattern`` and naming ``path``."""
+    assert result.exit_code == 1, result.output
+    return assert_one_line_error(result.output, pattern, path)
+
+
+# ---------------------------------------------------------------- options, before any work
+
+
+@pytest.mark.parametrize(("lr", "message"), [
+    ("inf", "--lr inf: Input should be a finite number"),  # #30: 91 of 91 tensors NaN, exit 0
+    ("nan", "--lr nan: Input should be a finite number"),
+    ("0", "--lr 0.0: Input should be greater than 0"),
+    ("-1", "--lr -1.0: Input should be greater than 0"),  # was a usage box, exit 2
+    ("1e39", "--lr 1e[+]39: Input should be less than or equal to 1"),  # overflowed in AdamW
+])
+def test_bad_learning_rate_is_refused_up_front(tmp_path: Path, lr: str, message: str) -> None:
+    # a dataset that does not exist: the option must be refused before it is looked at
+    result = train(tmp_path / "no-dataset", tmp_path / "run", "--lr", lr)
+    refused(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    ("inf", "--budget inf: Input should be a finite number"),  # #30: OverflowError after 17 s
+    ("nan", "--budget nan: Input should be a finite number"),
+    ("0", "--budget 0.0: Input should be greater than 0"),
+    ("1e308", "--budget 1e[+]308: Input should be less than or equal to 525600"),
+])
+def test_bad_budget_is_refused_up_front(tmp_path: Path, budget: str, message: str) -> None:
+    result = train(tmp_path / "no-dataset", tmp_path / "run", "--budget", budget)
+    refused(result, message)
+
+
+def test_bad_budget_is_refused_when_resuming(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"dataset": str(tmp_path / "ds"), "output": str(run_dir), "network": {"name": "unet"}}
+    (run_dir / "train_config.json").write_text(json.dumps(config))
+    result = train(tmp_path / "ds", run_dir, "--resume", "--budget", "inf")
+    refused(result, "--budget inf: Input should be a finite number")
+
+
+def test_infinite_learning_rate_in_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("network: {name: unet}\nlearning_rate: .inf\ndataset: x\noutput: y\n")
+    result = train(tmp_path / "no-dataset", tmp_path / "run", "--config", config)
+    refused(result, "invalid TrainConfig: learning_rate: Input should be a finite number", config)
+
+
+def test_nan_spacing_is_one_line(tmp_path: Path) -> None:
+    # was a usage box whose only text was pydantic's "For further information visit" URL
+    result = train(tmp_path / "no-dataset", tmp_path / "run", "--spacing", "nan,1,1")
+    line = refused(result, "--spacing nan: Input should be a finite number")
+    assert "pydantic.dev" not in line
+
+
+def test_output_that_is_a_file_is_refused_up_front(tmp_path: Path) -> None:
+    output = tmp_path / "notes.txt"
+    output.write_text("mine")
+    result = train(tmp_path / "no-dataset", output)  # #30: FileExistsError after 22 s
+    refused(result, "output is an existing file; --output must be a folder$", output)
+    assert output.read_text() == "mine"
+
+
+def test_output_inside_a_file_is_refused_up_front(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    result = train(tmp_path / "no-dataset", tmp_path / "notes.txt" / "run")
+    refused(result, "notes.txt is a file, so no run folder can be made inside it",
+            tmp_path / "notes.txt" / "run")
+
+
+def test_patch_too_small_is_refused_before_the_dataset_is_read(tmp_path: Path) -> None:
+    result = train(tmp_path / "no-dataset", tmp_path / "run", "--patch-size", "16,16,16")
+    refused(result, "patch 16x16x16 is too small for unet")
+
+
+# ---------------------------------------------------------------- network size
+
+
+def test_huge_network_is_refused_before_it_is_built(dataset: Path, tmp_path: Path) -> None:
+    # also seen in #30: 1,000,000 filters peaked at 7.2 GB before its refusal
+    result = train(dataset, tmp_path / "run", "--option", "filters=[1000000,8]")
+    refused(result, r"network 'unet' with filters=\[1000000, 8\] would hold 1.2e\+14 parameters "
+            r"\(483,001 GB of float32 weights\), more than the 2e\+09 medseg3d builds")
+    assert "split:" not in result.output  # refused before the cases were read
+
+
+@pytest.mark.parametrize("name", list_networks())
+def test_every_network_counts_its_parameters_without_building_them(name: str) -> None:
+    network = build_network(name, 1, 2)
+    assert count_parameters(name, 1, 2) == sum(p.numel() for p in network.parameters())
+
+
+def test_checkpoint_asking_for_a_huge_network_names_its_file(tmp_path: Path) -> None:
+    weights = edited_model(tmp_path, edit_meta=lambda meta: meta["network"]["options"].update(
+        filters=[1000000, 8]))
+    with pytest.raises(MedsegError, match="would hold 1.2e[+]14 parameters") as info:
+        load_model(weights, device="cpu")
+    assert str(weights.with_suffix(".json")) in str(info.value)
+
+
+# ---------------------------------------------------------------- dataset.json
+
+
+def test_case_listed_three_times_is_refused(tmp_path: Path) -> None:
+    root = decathlon(tmp_path / "ds")
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["training"] = spec["training"][:1] * 3 + spec["training"][1:]  # #30: "all 5 cases"
+    (root / "dataset.json").write_text(json.dumps(spec))
+    result = train(root, tmp_path / "run", *TINY)
+    refused(result, "the 'training' list names case 'case000' 3 times; list each case once",
+            root / "dataset.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_label_files_of_one_name_are_refused(tmp_path: Path) -> None:
+    root = decathlon(tmp_path / "ds")
+    (root / "other").mkdir()
+    (root / "other" / "case000.nii.gz").write_bytes((root / "labelsTr" / "case001.nii.gz")
+                                                    .read_bytes())
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["training"][1]["label"] = "./other/case000.nii.gz"  # trained on one of them, twice
+    (root / "dataset.json").write_text(json.dumps(spec))
+    result = train(root, tmp_path / "run", *TINY)
+    refused(result, "names case 'case000' 2 times, with label files .*labelsTr/case000.nii.gz, "
+            ".*other/case000.nii.gz; case names come from label file names", root)
+
+
+def test_decathlon_label_name_given_twice_is_refused(tmp_path: Path) -> None:
+    root = decathlon(tmp_path / "ds", labels={"0": "background", "1": "tumour", "2": "tumour"})
+    result = train(root, tmp_path / "run", *TINY)
+    refused(result, "labels: Value error, label name 'tumour' is given to values 1 and 2; each "
+            "class needs its own name", root / "dataset.json")
+
+
+def test_repeated_json_key_in_labels_is_refused(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    text = '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "sphere": 1, "sphere": 2}}'
+    (root / "dataset.json").write_text(text)  # json.loads keeps "sphere": 2 without a word
+    result = train(root, tmp_path / "run", *TINY)
+    refused(result, "key 'sphere' appears 2 times in one JSON object; JSON keeps only the last",
+            root / "dataset.json")
+
+
+# ---------------------------------------------------------------- plan.json
+
+
+def test_refused_run_leaves_no_plan(dataset: Path, tmp_path: Path) -> None:
+    refused(train(dataset, tmp_path / "run", "--patch-size", "16,16,16"), "too small for unet")
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_given_win_over_a_stale_plan(dataset: Path, tmp_path: Path) -> None:
+    # #30: a plan.json with 16³ patches, left in the folder, beat --patch-size 64,64,64
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = {"spacing": [1, 1, 1], "patch_size": [8, 8, 8], "normalization": [{}],
+             "labels": {"background": 0, "sphere": 1}}
+    (run_dir / "plan.json").write_text(json.dumps(stale))
+    result = train(dataset, run_dir, *TINY, "--patch-size", "16,16,16")
+    assert result.exit_code == 0, result.output
+    assert "has patch_size 8x8x8 (now 16x16x16); planning again" in result.output
+    assert json.loads((run_dir / "plan.json").read_text())["patch_size"] == [16, 16, 16]
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_diverged_weights_are_never_saved_as_final(dataset: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = training.train_step
+
+    def wrecking_step(ctx: training.StepContext, batch: dict) -> torch.Tensor:
+        loss = real_step(ctx, batch)  # a finite loss, as in #30 with --lr inf ...
+        with torch.no_grad():
+            next(training.unwrap(ctx.model).parameters()).fill_(float("nan"))  # ... then NaN
+        return loss
+
+    monkeypatch.setattr(training, "train_step", wrecking_step)
+    result = train(dataset, tmp_path / "run", *TINY)
+    refused(result, r"training diverged: 1 of \d+ weight tensors hold NaN/inf after step 1; "
+            "not saved; try a lower --lr", tmp_path / "run")
+    assert "final checkpoint" not in result.output
+    assert not list((tmp_path / "run").glob("checkpoint_*"))
+    assert not (tmp_path / "run" / "training_state.safetensors").exists()
