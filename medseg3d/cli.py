@@ -30,6 +30,7 @@ from medseg3d.config import (
     CheckpointMeta,
     InferenceConfig,
     NetworkConfig,
+    Plan,
     PlanOverrides,
     TrainConfig,
     checked,
@@ -216,8 +217,8 @@ def train(
     if resume and main_rank:
         remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
     if resume and (output / "train_config.json").is_file():
-        train_config = _extended_config(output, main_rank, epochs=epochs, iterations=iterations,
-                                        steps=steps, budget=budget)
+        train_config = _extended_config(output, main_rank, overrides, epochs=epochs,
+                                        iterations=iterations, steps=steps, budget=budget)
     elif config is not None:
         base = load_model_file(TrainConfig, config).model_dump()
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
@@ -236,11 +237,13 @@ def train(
         out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
 
 
-def _extended_config(output: Path, main_rank: bool, **length: Any) -> TrainConfig:
+def _extended_config(output: Path, main_rank: bool, overrides: PlanOverrides,
+                     **length: Any) -> TrainConfig:
     """``--resume``: the run's saved config, with the length options given again (if any)."""
     from medseg3d.resume import describe_length, extend
 
     saved = load_model_file(TrainConfig, output / "train_config.json")
+    _refuse_replanning(output, overrides)
     with _option_errors():
         train_config = extend(saved, output, **length)
     if train_config is not saved and main_rank:
@@ -248,6 +251,21 @@ def _extended_config(output: Path, main_rank: bool, **length: Any) -> TrainConfi
             train_config.epochs, train_config.iterations_per_epoch, train_config.steps,
             train_config.time_budget_minutes) + " in all", highlight=False)
     return train_config
+
+
+def _refuse_replanning(output: Path, given: PlanOverrides) -> None:
+    """--resume continues a run on its own plan: a plan option that differs from it is refused,
+    where it used to be ignored without a word."""
+    if not (output / "plan.json").is_file():
+        return
+    plan = load_model_file(Plan, output / "plan.json")
+    for field in ("patch_size", "batch_size", "spacing"):
+        new, old = getattr(given, field), getattr(plan, field)
+        if new is not None and _given(new) != _given(old):
+            flag = "--" + field.replace("_", "-")
+            raise MedsegError(f"{flag} {_given(new)} differs from the run's {_given(old)} "
+                              "(plan.json); --resume continues a run on its own plan, so train "
+                              f"into a new --output to use {flag} {_given(new)}", output)
 
 
 def _new_config(fields: dict[str, Any]) -> TrainConfig:

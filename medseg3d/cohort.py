@@ -40,6 +40,7 @@ from medseg3d.io import (
     VOLUME_SUFFIXES,
     Volume,
     case_name,
+    check_output_can_hold,
     data_files,
     read_volume,
     volume_suffix,
@@ -489,6 +490,7 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
                 raise volume
             if on_read is not None:
                 on_read(case, volume)
+            check_output_can_hold(target, volume.spatial_shape)  # not after the prediction
             prediction = model.predict_volume(volume, config, progress=on_windows)
         except MedsegError as exc:
             if on_failed is None or not about_case(exc, case):

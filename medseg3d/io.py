@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
-import re
+import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -31,6 +31,7 @@ from nibabel.arrayproxy import ArrayProxy
 from medseg3d import sitk_log
 from medseg3d.atomic import atomic_files, atomic_path
 from medseg3d.errors import MedsegError
+from medseg3d.itk_headers import check_metaimage_data, data_files
 from medseg3d.paths import confined
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -122,31 +123,29 @@ def read_volume(path: str | Path, *, allow_channels: bool = False,
         raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}", path)
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
-    if suffix in NIFTI_SUFFIXES:
-        volume = _read_nifti(path, max_bytes)
-    else:
-        if max_bytes is not None:
-            _check_sitk_reading_fits(path, max_bytes)
-        volume = _read_sitk(path)
+    reader = _read_nifti if suffix in NIFTI_SUFFIXES else _read_sitk
+    volume = reader(path, max_bytes)
     return check_volume(volume, allow_channels=allow_channels, source=path)
 
 
-def _check_sitk_reading_fits(path: Path, max_bytes: int) -> None:
-    """MedsegError when the voxels a SimpleITK header declares cannot be read within ``max_bytes``."""
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        with sitk_log.about(path):
-            reader.ReadImageInformation()  # the header only
-    except RuntimeError:  # a bad header is reported, in one line, by the full read
-        return
-    shape = (*reader.GetSize(), reader.GetNumberOfComponents())
-    _refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
+def _check_sitk_pixels(reader: sitk.ImageFileReader, path: Path, max_bytes: int | None) -> None:
+    """MedsegError for what the header ``reader`` has read declares that we cannot read right:
+    complex voxels (their imaginary part would be dropped), more bytes than ``max_bytes``."""
+    complex_name = _SITK_COMPLEX.get(reader.GetPixelID())
+    if complex_name:  # NRRD "kinds: complex"; a MetaImage cannot say it, it has 2 float channels
+        raise MedsegError(f"voxel type {complex_name} is not supported (expected integers or "
+                          "floats)", path)
+    if max_bytes is not None:
+        shape = (*reader.GetSize(), reader.GetNumberOfComponents())
+        _refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
+
+
+_SITK_COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
 
 
 def _refuse_over_limit(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> None:
     """Reading stores the voxels and their float32 copy: refuse when that exceeds ``max_bytes``."""
-    need = int(np.prod(shape, dtype=np.int64)) * (itemsize + 4)
+    need = math.prod(shape) * (itemsize + 4)  # Python ints: a hostile shape overflows int64
     if need > max_bytes:
         raise MedsegError(f"reading it needs about {_human(need)} (its header declares shape "
                           f"{shape}), more than the memory limit of {_human(max_bytes)}", path)
@@ -196,53 +195,87 @@ _MAX_GZIP_RATIO = 1100
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_SIZEOF_HDR = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, little / big endian
 _NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
+_NIFTI1_MAX_DIM = 32767  # dims are int16 in NIfTI-1, int64 in NIfTI-2
+# Known NIfTI voxel types nibabel cannot turn into the floats we need (complex64/128 are
+# refused after loading, by their numpy name, as for arrays handed to the API).
+_UNSUPPORTED_DATATYPES = {0: "unknown", 1: "binary, 1 bit per voxel", 128: "RGB",
+                          1536: "float128", 2048: "complex256", 2304: "RGBA"}
 
 
 def _read_nifti(path: Path, max_bytes: int | None = None) -> Volume:
-    size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
         gzipped = magic[:2] == _GZIP_MAGIC
-        # nibabel logs and silently "fixes" header fields such as pixdims or vox_offset; the
-        # ones that matter are checked below (_check_stored_header) and refused in one line.
-        with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
-            img = _load_nifti(path, magic)
-        shape = img.shape
-        dtype = img.get_data_dtype()
-        if dtype.kind not in "biuf":
-            raise MedsegError(f"voxel type {dtype} is not supported (expected integers or floats)",
-                              path)
-        declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if max_bytes is not None:
-            _refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
-        if declared > 64 * 2**30:
-            raise MedsegError(f"header declares shape {shape}, {declared / 2**30:.0f} GiB of voxels; "
-                              "refusing to read", path)
-        proxy = cast(ArrayProxy, img.dataobj)  # a file-backed image's voxels: offset, slope, inter
-        needed = declared if gzipped else int(proxy.offset) + declared
-        if needed > (size * _MAX_GZIP_RATIO if gzipped else size):
-            raise MedsegError(f"header declares shape {shape} ({_human(declared)} of voxels) but "
-                              f"the file holds only {size:,} bytes (truncated, or a bad header)", path)
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, in one line
-            data = np.asarray(img.dataobj, dtype=np.float32)
-        stored = _stored_header(path, gzipped, type(img.header))
+        if gzipped and not path.name.lower().endswith(".gz"):
+            raise MedsegError("gzip-compressed, though named .nii; rename it to .nii.gz", path)
+        stored = _stored_header(path, gzipped)
+        if stored is not None:
+            _check_stored_header(stored, path)
+        # Python's gzip rather than nibabel's opener, read to its end after the voxels: only
+        # there is the CRC-32 checked, and nibabel stops reading where the voxels end.
+        with gzip.open(path, "rb") if gzipped else contextlib.nullcontext() as gz:
+            # nibabel logs and silently "fixes" header fields such as pixdims or vox_offset; the
+            # ones that matter were checked above and are refused in one line.
+            with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
+                img = _load_nifti(path, stored, gz)
+            dtype = img.get_data_dtype()
+            proxy = cast(ArrayProxy, img.dataobj)  # a file's voxels: offset, slope, inter
+            _check_declared(img, proxy, path, gzipped, max_bytes)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below, in one line
+                data = np.asarray(img.dataobj, dtype=np.float32)
+            while gz is not None and gz.read(1 << 20):
+                pass
     except MedsegError:
         raise
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except gzip.BadGzipFile as exc:
+        raise MedsegError(f"file is truncated or corrupt ({_gzip_fault(exc)})", path) from exc
+    except (EOFError, zlib.error) as exc:
         raise MedsegError(f"file is truncated or corrupt ({exc})", path) from exc
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
-        raise MedsegError(_why_not_nifti(path), path) from exc
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+            nib.wrapstruct.WrapStructError) as exc:
+        raise MedsegError("not a NIfTI file (no valid header)", path) from exc
     except PermissionError as exc:
         raise MedsegError("file is not readable (permission denied)", path) from exc
     except (OSError, ValueError, TypeError, MemoryError) as exc:
         raise MedsegError(f"cannot read voxel data ({_short(exc)})", path) from exc
-    if dtype.kind in "biu" and not np.isfinite(data).all():
-        raise MedsegError(f"intensities overflow float32 after scaling (scl_slope "
-                          f"{float(proxy.slope):g}, scl_inter {float(proxy.inter):g})",
-                          path)
-    _check_stored_header(stored, path)
+    if dtype.kind in "biu":
+        _check_scaled(data, float(proxy.slope), float(proxy.inter), path)
     return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)
+
+
+def _check_declared(img: nib.Nifti1Image, proxy: ArrayProxy, path: Path, gzipped: bool,
+                    max_bytes: int | None) -> None:
+    """Refuse, from the header alone, voxels we cannot use or that the file cannot hold."""
+    shape, dtype = img.shape, img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise MedsegError(f"voxel type {dtype} is not supported (expected integers or floats)",
+                          path)
+    declared = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape overflows int64
+    if max_bytes is not None:
+        _refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
+    if declared > 64 * 2**30:
+        raise MedsegError(f"header declares shape {shape}, {declared / 2**30:,.0f} GiB of voxels; "
+                          "refusing to read", path)
+    size = path.stat().st_size
+    needed = declared if gzipped else int(proxy.offset) + declared
+    if needed > (size * _MAX_GZIP_RATIO if gzipped else size):
+        raise MedsegError(f"header declares shape {shape} ({_human(declared)} of voxels) but the "
+                          f"file holds only {size:,} bytes (truncated, or a bad header)", path)
+
+
+def _check_scaled(data: np.ndarray, slope: float, inter: float, path: Path) -> None:
+    """Integers scaled by scl_slope / scl_inter must land on normal float32 numbers."""
+    scaling = f"scl_slope {slope:.3g}, scl_inter {inter:.3g}"
+    if not np.isfinite(data).all():
+        raise MedsegError(f"intensities overflow float32 after scaling ({scaling})", path)
+    # Below float32's smallest normal number values lose their precision, then become 0: a valid
+    # image would turn into a few levels, or zeros. Only a factor that small can take them there.
+    tiny = float(np.finfo(np.float32).tiny)
+    if any(0 < abs(x) < 1e-30 for x in (slope, inter)) and np.any(
+            (data != 0) & (np.abs(data) < tiny)):
+        raise MedsegError(f"intensities underflow float32 after scaling ({scaling}): values "
+                          f"below {tiny:.3g} lose their precision", path)
 
 
 @contextlib.contextmanager
@@ -265,34 +298,53 @@ class _BelowError(logging.Filter):
         return record.levelno < logging.ERROR
 
 
-def _load_nifti(path: Path, magic: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
-    if path.name.lower().endswith(".gz") and magic[:2] != _GZIP_MAGIC:
-        # Some tools write plain NIfTI under a .nii.gz name; SimpleITK reads those, so do we.
-        if magic in _NIFTI1_SIZEOF_HDR:
-            return nib.Nifti1Image.from_bytes(path.read_bytes())
-        if magic in _NIFTI2_SIZEOF_HDR:
-            return nib.Nifti2Image.from_bytes(path.read_bytes())
-        raise MedsegError("not a gzip file, nor a NIfTI file, though named .gz", path)
-    img = nib.load(str(path))
-    return img if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) else nib.Nifti1Image.from_image(img)
+def _load_nifti(path: Path, stored: nib.Nifti1Header | None,
+                gz: gzip.GzipFile | None) -> nib.Nifti1Image:
+    named_gz = path.name.lower().endswith(".gz")
+    if stored is None:
+        raise MedsegError("not a gzip file, nor a NIfTI file, though named .gz"
+                          if named_gz and gz is None else "not a NIfTI file (no valid header)",
+                          path)
+    image_class = nib.Nifti2Image if isinstance(stored, nib.Nifti2Header) else nib.Nifti1Image
+    if gz is not None:
+        holder = nib.fileholders.FileHolder(fileobj=gz)
+        return image_class.from_file_map({"header": holder, "image": holder}, mmap=False)
+    if named_gz:  # some tools write plain NIfTI under a .nii.gz name; SimpleITK reads those
+        return image_class.from_bytes(path.read_bytes())
+    return image_class.from_filename(str(path))
 
 
-def _stored_header(path: Path, gzipped: bool, header_class: type) -> nib.Nifti1Header:
-    """The header as stored in the file, before nibabel's silent fixes."""
-    size = 540 if issubclass(header_class, nib.Nifti2Header) else 348
+def _gzip_fault(exc: gzip.BadGzipFile) -> str:
+    text = str(exc)
+    if text.startswith("CRC check failed"):
+        return "gzip CRC-32 check failed: its voxels are not the bytes that were compressed"
+    return f"gzip: {text}"
+
+
+def _stored_header(path: Path, gzipped: bool) -> nib.Nifti1Header | None:
+    """The header as stored in the file, before nibabel's silent fixes; None if not NIfTI's."""
     with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
-        raw = fh.read(size)  # the fixed header only: extensions are not needed, nor trusted
-    return header_class(raw, check=False)  # byte order guessed from the block, as nibabel does
+        raw = fh.read(540)  # the fixed header only: extensions are not needed, nor trusted
+    for header_class, sizes in ((nib.Nifti1Header, _NIFTI1_SIZEOF_HDR),
+                                (nib.Nifti2Header, _NIFTI2_SIZEOF_HDR)):
+        if raw[:4] in sizes and len(raw) >= header_class.sizeof_hdr:
+            endian = "<" if raw[:4] == sizes[0] else ">"  # sizeof_hdr says, whatever dim[0] holds
+            return header_class(raw[:header_class.sizeof_hdr], endianness=endian, check=False)
+    return None
 
 
 def _check_stored_header(header: nib.Nifti1Header, path: Path) -> None:
-    """Refuse what nibabel would silently repair: voxels inside the header, guessed voxel sizes."""
+    """Refuse, naming the field, what nibabel would refuse vaguely or silently repair."""
+    _check_dims(header, path)
+    _check_datatype(header, path)
     minimum = 544 if isinstance(header, nib.Nifti2Header) else 352  # header + extension flag
     offset = float(header["vox_offset"])
     if not offset >= minimum:
         raise MedsegError(f"vox_offset {offset:g} points inside the header (a single-file NIfTI "
                           f"stores voxels from byte {minimum} on); its voxels would be header "
                           "bytes", path)
+    _check_scaling(header, path)
+    _check_quaternion(header, path)
     # Without an sform the grid comes from pixdim (qform, or pixdim alone when both codes are 0,
     # as nibabel and ITK read such files); a zero, negative or non-finite size there is unknown,
     # and no guess (nibabel's 1 mm, or its absolute value) is truthful.
@@ -302,23 +354,47 @@ def _check_stored_header(header: nib.Nifti1Header, path: Path) -> None:
                           f"({pixdim.tolist()})", path)
 
 
-def _why_not_nifti(path: Path) -> str:
-    """Why nibabel refused a file: a NIfTI header with a field it cannot use, or no NIfTI at all."""
-    try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) \
-                as fh:
-            raw = fh.read(348)
-        header = nib.Nifti1Header(raw, check=False)
-        code = int(header["datatype"])
-        if raw[344:347] in (b"n+1", b"ni1") and code not in nib.nifti1.data_type_codes.code:
-            return f"NIfTI datatype code {code} is not a known voxel type"
-        if raw[344:347] == b"n+1":
-            _check_stored_header(header, path)  # raises with the field nibabel refused
-    except MedsegError:
-        raise
-    except Exception:  # noqa: BLE001 - only a diagnosis: whatever fails, the plain answer stands
-        pass
-    return "not a NIfTI file (no valid header)"
+def _check_dims(header: nib.Nifti1Header, path: Path) -> None:
+    dim = [int(n) for n in header["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise MedsegError(f"header field dim[0] is {dim[0]}; the number of dimensions must be 1 "
+                          "to 7", path)
+    for axis in range(1, dim[0] + 1):
+        if dim[axis] < 1:
+            raise MedsegError(f"header field dim[{axis}] is {dim[axis]}; dimensions must be "
+                              "positive", path)
+
+
+def _check_datatype(header: nib.Nifti1Header, path: Path) -> None:
+    code = int(header["datatype"])
+    if code in _UNSUPPORTED_DATATYPES:
+        raise MedsegError(f"NIfTI datatype {code} ({_UNSUPPORTED_DATATYPES[code]}) is not "
+                          "supported", path)
+    if code not in nib.nifti1.data_type_codes.code:
+        raise MedsegError(f"NIfTI datatype code {code} is not a known voxel type", path)
+
+
+def _check_scaling(header: nib.Nifti1Header, path: Path) -> None:
+    # scl_slope 0 means no scaling (NIfTI); so does NaN, which nibabel writes for unscaled data.
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if math.isinf(slope):
+        raise MedsegError(f"header field scl_slope is {slope:g}; a scale factor must be finite "
+                          "(0 means no scaling)", path)
+    if slope != 0 and math.isfinite(slope) and not math.isfinite(inter):
+        raise MedsegError(f"header field scl_inter is {inter:g}; with scl_slope {slope:g} every "
+                          f"voxel would be {inter:g}", path)
+
+
+def _check_quaternion(header: nib.Nifti1Header, path: Path) -> None:
+    # nibabel and ITK disagree on a qform that is not a rotation (an error, a renormalised one).
+    if int(header["qform_code"]) == 0:
+        return
+    bcd = [float(header[name]) for name in ("quatern_b", "quatern_c", "quatern_d")]
+    norm2 = sum(x * x for x in bcd)
+    if not math.isfinite(norm2) or norm2 > 1 + 3 * float(np.finfo(np.float32).eps):
+        values = ", ".join(f"{x:g}" for x in bcd)
+        raise MedsegError(f"qform quaternion (quatern_b, c, d) = ({values}) has norm "
+                          f"{math.sqrt(norm2):.4g} > 1; not a rotation", path)
 
 
 def _human(nbytes: int) -> str:
@@ -337,12 +413,18 @@ def geometry_warning(volume: Volume) -> str | None:
     return None
 
 
-def _read_sitk(path: Path) -> Volume:
+def _read_sitk(path: Path, max_bytes: int | None = None) -> Volume:
     for name in data_files(path):
         confined(path.parent, name, path, "data file")
+    if volume_suffix(path) in (".mha", ".mhd"):
+        check_metaimage_data(path)  # MetaIO reads short or corrupt data without failing
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
         with sitk_log.about(path):  # ITK's warnings: one log line each, naming this file
-            img = sitk.ReadImage(str(path))
+            reader.ReadImageInformation()  # the header only
+            _check_sitk_pixels(reader, path, max_bytes)
+            img = reader.Execute()
     except RuntimeError as exc:
         raise MedsegError(f"cannot read image ({_short(exc)})", path) from exc
     if img.GetDimension() != 3:
@@ -364,42 +446,15 @@ def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nifti_header(affine: np.ndarray, shape: tuple[int, ...]) -> nib.Nifti1Header:
-    """A NIfTI-1 header for voxels of ``shape`` placed by ``affine`` (RAS mm): sform and qform
-    both set to it (code 1, scanner), units mm. For volumes that come from no NIfTI file."""
-    header = nib.Nifti1Header()
+    """A NIfTI-1 header (NIfTI-2 beyond its int16 dims) for voxels of ``shape`` placed by
+    ``affine`` (RAS mm): sform and qform both set to it (code 1, scanner), units mm. For volumes
+    that come from no NIfTI file."""
+    header = nib.Nifti2Header() if max(shape) > _NIFTI1_MAX_DIM else nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_sform(affine, code=1)
     header.set_qform(affine, code=1)
     header.set_xyzt_units("mm")
     return header
-
-
-_DATA_FILE_KEYS = ("data file", "datafile", "elementdatafile")
-_SPRINTF = re.compile(r"%[-+ 0#]*\d*[diu]")
-
-
-def data_files(path: Path) -> list[str]:
-    """Files a NRRD or MetaImage header names for its voxels (``[]`` when they are attached).
-
-    Forms: one name; ``LIST`` followed by one name a line; a printf pattern (``slice%03d.raw 1 9
-    1``), given here with its numbers as 0, since the folder part is what matters.
-    """
-    with open(path, "rb") as fh:
-        lines = fh.read(1 << 16).decode("latin-1").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip() and volume_suffix(path) in (".nrrd", ".nhdr"):
-            return []  # a NRRD header ends at its first empty line
-        key, sep, value = line.partition("=" if "=" in line.split(":")[0] else ":")
-        if not sep or key.strip().lower() not in _DATA_FILE_KEYS:
-            continue
-        value = value.strip()
-        words = value.split()
-        if words and words[0].upper() == "LIST":
-            return [name.strip() for name in lines[i + 1:] if name.strip()]
-        if words and words[0].upper() == "LOCAL":
-            return []
-        return [_SPRINTF.sub("0", words[0]) if "%" in value else value]
-    return []
 
 
 def _itk_affine(geometry: SitkGeometry) -> np.ndarray:
@@ -483,18 +538,40 @@ def write_array(data: np.ndarray, reference: Volume, path: str | Path, *,
     suffix = volume_suffix(path)
     if not suffix:
         raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", path)
+    check_output_can_hold(path, data.shape[:3])
     writing = atomic_files if suffix in DETACHED_SUFFIXES else atomic_path
     with writing(path, replace=replace) as tmp:
         if suffix in NIFTI_SUFFIXES:
             header = reference.header.copy()
             header.set_data_dtype(data.dtype)
             header.set_slope_inter(1.0, 0.0)
-            # affine=None keeps the header's sform/qform (and codes) exactly as read.
-            nib.Nifti1Image(data, None, header).to_filename(str(tmp))
+            _nifti_image(data, header).to_filename(str(tmp))
         else:
             with sitk_log.about(path):
                 sitk.WriteImage(_to_sitk(data, reference), str(tmp), useCompression=True)
     return path
+
+
+# Most voxels along one axis a file can record. MetaIO keeps DimSize in a C int; NRRD's sizes
+# are size_t, and NIfTI is written as NIfTI-2 (int64 dims) where NIfTI-1's int16 falls short.
+_MAX_AXIS = {".mha": 2**31 - 1, ".mhd": 2**31 - 1}
+
+
+def check_output_can_hold(path: str | Path, shape: Sequence[int]) -> None:
+    """MedsegError, before any work, when the format ``path`` names cannot record ``shape``."""
+    suffix = volume_suffix(path)
+    limit = _MAX_AXIS.get(suffix, 2**63 - 1)
+    if max(shape, default=0) > limit:
+        raise MedsegError(f"a {suffix} file cannot record an axis of {max(shape):,} voxels (at "
+                          f"most {limit:,}); choose .nrrd or .nii.gz", path)
+
+
+def _nifti_image(data: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
+    """The output image, with affine=None so the header's sform/qform and codes stay as read:
+    NIfTI-2 when the input was, or when the grid exceeds NIfTI-1's int16 dims."""
+    if isinstance(header, nib.Nifti2Header) or max(data.shape) > _NIFTI1_MAX_DIM:
+        return nib.Nifti2Image(data, None, header)
+    return nib.Nifti1Image(data, None, header)
 
 
 def _to_sitk(data: np.ndarray, reference: Volume) -> sitk.Image:

@@ -76,7 +76,7 @@ def test_library_log_lines_are_one_line_warnings(tmp_path):
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
     assert first.startswith("warning: nibabel: pixdim[1,2,3] should be non-zero")
-    assert sum("pixdim" in line for line in result.output.splitlines()) == 1
+    assert sum("should be non-zero" in line for line in result.output.splitlines()) == 1
 
 
 def test_custom_library_levels_read_as_warnings():

@@ -208,6 +208,18 @@ def test_options_given_win_over_a_stale_plan(dataset: Path, tmp_path: Path) -> N
     assert json.loads((run_dir / "plan.json").read_text())["patch_size"] == [16, 16, 16]
 
 
+def test_resume_refuses_a_plan_option_it_would_ignore(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(dataset, run_dir, *TINY, "--patch-size", "16,16,16").exit_code == 0
+    before = (run_dir / "plan.json").read_text()
+    result = train(dataset, run_dir, "--resume", "--epochs", "2", "--patch-size", "32,32,32")
+    refused(result, "--patch-size 32,32,32 differs from the run's 16,16,16 [(]plan.json[)]; "
+            "--resume continues a run on its own plan", run_dir)
+    assert (run_dir / "plan.json").read_text() == before
+    same = train(dataset, run_dir, "--resume", "--epochs", "2", "--patch-size", "16,16,16")
+    assert same.exit_code == 0, same.output
+
+
 # ---------------------------------------------------------------- divergence
 
 
