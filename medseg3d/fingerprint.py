@@ -112,7 +112,14 @@ def _intensity_differences(low: float, high: float, fingerprint: TrainingFingerp
 
 
 def _mm(values: np.ndarray, digits: int = 2) -> str:
-    return "x".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") for v in values)
+    return "x".join(_number(float(v), digits) for v in values)
+
+
+def _number(value: float, digits: int) -> str:
+    """``value`` with at most ``digits`` decimals and no trailing zeros after the point (80, not
+    8; 1.5, not 1.50)."""
+    text = f"{value:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def ood_warning(volume: Volume, fingerprint: TrainingFingerprint | None, model_name: str

@@ -88,3 +88,10 @@ def test_custom_library_levels_read_as_warnings():
     route_to(lambda level, text: lines.append((level, text)))
     logging.getLogger("nibabel.global").log(35, "pixdim[1,2,3] should be positive;\n fixed")
     assert lines == [("warning", "nibabel: pixdim[1,2,3] should be positive; fixed")]
+
+
+def test_sizes_with_trailing_zeros_are_written_whole(mr_fingerprint):
+    # 80 mm used to read "8 mm": zeros were stripped from numbers without a decimal point
+    cube = as_volume(np.random.default_rng(0).uniform(0, 1, (40, 40, 50)),
+                     np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert "field of view 80x80x100 mm" in ood_warning(cube, mr_fingerprint, "brain")
