@@ -1,24 +1,74 @@
-"""The Python API: arguments and arrays checked as strictly as the CLI's files and options.
+"""The Python API: arrays, affines and arguments checked as strictly as the CLI's files and
+options (NaN and infinite voxels, bad affines, complex, 2D and channels-first arrays, overlaps out
+of range), and intensities of any scale normalised alike.
 
 Every refusal is a ``MedsegError`` of one line; a valid but unusual array gives a correct result.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from bad_inputs import image
-from test_reliability_round2 import tiny_model
 
-from medseg3d.api import as_volume, load_model
+from medseg3d.api import Model, as_volume, load_model
 from medseg3d.config import ChannelNorm, InferenceConfig
 from medseg3d.errors import MedsegError
 from medseg3d.preprocessing import normalize
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory):
-    return load_model(tiny_model(tmp_path_factory.mktemp("model")), "cpu")
+def predictor(weights: Path) -> Model:
+    return load_model(weights, "cpu")
+
+
+# ---------------------------------------------------------------- arrays and affines
+
+
+@pytest.mark.parametrize(("array", "affine", "message"), [
+    # from issue #16
+    ("nan", None, "image array: contains 1 NaN or infinite voxels"),
+    ("inf", None, "image array: contains 1 NaN or infinite voxels"),
+    ("ok", np.diag([1.0, 0.0, 1.0, 1.0]), "image array: affine is singular"),
+    ("ok", np.diag([1.0, np.nan, 1.0, 1.0]), "image array: affine holds NaN"),
+    ("ok", np.eye(3), r"image array: affine must be 4x4, got shape \(3, 3\)"),
+    # ours
+    ("ok", np.vstack([np.eye(4)[:3], [1.0, 0, 0, 1]]), "affine's last row must be"),
+    ("complex", None, "image array: voxel type complex64 is not supported"),
+    ("2d", None, "image array: expected a 3D array"),
+])
+def test_api_checks_arrays_like_the_cli(array: str, affine: np.ndarray | None,
+                                        message: str) -> None:
+    data = image()
+    if array in ("nan", "inf"):
+        data[3, 4, 5] = np.nan if array == "nan" else np.inf
+    data = {"complex": data.astype(np.complex64), "2d": data[0]}.get(array, data)
+    with pytest.raises(MedsegError, match=message) as info:
+        as_volume(data, affine)
+    assert "\n" not in str(info.value)
+
+
+def test_api_predict_refuses_nan_instead_of_an_empty_mask(predictor: Model) -> None:
+    data = image()
+    data[0, 0, 0] = np.nan
+    with pytest.raises(MedsegError, match="contains 1 NaN"):
+        predictor.predict(data)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_channels_first_array_is_named(channels: int) -> None:
+    data = np.stack([image()] * channels)  # (C, X, Y, Z), as torch and MONAI hold images
+    with pytest.raises(MedsegError, match=r"looks channels-first; channels go last, \(X, Y, Z, C\)"):
+        as_volume(data)
+
+
+def test_channels_last_array_proceeds() -> None:
+    assert as_volume(np.stack([image()] * 2, axis=-1)).array.shape[3] == 2
+
+
+# ---------------------------------------------------------------- arguments
 
 
 @pytest.mark.parametrize(("overlap", "message"), [
@@ -32,15 +82,7 @@ def test_bad_overlap_is_one_line(predictor, overlap: float, message: str) -> Non
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("channels", [1, 2])
-def test_channels_first_array_is_named(channels: int) -> None:
-    data = np.stack([image()] * channels)  # (C, X, Y, Z), as torch and MONAI hold images
-    with pytest.raises(MedsegError, match=r"looks channels-first; channels go last, \(X, Y, Z, C\)"):
-        as_volume(data)
-
-
-def test_channels_last_array_proceeds() -> None:
-    assert as_volume(np.stack([image()] * 2, axis=-1)).array.shape[3] == 2
+# ---------------------------------------------------------------- intensity scale
 
 
 def _rng_head() -> np.ndarray:

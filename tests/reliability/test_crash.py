@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL a training run or a folder prediction, resume it, get whole results."""
+"""Crash safety: SIGKILL a training run or a folder prediction, resume it, get whole results;
+what a killed run leaves behind (temp files) is cleaned up by the next, and only its own."""
 
 from __future__ import annotations
 
@@ -14,17 +15,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from bad_inputs import image, write
+from helpers import predict, runner, tiny_model
 from synthetic import ellipsoid_case, make_dataset, save_nifti
-from typer.testing import CliRunner
 
-from medseg3d.api import Model
-from medseg3d.checkpoint import load_checkpoint, save_checkpoint
+from medseg3d.checkpoint import load_checkpoint
 from medseg3d.cli import app
-from medseg3d.config import ChannelNorm, Plan
 
 CLI = [sys.executable, "-m", "medseg3d.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-runner = CliRunner()
 
 
 def run_until(args: list[str], ready: Callable[[], bool], timeout: float = 120.0) -> None:
@@ -109,10 +108,7 @@ def test_training_interrupted_mid_epoch_resumes(tmp_path: Path,
 
 
 def test_folder_prediction_killed_mid_way_continues(tmp_path: Path) -> None:
-    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
-                labels={"background": 0, "sphere": 1})
-    model = Model.from_network("unet", plan, filters=[4, 8])
-    weights = save_checkpoint(model.network, model.meta, tmp_path / "tiny")
+    weights = tiny_model(tmp_path)
     scans, out = tmp_path / "scans", tmp_path / "out"
     names = [f"s{i}" for i in range(4)]
     for i, name in enumerate(names):
@@ -131,3 +127,17 @@ def test_folder_prediction_killed_mid_way_continues(tmp_path: Path) -> None:
     assert visible_files(out) == [f"{n}.nii.gz" for n in names]
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == before  # skipped
     assert sorted(p.name for p in out.iterdir()) == visible_files(out)  # stale temps removed
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path: Path, weights: Path) -> None:
+    scans = tmp_path / "scans"
+    write(scans.mkdir() or scans / "a.nii.gz", image())
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".a.nii.gz.x1y2z3.tmp.nii.gz"  # what atomic_path leaves when SIGKILLed
+    stale.write_bytes(b"half")
+    other = out / ".b.nii.gz.x1y2z3.tmp.nii.gz"  # another job's: not ours to touch
+    other.write_bytes(b"busy")
+    result = predict(scans, "-o", out, "--model", weights, "--continue")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [other.name, "a.nii.gz"]

@@ -1,4 +1,6 @@
-"""Property tests: whatever the file or dataset.json holds, only MedsegError ever escapes."""
+"""Property tests (hypothesis) of the readers: whatever a NIfTI header, its bytes or a
+dataset.json holds, reading gives a volume or a one-line MedsegError; no other exception and no
+warning ever escapes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,11 @@
-"""Issue #30: hostile NRRD, MetaImage and NIfTI files. Each is refused in one line that names the
-file and the fault (a header field, a check that failed), or read right; never accepted wrong."""
+"""File formats, their headers and bytes: hostile NRRD, MetaImage and NIfTI files (data files
+named after pages of header, gzip and zlib streams that fail their checks, header fields out of
+range, grids beyond NIfTI-1) and the values and geometry carried from a file to its output.
+
+Each is refused in one line that names the file and the fault (a header field, a check that
+failed), or read right; never accepted wrong. The corpus of simpler bad files is
+``bad_inputs.CASES`` (test_corpus.py); random headers and bytes are test_format_properties.py.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +20,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from bad_inputs import SHAPE, image
+from helpers import PLAN, predict, run, tiny_model, write_scan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from medseg3d.api import Model
-from medseg3d.checkpoint import save_checkpoint
-from medseg3d.cli import app
-from medseg3d.config import ChannelNorm, Plan
+from medseg3d.api import load_model
 from medseg3d.errors import MedsegError
 from medseg3d.io import check_output_can_hold, read_volume, write_labels
+from medseg3d.measures import label_volumes
 
-runner = CliRunner()
 NRRD = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 16 16 16\n"
         "space directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\nencoding: raw\n"
         "space origin: (0,0,0)\n")
@@ -45,7 +48,7 @@ def refused(path: Path, fragment: str) -> str:
 
 def info_refuses(path: Path, fragment: str) -> None:
     """``medseg3d info FILE``: exit 1, one ``error: FILE: ...`` line, no traceback."""
-    result = runner.invoke(app, ["info", str(path)])
+    result = run("info", path)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -84,7 +87,7 @@ def compressed_mha(path: Path) -> tuple[bytes, int]:
     return raw, raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
 
 
-# ---- items 1, 2: the whole header is read before a data file is trusted
+# ---- detached data files: the whole header is read before one is trusted (#30 items 1, 2)
 
 
 def test_nhdr_data_file_after_95kb_of_comments(tmp_path: Path) -> None:
@@ -126,7 +129,7 @@ def test_nrrd_with_carriage_return_line_ends_is_refused(tmp_path: Path) -> None:
     refused(scan, "holds a carriage return inside it")
 
 
-# ---- item 4: gzip CRC-32 and length of .nii.gz
+# ---- gzip CRC-32 and length of .nii.gz (#30 item 4)
 
 
 @pytest.mark.parametrize(("trailer", "fragment"), [
@@ -155,7 +158,7 @@ def test_nii_gz_with_corrupt_deflate_data_is_refused(tmp_path: Path) -> None:
     refused(scan, "gzip CRC-32 check failed")
 
 
-# ---- item 5, 23: MetaImage data against its header
+# ---- MetaImage voxel data against its header (#30 items 5, 23)
 
 
 def test_compressed_mha_with_64_corrupt_bytes_is_refused(tmp_path: Path) -> None:
@@ -206,6 +209,17 @@ def test_valid_compressed_mha_and_mhd_are_read(tmp_path: Path) -> None:
         assert np.array_equal(read_volume(tmp_path / name).array, image().transpose(2, 1, 0))
 
 
+def test_gzip_wrapped_mha_block_is_read_like_metaio(tmp_path: Path) -> None:
+    """MetaIO inflates zlib or gzip streams (windowBits 47); so does the check."""
+    scan = tmp_path / "scan.mha"
+    raw, start = compressed_mha(scan)
+    block = gzip.compress(zlib.decompress(raw[start:]))
+    header = raw[:start].replace(f"CompressedDataSize = {len(raw) - start}".encode(),
+                                 f"CompressedDataSize = {len(block)}".encode())
+    scan.write_bytes(header + block)
+    assert read_volume(scan).array.shape == (32, 32, 32)
+
+
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -231,7 +245,7 @@ def test_compressed_mha_corruption_is_refused_or_harmless(tmp_path: Path,
             assert "\n" not in str(exc)
 
 
-# ---- items 12, 13: grids beyond NIfTI-1, shapes beyond int64
+# ---- grids beyond NIfTI-1, shapes beyond int64 (#30 items 12, 13)
 
 
 def test_nifti2_axis_beyond_int16_round_trips_as_nifti2(tmp_path: Path) -> None:
@@ -279,7 +293,7 @@ def test_nifti2_declaring_2_to_the_62_voxels_is_refused(tmp_path: Path, suffix: 
     info_refuses(scan, "refusing to read")
 
 
-# ---- item 22: complex voxels
+# ---- complex voxels (#30 item 22)
 
 
 def test_complex_nrrd_is_refused_by_name(tmp_path: Path) -> None:
@@ -289,7 +303,7 @@ def test_complex_nrrd_is_refused_by_name(tmp_path: Path) -> None:
                                     "floats)")
 
 
-# ---- items 24, 25, 6: NIfTI header fields, each named
+# ---- NIfTI header fields, each named (#30 items 24, 25, 6)
 
 
 def test_gzipped_nifti_named_nii_is_refused_with_a_rename_hint(tmp_path: Path) -> None:
@@ -361,15 +375,7 @@ def test_small_but_normal_scl_slope_is_read(tmp_path: Path) -> None:
 # ---- predict reads through the same checks
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
-                labels={"background": 0, "sphere": 1})
-    model = Model.from_network("unet", plan, filters=[4, 8])
-    return save_checkpoint(model.network, model.meta, tmp_path_factory.mktemp("model") / "tiny")
-
-
-def test_predict_refuses_a_far_data_file_and_a_bad_crc(tmp_path: Path, tiny_model: Path) -> None:
+def test_predict_refuses_a_far_data_file_and_a_bad_crc(tmp_path: Path, weights: Path) -> None:
     nhdr = secret_beside(tmp_path) / "scan.nhdr"
     nhdr.write_text(NRRD + "# comment\n" * 10_000 + "data file: ../secret.raw\n")
     crc = tmp_path / "scans" / "crc.nii.gz"
@@ -379,20 +385,34 @@ def test_predict_refuses_a_far_data_file_and_a_bad_crc(tmp_path: Path, tiny_mode
     crc.write_bytes(bytes(raw))
     for scan, fragment in ((nhdr, "lies outside the folder"), (crc, "gzip CRC-32 check failed")):
         out = tmp_path / "seg.nii.gz"
-        result = runner.invoke(app, ["predict", str(scan), "-o", str(out), "--model",
-                                     str(tiny_model)])
+        result = predict(scan, "-o", out, "--model", weights)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"{scan}: " in errors[0] and fragment in errors[0], errors
         assert not out.exists()
 
 
-def test_gzip_wrapped_mha_block_is_read_like_metaio(tmp_path: Path) -> None:
-    """MetaIO inflates zlib or gzip streams (windowBits 47); so does the check."""
-    scan = tmp_path / "scan.mha"
-    raw, start = compressed_mha(scan)
-    block = gzip.compress(zlib.decompress(raw[start:]))
-    header = raw[:start].replace(f"CompressedDataSize = {len(raw) - start}".encode(),
-                                 f"CompressedDataSize = {len(block)}".encode())
-    scan.write_bytes(header + block)
-    assert read_volume(scan).array.shape == (32, 32, 32)
+# ---- values and geometry carried to the output
+
+
+def test_volume_of_a_sheared_grid_uses_the_determinant() -> None:
+    # from issue #16: 2165 mL, not 3061, in the issue's case
+    affine = np.array([[1.0, 0.7, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[:, :, :] = 1
+    (row,) = label_volumes(mask, affine, {"background": 0, "organ": 1})
+    assert row.voxels == 1000 and row.millilitres == pytest.approx(1.0)  # not 1.22 mL
+
+
+def test_large_label_values_survive_prediction(tmp_path: Path) -> None:
+    # from issue #16: label value 70000
+    plan = PLAN.model_copy(update={"labels": {"background": 0, "big": 70000}})
+    predictor = load_model(tiny_model(tmp_path, plan), "cpu")
+    predicted = predictor.predict(image())
+    assert predicted.dtype == np.uint32 and set(np.unique(predicted)) <= {0, 70000}
+    reference = read_volume(write_scan(tmp_path / "scan.nii.gz"))
+    write_labels(predicted, reference, tmp_path / "seg.nii.gz")
+    written = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert written.dtype == np.uint32 and np.array_equal(written, predicted)
+    (row,) = label_volumes(predicted, reference.affine, predictor.labels)
+    assert row.value == 70000 and row.voxels == int((predicted == 70000).sum())

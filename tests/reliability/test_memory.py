@@ -1,4 +1,6 @@
-"""Memory limits: predict picks a plan that fits ``max_memory_gb`` or stops with the number needed."""
+"""Memory limits: ``predict --max-memory`` / ``max_memory_gb`` picks a plan that fits (a smaller
+window batch, then streamed labels) or stops with the number needed, and the whole process stays
+within the limit; a limit that is no size is named as such."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from bad_inputs import write
+from helpers import assert_one_line_error
 from synthetic import ellipsoid_case, make_affine
-from test_reliability_corpus import assert_one_line_error
 from typer.testing import CliRunner
 
 from medseg3d import inference

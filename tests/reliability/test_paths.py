@@ -1,8 +1,12 @@
-"""Issue #30: paths, folders and outputs that are not what they seem.
+"""Paths, folders, names and outputs that are not what they seem.
 
-Dangling links, link loops, FIFOs and folders named like scans; outputs that are links, empty
-or cut short; upper-case suffixes; one bad scan in a folder; labels a dataset.json leaves out;
-tables in log files. Each case is one line, no traceback, and nothing a user had is lost.
+Inputs: dangling links, link loops, FIFOs and folders named like scans, one bad scan in a
+folder, one case in two formats, names that collide or look like channels, paths in
+dataset.json that lead out of its folder. Outputs: names planned before any work (suffix,
+existing folder, collisions, the input folder), one job per output (locks), detached formats
+written as a pair, outputs that are links, empty or cut short. ``evaluate``: the labels it
+scores and names, the files it compares. Each refusal is one line, no traceback, and nothing a
+user had is lost.
 """
 
 from __future__ import annotations
@@ -15,16 +19,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from bad_inputs import labels, write
-from test_reliability_corpus import assert_one_line_error, run
-from test_reliability_round2 import predict, scans_folder, tiny_model
+import SimpleITK as sitk
+from bad_inputs import image, labels, write
+from helpers import assert_one_line_error, decathlon, predict, run, scans_folder
+from synthetic import make_dataset
 
 from medseg3d.atomic import atomic_path
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model(tmp_path_factory.mktemp("model"))
+from medseg3d.dataset import validate_dataset
+from medseg3d.errors import MedsegError
+from medseg3d.io import read_volume
+from medseg3d.lock import lock_path, output_locks
 
 
 def warnings_in(output: str) -> list[str]:
@@ -95,6 +99,50 @@ def test_dangling_link_given_as_the_input(tmp_path: Path) -> None:
                           tmp_path / "scan.nii.gz")
 
 
+# ---------------------------------------------------------------- case names and channels
+
+
+def test_one_case_in_two_formats_is_refused(tmp_path: Path, weights: Path) -> None:
+    # from issue #16
+    scans = scans_folder(tmp_path / "scans", ["a.nii.gz", "a.nrrd"])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "two files for case 'a': a.nii.gz and a.nrrd", scans)
+    assert not (tmp_path / "out").exists()
+
+
+def test_probabilities_of_one_case_collide_with_another(tmp_path: Path, weights: Path) -> None:
+    scans = scans_folder(tmp_path / "scans", ["a.nii.gz", "a_probabilities.nii.gz"])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights, "--save-probabilities")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "would both be written to a_probabilities.nii.gz",
+                          tmp_path / "out")
+
+
+def test_names_differing_only_in_case_are_refused(tmp_path: Path, weights: Path) -> None:
+    scans = scans_folder(tmp_path / "scans", ["A.nii.gz", "a.nii.gz"])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "cases 'A' and 'a' would both be written", tmp_path)
+
+
+def test_numbered_patients_are_separate_scans(tmp_path: Path, weights: Path) -> None:
+    # from issue #16
+    scans = scans_folder(tmp_path / "scans", ["patient_0001.nii.gz", "patient_0002.nii.gz"])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "out")) == ["patient_0001.nii.gz", "patient_0002.nii.gz"]
+
+
+def test_grouped_channels_are_named_when_the_model_wants_fewer(tmp_path: Path,
+                                                               weights: Path) -> None:
+    scans = scans_folder(tmp_path / "scans", ["case_0000.nii.gz", "case_0001.nii.gz"])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "case_0000.nii.gz, case_0001.nii.gz were grouped as 2 "
+                          "channels of case 'case' .* but the model expects 1", scans)
+
+
 # ---------------------------------------------------------------- one bad scan in a folder
 
 
@@ -126,6 +174,18 @@ def test_error_about_the_job_still_stops_at_once(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert_one_line_error(result.output, "not a model", tmp_path / "model.pt")
     assert "failed:" not in result.output
+
+
+def test_error_after_the_model_loads_prints_no_progress_bars(tmp_path: Path,
+                                                             weights: Path) -> None:
+    # from issue #16
+    scans = scans_folder(tmp_path / "scans", ["a.nii.gz", "b.nii.gz"])
+    (scans / "b.nii.gz").write_bytes((scans / "b.nii.gz").read_bytes()[:3000])
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "truncated or corrupt", scans / "b.nii.gz")
+    assert not [line for line in result.output.splitlines()
+                if line.startswith(("cases", "windows", "b "))], result.output
 
 
 # ---------------------------------------------------------------- --continue and broken outputs
@@ -242,7 +302,84 @@ def test_output_entry_that_is_a_folder_in_a_folder_prediction(tmp_path: Path) ->
                           tmp_path / "out" / "a.nii.gz")
 
 
-# ---------------------------------------------------------------- evaluate: labels
+@pytest.mark.parametrize(("output", "message"), [
+    ("out.txt", "output must end in one of .nii, .nii.gz"),
+    ("existing", "output is an existing folder; give a file name such as"),
+])
+def test_bad_output_is_refused_before_the_model_loads(tmp_path: Path, output: str,
+                                                      message: str) -> None:
+    # from issue #16
+    scan = scans_folder(tmp_path, ["scan.nii.gz"]) / "scan.nii.gz"
+    (tmp_path / "existing").mkdir()
+    # a model that does not exist: the output must be refused first
+    result = predict(scan, "-o", tmp_path / output, "--model", "no-such-model")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, message, tmp_path / output)
+
+
+def test_folder_with_a_file_name_as_output(tmp_path: Path) -> None:
+    scans = scans_folder(tmp_path / "scans", ["a.nii.gz"])
+    result = predict(scans, "-o", tmp_path / "out.nii.gz", "--model", "no-such-model")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "a folder of scans needs an output folder",
+                          tmp_path / "out.nii.gz")
+
+
+def test_output_folder_equal_to_input_folder(tmp_path: Path) -> None:
+    scans = scans_folder(tmp_path / "scans", ["a.nii.gz"])
+    result = predict(scans, "-o", scans, "--model", "no-such-model")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "output would overwrite an input scan", scans)
+    assert os.listdir(scans) == ["a.nii.gz"]
+
+
+# ---------------------------------------------------------------- outputs written whole, one job at a time
+
+
+@pytest.mark.parametrize(("suffix", "data"), [(".nhdr", "result.raw.gz"), (".mhd", "result.zraw")])
+def test_detached_output_is_written_as_a_pair(tmp_path: Path, weights: Path, suffix: str,
+                                              data: str) -> None:
+    # from issue #16
+    scan = scans_folder(tmp_path / "in", ["scan.nii.gz"]) / "scan.nii.gz"
+    out = tmp_path / "out"
+    result = predict(scan, "-o", out / f"result{suffix}", "--model", weights)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == sorted([f"result{suffix}", data])  # nothing hidden
+    assert data in (out / f"result{suffix}").read_text(errors="replace")
+    assert read_volume(out / f"result{suffix}").spatial_shape == (16, 16, 16)
+
+
+def test_second_job_with_the_same_output_is_refused(tmp_path: Path, weights: Path) -> None:
+    # from issue #16
+    scan = scans_folder(tmp_path, ["scan.nii.gz"]) / "scan.nii.gz"
+    target = tmp_path / "seg.nii.gz"
+    with output_locks([target]):  # the first job, still running
+        result = predict(scan, "-o", target, "--model", weights, "--overwrite")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "another medseg3d job is writing this output", target)
+    assert not target.exists() and not lock_path(target).exists()
+
+
+def test_stale_lock_of_a_killed_job_does_not_block(tmp_path: Path, weights: Path) -> None:
+    scan = scans_folder(tmp_path, ["scan.nii.gz"]) / "scan.nii.gz"
+    target = tmp_path / "out" / "seg.nii.gz"
+    target.parent.mkdir()
+    lock_path(target).write_text("")  # left by a SIGKILLed job: the kernel dropped its flock
+    result = predict(scan, "-o", target, "--model", weights)
+    assert result.exit_code == 0, result.output
+    assert os.listdir(target.parent) == ["seg.nii.gz"]
+
+
+def test_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "seg.nii.gz"
+    with pytest.raises(MedsegError, match="output appeared while this job ran"), \
+            atomic_path(target, replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")  # another program, without our lock
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["seg.nii.gz"]
+
+
+# ---------------------------------------------------------------- evaluate
 
 
 def label_pair(root: Path, refs: str) -> tuple[Path, Path]:
@@ -314,6 +451,51 @@ def test_reference_that_is_a_dangling_link_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert_one_line_error(result.output, "reference is a dangling symbolic link, not a volume "
                           "file", refs / "lost.nii.gz")
+
+
+def test_evaluate_refuses_two_files_for_one_case(tmp_path: Path) -> None:
+    # from issue #16
+    for folder in ("pred", "ref"):
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder / "base.nii.gz", labels())
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16, 16), np.uint8)),
+                    str(tmp_path / "pred" / "base.nrrd"))  # stale, from another run
+    result = run("evaluate", tmp_path / "pred", tmp_path / "ref")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "two files for case 'base': base.nii.gz and base.nrrd",
+                          tmp_path / "pred")
+
+
+# ---------------------------------------------------------------- paths in dataset.json
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/case.nii.gz", "/elsewhere/case.nii.gz"])
+def test_dataset_paths_outside_the_folder_are_refused(tmp_path: Path, where: str) -> None:
+    # from issue #16
+    (tmp_path / "elsewhere").mkdir()
+    write(tmp_path / "elsewhere" / "case.nii.gz", image())
+    where = where.replace("/elsewhere", str(tmp_path / "elsewhere")) if where[0] == "/" else where
+    root = decathlon(tmp_path / "ds", training=[{"image": where,
+                                                 "label": "./labelsTr/case000.nii.gz"}])
+    with pytest.raises(MedsegError, match="training image .* lies outside the folder") as info:
+        validate_dataset(root)
+    assert str(root / "dataset.json") in str(info.value)
+
+
+def test_dataset_absolute_path_inside_the_folder_proceeds(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    decathlon(root, training=[{"image": str(root / "imagesTr" / "case000_0000.nii.gz"),
+                               "label": "./labelsTr/case000.nii.gz"}])
+    _, cases = validate_dataset(root)
+    assert len(cases) == 1
+
+
+def test_file_ending_with_a_folder_is_refused(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    spec = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**spec, "file_ending": "/../x.nii.gz"}))
+    with pytest.raises(MedsegError, match="file_ending must be a suffix like .nii.gz"):
+        validate_dataset(root)
 
 
 # ---------------------------------------------------------------- logs that are not a terminal

@@ -1,8 +1,10 @@
-"""Issue #30: hostile inputs to ``medseg3d train``, refused in one line before the costly work.
+"""Hostile inputs to ``medseg3d train``: options (learning rate, budget, spacing, output, patch
+size, network size), dataset.json (repeated cases and label names), folds that cannot exist,
+labels with nothing to learn, a stale or differing plan.json, and weights that diverge.
 
-Each test is one case from the issue (#30) or one of ours of the same kind, with the expected
-line in its assertion. Most are refused before the dataset is read, so they run in a moment; the
-two that must train run one step on a 16³ dataset.
+Each is refused in one line before the costly work, with the expected line in its assertion; a
+comment names the issue a case came from. Most are refused before the dataset is read, so they
+run in a moment; those that must train run one step on a 16³ dataset.
 """
 
 from __future__ import annotations
@@ -10,16 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from bad_inputs import write
 from click.testing import Result
+from helpers import assert_one_line_error, decathlon, train
 from synthetic import make_dataset
-from test_reliability_corpus import assert_one_line_error
-from test_reliability_round2 import edited_model, train
 
 import medseg3d.training as training
-from medseg3d.api import load_model
-from medseg3d.errors import MedsegError
+from medseg3d.config import TrainConfig
+from medseg3d.dataset import find_cases, load_spec
 from medseg3d.networks import build_network, list_networks
 from medseg3d.networks.registry import count_parameters
 
@@ -29,17 +32,6 @@ TINY = ("--option", "filters=[4,8]")  # a two-level U-Net: 16³ patches are deep
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
-
-
-def decathlon(root: Path, **edits: object) -> Path:
-    """A two-case Decathlon-style dataset folder with ``edits`` applied to its dataset.json."""
-    make_dataset(root, num_cases=2, shape=(16, 16, 16))
-    spec = json.loads((root / "dataset.json").read_text())
-    spec.pop("numTraining")
-    spec["training"] = [{"image": f"./imagesTr/case00{i}_0000.nii.gz",
-                         "label": f"./labelsTr/case00{i}.nii.gz"} for i in range(2)]
-    (root / "dataset.json").write_text(json.dumps({**spec, **edits}))
-    return root
 
 
 def refused(result: Result, pattern: str, path: Path | str = "") -> str:
@@ -119,6 +111,16 @@ def test_patch_too_small_is_refused_before_the_dataset_is_read(tmp_path: Path) -
     refused(result, "patch 16x16x16 is too small for unet")
 
 
+def test_patch_too_small_for_the_network(tmp_path: Path) -> None:
+    # issue #16, with a dataset to read: the same line, no traceback
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    result = train(root, tmp_path / "run", "--patch-size", "16,16,16")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "patch 16x16x16 is too small for unet: it downsamples "
+                          "32x per axis", "")
+    assert "Traceback" not in result.output and len(result.output.splitlines()) < 10
+
+
 # ---------------------------------------------------------------- network size
 
 
@@ -134,14 +136,6 @@ def test_huge_network_is_refused_before_it_is_built(dataset: Path, tmp_path: Pat
 def test_every_network_counts_its_parameters_without_building_them(name: str) -> None:
     network = build_network(name, 1, 2)
     assert count_parameters(name, 1, 2) == sum(p.numel() for p in network.parameters())
-
-
-def test_checkpoint_asking_for_a_huge_network_names_its_file(tmp_path: Path) -> None:
-    weights = edited_model(tmp_path, edit_meta=lambda meta: meta["network"]["options"].update(
-        filters=[1000000, 8]))
-    with pytest.raises(MedsegError, match="would hold 1.2e[+]14 parameters") as info:
-        load_model(weights, device="cpu")
-    assert str(weights.with_suffix(".json")) in str(info.value)
 
 
 # ---------------------------------------------------------------- dataset.json
@@ -185,6 +179,43 @@ def test_repeated_json_key_in_labels_is_refused(tmp_path: Path) -> None:
     result = train(root, tmp_path / "run", *TINY)
     refused(result, "key 'sphere' appears 2 times in one JSON object; JSON keeps only the last",
             root / "dataset.json")
+
+
+# ---------------------------------------------------------------- folds and labels
+
+
+def test_one_case_dataset_cannot_hold_out_a_fold(tmp_path: Path) -> None:  # issue #16
+    root = make_dataset(tmp_path / "ds", num_cases=1, shape=(16, 16, 16))
+    result = train(root, tmp_path / "run", "--fold", 0, "--option", "filters=[4,8]")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, "fold 0 needs at least 2 cases to hold one out, the "
+                          "dataset has 1", "")
+
+
+def test_one_case_dataset_says_it_trains_without_validation(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", num_cases=1, shape=(16, 16, 16))
+    cases = find_cases(root, load_spec(root))
+    config = TrainConfig(dataset=str(root), output="run", network={"name": "unet"})
+    train_cases, val_cases, text = training.choose_split(cases, config)
+    assert (len(train_cases), val_cases) == (1, []) and "no validation" in text
+
+
+def test_fold_beyond_the_folds_is_refused(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", num_cases=3, shape=(16, 16, 16))
+    result = train(root, tmp_path / "run", "--fold", 7, "--option", "filters=[4,8]")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, r"fold 7 does not exist: 3 cases make folds 0..2", "")
+
+
+def test_all_empty_labels_are_refused(tmp_path: Path) -> None:  # issue #16
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    for label in (root / "labelsTr").iterdir():
+        write(label, np.zeros((16, 16, 16), np.uint8))
+    result = train(root, tmp_path / "run", "--option", "filters=[4,8]")
+    assert result.exit_code == 1
+    assert_one_line_error(result.output, r"all 2 training label map\(s\) are empty", root)
+    assert "Warning" not in result.output and not (tmp_path / "run" / "checkpoint_best.json"
+                                                   ).exists()
 
 
 # ---------------------------------------------------------------- plan.json
