@@ -33,7 +33,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 try:
@@ -52,8 +51,9 @@ from medseg3d.brain_definition import (
 )
 from medseg3d.checkpoint import sha256_of
 from medseg3d.config import DatasetSpec
+from medseg3d.dicom import read_series
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume, from_sitk, integer_labels, nifti_header, read_labels, read_volume, write_array
+from medseg3d.io import Volume, integer_labels, nifti_header, read_labels, read_volume, write_array
 
 
 class PrepareError(Exception):
@@ -254,13 +254,10 @@ def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 
 def load_dicom_series(folder: Path) -> nib.Nifti1Image:
-    """Read a DICOM series with SimpleITK into a NIfTI image (RAS affine, array in i, j, k)."""
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(str(folder))
-    if not files:
-        raise PrepareError(f"{folder}: no DICOM series")
-    reader.SetFileNames(files)
-    return _nifti(*from_sitk(reader.Execute()))
+    """Read a DICOM series (medseg3d.dicom: checked geometry) into a NIfTI image (RAS affine,
+    array in i, j, k)."""
+    volume = read_series(folder)
+    return _nifti(volume.array, volume.affine)
 
 
 def on_grid(labels: nib.Nifti1Image, image: nib.Nifti1Image, what: str) -> np.ndarray:

@@ -89,6 +89,7 @@ def _networks() -> list[str]:
 
 AUGMENT_HELP = "none, light, strong or synth (strong + images drawn from tissue maps; MR)."
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N."
+SERIES_HELP = "The SeriesInstanceUID to read where a DICOM folder holds several series."
 
 
 def _check_device(text: str) -> str:
@@ -317,7 +318,8 @@ def _train_with_progress(train_config: TrainConfig, *, resume: bool, main_rank: 
 @app.command()
 @user_errors
 def predict(
-    input: Annotated[Path, typer.Argument(help="A scan, or a folder of scans.")],
+    input: Annotated[Path, typer.Argument(help="A scan (a DICOM series: its folder or one of its "
+                                            "files), or a folder of scans or series folders.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file or folder.")
                       ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name, run folder "
@@ -335,18 +337,20 @@ def predict(
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output exists.")
                       ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    series: Annotated[str | None, typer.Option(help=SERIES_HELP)] = None,
 ) -> None:
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
     config = checked(InferenceConfig, None, overlap=overlap, batch_size=batch_size, tta=tta,
                      amp=amp, save_probabilities=save_probabilities,
                      max_memory_gb=_memory(max_memory))
     _predict_cohort(input, output, model, device, config, num_parts=num_parts, part_id=part_id,
-                    resume=resume, overwrite=overwrite)
+                    resume=resume, overwrite=overwrite, series=series)
 
 
 def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
                     config: InferenceConfig, *, num_parts: int = 1, part_id: int = 0,
-                    resume: bool = False, overwrite: bool = False) -> None:
+                    resume: bool = False, overwrite: bool = False,
+                    series: str | None = None) -> None:
     """``predict``'s work, also run by ``evaluate --model``: plan, lock, predict, report."""
     from medseg3d import cohort
     from medseg3d.api import load_model
@@ -356,7 +360,7 @@ def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
     # Every output name is planned and checked (suffix, collisions, writable folder) before the
     # model loads; then each is locked, so a second job with the same -o stops here.
     plan = cohort.plan_cohort(source, output, num_parts=num_parts, part_id=part_id,
-                              probabilities=config.save_probabilities)
+                              probabilities=config.save_probabilities, series=series)
     with output_locks(plan.written):
         jobs = cohort.jobs_to_do(plan.planned, config.save_probabilities, resume=resume,
                                  overwrite=overwrite)
@@ -371,7 +375,7 @@ def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
         started = time.perf_counter()
         # In a folder, one bad scan is reported and skipped; the others still get their outputs.
         failed = _predict_jobs(predictor, jobs, config, replace=overwrite,
-                               keep_going=not source.is_file())
+                               keep_going=not cohort.single_scan(source))
     written = len(jobs) - len(failed)
     out.print(f"wrote {written} segmentation(s){_skipped(plan.skipped)}"
               f"{f', {len(failed)} failed' if failed else ''} in "
@@ -649,11 +653,13 @@ def compare(
 
 @app.command()
 @user_errors
-def info(path: Annotated[Path, typer.Argument(help="A volume file.")]) -> None:
+def info(path: Annotated[Path, typer.Argument(help="A volume file, or a DICOM series (its "
+                                              "folder, or one of its files).")],
+         series: Annotated[str | None, typer.Option(help=SERIES_HELP)] = None) -> None:
     """Show a volume's shape, spacing, orientation and intensity range."""
     from medseg3d.io import describe, read_volume
 
-    summary = describe(read_volume(path, allow_channels=True))
+    summary = describe(read_volume(path, allow_channels=True, series=series))
     table = Table(show_header=False)
     for key, value in summary.items():
         table.add_row(key, str(value))

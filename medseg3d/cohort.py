@@ -4,6 +4,10 @@
 writable folder) and ``jobs_to_do`` decides, under the outputs' locks, which cases remain
 (``--continue``, ``--overwrite``); ``medseg3d predict`` and ``evaluate --model`` both use them.
 
+A DICOM series is one scan: a folder that directly holds its files (case id: the folder's name),
+or one file of it; a folder of such folders is a cohort, one case per series folder, beside any
+volume files.
+
 A folder is split deterministically into ``num_parts`` (case ``i`` goes to part ``i % n`` of the
 sorted case list), so a SLURM array or Kubernetes indexed job can run one part per task; outputs
 appear atomically, so a part killed mid-way is simply rerun with ``--continue``. Reading the next
@@ -22,7 +26,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -31,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.arrayproxy import ArrayProxy
 
-from medseg3d import sitk_log
+from medseg3d import dicom, sitk_log
 from medseg3d.atomic import remove_stale_temps
 from medseg3d.errors import MedsegError
 from medseg3d.io import (
@@ -49,6 +53,10 @@ from medseg3d.io import (
 )
 from medseg3d.paths import broken_link, confined, not_a_file, unique_by_case
 
+# Besides the volume formats, predict writes a DICOM SEG for a DICOM series input (``-o seg.dcm``).
+SEG_SUFFIX = ".dcm"
+OUTPUT_SUFFIXES = (*VOLUME_SUFFIXES, SEG_SUFFIX)
+
 if TYPE_CHECKING:
     from medseg3d.api import Model
     from medseg3d.config import InferenceConfig
@@ -61,10 +69,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class InputCase:
-    """One scan to segment: its channel files (one, or nnU-Net's ``_0000``, ``_0001`` ...)."""
+    """One scan to segment: its channel files (one, or nnU-Net's ``_0000``, ``_0001`` ...), or
+    a DICOM series (its folder, or one of its files) and the series UID to read there."""
 
     case_id: str
     files: tuple[Path, ...]
+    series_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,12 @@ def list_inputs(path: Path) -> tuple[list[InputCase], list[SkippedInput]]:
     """Cases in a file or folder, and the folder's entries named like volumes that are not files.
 
     Symbolic links are followed, also out of the folder: the folder's owner put them there.
+    A DICOM series (a folder holding its files, or one file of it) is one case named after its
+    folder; in a folder, each subfolder holding a DICOM series is a case too.
     """
     if path.is_file():
+        if dicom.is_dicom_file(path):
+            return [InputCase(_folder_name(path.parent), (path,))], []
         return [InputCase(case_name(path), (path,))], []
     if not path.is_dir():
         problem = not_a_file(path)
@@ -99,14 +113,52 @@ def list_inputs(path: Path) -> tuple[list[InputCase], list[SkippedInput]]:
     reasons = {p: not_a_file(p) for p in named}
     files = [p for p in named if reasons[p] is None]
     skipped = [SkippedInput(p, reason) for p, reason in reasons.items() if reason is not None]
-    if not files:
+    if dicom.holds_dicom(path):
+        if files:
+            LOGGER.warning(f"{path}: read as one DICOM series; the volume files beside its "
+                           f"slices ({', '.join(f.name for f in files[:3])}) are not read")
+        return [InputCase(_folder_name(path), (path,))], []
+    series = _series_folders(path)
+    if not files and not series:
         seen = f"; {skipped[0].path.name} is {skipped[0].reason}" if skipped else ""
-        raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)}){seen}", path)
-    groups = _channel_groups(files)
+        raise MedsegError(f"folder holds no volumes ({', '.join(VOLUME_SUFFIXES)}) and no DICOM "
+                          f"series (in it, or in its subfolders){seen}", path)
+    groups = _channel_groups(files) if files else {}
     if groups is not None:
-        return [InputCase(case, fs) for case, fs in sorted(groups.items())], skipped
-    return [InputCase(case, (file,)) for case, file in unique_by_case(files, case_name,
-                                                                       path).items()], skipped
+        cases = [InputCase(case, fs) for case, fs in sorted(groups.items())]
+    else:
+        cases = [InputCase(case, (file,)) for case, file in unique_by_case(files, case_name,
+                                                                            path).items()]
+    if series:
+        cases = _with_series(cases, series, path)
+    return cases, skipped
+
+
+def _folder_name(folder: Path) -> str:
+    """A series' case id: its folder's name (``.`` and ``..`` resolved)."""
+    return Path(os.path.abspath(folder)).name or "series"
+
+
+def _series_folders(path: Path) -> list[Path]:
+    """The subfolders of ``path`` (not hidden, not named like volumes) holding a DICOM series."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and not volume_suffix(p) and dicom.holds_dicom(p))
+
+
+def _with_series(cases: list[InputCase], series: list[Path], path: Path) -> list[InputCase]:
+    """Volume cases and one case per series folder, by case id; a name used twice is refused."""
+    found = {case.case_id: case.files[0].name for case in cases}
+    for folder in series:
+        if folder.name in found:
+            raise MedsegError(f"two inputs for case {folder.name!r}: {found[folder.name]} and "
+                              f"the DICOM folder {folder.name}/; remove or rename one", path)
+    cases = cases + [InputCase(folder.name, (folder,)) for folder in series]
+    return sorted(cases, key=lambda case: case.case_id)
+
+
+def single_scan(path: Path) -> bool:
+    """Whether ``path`` is one scan (a file, or a folder holding a DICOM series), not a cohort."""
+    return path.is_file() or dicom.holds_dicom(path)
 
 
 def _channel_groups(files: list[Path]) -> dict[str, tuple[Path, ...]] | None:
@@ -148,7 +200,7 @@ def plan_outputs(cases: Sequence[InputCase], output: Path | None, *, folder_inpu
     here ``a`` and ``a_probabilities`` with probabilities, or names that differ only in case,
     which one file system keeps apart and the next one merges), and no output is an input.
     """
-    if folder_input and output is not None and volume_suffix(output):
+    if folder_input and output is not None and output_suffix(output):
         raise MedsegError("a folder of scans needs an output folder, not a file name", output)
     inputs = {f.resolve() for case in cases for f in case.files}
     claimed: dict[str, tuple[Path, str]] = {}
@@ -175,20 +227,47 @@ def _target(case: InputCase, output: Path | None, folder_input: bool) -> Path:
         if output is None:
             raise MedsegError("predicting a folder needs --output FOLDER", case.files[0].parent)
         return output / f"{case.case_id}.nii.gz"
-    target = output or case.files[0].with_name(f"{case.case_id}_seg.nii.gz")
+    target = output or _beside(case).with_name(f"{case.case_id}_seg.nii.gz")
     if target.is_dir():
         raise MedsegError("output is an existing folder; give a file name such as "
                           f"{target / (case.case_id + '_seg.nii.gz')}", target)
-    suffix = volume_suffix(target)
+    suffix = output_suffix(target)
     if not suffix:
-        raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}", target)
+        raise MedsegError(f"output must end in one of {', '.join(OUTPUT_SUFFIXES)}", target)
     if not target.name.endswith(suffix):
         # nibabel takes .NII.GZ, but SimpleITK neither reads .MHA nor .MHD back: one rule for all
         stem = target.name[: len(target.name) - len(suffix)]
-        raise MedsegError(f"output must end in one of {', '.join(VOLUME_SUFFIXES)}, in lower case "
+        raise MedsegError(f"output must end in one of {', '.join(OUTPUT_SUFFIXES)}, in lower case "
                           f"(SimpleITK does not read upper-case .MHA or .MHD); e.g. {stem}{suffix}",
                           target)
+    if suffix == SEG_SUFFIX:
+        _check_seg_output(case, target)
     return target
+
+
+def output_suffix(path: str | Path) -> str:
+    """The output-format suffix of ``path``: a volume suffix, ``.dcm`` (a DICOM SEG) or ``''``."""
+    return volume_suffix(path) or (SEG_SUFFIX if str(path).lower().endswith(SEG_SUFFIX) else "")
+
+
+def _check_seg_output(case: InputCase, target: Path) -> None:
+    """A DICOM SEG segments a DICOM series, and is not written into that series' folder."""
+    source = case.files[0]
+    if len(case.files) != 1 or not dicom.is_series(source):
+        raise MedsegError(f"a DICOM SEG output needs a DICOM series as input ({source.name} is "
+                          "not one); write .nii.gz instead", target)
+    series_folder = source if source.is_dir() else source.parent
+    if target.resolve().parent == series_folder.resolve():
+        raise MedsegError("a DICOM SEG output inside the input series' folder would be read "
+                          "with the series next time; write it elsewhere", target)
+
+
+def _beside(case: InputCase) -> Path:
+    """What the default output sits beside: the input file, or a DICOM series' folder."""
+    source = case.files[0]
+    if source.is_dir() or dicom.is_dicom_file(source):
+        return Path(os.path.abspath(source if source.is_dir() else source.parent))
+    return source
 
 
 def check_output_entry(output: Path) -> None:
@@ -224,17 +303,24 @@ class CohortPlan:
 
 
 def plan_cohort(source: Path, output: Path | None, *, num_parts: int = 1, part_id: int = 0,
-                probabilities: bool = False) -> CohortPlan:
+                probabilities: bool = False, series: str | None = None) -> CohortPlan:
     """Find, shard and name every output (suffix, collisions, a writable folder) up front.
 
     Entries named like volumes that are not files (dangling links, loops, FIFOs, folders) are
-    skipped with one warning each.
+    skipped with one warning each. ``series``: the UID of the series to read in a DICOM folder
+    that holds several (one scan only).
     """
     found, skipped = list_inputs(source)
     for entry in skipped:
         LOGGER.warning(f"{entry.path}: skipped: {entry.reason}, not a volume file")
+    if series is not None:
+        if not dicom.is_series(source):
+            raise MedsegError("--series picks a series in one DICOM folder or file; this is "
+                              f"{'not DICOM' if source.is_file() else 'a folder of scans'}",
+                              source)
+        found = [replace(case, series_uid=series) for case in found]
     cases = shard(found, num_parts, part_id)
-    planned = plan_outputs(cases, output, folder_input=not source.is_file(),
+    planned = plan_outputs(cases, output, folder_input=not single_scan(source),
                            probabilities=probabilities)
     for folder in sorted({target.parent for _, target in planned}):
         check_writable(folder)
@@ -294,6 +380,10 @@ def unfinished(output: Path) -> str | None:
     if output.stat().st_size == 0:
         return "file is empty"
     try:
+        if output_suffix(output) == SEG_SUFFIX:
+            from medseg3d.dicom_seg import unfinished_seg
+
+            return unfinished_seg(output)
         if volume_suffix(output) in NIFTI_SUFFIXES:
             return _unfinished_nifti(output)
         return _unfinished_itk(output)
@@ -373,7 +463,8 @@ def read_input(case: InputCase, max_bytes: int | None = None) -> Volume:
     ``max_bytes``: a memory limit that each file's header is checked against before reading.
     """
     if len(case.files) == 1:
-        return read_volume(case.files[0], allow_channels=True, max_bytes=max_bytes)
+        return read_volume(case.files[0], allow_channels=True, max_bytes=max_bytes,
+                           series=case.series_uid)
     channels = [read_volume(f, max_bytes=max_bytes) for f in case.files]
     first = channels[0]
     for other in channels[1:]:
@@ -447,18 +538,34 @@ class BackgroundWriter:
 
 
 def write_prediction(labels: np.ndarray, probabilities: np.ndarray | None, volume: Volume,
-                     output: Path, replace: bool = True) -> None:
-    """Write labels (and probabilities as ``*_probabilities``) on the input's grid."""
+                     output: Path, replace: bool = True, *, case: InputCase | None = None,
+                     label_names: dict[str, int] | None = None, model_name: str = "") -> None:
+    """Write labels (and probabilities as ``*_probabilities``) on the input's grid.
+
+    A ``.dcm`` output is a DICOM SEG of ``case``'s series, its segments named by
+    ``label_names`` and made by ``model_name``.
+    """
     if probabilities is not None:  # first: the labels' presence marks the case done
         write_array(probabilities.astype(np.float32), volume, probabilities_path(output),
                     replace=replace)
-    write_labels(labels, volume, output, replace=replace)
+    if output_suffix(output) != SEG_SUFFIX:
+        write_labels(labels, volume, output, replace=replace)
+        return
+    if case is None or label_names is None:
+        raise ValueError("a DICOM SEG output needs the input case and the label names")
+    from medseg3d.dicom_seg import write_dicom_seg  # highdicom: imported for SEG outputs only
+
+    # the slices in the order read_series stacked them: frame k is labels[:, :, k]
+    slices = dicom.slice_files(case.files[0], case.series_uid)
+    write_dicom_seg(labels, slices, label_names, output, model_name=model_name, replace=replace)
 
 
 def probabilities_path(output: Path) -> Path:
-    """Where the probabilities of the labels written to ``output`` go (``*_probabilities``)."""
-    suffix = volume_suffix(output)
-    return output.with_name(f"{output.name[: len(output.name) - len(suffix)]}_probabilities{suffix}")
+    """Where the probabilities of the labels written to ``output`` go (``*_probabilities``);
+    a DICOM SEG's go to a NIfTI file beside it (float32 channels, as for the other formats)."""
+    suffix = output_suffix(output)
+    stem = output.name[: len(output.name) - len(suffix)]
+    return output.with_name(f"{stem}_probabilities{'.nii.gz' if suffix == SEG_SUFFIX else suffix}")
 
 
 def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: InferenceConfig, *,
@@ -499,7 +606,9 @@ def predict_cases(model: Model, jobs: Sequence[tuple[InputCase, Path]], config: 
             on_failed(case, exc)
             continue
         writer.submit(functools.partial(write_prediction, prediction.labels,
-                                        prediction.probabilities, volume, target, replace))
+                                        prediction.probabilities, volume, target, replace,
+                                        case=case, label_names=model.labels,
+                                        model_name=model.name))
         if on_done is not None:
             on_done(case, target, volume, prediction)
     writer.close()

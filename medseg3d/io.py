@@ -107,20 +107,27 @@ def case_name(path: str | Path) -> str:
 
 
 def read_volume(path: str | Path, *, allow_channels: bool = False,
-                max_bytes: int | None = None) -> Volume:
+                max_bytes: int | None = None, series: str | None = None) -> Volume:
     """Read a 3D volume (or 4D with channels last when ``allow_channels``); raise MedsegError if bad.
 
     ``max_bytes``: refuse, from the header alone and before any voxel is decompressed, a file whose
     reading would take more memory than this (its stored voxels plus their float32 copy).
+    A folder, or one DICOM file, is read as a DICOM series (``medseg3d.dicom.read_series``: a file
+    stands for its whole series, read from its folder); ``series`` picks a series UID there.
     """
+    from medseg3d import dicom  # here: dicom builds on this module
+
     path = Path(path)
     if not path.exists():
         raise MedsegError("file not found", path)
-    if path.is_dir():
-        raise MedsegError("is a folder, expected a volume file", path)
+    if path.is_dir() or dicom.is_dicom_file(path):
+        return dicom.read_series(path, series, max_bytes=max_bytes)
+    if series is not None:
+        raise MedsegError(f"--series {series} picks a DICOM series; this is not DICOM", path)
     suffix = volume_suffix(path)
     if not suffix:
-        raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}", path)
+        raise MedsegError(f"unsupported file type; expected one of {', '.join(VOLUME_SUFFIXES)}, "
+                          "or DICOM (.dcm, or 'DICM' at byte 128)", path)
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
     reader = _read_nifti if suffix in NIFTI_SUFFIXES else _read_sitk
@@ -137,13 +144,13 @@ def _check_sitk_pixels(reader: sitk.ImageFileReader, path: Path, max_bytes: int 
                           "floats)", path)
     if max_bytes is not None:
         shape = (*reader.GetSize(), reader.GetNumberOfComponents())
-        _refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
+        refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
 
 
 _SITK_COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
 
 
-def _refuse_over_limit(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> None:
+def refuse_over_limit(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> None:
     """Reading stores the voxels and their float32 copy: refuse when that exceeds ``max_bytes``."""
     need = math.prod(shape) * (itemsize + 4)  # Python ints: a hostile shape overflows int64
     if need > max_bytes:
@@ -253,7 +260,7 @@ def _check_declared(img: nib.Nifti1Image, proxy: ArrayProxy, path: Path, gzipped
                           path)
     declared = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape overflows int64
     if max_bytes is not None:
-        _refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
+        refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
     if declared > 64 * 2**30:
         raise MedsegError(f"header declares shape {shape}, {declared / 2**30:,.0f} GiB of voxels; "
                           "refusing to read", path)

@@ -171,6 +171,8 @@ def layer_kwargs_from(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, 
 
 def on_disk_dtype(volume: Volume) -> np.dtype:
     """The dtype stored in the file (``medseg3d.io`` always returns float32 arrays)."""
+    if volume.path is not None and volume.path.is_dir():  # a DICOM series: rescaled intensities
+        return np.dtype(np.float32)
     if volume.path is not None and volume_suffix(volume.path) not in NIFTI_SUFFIXES:
         try:
             reader = sitk.ImageFileReader()
