@@ -102,28 +102,28 @@ def test_dangling_link_given_as_the_input(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- case names and channels
 
 
-def test_one_case_in_two_formats_is_refused(tmp_path: Path, weights: Path) -> None:
-    # from issue #16
-    scans = scans_folder(tmp_path / "scans", ["a.nii.gz", "a.nrrd"])
-    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
+COLLIDING_NAMES = {
+    # from issue #16: one case in two formats
+    "two_formats": (["a.nii.gz", "a.nrrd"], (), "two files for case 'a': a.nii.gz and a.nrrd",
+                    "scans"),
+    "probabilities_of_another_case": (["a.nii.gz", "a_probabilities.nii.gz"],
+                                      ("--save-probabilities",),
+                                      "would both be written to a_probabilities.nii.gz", "out"),
+    # one file on case-insensitive file systems (macOS, Windows shares)
+    "differing_only_in_case": (["A.nii.gz", "a.nii.gz"], (),
+                               "cases 'A' and 'a' would both be written", ""),
+}
+
+
+@pytest.mark.parametrize("name", COLLIDING_NAMES)
+def test_colliding_case_names_are_refused_before_any_output(tmp_path: Path, weights: Path,
+                                                            name: str) -> None:
+    files, options, message, named = COLLIDING_NAMES[name]
+    scans = scans_folder(tmp_path / "scans", files)
+    result = predict(scans, "-o", tmp_path / "out", "--model", weights, *options)
     assert result.exit_code == 1
-    assert_one_line_error(result.output, "two files for case 'a': a.nii.gz and a.nrrd", scans)
+    assert_one_line_error(result.output, message, tmp_path / named)
     assert not (tmp_path / "out").exists()
-
-
-def test_probabilities_of_one_case_collide_with_another(tmp_path: Path, weights: Path) -> None:
-    scans = scans_folder(tmp_path / "scans", ["a.nii.gz", "a_probabilities.nii.gz"])
-    result = predict(scans, "-o", tmp_path / "out", "--model", weights, "--save-probabilities")
-    assert result.exit_code == 1
-    assert_one_line_error(result.output, "would both be written to a_probabilities.nii.gz",
-                          tmp_path / "out")
-
-
-def test_names_differing_only_in_case_are_refused(tmp_path: Path, weights: Path) -> None:
-    scans = scans_folder(tmp_path / "scans", ["A.nii.gz", "a.nii.gz"])
-    result = predict(scans, "-o", tmp_path / "out", "--model", weights)
-    assert result.exit_code == 1
-    assert_one_line_error(result.output, "cases 'A' and 'a' would both be written", tmp_path)
 
 
 def test_numbered_patients_are_separate_scans(tmp_path: Path, weights: Path) -> None:
