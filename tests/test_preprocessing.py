@@ -104,3 +104,46 @@ def test_label_resampling_keeps_every_class_value():
     classes[16:28, 16:28, 16:28] = 3
     out = resize_labels(classes, (15, 15, 15))
     assert sorted(torch.unique(out).tolist()) == [0, 3, 7] and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("codes, oblique", [("RAS", 0.0), ("LPS", 0.0), ("LIA", 0.0),
+                                            ("PIR", 0.0), ("ASL", 0.0), ("LIA", 0.2)])
+def test_the_network_sees_the_scan_as_nibabel_reorients_it(codes, oblique):
+    """Against references that are not the code's own inverse: nibabel's closest canonical
+    image, and world positions computed from the affine. A flip made on the way in and undone on
+    the way out passes the round trip above but fails here."""
+    shape = (7, 9, 11)
+    affine = make_affine((1.0, 2.0, 1.5), codes, oblique)
+    markers = [(1, 2, 3), (5, 1, 8), (0, 7, 10)]  # voxel indices of values 1, 2, 3
+    array = np.zeros(shape, np.float32)
+    for value, voxel in enumerate(markers, start=1):
+        array[voxel] = value
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    plan = Plan(spacing=tuple(float(z) for z in canonical.header.get_zooms()[:3]),
+                patch_size=(8, 8, 8), normalization=[ChannelNorm(scheme="none")],
+                labels={"background": 0, "a": 1, "b": 2, "c": 3})
+    image, grid = preprocess_image(Volume(array, affine, nib.Nifti1Header()), plan)
+    assert not grid.resampled
+    assert np.array_equal(image[0].numpy(), np.asarray(canonical.dataobj))
+    # each canonical axis points (nearly) along +R, +A, +S: sorting the markers by a world
+    # coordinate sorts them by their index along that axis
+    seen = {int(v): np.argwhere(image[0].numpy() == v)[0] for v in (1, 2, 3)}
+    world = {value: (affine @ [*voxel, 1])[:3] for value, voxel in enumerate(markers, start=1)}
+    for axis in range(3):
+        assert sorted(world, key=lambda v: world[v][axis]) == sorted(seen, key=lambda v: seen[v][axis])
+    # a label map made on the canonical grid comes back onto the input grid with the markers
+    # where they were
+    classes = torch.from_numpy(np.asarray(canonical.dataobj).astype(np.uint8))
+    assert np.array_equal(restore_labels(classes, grid, plan), array.astype(np.uint8))
+
+
+def test_label_values_above_255_survive_the_round_trip():
+    """A label value of 300 needs 16 bits: an 8-bit label map would write it as 44."""
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(8, 8, 8), normalization=[ChannelNorm()],
+                labels={"background": 0, "a": 1, "big": 300})
+    values = np.zeros((4, 5, 6), np.int32)
+    values[1, 2, 3], values[2, 2, 2] = 300, 1
+    volume = Volume(values, np.eye(4), nib.Nifti1Header())
+    grid = plan_grid(volume, plan.spacing)
+    restored = restore_labels(preprocess_labels(volume, grid, plan), grid, plan)
+    assert np.array_equal(restored, values) and restored.max() == 300

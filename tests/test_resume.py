@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
@@ -79,3 +80,85 @@ def test_a_dataset_that_fails_validation_leaves_no_run_folder(tmp_path):
     result = runner.invoke(app, ["train", str(dataset), "-o", str(run), "--epochs", "1", *TINY])
     assert result.exit_code == 1 and "no label" in result.output
     assert not run.exists()
+
+
+def test_the_state_file_restores_weights_average_and_optimizer(tmp_path):
+    import torch
+    from torch import nn
+
+    from medseg3d.resume import STATE_FILE, TrainingState, load_state, save_state
+
+    def parts(seed: int):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv3d(1, 3, 3), nn.InstanceNorm3d(3, affine=True))
+        average = nn.Sequential(nn.Conv3d(1, 3, 3), nn.InstanceNorm3d(3, affine=True))
+        return model, average, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, average, optimizer = parts(0)
+    for _ in range(2):  # the optimizer gains state (step, moments)
+        optimizer.zero_grad()
+        model(torch.randn(1, 1, 5, 5, 5)).square().mean().backward()
+        optimizer.step()
+    state = TrainingState(epoch=3, step=7, config=TrainConfig(dataset="d", output="o",
+                                                             network=NetworkConfig(name="unet")))
+    save_state(tmp_path / STATE_FILE, model, optimizer, average, state)
+    fresh, fresh_average, fresh_optimizer = parts(1)
+    loaded = load_state(tmp_path / STATE_FILE, fresh, fresh_optimizer, fresh_average)
+    assert (loaded.epoch, loaded.step) == (3, 7)
+    for mine, theirs in ((fresh, model), (fresh_average, average)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(),
+                                                     theirs.state_dict().values(), strict=True))
+    # the next step of the restored optimizer is the original's next step
+    batch = torch.randn(1, 1, 5, 5, 5)
+    for net, opt in ((model, optimizer), (fresh, fresh_optimizer)):
+        opt.zero_grad()
+        net(batch).square().mean().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(),
+                                                 strict=True))
+
+
+class Interrupted(Exception):
+    """Stands in for a kill after an epoch's state was saved."""
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Killed after epoch 1 of 2 and resumed: the same weights, average and losses as a run that
+    was never stopped (weights, average, optimizer, step count and patches all come back)."""
+    from safetensors.torch import load_file
+
+    from medseg3d import training
+
+    dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    config = TrainConfig(dataset=str(dataset), output=str(tmp_path / "whole"),
+                         network=NetworkConfig(name="unet", options={"filters": [4, 8]}),
+                         epochs=2, iterations_per_epoch=2, fold=None, augment="none",
+                         device="cpu", seed=0, plan_overrides={"patch_size": [16, 16, 16]})
+    assert config.ema is not None
+    training.train(config, log=lambda *_: None)
+
+    real_end_epoch = training.end_epoch
+
+    def killed_after_epoch_one(run, losses, started):
+        real_end_epoch(run, losses, started)
+        if run.state.epoch == 1:
+            raise Interrupted
+
+    stopped = config.model_copy(update={"output": str(tmp_path / "stopped")})
+    monkeypatch.setattr(training, "end_epoch", killed_after_epoch_one)
+    with pytest.raises(Interrupted):
+        training.train(stopped, log=lambda *_: None)
+    monkeypatch.setattr(training, "end_epoch", real_end_epoch)
+    training.train(stopped, resume=True, log=lambda *_: None)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["train_loss"] for line in lines]
+
+    assert len(losses("stopped")) == 2 and losses("stopped") == pytest.approx(losses("whole"))
+    for name in ("checkpoint_final.safetensors", "training_state.safetensors"):
+        whole, resumed = (load_file(str(tmp_path / run / name)) for run in ("whole", "stopped"))
+        assert whole.keys() == resumed.keys()
+        for key in whole:
+            if not key.startswith("rng."):
+                assert whole[key].float().allclose(resumed[key].float(), atol=1e-6), (name, key)

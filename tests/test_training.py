@@ -159,3 +159,82 @@ def test_a_step_with_a_non_finite_loss_leaves_the_weights_finite_and_unchanged()
     loss = train_step(ctx, {"image": torch.ones(1, 1, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2)})
     assert not torch.isfinite(loss)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+# ---- the weight average, validation over every case, and what a finished run saves
+
+
+def test_weight_average_moves_towards_the_network_by_one_minus_its_decay():
+    import torch
+    from torch import nn
+
+    from medseg3d.training import WeightAverage
+
+    network = nn.Linear(2, 1)
+    with torch.no_grad():
+        network.weight.fill_(0.0), network.bias.fill_(0.0)
+    average = WeightAverage(network, decay=0.9)
+    with torch.no_grad():
+        network.weight.fill_(1.0), network.bias.fill_(-2.0)
+    average.update(network)  # first update: the warm-up decay (1 + 1) / (10 + 1)
+    warm = 2 / 11
+    assert torch.allclose(average.network.weight, torch.full((1, 2), 1 - warm))
+    assert torch.allclose(average.network.bias, torch.tensor([-2 * (1 - warm)]))
+    average.updates = 1000  # warmed up: the decay itself
+    before = average.network.weight.detach().clone()
+    average.update(network)
+    assert torch.allclose(average.network.weight, 0.9 * before + 0.1 * 1.0)
+    assert network.weight.data_ptr() != average.network.weight.data_ptr()  # a copy, not a view
+
+
+def test_validation_scores_every_case():
+    """Three cases, the last one predicted all wrong: the mean Dice is 2/3, not 1."""
+    import torch
+
+    from medseg3d.config import ChannelNorm, Plan
+    from medseg3d.networks import NetworkTraits
+    from medseg3d.training import Rank, validate
+
+    network = torch.nn.Conv3d(1, 2, 1)  # class 1 where the image is > 0.5
+    with torch.no_grad():
+        network.weight.copy_(torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1, 1))
+        network.bias.copy_(torch.tensor([5.0, -5.0]))
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(8, 8, 8), normalization=[ChannelNorm()],
+                labels={"background": 0, "sphere": 1})
+    image = torch.zeros(1, 12, 10, 9)
+    image[0, 2:7, 3:8, 1:5] = 1.0
+    right = {"image": image, "label": (image > 0.5).float()}
+    wrong = {"image": image, "label": (image < 0.5).float()}
+    scores = validate(network, [right, right, wrong], plan, torch.device("cpu"), Rank(),
+                      traits=NetworkTraits(size_divisor=1))
+    assert scores == {"sphere": pytest.approx(2 / 3)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 3-step run with the default weight average, on cases whose sphere is one piece."""
+    root = tmp_path_factory.mktemp("finished")
+    dataset = make_dataset(root / "ds", num_cases=2, shape=(16, 16, 16))
+    config = _config(dataset, root / "run", network=NetworkConfig(
+        name="unet", options={"filters": [4, 8]}), fold=None, steps=3, iterations_per_epoch=3,
+        plan_overrides={"patch_size": [16, 16, 16]})
+    assert config.ema is not None
+    train(config, log=lambda *_: None)
+    return root / "run"
+
+
+def test_checkpoints_hold_the_weight_average_not_the_last_weights(finished_run):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(finished_run / "training_state.safetensors"))
+    for stem in ("checkpoint_final", "checkpoint_latest"):
+        saved = load_file(str(finished_run / f"{stem}.safetensors"))
+        assert saved.keys() == {k[len("ema."):] for k in state if k.startswith("ema.")}
+        assert all(torch.equal(saved[k], state[f"ema.{k}"]) for k in saved), stem
+        assert not all(torch.equal(saved[k], state[f"model.{k}"]) for k in saved), stem
+
+
+def test_a_class_in_one_piece_in_every_training_label_is_postprocessed(finished_run):
+    meta = json.loads((finished_run / "checkpoint_final.json").read_text())
+    assert meta["largest_component"] == ["sphere"]

@@ -181,3 +181,34 @@ def test_validation_follows_the_training_precision(monkeypatch, amp_dtype) -> No
     training.validate(torch.nn.Conv3d(1, 2, 1), [item], plan, torch.device("cpu"), Rank(),
                       amp_dtype, traits=NetworkTraits(size_divisor=1))
     assert seen == {"amp_dtype": amp_dtype}
+
+
+def test_setup_puts_the_network_on_the_rank_gpu(dataset, tmp_path, calls, monkeypatch) -> None:
+    """Rank 1 of 2 on a machine of four GPUs: its network, steps and DDP use cuda:1, not the
+    current GPU (cuda:0) that ``--device auto`` resolves to. Moves to a GPU are recorded, not
+    made, so this runs on a CPU."""
+    moved: list[torch.device] = []
+    real_to = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None and torch.device(device).type == "cuda":
+            moved.append(torch.device(device))
+            return module
+        return real_to(module, *args, **kwargs)
+
+    wrapped: list[torch.device] = []
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(training.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(training, "distributed", lambda model, device: wrapped.append(device)
+                        or model)
+    monkeypatch.setattr(training, "patch_batches", lambda *args: iter(()))  # no pinned memory
+    config = _config(dataset, tmp_path / "run", device="auto", amp=False, num_workers=0)
+    assert training.resolve_device(config.device) == torch.device("cuda", 0)
+    run = training.setup(config, Rank(index=1, world=2, local=1), False, lambda *_: None, None)
+    gpu = torch.device("cuda", 1)
+    assert run.device == run.ctx.device == gpu
+    assert moved == [gpu]  # the network, once (the weight average copies it there)
+    assert wrapped == [gpu]
