@@ -87,6 +87,7 @@ def _networks() -> list[str]:
     return list_networks()
 
 
+DEFAULT_NETWORK = "unet"
 AUGMENT_HELP = "none, light, strong or synth (strong + images drawn from tissue maps; MR)."
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N."
 SERIES_HELP = "The SeriesInstanceUID to read where a DICOM folder holds several series."
@@ -99,6 +100,10 @@ def _check_device(text: str) -> str:
         return check_device_text(text)
     except MedsegError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def _check_optional_network(name: str | None) -> str | None:
+    return None if name is None else _check_network(name)
 
 
 def _check_network(name: str) -> str:
@@ -170,8 +175,9 @@ def _memory(text: str | None) -> float | None:
 @user_errors
 def train(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net or Decathlon layout).")],
-    model: Annotated[str, typer.Option("--model", "-m", callback=_check_network,
-                                       help="Network name (see `medseg3d models`).")] = "unet",
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", callback=_check_optional_network,
+        help="Network name (see `medseg3d models`); default unet.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run folder.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs in all (default 50); with "
                                                "--resume, extends or shortens the run.")] = None,
@@ -183,9 +189,10 @@ def train(
         min=-1, help="Fold of a 5-fold split; -1: all cases, validated on themselves. Default: "
         "fold 0, or all cases without validation when there are fewer than 10.")] = None,
     device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
-    lr: Annotated[float, typer.Option(help="Learning rate: finite, above 0.")] = 1e-3,
-    augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
+    seed: Annotated[int | None, typer.Option(help="Default 0.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate: finite, above 0; default "
+                                             "1e-3.")] = None,
+    augment: Annotated[str | None, typer.Option(help=AUGMENT_HELP + " Default strong.")] = None,
     patch_size: Annotated[str | None, typer.Option(help="Override the plan, e.g. 64,64,64.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     spacing: Annotated[str | None, typer.Option(help="Target spacing in mm, e.g. 1,1,1.")] = None,
@@ -211,13 +218,15 @@ def train(
     from medseg3d.atomic import remove_stale_temps_in
     from medseg3d.training import check_run_folder, current_rank
 
-    output = output or Path("runs") / f"{dataset.name}_{model}"
+    output = output or Path("runs") / f"{dataset.name}_{model or DEFAULT_NETWORK}"
     check_run_folder(output)
     overrides = _plan_overrides(patch_size, batch_size, spacing)
     main_rank = current_rank().is_main  # under torchrun only rank 0 writes files and reports
     if resume and main_rank:
         remove_stale_temps_in(output)  # half-written files of the killed run (rank 0 writes)
     if resume and (output / "train_config.json").is_file():
+        _refuse_changed_recipe(output, model=model, learning_rate=lr, augment=augment, seed=seed,
+                               fold=fold, options=_options(option) if option else None)
         train_config = _extended_config(output, main_rank, overrides, epochs=epochs,
                                         iterations=iterations, steps=steps, budget=budget)
     elif config is not None:
@@ -225,13 +234,14 @@ def train(
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
                                                    "output": str(output)})
     else:
+        recipe = {"seed": seed, "learning_rate": lr, "augment": augment}  # None: TrainConfig's
         train_config = _new_config(dict(
             dataset=str(dataset), output=str(output),
-            network=NetworkConfig(name=model, options=_options(option or [])),
+            network=NetworkConfig(name=model or DEFAULT_NETWORK, options=_options(option or [])),
             epochs=epochs or 50, iterations_per_epoch=iterations or 50, val_every=val_every,
-            fold=fold, device=device, seed=seed, learning_rate=lr, augment=augment,
-            plan_overrides=overrides, num_workers=workers, amp=amp, time_budget_minutes=budget,
-            steps=steps))
+            fold=fold, device=device, plan_overrides=overrides, num_workers=workers, amp=amp,
+            time_budget_minutes=budget, steps=steps,
+            **{k: v for k, v in recipe.items() if v is not None}))
     final = _train_with_progress(train_config, resume=resume, main_rank=main_rank)
     if main_rank:
         out.print(f"final checkpoint: {final}")
@@ -267,6 +277,27 @@ def _refuse_replanning(output: Path, given: PlanOverrides) -> None:
             raise MedsegError(f"{flag} {_given(new)} differs from the run's {_given(old)} "
                               "(plan.json); --resume continues a run on its own plan, so train "
                               f"into a new --output to use {flag} {_given(new)}", output)
+
+
+# train options that --resume cannot change: their TrainConfig value and their flag
+_RECIPE = {"model": ("network.name", "--model"), "learning_rate": ("learning_rate", "--lr"),
+           "augment": ("augment", "--augment"), "seed": ("seed", "--seed"),
+           "fold": ("fold", "--fold"), "options": ("network.options", "--option")}
+
+
+def _refuse_changed_recipe(output: Path, **given: Any) -> None:
+    """--resume continues a run with its own recipe: an option given (not None) that differs
+    from the saved one is refused, where it used to be ignored without a word."""
+    saved = load_model_file(TrainConfig, output / "train_config.json").model_dump()
+    for key, value in given.items():
+        field, flag = _RECIPE[key]
+        old: Any = saved
+        for part in field.split("."):
+            old = old[part]
+        if value is not None and value != old:
+            raise MedsegError(f"{flag} {_given(value)} differs from the run's {_given(old)} "
+                              "(train_config.json); --resume continues a run with its own "
+                              f"settings, so train into a new --output to use {flag}", output)
 
 
 def _new_config(fields: dict[str, Any]) -> TrainConfig:

@@ -239,6 +239,23 @@ def test_options_given_win_over_a_stale_plan(dataset: Path, tmp_path: Path) -> N
     assert json.loads((run_dir / "plan.json").read_text())["patch_size"] == [16, 16, 16]
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (("--lr", "0.01"), "--lr 0.01 differs from the run's 0.001"),
+    (("--model", "asmlp3d"), "--model asmlp3d differs from the run's unet"),
+    (("--augment", "none"), "--augment none differs from the run's strong"),
+    (("--seed", "3"), "--seed 3 differs from the run's 0"),
+])
+def test_resume_refuses_a_recipe_option_it_would_ignore(dataset: Path, tmp_path: Path,
+                                                        option: tuple[str, str],
+                                                        message: str) -> None:
+    run_dir = tmp_path / "run"
+    assert train(dataset, run_dir, *TINY).exit_code == 0
+    result = train(dataset, run_dir, "--resume", "--epochs", "2", *option)
+    refused(result, message + " [(]train_config.json[)]; --resume continues a run with its own "
+            "settings", run_dir)
+    assert train(dataset, run_dir, "--resume", "--epochs", "2", "--lr", "0.001").exit_code == 0
+
+
 def test_resume_refuses_a_plan_option_it_would_ignore(dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert train(dataset, run_dir, *TINY, "--patch-size", "16,16,16").exit_code == 0
