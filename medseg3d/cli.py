@@ -33,7 +33,6 @@ from medseg3d.config import (
     Plan,
     PlanOverrides,
     TrainConfig,
-    checked,
     load_model_file,
 )
 from medseg3d.errors import MedsegError
@@ -309,7 +308,7 @@ def _new_config(fields: dict[str, Any]) -> TrainConfig:
 # train options whose TrainConfig / PlanOverrides field has another name
 _FLAGS = {"learning_rate": "--lr", "time_budget_minutes": "--budget",
           "iterations_per_epoch": "--iterations", "num_workers": "--workers",
-          "network": "--option"}
+          "network": "--option", "max_memory_gb": "--max-memory"}
 
 
 @contextlib.contextmanager
@@ -371,9 +370,10 @@ def predict(
     series: Annotated[str | None, typer.Option(help=SERIES_HELP)] = None,
 ) -> None:
     """Segment a scan or a folder; outputs keep each input's exact geometry."""
-    config = checked(InferenceConfig, None, overlap=overlap, batch_size=batch_size, tta=tta,
-                     amp=amp, save_probabilities=save_probabilities,
-                     max_memory_gb=_memory(max_memory))
+    with _option_errors():  # the one converter of command-line values, naming the flag
+        config = InferenceConfig(overlap=overlap, batch_size=batch_size, tta=tta, amp=amp,
+                                 save_probabilities=save_probabilities,
+                                 max_memory_gb=_memory(max_memory))
     _predict_cohort(input, output, model, device, config, num_parts=num_parts, part_id=part_id,
                     resume=resume, overwrite=overwrite, series=series)
 

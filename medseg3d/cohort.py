@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 import os
 import re
 import struct
@@ -40,6 +41,7 @@ from medseg3d.atomic import remove_stale_temps
 from medseg3d.errors import MedsegError
 from medseg3d.io import (
     DETACHED_SUFFIXES,
+    GZIP_MAGIC,
     NIFTI_SUFFIXES,
     VOLUME_SUFFIXES,
     Volume,
@@ -394,13 +396,13 @@ def unfinished(output: Path) -> str | None:
 
 def _unfinished_nifti(output: Path) -> str | None:
     with open(output, "rb") as fh:
-        gzipped = fh.read(2) == b"\x1f\x8b"
+        gzipped = fh.read(2) == GZIP_MAGIC
         fh.seek(-4, os.SEEK_END)
         trailer = fh.read(4)
     with nib.imageglobals.LoggingOutputSuppressor():
         img = cast(nib.Nifti1Image, nib.load(str(output)))  # the header: voxels stay on disk
     proxy = cast(ArrayProxy, img.dataobj)
-    voxels = int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    voxels = math.prod(img.shape) * img.get_data_dtype().itemsize  # Python ints: no overflow
     expected = int(proxy.offset) + voxels
     if gzipped:
         if struct.unpack("<I", trailer)[0] != expected % 2**32:

@@ -417,7 +417,8 @@ def load_model_file(model: type[M], path: str | Path) -> M:
         raise MedsegError(f"cannot read ({exc})", path) from exc
     try:
         # safe_load builds plain data only: no YAML tags can construct Python objects.
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(
+            text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0]
         raise MedsegError(f"not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({first})",
@@ -426,6 +427,18 @@ def load_model_file(model: type[M], path: str | Path) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise MedsegError(f"invalid {model.__name__}: {_first_error(exc)}", path) from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats: JSON keeps the last one silently, so
+    ``{"tumour": 1, "tumour": 2}`` would lose class 1 (its voxels then "undeclared")."""
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise MedsegError(f"key {repeated!r} appears {keys.count(repeated)} times in one JSON "
+                          "object; JSON keeps only the last, so the others would be lost "
+                          "silently", path)
+    return dict(pairs)
 
 
 def checked(model: type[M], source: str | None = None, **fields: Any) -> M:

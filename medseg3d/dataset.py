@@ -11,11 +11,9 @@ for ``--augment synth`` (``medseg3d.synthesis``).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,23 +38,7 @@ def load_spec(dataset_dir: str | Path) -> DatasetSpec:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise MedsegError("dataset folder not found", dataset_dir)
-    spec = load_model_file(DatasetSpec, dataset_dir / "dataset.json")
-    refuse_repeated_keys(dataset_dir / "dataset.json")
-    return spec
-
-
-def refuse_repeated_keys(path: Path) -> None:
-    """Refuse a JSON file with a key twice in one object: JSON keeps the last one silently, so
-    ``{"tumour": 1, "tumour": 2}`` would lose class 1 (its voxels then "undeclared")."""
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        key, times = Counter(key for key, _ in pairs).most_common(1)[0] if pairs else ("", 1)
-        if times > 1:
-            raise MedsegError(f"key {key!r} appears {times} times in one JSON object; JSON keeps "
-                              "only the last, so the others would be lost silently", path)
-        return dict(pairs)
-
-    json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique)
+    return load_model_file(DatasetSpec, dataset_dir / "dataset.json")
 
 
 def find_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case]:

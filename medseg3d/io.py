@@ -199,7 +199,7 @@ def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
 # Deflate never compresses better than about 1032:1, so a .gz file smaller than this share of the
 # voxel bytes its header declares cannot hold them: refuse before allocating the array.
 _MAX_GZIP_RATIO = 1100
-_GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI1_SIZEOF_HDR = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, little / big endian
 _NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
 _NIFTI1_MAX_DIM = 32767  # dims are int16 in NIfTI-1, int64 in NIfTI-2
@@ -213,7 +213,7 @@ def _read_nifti(path: Path, max_bytes: int | None = None) -> Volume:
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
-        gzipped = magic[:2] == _GZIP_MAGIC
+        gzipped = magic[:2] == GZIP_MAGIC
         if gzipped and not path.name.lower().endswith(".gz"):
             raise MedsegError("gzip-compressed, though named .nii; rename it to .nii.gz", path)
         stored = _stored_header(path, gzipped)

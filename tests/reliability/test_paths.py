@@ -207,7 +207,7 @@ def test_continue_redoes_an_output_that_is_not_whole(tmp_path: Path, weights: Pa
     if damage == "empty":
         broken.write_bytes(b"")
     elif damage == "cut":
-        truncate(broken, broken.stat().st_size // 2)
+        truncate(broken, broken.stat().st_size - 8)  # the header stays whole, as after a kill
     else:
         broken.write_text("not a volume\n")
     result = predict(scans, "-o", out, "--model", weights, "--continue")
