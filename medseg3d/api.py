@@ -12,8 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint
-from medseg3d.config import CheckpointMeta, InferenceConfig, NetworkConfig, Plan, checked
+from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint, save_checkpoint
+from medseg3d.config import (
+    Adaptation,
+    CheckpointMeta,
+    InferenceConfig,
+    NetworkConfig,
+    Plan,
+    RefineConfig,
+    checked,
+)
 from medseg3d.devices import resolve_device
 from medseg3d.errors import MedsegError
 from medseg3d.fingerprint import ood_warning
@@ -21,8 +29,12 @@ from medseg3d.inference import Prediction, predict_volume
 from medseg3d.io import Volume, check_volume, read_volume
 from medseg3d.logs import LOGGER
 from medseg3d.networks import NetworkTraits, build_network, network_traits
+from medseg3d.refinement import Marks, adapt_network, honour_marks, prepare, read_marks
 from medseg3d.sliding_window import DeviceLimits
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
+
+__all__ = ["Marks", "Model", "RefineConfig", "as_volume", "check_new_folder", "load_model",
+           "read_marks", "resolve_weights"]
 
 
 class Model:
@@ -83,6 +95,66 @@ class Model:
         return predict_volume(self.network, self.meta, volume, config, progress=progress,
                               should_stop=should_stop, limits=self.limits, traits=self.traits,
                               device=self.device)
+
+    def marks(self, voxels: Any, values: Any, shape: tuple[int, ...]) -> Marks:
+        """Checked marks for an image of ``shape``: voxel indices ``(N, 3)`` and label values."""
+        return Marks.of(voxels, values, shape, self.labels)
+
+    def adapt(self, image: str | Path | np.ndarray | Volume, prediction: np.ndarray,
+              marks: Marks, *, affine: np.ndarray | None = None,
+              config: RefineConfig | None = None,
+              should_stop: Callable[[], bool] | None = None) -> Model:
+        """A copy of this model adapted to ``marks`` on ``image`` (refinement.py), which
+        ``prediction`` (this model's labels there) says how to keep elsewhere."""
+        volume = as_volume(image, affine)
+        config = config or RefineConfig()
+        tensors = prepare(volume, self.plan, marks, prediction, config)
+        network = adapt_network(self.network, *tensors, self.plan.patch_size, config,
+                                device=self.device, should_stop=should_stop)
+        record = Adaptation(base_model=self.name, image=str(volume.path or "image array"),
+                            marks=[(int(i), int(j), int(k), int(c)) for (i, j, k), c in
+                                   zip(marks.voxels, marks.values, strict=True)],
+                            config=config)
+        meta = self.meta.model_copy(update={"adaptations": [*self.meta.adaptations, record]})
+        return Model(network, meta, f"{self.name}+{len(meta.adaptations)}", self.device,
+                     self.traits)
+
+    def refine(self, image: str | Path | np.ndarray | Volume, prediction: np.ndarray,
+               marks: Marks, *, affine: np.ndarray | None = None,
+               config: RefineConfig | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Prediction:
+        """``prediction`` corrected by ``marks``: the model adapts to them and predicts again,
+        and the marked voxels take their value (``adapted`` below keeps the adapted model)."""
+        volume = as_volume(image, affine)
+        config = config or RefineConfig()
+        adapted = self.adapt(volume, prediction, marks, config=config, should_stop=should_stop)
+        return adapted.predict_marked(volume, marks, config, progress=progress,
+                                      should_stop=should_stop)
+
+    def predict_marked(self, volume: Volume, marks: Marks, config: RefineConfig | None = None,
+                       *, progress: Callable[[int, int], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> Prediction:
+        """This model's labels with every mark's ball set to the mark's value."""
+        radius = (config or RefineConfig()).radius_mm
+        labels = self.predict_volume(volume, InferenceConfig(), progress=progress,
+                                     should_stop=should_stop).labels
+        return Prediction(honour_marks(labels, marks, volume.spacing, radius))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write this model as a run folder that ``load_model`` and ``medseg3d predict --model``
+        accept; refuses a folder that already holds anything (nothing a user had is lost)."""
+        folder = check_new_folder(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return save_checkpoint(self.network, self.meta, folder / RUN_CHECKPOINTS[0])
+
+
+def check_new_folder(folder: str | Path) -> Path:
+    """``folder`` if a model may be written there: it does not exist yet or is empty."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise MedsegError("will not write a model into a folder that is not empty", folder)
+    return folder
 
 
 MAX_CHANNELS_FIRST = 8  # a first axis this short, before a longer last one, is read as channels

@@ -32,6 +32,7 @@ from medseg3d.config import (
     NetworkConfig,
     Plan,
     PlanOverrides,
+    RefineConfig,
     TrainConfig,
     load_model_file,
 )
@@ -485,6 +486,51 @@ def _print_volumes(target_console: Console, case_id: str, path: Path, rows: list
     for row in rows:
         table.add_row(row.name, str(row.value), f"{row.voxels:,}", f"{row.millilitres:.2f}")
     target_console.print(table)
+
+
+@app.command()
+@user_errors
+def refine(
+    image: Annotated[Path, typer.Argument(help="The scan that was segmented.")],
+    labels: Annotated[Path, typer.Option("--labels", "-l", help="Its segmentation (made by "
+                                         "--model), on the scan's grid.")],
+    marks: Annotated[Path, typer.Option(help="CSV of i,j,k,value rows: voxel indices of the "
+                                        "scan and the label value each should have.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Corrected segmentation.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The model that made --labels.")
+                     ] = "brainmask",
+    save_model: Annotated[Path | None, typer.Option(help="Also write the adapted model to "
+                                                    "this new folder (for predict --model).")
+                          ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the adaptation.")] = 12,
+    device: Annotated[str, typer.Option(callback=_check_device, help=DEVICE_HELP)] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Correct a segmentation from marks: the model adapts to them and predicts again."""
+    from medseg3d.api import as_volume, check_new_folder, load_model, read_marks
+    from medseg3d.io import read_labels, write_labels
+
+    if output.exists() and not overwrite:
+        raise MedsegError("exists; pass --overwrite to replace it", output)
+    if save_model is not None:  # before minutes of work, not after
+        check_new_folder(save_model)
+    with _option_errors():
+        config = RefineConfig(steps=steps)
+    volume = as_volume(image)
+    previous = read_labels(labels, reference=volume)
+    predictor = load_model(model, device)
+    marked = read_marks(marks, volume.spatial_shape, predictor.labels)
+    started = time.perf_counter()
+    adapted = predictor.adapt(volume, previous.array, marked, config=config)
+    corrected = adapted.predict_marked(volume, marked, config).labels
+    write_labels(corrected, volume, output)
+    changed = int((corrected != previous.array).sum())
+    out.print(f"{len(marked)} mark(s): {changed} voxel(s) changed in "
+              f"{time.perf_counter() - started:.1f}s; wrote {output}", highlight=False,
+              soft_wrap=True)
+    if save_model is not None:
+        out.print(f"adapted model: {adapted.save(save_model).parent}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

@@ -325,6 +325,30 @@ class InferenceConfig(Frozen):
     max_memory_gb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+class RefineConfig(Frozen):
+    """How marks adapt a model (refinement.py); defaults chosen on the validation head only
+    (benchmarks/interactive.py)."""
+
+    steps: int = Field(default=12, ge=1, le=10_000)
+    learning_rate: float = Field(default=3e-3, gt=0, le=1.0, allow_inf_nan=False)
+    # "norms": the normalisation layers' scales and shifts only; "all": every weight
+    parameters: Literal["norms", "all"] = "norms"
+    radius_mm: float = Field(default=4.0, gt=0, le=100.0, allow_inf_nan=False)  # a mark's ball
+    # nearer than this to the previous prediction's boundary, only the marks decide
+    band_mm: float = Field(default=6.0, ge=0, le=200.0, allow_inf_nan=False)
+    keep_weight: float = Field(default=1.0, ge=0, le=100.0, allow_inf_nan=False)
+    seed: int = 0
+
+
+class Adaptation(Frozen):
+    """What made an adapted model: its base, the image and the marks (voxel i, j, k, value)."""
+
+    base_model: str
+    image: str
+    marks: list[tuple[int, int, int, int]]
+    config: RefineConfig
+
+
 class TrainingFingerprint(Frozen):
     """The training images in numbers, to warn about inputs far outside them (fingerprint.py).
 
@@ -361,6 +385,7 @@ class CheckpointMeta(Frozen):
     brain_rule: bool = False
     created: str = ""
     fingerprint: TrainingFingerprint | None = None  # what the training data looked like
+    adaptations: list[Adaptation] = Field(default_factory=list)  # corrections, oldest first
 
     @model_validator(mode="after")
     def _binary_postprocessing_needs_two_classes(self) -> CheckpointMeta:
