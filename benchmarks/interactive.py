@@ -53,11 +53,15 @@ REPORTED_CLICKS = (0, 1, 3, 5, 10)
 CONFIDENT = 0.9  # the random walker's seeds: the model's voxels at least this sure
 
 
-def next_click(labels: np.ndarray, reference: np.ndarray) -> tuple[tuple[int, int, int], int]:
-    """The centre of the largest error component and the reference's value there."""
+def next_click(labels: np.ndarray, reference: np.ndarray,
+               values: list[int]) -> tuple[tuple[int, int, int], int]:
+    """The centre of the largest error component and the reference's value there; only the
+    foreground ``values`` that the reference labels count (a reference of the aorta alone
+    says nothing about the liver)."""
     best: tuple[int, tuple[int, int, int], int] | None = None
+    wrong = (labels != reference) & (np.isin(labels, values) | np.isin(reference, values))
     for value in np.unique(reference):
-        pieces, count = ndimage.label((labels != reference) & (reference == value))
+        pieces, count = ndimage.label(wrong & (reference == value))
         if count == 0:
             continue
         sizes = np.bincount(pieces.ravel())
@@ -121,7 +125,7 @@ def run_case(model: medseg3d.Model, image: Path, reference_path: Path, method: s
     scores, seconds = [mean_dice(labels, reference, values)], []
     current, marks = model, None
     for _ in range(clicks):
-        voxel, value = next_click(labels, reference)
+        voxel, value = next_click(labels, reference, values)
         click = model.marks([voxel], [value], volume.spatial_shape)
         marks = click if marks is None else marks + click
         began = time.perf_counter()
@@ -150,10 +154,11 @@ def transfer(model: medseg3d.Model, cases: list[tuple[str, Path, Path]], clicks:
     name, image, reference_path = cases[0]
     volume = read_volume(image)
     reference = read_volume(reference_path).array.astype(np.int64)
+    values = [v for v in model.labels.values() if v != 0 and (reference == v).any()]
     labels = model.predict(volume)
     current, marks = model, None
     for _ in range(clicks):
-        voxel, value = next_click(labels, reference)
+        voxel, value = next_click(labels, reference, values)
         click = model.marks([voxel], [value], volume.spatial_shape)
         marks = click if marks is None else marks + click
         current = current.adapt(volume, labels, marks, config=config)
@@ -171,6 +176,22 @@ def transfer(model: medseg3d.Model, cases: list[tuple[str, Path, Path]], clicks:
     return {"adapted_on": name, "clicks": clicks, "config": config.model_dump(), "cases": rows}
 
 
+def summarise(out: Path) -> str:
+    """A Markdown table of every ``OUT/<case>.<method>.json``: Dice after 0, 1, 3, 5 and 10
+    clicks, the gain after 5, and the mean and slowest seconds per update."""
+    rows = ["| case | method | " + " | ".join(f"{n} clicks" for n in REPORTED_CLICKS)
+            + " | gain after 5 | s/update mean (max) |", "|---" * (len(REPORTED_CLICKS) + 4) + "|"]
+    for path in sorted(out.glob("*.*.json")):
+        result = json.loads(path.read_text())
+        scores = result["dice"]
+        cells = [f"{scores[n]:.4f}" if n < len(scores) else "" for n in REPORTED_CLICKS]
+        gain = scores[5] - scores[0] if len(scores) > 5 else float("nan")
+        rows.append(f"| {result['case']} | {result['method']} | " + " | ".join(cells)
+                    + f" | {gain:+.4f} | {np.mean(result['seconds']):.1f} "
+                    f"({np.max(result['seconds']):.1f}) |")
+    return "\n".join(rows) + "\n"
+
+
 def parse_case(text: str) -> tuple[str, Path, Path]:
     name, _, paths = text.partition("=")
     image, _, reference = paths.partition(":")
@@ -180,7 +201,7 @@ def parse_case(text: str) -> tuple[str, Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="brainmask")
-    parser.add_argument("--case", action="append", required=True, type=parse_case,
+    parser.add_argument("--case", action="append", default=[], type=parse_case,
                         help="NAME=IMAGE:REFERENCE (repeatable)")
     parser.add_argument("--method", action="append", choices=["adapt", "constraints",
                                                               "randomwalker"])
@@ -191,7 +212,11 @@ def main() -> None:
     parser.add_argument("--transfer", action="store_true",
                         help="adapt on the first case, apply the saved model to the others")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--summary", action="store_true", help="only write OUT/summary.md")
     args = parser.parse_args()
+    if args.summary:
+        (args.out / "summary.md").write_text(summarise(args.out))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     config = RefineConfig(**dict(item.split("=", 1) for item in args.set))
     model = medseg3d.load_model(args.model, device="cpu")

@@ -116,7 +116,8 @@ class Model:
                                    zip(marks.voxels, marks.values, strict=True)],
                             config=config)
         meta = self.meta.model_copy(update={"adaptations": [*self.meta.adaptations, record]})
-        return Model(network, meta, f"{self.name}+{len(meta.adaptations)}", self.device,
+        base = meta.adaptations[0].base_model
+        return Model(network, meta, f"{base} (adapted {len(meta.adaptations)}x)", self.device,
                      self.traits)
 
     def refine(self, image: str | Path | np.ndarray | Volume, prediction: np.ndarray,
@@ -125,7 +126,8 @@ class Model:
                progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Prediction:
         """``prediction`` corrected by ``marks``: the model adapts to them and predicts again,
-        and the marked voxels take their value (``adapted`` below keeps the adapted model)."""
+        and the marked voxels take their value (``adapt`` + ``predict_marked`` keep the adapted
+        model, to save it or to go on correcting)."""
         volume = as_volume(image, affine)
         config = config or RefineConfig()
         adapted = self.adapt(volume, prediction, marks, config=config, should_stop=should_stop)

@@ -1,16 +1,18 @@
-"""The "medseg3d: segment" dock widget: Qt controls around the Qt-free job in ``_core``."""
+"""The "medseg3d: segment" dock widget: Qt controls around the Qt-free job in ``_core`` and the
+correction session in ``_correct``."""
 
 from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Generator
+import warnings
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import napari
 import numpy as np
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Layer, Points
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
@@ -20,6 +22,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -34,6 +37,7 @@ from qtpy.QtWidgets import (
 from medseg3d.errors import Cancelled, MedsegError
 
 from ._core import (
+    METADATA_KEY,
     JobProgress,
     MapKind,
     SegmentationResult,
@@ -43,6 +47,7 @@ from ._core import (
     load_model,
     segmentation_job,
 )
+from ._correct import SCRIBBLE_BACKGROUND, CorrectionSession, correction_job
 
 DEVICES = ("auto", "cpu", "cuda")
 TABLE_COLUMNS = ("label", "value", "voxels", "volume (mL)")
@@ -56,14 +61,14 @@ MAP_CHOICES: tuple[tuple[str, MapKind, str], ...] = (
 )
 
 
-def layer_world_affine(layer: Image | Labels) -> np.ndarray:
+def layer_world_affine(layer: Layer) -> np.ndarray:
     """The layer's data -> world matrix (RAS mm for layers opened by the medseg3d reader)."""
     return data_to_world_matrix(layer.affine.affine_matrix, scale=layer.scale,
                                 translate=layer.translate, rotate=layer.rotate,
                                 shear=layer.shear)
 
 
-def placement_of(layer: Image) -> dict[str, Any]:
+def placement_of(layer: Layer) -> dict[str, Any]:
     """Layer kwargs that put a new layer exactly where ``layer`` is, in the same units."""
     return {"affine": layer.affine.affine_matrix, "scale": layer.scale,
             "translate": layer.translate, "rotate": layer.rotate, "shear": layer.shear,
@@ -103,10 +108,16 @@ class SegmentWidget(QWidget):
         self._stop = threading.Event()
         self._model_object: Any = None  # a loaded model given by set_model_source
         self._segmented: Image | None = None  # the layer the running job segments
+        self._task = "segmentation"  # what the running job does, for its messages
+        # (model source, device, image data, data -> world affine) given to the last run
+        self._run_input: tuple[Any, str, np.ndarray, np.ndarray] | None = None
+        self.session: CorrectionSession | None = None  # corrections of the last result
+        self.corrected: Labels | None = None  # that result's layer
         # A job outliving its widget (viewer closed) must stop too.
         self.destroyed.connect(self._stop.set)
         self._make_inputs()
         self._make_controls()
+        self._make_correct_controls()
         self._lay_out()
         self.model_combo.currentIndexChanged.connect(self._show_model_labels)
         self._show_model_labels()
@@ -163,6 +174,46 @@ class SegmentWidget(QWidget):
         if header is not None:
             header.setVisible(False)
 
+    def _make_correct_controls(self) -> None:
+        """The Correct section: class chooser, marks layers, Update, Undo, Save."""
+        self.correct_target = QLabel("segment an image first")
+        self.correct_target.setWordWrap(True)
+        self.class_combo = QComboBox()
+        self.class_combo.setToolTip("the class that new marks and scribbles set")
+        self.class_combo.currentIndexChanged.connect(self._class_changed)
+        self.marks_button = QPushButton("Add marks")
+        self.marks_button.setToolTip("click voxels that should have the chosen class")
+        self.marks_button.clicked.connect(self.add_marks_layer)
+        self.scribbles_button = QPushButton("Add scribbles")
+        self.scribbles_button.setToolTip("paint voxels that should have the chosen class")
+        self.scribbles_button.clicked.connect(self.add_scribbles_layer)
+        self.update_button = QPushButton("Update")
+        self.update_button.setToolTip("adapt the model to all marks and segment again")
+        self.update_button.clicked.connect(self.update_correction)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("back to the labels before the last update")
+        self.undo_button.clicked.connect(self.undo_correction)
+        self.save_button = QPushButton("Save adapted model…")
+        self.save_button.setToolTip("write the adapted model as a run folder (--model accepts it)")
+        self.save_button.clicked.connect(self._choose_save_folder)
+        self._update_correct_buttons()
+
+    def _correct_box(self) -> QGroupBox:
+        box = QGroupBox("Correct")
+        marks = QHBoxLayout()
+        marks.addWidget(self.marks_button)
+        marks.addWidget(self.scribbles_button)
+        steps = QHBoxLayout()
+        steps.addWidget(self.update_button)
+        steps.addWidget(self.undo_button)
+        form = QFormLayout(box)
+        form.addRow("result", self.correct_target)
+        form.addRow("class", self.class_combo)
+        form.addRow(marks)
+        form.addRow(steps)
+        form.addRow(self.save_button)
+        return box
+
     def _lay_out(self) -> None:
         path_row = QHBoxLayout()
         path_row.addWidget(self.model_path)
@@ -185,6 +236,7 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.table)
+        layout.addWidget(self._correct_box())
 
     # ------------------------------------------------------------------ choices
 
@@ -200,6 +252,7 @@ class SegmentWidget(QWidget):
         if current in names:
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
+        self._follow_correction()
 
     def _show_model_labels(self, index: int = 0) -> None:
         self._model_object = None
@@ -259,31 +312,40 @@ class SegmentWidget(QWidget):
             return None
         assert layer is not None and source is not None
         self._stop.clear()
+        device = self.device_combo.currentText()
+        self._run_input = (source, device, np.asarray(layer.data), layer_world_affine(layer))
         job = segmentation_job(
-            source, np.asarray(layer.data), layer_world_affine(layer),
-            device=self.device_combo.currentText(), overlap=float(self.overlap.value()),
+            source, self._run_input[2], self._run_input[3],
+            device=device, overlap=float(self.overlap.value()),
             tta=self.tta.isChecked(), should_stop=self._stop.is_set, layer_name=layer.name,
             also_show=self.map_combo.currentData())
+        self._segmented = layer
+        self.table.setRowCount(0)
+        return self._start(job, self._on_returned, "segmentation")
 
-        def work() -> Generator[JobProgress, None, SegmentationResult]:
+    def _start(self, job: Generator[JobProgress, None, Any], returned: Callable[[Any], None],
+               task: str) -> GeneratorWorker:
+        """Run ``job`` in a worker thread; ``returned`` gets its result in the GUI thread."""
+
+        def work() -> Generator[JobProgress, None, Any]:
             return (yield from job)  # create_worker needs a generator function, not a generator
 
         # _ignore_errors: the widget reports errors as notifications instead of re-raising them.
         worker = create_worker(work, _ignore_errors=True)
         # Bound methods of this QWidget run in the GUI thread (queued across threads).
         worker.yielded.connect(self.show_progress)
-        worker.returned.connect(self._on_returned)
+        worker.returned.connect(returned)
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)  # napari's activity-dock cancel quits the worker
         worker.finished.connect(self._on_finished)
         self.worker = worker
-        self._segmented = layer
+        self._task = task
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self._update_correct_buttons()
         self.progress.setFormat("")
         self.progress.setRange(0, 0)  # busy until the first window reports a total
         self.status.setText("starting")
-        self.table.setRowCount(0)
         worker.start()
         return worker
 
@@ -327,7 +389,7 @@ class SegmentWidget(QWidget):
             **placement_of(image))
         if result.voxel_map is not None:
             self.add_map(image, result)
-        self.fill_table(result, layer_world_affine(labels))
+        self.fill_table(result.labels, result.label_names, layer_world_affine(labels))
         if self.model_combo.currentData() is None:  # a path: its labels are known only now
             self.model_labels.setText(", ".join(result.label_names))
         self.status.setText(f"done: {labels.name}" + (f"\nwarning: {result.warning}"
@@ -347,9 +409,9 @@ class SegmentWidget(QWidget):
             colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0),
             metadata=metadata, **placement_of(image))
 
-    def fill_table(self, result: SegmentationResult, affine: np.ndarray) -> None:
+    def fill_table(self, labels: np.ndarray, names: dict[str, int], affine: np.ndarray) -> None:
         """Show each label's name, value, voxel count and volume in mL."""
-        rows = label_volumes(result.labels, affine, result.label_names)
+        rows = label_volumes(labels, affine, names)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             cells = (row.name, str(row.value), str(row.voxels), f"{row.millilitres:.2f}")
@@ -359,7 +421,7 @@ class SegmentWidget(QWidget):
 
     def _on_returned(self, result: SegmentationResult) -> None:
         if self._segmented is not None and self._segmented in self.viewer.layers:
-            self.add_result(self._segmented, result)
+            self._start_correction(self.add_result(self._segmented, result), result)
         else:
             show_error("medseg3d: the segmented image layer was removed; result discarded")
 
@@ -369,13 +431,13 @@ class SegmentWidget(QWidget):
 
     def _on_error(self, exc: BaseException) -> None:
         if isinstance(exc, Cancelled):
-            show_info("medseg3d: segmentation cancelled")
+            show_info(f"medseg3d: {self._task} cancelled")
             self.status.setText("cancelled")
         elif isinstance(exc, MedsegError):
             show_error(f"medseg3d: {exc}")
             self.status.setText(f"error: {exc}")
         else:
-            show_error(f"medseg3d: segmentation failed: {type(exc).__name__}: {exc}")
+            show_error(f"medseg3d: {self._task} failed: {type(exc).__name__}: {exc}")
             self.status.setText(f"error: {type(exc).__name__}: {exc}")
 
     def _on_finished(self) -> None:
@@ -383,6 +445,226 @@ class SegmentWidget(QWidget):
         self._segmented = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self._update_correct_buttons()
         if self.progress.maximum() == 0:  # leave the busy indicator
             self.progress.setRange(0, 1)
             self.progress.setValue(0)
+
+    # ------------------------------------------------------------------ correction
+
+    def _start_correction(self, labels: Labels, result: SegmentationResult) -> None:
+        """Corrections now apply to this result (the model and image of the run that made it)."""
+        assert self._run_input is not None
+        source, device, image, affine = self._run_input
+        self.session = CorrectionSession(source, image, affine, result.labels, device=device)
+        self.corrected = labels
+        self.correct_target.setText(labels.name)
+        names = dict(result.label_names)
+        if 0 not in names.values():
+            names["background"] = 0
+        self.class_combo.blockSignals(True)
+        self.class_combo.clear()
+        for name, value in sorted(names.items(), key=lambda kv: kv[1]):
+            self.class_combo.addItem(name, value)
+        # the first foreground class: most marks add what the model missed
+        self.class_combo.setCurrentIndex(1 if self.class_combo.count() > 1 else 0)
+        self.class_combo.blockSignals(False)
+        self._update_correct_buttons()
+
+    def _follow_correction(self) -> None:
+        """Drop the session when its labels layer goes; watch its marks layers for edits (called
+        on every layer-list event, so a marks layer added or reloaded is watched at once)."""
+        if self.corrected is not None and self.corrected not in self.viewer.layers:
+            self.session = None
+            self.corrected = None
+            self.correct_target.setText("segment an image first")
+            self.class_combo.clear()
+        for layer in (self.marks_layer(), self.scribbles_layer()):
+            for name in ("data", "paint"):  # points are edited as data, scribbles painted
+                emitter = getattr(layer.events, name, None) if layer is not None else None
+                if emitter is not None:  # (re)connected: a reloaded layer counts too
+                    emitter.disconnect(self._update_correct_buttons)
+                    emitter.connect(self._update_correct_buttons)
+        self._update_correct_buttons()
+
+    def _update_correct_buttons(self, event: Any = None) -> None:
+        """Enable each correction control only when it can act."""
+        ready = self.worker is None and self.session is not None
+        has_history = ready and self.session is not None and self.session.can_undo
+        self.class_combo.setEnabled(self.session is not None)
+        self.marks_button.setEnabled(ready)
+        self.scribbles_button.setEnabled(ready)
+        self.update_button.setEnabled(ready and self.mark_count() > 0)
+        self.undo_button.setEnabled(has_history)
+        self.save_button.setEnabled(has_history)
+
+    def chosen_class(self) -> int:
+        """The label value that new marks and scribbles set."""
+        value = self.class_combo.currentData()
+        return 0 if value is None else int(value)
+
+    def marks_layer(self) -> Points | None:
+        """The corrected result's marks: a Points layer named ``"<labels> marks"``."""
+        return self._layer_named(" marks", Points)
+
+    def scribbles_layer(self) -> Labels | None:
+        """The corrected result's scribbles: a Labels layer named ``"<labels> scribbles"``."""
+        return self._layer_named(" scribbles", Labels)
+
+    def _layer_named(self, suffix: str, kind: type[Any]) -> Any:
+        if self.corrected is None:
+            return None
+        for layer in self.viewer.layers:
+            if layer.name == self.corrected.name + suffix and isinstance(layer, kind):
+                return layer
+        return None
+
+    def mark_count(self) -> int:
+        """Points plus painted voxels in the marks layers."""
+        points, scribbles = self.marks_layer(), self.scribbles_layer()
+        return (0 if points is None else len(points.data)) + \
+            (0 if scribbles is None else int(np.count_nonzero(scribbles.data)))
+
+    def _class_changed(self, index: int = 0) -> None:
+        """New marks and scribbles get the chosen class."""
+        value = self.chosen_class()
+        if (points := self.marks_layer()) is not None:
+            points.feature_defaults = {"value": value}
+        if (scribbles := self.scribbles_layer()) is not None:
+            scribbles.selected_label = value or SCRIBBLE_BACKGROUND
+
+    def _class_colours(self) -> dict[int, Any]:
+        """Each class value's colour in the corrected labels layer (RGBA); background white."""
+        assert self.corrected is not None
+        values = [int(self.class_combo.itemData(i)) for i in range(self.class_combo.count())]
+        # plain lists: a docked widget's layers are proxies, whose arrays napari cannot validate
+        return {v: np.asarray(self.corrected.get_color(v)).tolist() if v else "white"
+                for v in values}
+
+    def add_marks_layer(self) -> Points | None:
+        """The result's marks layer (added on its grid when missing), selected, in add mode."""
+        if self.corrected is None:
+            return None
+        layer = self.marks_layer()
+        if layer is None:
+            labels = self.corrected
+            # a point as large as the ball that the update sets to its class
+            assert self.session is not None
+            voxel_mm = np.linalg.norm(layer_world_affine(labels)[:3, :3], axis=0).mean()
+            with warnings.catch_warnings():  # integer values are categorical indeed
+                warnings.filterwarnings("ignore", "Feature 'value' looks like categorical")
+                layer = self.viewer.add_points(
+                    np.empty((0, 3)), ndim=3, name=f"{labels.name} marks",
+                    features={"value": np.empty(0, dtype=np.int64)},
+                    feature_defaults={"value": self.chosen_class()},
+                    face_color="value", face_color_cycle=self._class_colours(),
+                    border_color="black", size=2 * self.session.config.radius_mm / voxel_mm,
+                    # with a thick slice, a mark shows as far as the ball that it sets reaches
+                    projection_mode="rescale_spherical", **placement_of(labels))
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add"
+        return layer
+
+    def add_scribbles_layer(self) -> Labels | None:
+        """The result's scribbles layer (added on its grid when missing), selected, painting."""
+        if self.corrected is None:
+            return None
+        layer = self.scribbles_layer()
+        if layer is None:
+            labels = self.corrected
+            colours: dict[int | None, Any] = {None: "transparent", SCRIBBLE_BACKGROUND: "white"}
+            colours.update({v: c for v, c in self._class_colours().items() if v})
+            # the source geometry lets the medseg3d writer save it on the image file's grid
+            metadata = {k: copy.deepcopy(v) for k, v in labels.metadata.items()
+                        if k == METADATA_KEY}
+            layer = self.viewer.add_labels(
+                np.zeros(labels.data.shape, np.uint8), name=f"{labels.name} scribbles",
+                colormap=colours, metadata=metadata, **placement_of(labels))
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        layer.selected_label = self.chosen_class() or SCRIBBLE_BACKGROUND
+        return layer
+
+    def _mark_inputs(self) -> dict[str, Any]:
+        """The marks layers' content for ``correction_job``, copied: the user may go on editing
+        them while the job runs."""
+        assert self.session is not None
+        inputs: dict[str, Any] = {"points": np.empty((0, 3)),
+                                  "values": np.empty(0, dtype=np.int64)}
+        points = self.marks_layer()
+        if points is not None and len(points.data):
+            if "value" not in points.features:
+                raise MedsegError(f"layer {points.name!r} has no 'value' feature: the class of "
+                                  "each mark")
+            inputs.update(points=np.array(points.data),
+                          values=np.array(points.features["value"], dtype=np.int64),
+                          points_to_world=layer_world_affine(points))
+        scribbles = self.scribbles_layer()
+        if scribbles is not None and np.any(scribbles.data):
+            if not np.allclose(layer_world_affine(scribbles), self.session.affine):
+                raise MedsegError(f"layer {scribbles.name!r} is not on the image's grid")
+            inputs["scribbles"] = np.array(scribbles.data)
+        return inputs
+
+    def update_correction(self) -> GeneratorWorker | None:
+        """Adapt the model to all marks and segment again, in a worker thread."""
+        if self.worker is not None or self.session is None:
+            return self.worker
+        try:
+            inputs = self._mark_inputs()
+        except MedsegError as exc:
+            self._on_error(exc)
+            return None
+        self._stop.clear()
+        job = correction_job(self.session, **inputs, should_stop=self._stop.is_set)
+        return self._start(job, self._on_corrected, "correction")
+
+    def _on_corrected(self, labels: np.ndarray) -> None:
+        if self.session is None:
+            show_error("medseg3d: the corrected labels layer was removed; result discarded")
+            return
+        self._show_labels(labels)
+        self.status.setText(f"corrected: update {len(self.session.history)}")
+
+    def undo_correction(self) -> None:
+        """Back to the labels before the last update (the marks stay)."""
+        if self.worker is not None or self.session is None:
+            return
+        try:
+            labels = self.session.undo()
+        except MedsegError as exc:
+            self._on_error(exc)
+            return
+        self._show_labels(labels)
+        self.status.setText(f"undone: {len(self.session.history)} update(s) left")
+        self._update_correct_buttons()
+
+    def _show_labels(self, labels: np.ndarray) -> None:
+        """Put ``labels`` into the corrected layer and the volume table."""
+        assert self.corrected is not None
+        # a copy: napari's brush edits the layer's array in place, the history must not change
+        self.corrected.data = np.array(labels)
+        names = {self.class_combo.itemText(i): int(self.class_combo.itemData(i))
+                 for i in range(self.class_combo.count())}
+        self.fill_table(labels, names, layer_world_affine(self.corrected))
+
+    def _choose_save_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "folder for the adapted model")
+        if folder and self.session is not None:
+            target = Path(folder)
+            if any(target.iterdir()):  # Model.save wants an empty folder: make one inside
+                target = target / self.session.model.name
+            self.save_model(target)
+
+    def save_model(self, folder: str | Path) -> Path | None:
+        """Write the latest adapted model into ``folder`` (new or empty); its weights file."""
+        if self.session is None:
+            return None
+        try:
+            path = self.session.save(folder)
+        except (MedsegError, OSError) as exc:
+            self._on_error(MedsegError(str(exc)) if isinstance(exc, OSError) else exc)
+            return None
+        show_info(f"medseg3d: adapted model saved in {path.parent}")
+        self.status.setText(f"saved: {path.parent}")
+        return path

@@ -54,7 +54,7 @@ def test_painted_marks_use_a_stand_in_for_background() -> None:
     scribbles = np.zeros(SHAPE, np.uint8)
     scribbles[1, 1, 1], scribbles[2, 2, 2] = 1, 255
     marks = Marks.from_label_map(scribbles, 255, LABELS)
-    assert sorted(zip(marks.voxels.tolist(), marks.values.tolist())) == [
+    assert sorted(zip(marks.voxels.tolist(), marks.values.tolist(), strict=True)) == [
         ([1, 1, 1], 1), ([2, 2, 2], 0)]
 
 
