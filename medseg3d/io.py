@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import logging
 import math
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def _nibabel_errors_silenced() -> Iterator[None]:
     drop_errors = _BelowError()
     logger.addFilter(drop_errors)
     try:
-        yield
+        with warnings.catch_warnings():  # NaN in a corrupt srow: the affine check refuses it
+            warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+            yield
     finally:
         logger.removeFilter(drop_errors)
 
