@@ -1,13 +1,14 @@
 """Correct a prediction from a few marks: adapt the model to them, predict again, honour them.
 
 A mark is a voxel of the input grid and the label value it should have (a click, or every voxel
-of a scribble). ``adapt_network`` runs a few optimizer steps on a copy of the network: the
-marked voxels, grown into balls of ``radius_mm``, must take their class; elsewhere the previous
-prediction is kept where it was confident and lies farther than ``band_mm`` from its own
-boundary (a click near a boundary says the boundary is wrong, so voxels there are left to the
-marks). The adapted network then predicts the whole volume again, so one click corrects every
-region that looks like the marked one, and it can be saved and run over other scans of the same
-kind. ``honour_marks`` finally writes the marked balls into the labels: what the user said holds.
+of a scribble). ``adapt_network`` runs a few optimizer steps on a copy of the network (by
+default on its normalisation layers' scales and shifts only): the marked voxels, grown into
+balls of ``radius_mm``, must take their class; elsewhere the previous prediction is kept where
+it lies farther than ``band_mm`` from its own boundary (a click near a boundary says the
+boundary is wrong, so voxels there are left to the marks). The adapted network then predicts
+the whole volume again, so one click corrects every region that looks like the marked one, and
+it can be saved and run over other scans of the same kind. ``honour_marks`` finally writes the
+marked balls into the labels: what the user said holds.
 """
 
 from __future__ import annotations
@@ -56,16 +57,6 @@ class Marks:
             raise MedsegError(f"marks: label value(s) {unknown} are not among the model's labels "
                               f"{labels}")
         return cls(points, classes)
-
-    @classmethod
-    def from_label_map(cls, scribbles: np.ndarray, background: int,
-                       labels: dict[str, int]) -> Marks:
-        """Marks from a painted label map on the image's grid: 0 is unpainted, ``background``
-        marks background (label 0 cannot be painted in napari), any other value its class."""
-        voxels = np.argwhere(scribbles > 0)
-        values = scribbles[tuple(voxels.T)].astype(np.int64)
-        values[values == background] = 0
-        return cls.of(voxels, values, scribbles.shape, labels)
 
     def __add__(self, other: Marks) -> Marks:
         return Marks(np.concatenate([self.voxels, other.voxels]),

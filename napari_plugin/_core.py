@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, get_args
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 import nibabel as nib
 import numpy as np
@@ -330,12 +330,40 @@ def segmentation_job(
     image = np.asarray(image)
     if isinstance(model, str | Path):
         yield JobProgress(0, 0, f"loading model {model}")
-        model = _load_for_job(model, device)
+        model = load_for_job(model, device)
     check_image(image, model, layer_name)
     check_map_kind(model, also_show)
     if should_stop is not None and should_stop():
         raise Cancelled
 
+    def predict(progress: Callable[[int, int], None],
+                stopping: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray | None]:
+        return predict_with_map(
+            model, image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
+            also_show, overlap=overlap, tta=tta, progress=progress, should_stop=stopping)
+
+    warning = input_warning(model, image, affine)
+    if warning is not None:
+        yield JobProgress(0, 0, f"warning: {warning}")
+    yield JobProgress(0, 0, f"segmenting with {model.name}")
+    labels, voxel_map = yield from in_thread(predict, should_stop, "segmentation", "window")
+    return _job_result(labels, voxel_map, image.shape, model, warning, also_show)
+
+
+T = TypeVar("T")
+
+
+def in_thread(work: Callable[[Callable[[int, int], None], Callable[[], bool]], T],
+              should_stop: Callable[[], bool] | None, task: str,
+              counted: str) -> Generator[JobProgress, None, T]:
+    """Run ``work(progress, stopping)`` in a helper thread, yielding its progress as
+    JobProgress ("<counted> done/total"); return its result.
+
+    A generator can yield only from its own frame, hence the thread and the queue. Closing the
+    generator early (or ``should_stop`` returning True) stops ``work`` at its next ``stopping``
+    check. Errors come out as MedsegError or Cancelled: napari's generator worker turns a
+    RuntimeError into a mere warning, so torch's RuntimeErrors must not escape unwrapped.
+    """
     events: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()  # None: finished
     stop = threading.Event()
     outcome: dict[str, Any] = {}
@@ -345,32 +373,30 @@ def segmentation_job(
 
     def run() -> None:
         try:
-            outcome["labels"], outcome["map"] = predict_with_map(
-                model, image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
-                also_show, overlap=overlap, tta=tta,
-                progress=lambda done, total: events.put((done, total)), should_stop=stopping)
+            outcome["value"] = work(lambda done, total: events.put((done, total)), stopping)
         except BaseException as exc:  # handed to the generator's thread, re-raised there
             outcome["error"] = exc
         finally:
             events.put(None)
 
-    warning = input_warning(model, image, affine)
-    if warning is not None:
-        yield JobProgress(0, 0, f"warning: {warning}")
-    yield JobProgress(0, 0, f"segmenting with {model.name}")
-    thread = threading.Thread(target=run, name="medseg3d-predict", daemon=True)
+    thread = threading.Thread(target=run, name=f"medseg3d-{task}", daemon=True)
     thread.start()
     try:
         while (event := events.get()) is not None:
             done, total = event
-            yield JobProgress(int(done), int(total), f"window {done}/{total}")
+            yield JobProgress(int(done), int(total), f"{counted} {done}/{total}")
     finally:
-        stop.set()  # no-op after a normal finish; stops prediction when the job is closed early
+        stop.set()  # no-op after a normal finish; stops the work when the job is closed early
         thread.join()
-    return _job_result(outcome, image.shape, model, warning, also_show)
+    error = outcome.get("error")
+    if isinstance(error, MedsegError | Cancelled):
+        raise error
+    if error is not None:
+        raise MedsegError(f"{task} failed: {type(error).__name__}: {error}") from error
+    return outcome["value"]
 
 
-def _load_for_job(source: str | Path, device: str) -> SegmentationModel:
+def load_for_job(source: str | Path, device: str) -> SegmentationModel:
     """``load_model`` for a job: any failure becomes a MedsegError (see ``segmentation_job``)."""
     try:
         return load_model(source, device=device)
@@ -380,20 +406,16 @@ def _load_for_job(source: str | Path, device: str) -> SegmentationModel:
         raise MedsegError(f"cannot load model {source}: {type(exc).__name__}: {exc}") from exc
 
 
-def _job_result(outcome: dict[str, Any], shape: tuple[int, ...], model: SegmentationModel,
-                warning: str | None, also_show: MapKind) -> SegmentationResult:
-    """The job's result from its prediction thread's ``outcome``; its error re-raised here."""
-    error = outcome.get("error")
-    if isinstance(error, MedsegError | Cancelled):
-        raise error
-    if error is not None:
-        raise MedsegError(f"segmentation failed: {type(error).__name__}: {error}") from error
-    labels = np.asarray(outcome["labels"])
+def _job_result(labels: np.ndarray, voxel_map: np.ndarray | None, shape: tuple[int, ...],
+                model: SegmentationModel, warning: str | None,
+                also_show: MapKind) -> SegmentationResult:
+    """The job's result, checked against the image's shape."""
+    labels = np.asarray(labels)
     if labels.shape != shape:
         raise MedsegError(f"model returned labels of shape {labels.shape} for an image of shape "
                           f"{shape}")
     return SegmentationResult(labels, dict(model.labels), str(model.name), warning,
-                              outcome["map"], also_show)
+                              voxel_map, also_show)
 
 
 def check_map_kind(model: SegmentationModel, kind: MapKind) -> None:

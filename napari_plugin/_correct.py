@@ -15,18 +15,16 @@ share the image's transform.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medseg3d.config import RefineConfig
-from medseg3d.errors import Cancelled, MedsegError
+from medseg3d.errors import MedsegError
 
-from ._core import JobProgress
+from ._core import JobProgress, in_thread, load_for_job
 
 if TYPE_CHECKING:  # medseg3d.api imports torch: the plugin imports it late (see _core.load_model)
     from medseg3d.api import Marks, Model, Volume
@@ -38,7 +36,6 @@ SCRIBBLE_BACKGROUND = 255
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-T = TypeVar("T")
 
 
 class CorrectionSession:
@@ -69,7 +66,7 @@ class CorrectionSession:
         if self.history:
             return self.history[-1][0]
         if isinstance(self._base, str | Path):
-            self._base = _load(self._base, self.device)
+            self._base = load_for_job(self._base, self.device)
         from medseg3d.api import Model
 
         if not isinstance(self._base, Model):  # e.g. a stand-in with predict() only
@@ -156,17 +153,6 @@ class CorrectionSession:
         return self.history[-1][0].save(folder)
 
 
-def _load(source: str | Path, device: str) -> Model:
-    from medseg3d.api import load_model
-
-    try:
-        return load_model(source, device=device)
-    except MedsegError:
-        raise
-    except Exception as exc:  # a broken file must come out as one line, like the widget's run
-        raise MedsegError(f"cannot load model {source}: {type(exc).__name__}: {exc}") from exc
-
-
 def correction_job(session: CorrectionSession, points: Any, values: Any, *,
                    points_to_world: np.ndarray | None = None,
                    scribbles: np.ndarray | None = None,
@@ -180,43 +166,4 @@ def correction_job(session: CorrectionSession, points: Any, values: Any, *,
         return session.update(points, values, points_to_world=points_to_world,
                               scribbles=scribbles, progress=progress, should_stop=stopping)
 
-    return (yield from _in_thread(work, should_stop))
-
-
-def _in_thread(work: Callable[[Progress, StopCheck], T],
-               should_stop: StopCheck | None) -> Generator[JobProgress, None, T]:
-    """Run ``work`` in a helper thread, yielding its progress callbacks as JobProgress.
-
-    A generator can yield only from its own frame, hence the thread and the queue; closing the
-    generator early stops ``work`` at its next ``stopping`` check.
-    """
-    events: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()  # None: finished
-    stop = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def stopping() -> bool:
-        return stop.is_set() or (should_stop is not None and bool(should_stop()))
-
-    def run() -> None:
-        try:
-            outcome["value"] = work(lambda done, total: events.put((done, total)), stopping)
-        except BaseException as exc:  # handed to the generator's thread, re-raised there
-            outcome["error"] = exc
-        finally:
-            events.put(None)
-
-    thread = threading.Thread(target=run, name="medseg3d-correct", daemon=True)
-    thread.start()
-    try:
-        while (event := events.get()) is not None:
-            done, total = event
-            yield JobProgress(int(done), int(total), f"predicting again: window {done}/{total}")
-    finally:
-        stop.set()  # no-op after a normal finish; stops the update when the job is closed early
-        thread.join()
-    error = outcome.get("error")
-    if isinstance(error, MedsegError | Cancelled):
-        raise error
-    if error is not None:
-        raise MedsegError(f"correction failed: {type(error).__name__}: {error}") from error
-    return outcome["value"]
+    return (yield from in_thread(work, should_stop, "correction", "predicting again: window"))

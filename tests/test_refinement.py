@@ -50,14 +50,6 @@ def test_marks_are_checked_against_the_image_and_the_labels() -> None:
             Marks.of(voxels, values, SHAPE, LABELS)
 
 
-def test_painted_marks_use_a_stand_in_for_background() -> None:
-    scribbles = np.zeros(SHAPE, np.uint8)
-    scribbles[1, 1, 1], scribbles[2, 2, 2] = 1, 255
-    marks = Marks.from_label_map(scribbles, 255, LABELS)
-    assert sorted(zip(marks.voxels.tolist(), marks.values.tolist(), strict=True)) == [
-        ([1, 1, 1], 1), ([2, 2, 2], 0)]
-
-
 def test_marks_csv_is_read_and_faults_name_the_line(tmp_path: Path) -> None:
     good = tmp_path / "marks.csv"
     good.write_text("i,j,k,value\n1,2,3,1  # a miss\n\n4,5,6,0\n")
