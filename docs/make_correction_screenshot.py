@@ -60,8 +60,10 @@ def main() -> Path:
     marks.data = points  # the reader keeps a RAS file's voxel axes: data = file voxel indices
     marks.features = {"value": values}
     marks.refresh()
-    viewer.dims.order = (0, 2, 1)  # sagittal: the vertex and the neck, where brainmask errs
-    viewer.dims.set_point(0, float(marks.data_to_world(points[0])[0]))
+    viewer.dims.order = (1, 2, 0)  # coronal: rows S, columns R; the vertex and the neck show
+    viewer.dims.set_point(1, float(marks.data_to_world(points[0])[1]))
+    scene = getattr(viewer, "scene", viewer)  # napari >= 0.9 moved the camera to viewer.scene
+    scene.camera.orientation2d = ("up", "right")  # superior at the top
     viewer.reset_view()
     before = viewer.screenshot(canvas_only=True, flash=False)
     started = time.perf_counter()
@@ -69,7 +71,8 @@ def main() -> Path:
     wait_for(widget)
     print(f"update: {time.perf_counter() - started:.1f} s; {widget.status.text()}")
     after = viewer.screenshot(canvas_only=True, flash=False)
-    iio.imwrite(args.output, np.concatenate([before, after], axis=1))
+    height = min(before.shape[0], after.shape[0])  # the status line may resize the canvas
+    iio.imwrite(args.output, np.concatenate([before[:height], after[:height]], axis=1))
     print(f"wrote {args.output}")
     viewer.close()
     return args.output
