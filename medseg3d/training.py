@@ -76,6 +76,7 @@ from medseg3d.planning import (
     fit_plan_to_budget,
     fit_whole_volume,
     make_plan,
+    plan_network,
 )
 from medseg3d.postprocessing import single_component_classes
 from medseg3d.precision import autocast_dtype
@@ -207,7 +208,9 @@ def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, log) -
             shared = [plan]
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
-    check_patch(plan.patch_size, network, config.network.name)
+    planned = with_planned_network(config, plan)
+    check_patch(plan.patch_size, network_traits(planned.network.name, **planned.network.options),
+                config.network.name)
     log(f"plan: spacing {plan.spacing} mm, patch {plan.patch_size}, batch {plan.batch_size}, "
         f"classes {plan.class_names}")
     rng = np.random.default_rng(config.seed)
@@ -263,8 +266,12 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
     fingerprints = [fingerprint_case(image, labels, rng) for image, labels in volumes]
     overrides = config.plan_overrides.plan_fields()
     max_voxels = config.plan_overrides.max_patch_voxels or DEFAULT_MAX_PATCH_VOXELS
-    plan = make_plan(spec, fingerprints, size_divisor=network.size_divisor,
-                     max_patch_voxels=max_voxels)
+    plan = plan_network(make_plan(spec, fingerprints, size_divisor=network.size_divisor,
+                                  max_patch_voxels=max_voxels), config.network)
+    config = with_planned_network(config, plan)
+    network = network_traits(config.network.name, **config.network.options)
+    if plan.network_options:
+        log(f"plan: stem stride {plan.reasons['stem_stride']}")
     if network.whole_volume:
         plan = fit_whole_volume(plan, network.size_divisor, max_voxels,
                                 fixed_spacing=config.plan_overrides.spacing)
@@ -278,6 +285,13 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
         log(f"plan fitted to {allowance[1]}: {plan.reasons['spacing']}")
     reasons = {**plan.reasons, **{k: "set by the user" for k in overrides}}
     return Plan.model_validate({**plan.model_dump(), **overrides, "reasons": reasons})
+
+
+def with_planned_network(config: TrainConfig, plan: Plan) -> TrainConfig:
+    """``config`` with the plan's network options (the stem stride) under the user's own."""
+    options = {**plan.network_options, **config.network.options}
+    return config.model_copy(update={"network": config.network.model_copy(
+        update={"options": options})})
 
 
 def check_patch(patch: tuple[int, ...], network: NetworkTraits, name: str) -> None:
@@ -625,6 +639,8 @@ def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str],
     torch.manual_seed(requested.seed)
     traits, config = apply_network_rules(requested)
     data = prepare_data(config, traits, rank, log)
+    config = with_planned_network(config, data.plan)
+    traits = network_traits(config.network.name, **config.network.options)
     output = Path(config.output)
     if rank.is_main:  # only now: a dataset or plan that fails its checks leaves no run folder
         save_model_file(requested, output / "train_config.json")

@@ -74,3 +74,47 @@ def make_dataset(root: Path, num_cases: int = 4, shape=(32, 32, 32), num_classes
             "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(spec))
     return root
+
+
+MULTISCALE_LABELS = {"background": 0, "organ": 1, "nodule": 2, "vessel": 3}
+
+
+def multiscale_case(seed: int = 0, shape=(64, 64, 20), spacing=(1.0, 1.0, 3.0)
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Image and labels with structures of three scales on an anisotropic grid: a large organ
+    (radii about 18 mm), a small nodule (radius 4 mm) and a thin vessel (radius 2.5 mm, a tube
+    crossing the volume in-plane, 2 slices thick at 3 mm), each with its own intensity."""
+    rng = np.random.default_rng(seed)
+    mm = np.stack(np.meshgrid(*[np.arange(s) * d for s, d in zip(shape, spacing, strict=True)],
+                              indexing="ij"), -1)
+    extent = np.array(shape) * np.array(spacing)
+    labels = np.zeros(shape, np.uint8)
+    centre = extent * rng.uniform(0.4, 0.6, 3)
+    organ = (((mm - centre) / rng.uniform(15, 20, 3)) ** 2).sum(-1) <= 1
+    labels[organ] = 1
+    nodule_at = extent * np.array([rng.uniform(0.15, 0.25), rng.uniform(0.75, 0.85), 0.5])
+    labels[((mm - nodule_at) ** 2).sum(-1) <= 4.0**2] = 2
+    # the vessel: a straight tube at a random in-plane angle, off the organ's centre
+    angle = rng.uniform(0, np.pi)
+    direction = np.array([np.cos(angle), np.sin(angle), 0.0])
+    through = np.array([extent[0] * rng.uniform(0.65, 0.8), extent[1] * 0.3, extent[2] * 0.5])
+    offset = mm - through
+    along = offset @ direction
+    distance = np.linalg.norm(offset - along[..., None] * direction, axis=-1)
+    labels[distance <= 2.5] = 3
+    intensity = np.array([0.0, 1.0, 3.0, 2.0], np.float32)
+    image = intensity[labels] + rng.normal(0, 0.3, shape).astype(np.float32)
+    return image.astype(np.float32), labels
+
+
+def make_multiscale_dataset(root: Path, num_cases: int = 3) -> Path:
+    """An nnU-Net v2 dataset folder of ``multiscale_case`` cases (1 x 1 x 3 mm, MRI-like)."""
+    for i in range(num_cases):
+        image, labels = multiscale_case(seed=i)
+        affine = make_affine((1.0, 1.0, 3.0))
+        save_nifti(image, affine, root / "imagesTr" / f"case{i:03d}_0000.nii.gz")
+        save_nifti(labels, affine, root / "labelsTr" / f"case{i:03d}.nii.gz")
+    spec = {"name": "MultiScale", "channel_names": {"0": "MRI"}, "labels": MULTISCALE_LABELS,
+            "numTraining": num_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root

@@ -105,3 +105,55 @@ def test_whole_volume_plans_coarsen_the_spacing_instead_of_cutting_patches():
     assert kept.spacing == (2.0, 2.0, 2.0) and kept.patch_size == (104, 120, 104)
     with pytest.raises(MedsegError, match="coarser --spacing"):
         fit_whole_volume(plan, 8, 160**3, fixed_spacing=(1.0, 1.0, 1.0))
+
+
+def test_class_thickness_is_the_widest_ball_inside_each_class():
+    from medseg3d.planning import class_thickness
+
+    mm = np.stack(np.meshgrid(*[np.arange(s) for s in (60, 60, 20)], indexing="ij"), -1) * (1, 1, 3)
+    labels = np.zeros((60, 60, 20), np.uint8)
+    labels[(((mm - (20, 30, 30)) / (12, 15, 20)) ** 2).sum(-1) <= 1] = 1  # 24 mm at its thinnest
+    labels[np.hypot(mm[..., 1] - 50, mm[..., 2] - 30) <= 3] = 2  # a tube 6 mm wide along x
+    found = class_thickness(labels, (1.0, 1.0, 3.0))
+    assert 22 <= found[1] <= 28 and 5 <= found[2] <= 9  # within a voxel or so
+    assert class_thickness(np.zeros((4, 4, 4), np.uint8), (1, 1, 1)) == {}
+
+
+def _plan_with(thickness_mm: dict[str, float], spacing=(2.0, 2.0, 2.0)):
+    spec = DatasetSpec(channel_names={"0": "CT"},
+                       labels={"background": 0, **{n: i + 1 for i, n in enumerate(thickness_mm)}})
+    values = {i + 1: mm for i, mm in enumerate(thickness_mm.values())}
+    fps = [_fingerprint(spacing, (250, 250, 200)).model_copy(update={"thickness_mm": values})]
+    return make_plan(spec, fps, size_divisor=32, max_patch_voxels=128**3)
+
+
+def test_a_thin_class_gets_a_full_resolution_stem_and_a_thick_one_keeps_the_cheap_one():
+    from medseg3d.config import NetworkConfig
+    from medseg3d.planning import plan_network
+
+    thin = plan_network(_plan_with({"liver": 80.0, "aorta": 24.0}), NetworkConfig(name="unet"))
+    assert thin.network_options == {"stem_stride": 1} and thin.class_thickness_mm["aorta"] == 24.0
+    assert "aorta" in thin.reasons["stem_stride"]
+    brain = plan_network(_plan_with({"brain": 110.0}), NetworkConfig(name="unet"))
+    assert brain.network_options == {"stem_stride": 2}
+    # the user's option wins; a network without a stem option is left alone
+    mine = plan_network(_plan_with({"aorta": 24.0}),
+                        NetworkConfig(name="unet", options={"stem_stride": 2}))
+    assert mine.network_options == {} and mine.reasons["stem_stride"] == "set by the user"
+    assert plan_network(_plan_with({"aorta": 24.0}), NetworkConfig(name="asmlp3d")).network_options == {}
+
+
+def test_a_budget_never_coarsens_the_thinnest_class_below_its_floor():
+    from medseg3d.planning import MIN_VOXELS_ACROSS, fit_plan_to_budget
+
+    cost = 2e-6  # a tight allowance that would coarsen a brain plan to 3-4 x
+    for plan in (_plan_with({"vessel": 16.0}), _plan_with({"brain": 110.0})):
+        fitted = fit_plan_to_budget(plan, step_allowance_s=0.1, seconds_per_voxel=cost,
+                                    size_divisor=32, why="test")
+        across = min(plan.class_thickness_mm.values()) / max(fitted.spacing)
+        assert across >= MIN_VOXELS_ACROSS or fitted.spacing == plan.spacing
+    aorta, brain = (fit_plan_to_budget(_plan_with(t), step_allowance_s=0.1, seconds_per_voxel=cost,
+                                       size_divisor=32, why="test")
+                    for t in ({"vessel": 16.0}, {"brain": 110.0}))
+    assert max(aorta.spacing) <= 16.0 / MIN_VOXELS_ACROSS < max(brain.spacing)
+    assert "vessel (16 mm)" in aorta.reasons["spacing"]

@@ -115,6 +115,11 @@ def network_traits(name: str, **options: Any) -> NetworkTraits:
     return preset.network_class.traits(bound.arguments)
 
 
+def preset_options(name: str) -> dict[str, Any]:
+    """The options preset ``name`` was registered with (its defaults, before the caller's)."""
+    return dict(_preset(name).defaults)
+
+
 def list_networks() -> list[str]:
     """Names accepted by ``build_network`` and ``--model``."""
     return sorted(_REGISTRY)

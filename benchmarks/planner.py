@@ -1,0 +1,155 @@
+"""The planner's defaults against hand-set stems, spacings and patches: how well each fits.
+
+Usage::
+
+    python data/prepare.py AbdomenMR
+    python benchmarks/planner.py data/AbdomenMR --budget 5 --seeds 0 1 2
+    python benchmarks/planner.py data/AbdomenCT --budget 20 --seeds 0 --variants default
+    python benchmarks/planner.py data/AbdomenMR --summary
+
+Each variant is ``medseg3d train DATASET --budget B --seed S`` with the options below (``default``
+has none: what a user gets), run as a user runs it, alone on the machine, one after another.
+Each finished run is scored at once on the dataset's training cases (a fit, not a held-out
+result: these datasets have too few cases for more) and its per-class Dice is written to
+``benchmarks/results/planner/<dataset>/<variant>_s<seed>.json``; a run already scored is skipped,
+so a stopped study continues where it stopped. ``--summary`` prints the mean Dice over classes
+per variant (mean and range over seeds) and the plan each variant trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "planner"
+RUNS = ROOT / "runs" / "planner"
+
+# Hand-set plans a careful user might try instead of the planner's. Spacing and patch are given
+# in canonical (RAS) order, as plan.json writes them.
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "stem2": ["--option", "stem_stride=2"],
+    "stem1": ["--option", "stem_stride=1"],
+}
+
+
+def variant_args(dataset: Path, name: str) -> list[str]:
+    """The variant's options; ``stemS_spacingX_patchP`` spells out a hand-set plan."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    args: list[str] = []
+    for part in name.split("_"):
+        if part.startswith("stem"):
+            args += ["--option", f"stem_stride={part[4:]}"]
+        elif part.startswith("spacing"):
+            args += ["--spacing", part[7:].replace("x", ",")]
+        elif part.startswith("patch"):
+            args += ["--patch-size", part[5:].replace("x", ",")]
+        else:
+            raise SystemExit(f"variant {name!r}: unknown part {part!r}")
+    return args
+
+
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: dict[str, int]
+                   ) -> dict[str, float]:
+    """Dice of each foreground class present in ``reference``."""
+    out = {}
+    for name, value in labels.items():
+        ref = reference == value
+        if value == 0 or not ref.any():
+            continue
+        pred = prediction == value
+        out[name] = round(float(2 * np.count_nonzero(pred & ref) / (pred.sum() + ref.sum())), 4)
+    return out
+
+
+def score(run: Path, dataset: Path) -> dict[str, dict[str, float]]:
+    """Per training case, per class Dice of the run's final model on that case."""
+    from medseg3d.api import load_model
+    from medseg3d.io import read_labels, read_volume
+
+    spec = json.loads((dataset / "dataset.json").read_text())
+    model = load_model(run)
+    found = {}
+    for image_path in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
+        case = image_path.name.removesuffix("_0000.nii.gz")
+        image = read_volume(image_path)
+        reference = read_labels(dataset / "labelsTr" / f"{case}.nii.gz", reference=image)
+        found[case] = dice_per_class(np.asarray(model.predict(image)), reference.array,
+                                     spec["labels"])
+    return found
+
+
+def run_variant(dataset: Path, name: str, seed: int, budget: float) -> dict:
+    """Train one variant (or resume it), score it, and return the result record."""
+    run = RUNS / dataset.name / f"{name}_s{seed}"
+    command = [sys.executable, "-m", "medseg3d", "train", str(dataset), "--budget", f"{budget:g}",
+               "--seed", str(seed), *variant_args(dataset, name), "-o", str(run)]
+    if (run / "training_state.safetensors").exists() and not (run / "checkpoint_final.json").exists():
+        command.append("--resume")
+    started = time.perf_counter()
+    if not (run / "checkpoint_final.json").exists():
+        with open(f"{run}.log", "a", encoding="utf-8") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    plan = json.loads((run / "plan.json").read_text())
+    meta = json.loads((run / "checkpoint_final.json").read_text())
+    dice = score(run, dataset)
+    return {"dataset": dataset.name, "variant": name, "seed": seed, "budget_min": budget,
+            "command": shlex.join(["medseg3d", *command[3:]]),
+            "steps": int(meta["metrics"]["steps"]), "wall_s": round(time.perf_counter() - started, 1),
+            "spacing": plan["spacing"], "patch_size": plan["patch_size"],
+            "network_options": meta["network"]["options"],
+            "dice": dice,
+            "mean_dice": round(float(np.mean([v for case in dice.values() for v in case.values()])), 4)}
+
+
+def summary(folder: Path) -> None:
+    """Mean Dice over every (case, class) per variant: mean and range over seeds."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*_s*.json"))]
+    by_variant: dict[str, list[dict]] = {}
+    for record in records:
+        by_variant.setdefault(record["variant"], []).append(record)
+    print(f"{'variant':34s} {'seeds':>5s} {'mean Dice':>10s} {'range':>15s} {'steps':>6s}  plan")
+    for name, group in sorted(by_variant.items(), key=lambda kv: -np.mean([r["mean_dice"] for r in kv[1]])):
+        values = [r["mean_dice"] for r in group]
+        first = group[0]
+        print(f"{name:34s} {len(group):5d} {np.mean(values):10.4f} "
+              f"{min(values):7.4f}-{max(values):.4f} {int(np.mean([r['steps'] or 0 for r in group])):6d}  "
+              f"spacing {first['spacing']} patch {first['patch_size']} {first['network_options']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--budget", type=float, default=5.0, help="minutes per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    folder = RESULTS / args.dataset.name
+    if args.summary:
+        summary(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (RUNS / args.dataset.name).mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for name in args.variants:
+            out = folder / f"{name}_s{seed}.json"
+            if out.exists():
+                continue
+            record = run_variant(args.dataset, name, seed, args.budget)
+            out.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"{name} seed {seed}: mean Dice {record['mean_dice']:.4f} in {record['steps']} "
+                  f"steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
