@@ -3,27 +3,30 @@
 Usage::
 
     python data/prepare.py AbdomenMR
-    python benchmarks/planner.py data/AbdomenMR --budget 5 --seeds 0 1 2
+    python benchmarks/planner.py data/AbdomenMR --budget 5 --seeds 0 1 2 --jobs 2
     python benchmarks/planner.py data/AbdomenCT --budget 20 --seeds 0 --variants default
     python benchmarks/planner.py data/AbdomenMR --summary
 
 Each variant is ``medseg3d train DATASET --budget B --seed S`` with the options below (``default``
-has none: what a user gets), run as a user runs it, alone on the machine, one after another.
+has none: what a user gets), run as a user runs it; ``--jobs 2`` runs two at a time with one torch
+thread each (every run then has one core of a 2-core machine: equal for all variants).
 Each finished run is scored at once on the dataset's training cases (a fit, not a held-out
 result: these datasets have too few cases for more) and its per-class Dice is written to
 ``benchmarks/results/planner/<dataset>/<variant>_s<seed>.json``; a run already scored is skipped,
-so a stopped study continues where it stopped. ``--summary`` prints the mean Dice over classes
-per variant (mean and range over seeds) and the plan each variant trained with.
+so a stopped study continues where it stopped. ``--summary`` writes ``summary.md``: per variant
+its plan, steps, the mean Dice over classes (mean over seeds, t 95 % CI), its worst class and
+its difference to ``default`` paired by seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,42 +91,65 @@ def score(run: Path, dataset: Path) -> dict[str, dict[str, float]]:
     return found
 
 
-def run_variant(dataset: Path, name: str, seed: int, budget: float) -> dict:
+def run_variant(dataset: Path, name: str, seed: int, budget: float, threads: int) -> dict:
     """Train one variant (or resume it), score it, and return the result record."""
     run = RUNS / dataset.name / f"{name}_s{seed}"
     command = [sys.executable, "-m", "medseg3d", "train", str(dataset), "--budget", f"{budget:g}",
                "--seed", str(seed), *variant_args(dataset, name), "-o", str(run)]
     if (run / "training_state.safetensors").exists() and not (run / "checkpoint_final.json").exists():
         command.append("--resume")
-    started = time.perf_counter()
     if not (run / "checkpoint_final.json").exists():
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(f"{run}.log", "a", encoding="utf-8") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     plan = json.loads((run / "plan.json").read_text())
     meta = json.loads((run / "checkpoint_final.json").read_text())
     dice = score(run, dataset)
     return {"dataset": dataset.name, "variant": name, "seed": seed, "budget_min": budget,
-            "command": shlex.join(["medseg3d", *command[3:]]),
-            "steps": int(meta["metrics"]["steps"]), "wall_s": round(time.perf_counter() - started, 1),
+            "torch_threads": threads,
+            "command": shlex.join(["medseg3d", *command[3:]]).replace(f"{ROOT}/", ""),
+            "steps": int(meta["metrics"]["steps"]),
+            "train_s": round(sum(json.loads(line)["seconds"] for line in
+                                 (run / "metrics.jsonl").read_text().splitlines()), 1),
             "spacing": plan["spacing"], "patch_size": plan["patch_size"],
             "network_options": meta["network"]["options"],
             "dice": dice,
             "mean_dice": round(float(np.mean([v for case in dice.values() for v in case.values()])), 4)}
 
 
-def summary(folder: Path) -> None:
-    """Mean Dice over every (case, class) per variant: mean and range over seeds."""
+def summary(folder: Path) -> str:
+    """A markdown table: per variant, the mean Dice over (case, class) as mean over seeds with a
+    t 95 % CI, the worst class, and the difference to ``default`` paired by seed."""
+    from scipy import stats
+
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*_s*.json"))]
-    by_variant: dict[str, list[dict]] = {}
+    by_variant: dict[str, dict[int, dict]] = {}
     for record in records:
-        by_variant.setdefault(record["variant"], []).append(record)
-    print(f"{'variant':34s} {'seeds':>5s} {'mean Dice':>10s} {'range':>15s} {'steps':>6s}  plan")
-    for name, group in sorted(by_variant.items(), key=lambda kv: -np.mean([r["mean_dice"] for r in kv[1]])):
-        values = [r["mean_dice"] for r in group]
-        first = group[0]
-        print(f"{name:34s} {len(group):5d} {np.mean(values):10.4f} "
-              f"{min(values):7.4f}-{max(values):.4f} {int(np.mean([r['steps'] or 0 for r in group])):6d}  "
-              f"spacing {first['spacing']} patch {first['patch_size']} {first['network_options']}")
+        by_variant.setdefault(record["variant"], {})[record["seed"]] = record
+    base = by_variant.get("default", {})
+    lines = ["| variant | stem | spacing (mm) | patch | seeds | steps | mean Dice (95 % CI over seeds) "
+             "| worst class (mean over seeds) | minus default, paired by seed |", "|---|" * 1 + "---|" * 8]
+    ranked = sorted(by_variant.items(), key=lambda kv: -np.mean([r["mean_dice"] for r in kv[1].values()]))
+    for name, runs in ranked:
+        values = np.array([r["mean_dice"] for r in runs.values()])
+        half = (stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+                if len(values) > 1 else float("nan"))
+        per_class: dict[str, list[float]] = {}
+        for r in runs.values():
+            for case in r["dice"].values():
+                for cls, v in case.items():
+                    per_class.setdefault(cls, []).append(v)
+        worst = min(per_class, key=lambda k: np.mean(per_class[k]))
+        paired = [runs[s]["mean_dice"] - base[s]["mean_dice"] for s in runs if s in base]
+        first = next(iter(runs.values()))
+        diff = (f"{np.mean(paired):+.4f} (range {min(paired):+.4f} to {max(paired):+.4f})"
+                if paired and name != "default" else "")
+        lines.append(f"| {name} | {first['network_options'].get('stem_stride', '')} | "
+                     f"{'x'.join(f'{v:g}' for v in first['spacing'])} | "
+                     f"{'x'.join(map(str, first['patch_size']))} | {len(values)} | "
+                     f"{int(np.mean([r['steps'] for r in runs.values()]))} | "
+                     f"{values.mean():.4f} ± {half:.4f} | {worst} {np.mean(per_class[worst]):.3f} | {diff} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -132,23 +158,31 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="minutes per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time; each gets cores / jobs torch threads")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
     folder = RESULTS / args.dataset.name
     if args.summary:
-        summary(folder)
+        table = summary(folder)
+        (folder / "summary.md").write_text(table + "\n")
+        print(table)
         return
     folder.mkdir(parents=True, exist_ok=True)
     (RUNS / args.dataset.name).mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
-        for name in args.variants:
-            out = folder / f"{name}_s{seed}.json"
-            if out.exists():
-                continue
-            record = run_variant(args.dataset, name, seed, args.budget)
-            out.write_text(json.dumps(record, indent=1) + "\n")
-            print(f"{name} seed {seed}: mean Dice {record['mean_dice']:.4f} in {record['steps']} "
-                  f"steps", flush=True)
+    todo = [(seed, name) for seed in args.seeds for name in args.variants
+            if not (folder / f"{name}_s{seed}.json").exists()]
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+
+    def one(job: tuple[int, str]) -> None:
+        seed, name = job
+        record = run_variant(args.dataset, name, seed, args.budget, threads)
+        (folder / f"{name}_s{seed}.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{name} seed {seed}: mean Dice {record['mean_dice']:.4f} in {record['steps']} "
+              f"steps", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, todo))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ _SAMPLES_PER_CASE = 20_000
 # where organs lie. TotalSegmentator turns mirroring off for the same reason.
 MIRROR_CONFUSION_MAX = 0.1
 _AXES: tuple[Literal[0, 1, 2], ...] = (0, 1, 2)
+THICKNESS_MAX_VOXELS = 8_000_000  # per class box, for its distance transform (class_thickness)
 
 
 class CaseFingerprint(BaseModel):
@@ -77,8 +78,12 @@ def class_thickness(labels: np.ndarray, spacing: Sequence[float]) -> dict[int, f
     for index, box in enumerate(boxes):
         if box is None:
             continue
-        inside = np.pad(labels[box] == index + 1, 1)
-        depth = ndimage.distance_transform_edt(inside, sampling=spacing)
+        # A class spread over a large box (a body-sized CT) is measured on every k-th voxel: the
+        # transform then needs a bounded ~200 MB, and an error of k voxels only matters for a
+        # thin class, whose box is small enough for k = 1.
+        step = max(1, int(np.ceil((np.prod(labels[box].shape) / THICKNESS_MAX_VOXELS) ** (1 / 3))))
+        inside = np.pad(labels[box][::step, ::step, ::step] == index + 1, 1)
+        depth = ndimage.distance_transform_edt(inside, sampling=[s * step for s in spacing])
         found[index + 1] = round(2 * float(depth.max()), 2)
     return found
 

@@ -79,18 +79,19 @@ def make_dataset(root: Path, num_cases: int = 4, shape=(32, 32, 32), num_classes
 MULTISCALE_LABELS = {"background": 0, "organ": 1, "nodule": 2, "vessel": 3}
 
 
-def multiscale_case(seed: int = 0, shape=(64, 64, 20), spacing=(1.0, 1.0, 3.0)
+def multiscale_case(seed: int = 0, shape=(48, 48, 16), spacing=(1.0, 1.0, 3.0)
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Image and labels with structures of three scales on an anisotropic grid: a large organ
-    (radii about 18 mm), a small nodule (radius 4 mm) and a thin vessel (radius 2.5 mm, a tube
-    crossing the volume in-plane, 2 slices thick at 3 mm), each with its own intensity."""
+    (radii a quarter of the field of view), a small nodule (radius 4 mm) and a thin vessel
+    (radius 2.5 mm, a tube crossing the volume in-plane, 2 slices thick at 3 mm), each with its
+    own intensity."""
     rng = np.random.default_rng(seed)
     mm = np.stack(np.meshgrid(*[np.arange(s) * d for s, d in zip(shape, spacing, strict=True)],
                               indexing="ij"), -1)
     extent = np.array(shape) * np.array(spacing)
     labels = np.zeros(shape, np.uint8)
     centre = extent * rng.uniform(0.4, 0.6, 3)
-    organ = (((mm - centre) / rng.uniform(15, 20, 3)) ** 2).sum(-1) <= 1
+    organ = (((mm - centre) / (extent * rng.uniform(0.22, 0.3, 3))) ** 2).sum(-1) <= 1
     labels[organ] = 1
     nodule_at = extent * np.array([rng.uniform(0.15, 0.25), rng.uniform(0.75, 0.85), 0.5])
     labels[((mm - nodule_at) ** 2).sum(-1) <= 4.0**2] = 2

@@ -157,3 +157,14 @@ def test_a_budget_never_coarsens_the_thinnest_class_below_its_floor():
                     for t in ({"vessel": 16.0}, {"brain": 110.0}))
     assert max(aorta.spacing) <= 16.0 / MIN_VOXELS_ACROSS < max(brain.spacing)
     assert "vessel (16 mm)" in aorta.reasons["spacing"]
+
+
+def test_a_class_in_a_large_box_is_measured_on_a_coarser_grid_with_about_the_same_result(monkeypatch):
+    import medseg3d.planning as planning
+
+    mm = np.stack(np.meshgrid(*[np.arange(s) for s in (80, 80, 80)], indexing="ij"), -1)
+    labels = ((((mm - 40) / (30, 20, 25)) ** 2).sum(-1) <= 1).astype(np.uint8)  # 40 mm thick
+    fine = planning.class_thickness(labels, (1.0, 1.0, 1.0))[1]
+    monkeypatch.setattr(planning, "THICKNESS_MAX_VOXELS", 20_000)  # every 3rd voxel
+    coarse = planning.class_thickness(labels, (1.0, 1.0, 1.0))[1]
+    assert 38 <= fine <= 43 and abs(coarse - fine) <= 4
