@@ -516,34 +516,32 @@ def _ts_mr_class(name: str) -> str | None:
     return name if name in ABDOMEN_MR_LABELS else None
 
 
+def _ts_nifti_case(raw: Path, case_id: str, image_name: str, seg_name: str, note: str,
+                   task: str = "total", labels: dict[str, int] = ABDOMEN_LABELS,
+                   ours: Callable[[str], str | None] = _ts_class) -> Case:
+    """A TotalSegmentator reference image and its label map (NIfTI files of ``task``)."""
+    root = extract("totalsegmentator", raw, [
+        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/{image_name}.nii.gz",
+        f"{TS_REF}/{seg_name}.nii.gz"])
+    image = load(root / TS_REF / f"{image_name}.nii.gz")
+    seg = on_grid(load(root / TS_REF / f"{seg_name}.nii.gz"), image, seg_name)
+    mapped = _from_total(integer_labels(seg, seg_name), total_class_map(root, task), labels, ours)
+    return Case(case_id, image_dtype(np.asanyarray(image.dataobj)), mapped, image.header,
+                f"totalsegmentator 2.18.0 sdist: {TS_REF}/{image_name}.nii.gz", note)
+
+
 def ts_example_mr(raw: Path) -> Case:
     """TotalSegmentator's abdominal MR example (3 mm) with its 'total_mr' labels."""
-    root = extract("totalsegmentator", raw, [
-        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/example_mr_sm.nii.gz",
-        f"{TS_REF}/example_seg_mr.nii.gz"])
-    image = load(root / TS_REF / "example_mr_sm.nii.gz")
-    seg = on_grid(load(root / TS_REF / "example_seg_mr.nii.gz"), image, "example_seg_mr")
-    labels = _from_total(integer_labels(seg, "example_seg_mr"),
-                         total_class_map(root, "total_mr"), ABDOMEN_MR_LABELS, _ts_mr_class)
-    return Case("ts_example_mr", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
-                f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_mr_sm.nii.gz",
-                "Abdominal MR, 117 x 91 x 20 voxels of 3 mm; labels are TotalSegmentator "
-                "'total_mr' output (example_seg_mr.nii.gz).")
+    return _ts_nifti_case(raw, "ts_example_mr", "example_mr_sm", "example_seg_mr",
+                          "Abdominal MR, 117 x 91 x 20 voxels of 3 mm; labels are TotalSegmentator "
+                          "'total_mr' output (example_seg_mr.nii.gz).",
+                          "total_mr", ABDOMEN_MR_LABELS, _ts_mr_class)
 
 
 def ts_example_ct(raw: Path) -> Case:
     """TotalSegmentator's abdomen-pelvis example CT (3 mm) with its --fast --force-split labels."""
-    root = extract("totalsegmentator", raw, [
-        f"{TS_ROOT}/totalsegmentator/map_to_binary.py", f"{TS_REF}/example_ct.nii.gz",
-        f"{TS_REF}/example_seg_fast_force_split.nii.gz"])
-    image = load(root / TS_REF / "example_ct.nii.gz")
-    seg = on_grid(load(root / TS_REF / "example_seg_fast_force_split.nii.gz"), image,
-                  "example_seg_fast_force_split")
-    labels = _from_total(integer_labels(seg, "example_seg_fast_force_split"),
-                         total_class_map(root))
-    return Case("ts_example_ct", image_dtype(np.asanyarray(image.dataobj)), labels, image.header,
-                f"totalsegmentator 2.18.0 sdist: {TS_REF}/example_ct.nii.gz",
-                "Abdomen-pelvis CT; labels are TotalSegmentator 'total' --fast output.")
+    return _ts_nifti_case(raw, "ts_example_ct", "example_ct", "example_seg_fast_force_split",
+                          "Abdomen-pelvis CT; labels are TotalSegmentator 'total' --fast output.")
 
 
 def ts_example_dicom(raw: Path) -> Case:
