@@ -10,7 +10,7 @@ The model (a run folder or a shipped name) predicts each validation case once wi
 probabilities on the case's own grid. Every candidate (a foreground threshold from
 ``--thresholds``, with and without the definition of brain applied at the input's resolution,
 ``CheckpointMeta.brain_rule``) turns them into a mask through the product's own postprocessing
-(``medseg3d.inference.postprocess``), scored against the case's reference (Dice, HD95, NSD at
+(``medseg3d.inference.predict.postprocess``), scored against the case's reference (Dice, HD95, NSD at
 2 mm, ``peer_common.evaluate_mask``). The choice has the highest mean Dice over the cases (ties:
 no rule, then the threshold closest to 0.5). Writes ``cases.csv`` (one row per case and
 candidate) and ``choice.json`` (means per candidate, the choice, the command) to ``--results``.
@@ -33,10 +33,10 @@ from peer_common import PEER_RUNS, evaluate_mask
 from robex_peer import _relative, find_cases, save_mask
 
 from medseg3d.api import load_model
-from medseg3d.atomic import write_text_atomic
 from medseg3d.config import CheckpointMeta, InferenceConfig
-from medseg3d.inference import postprocess
-from medseg3d.io import read_volume
+from medseg3d.inference.predict import postprocess
+from medseg3d.io.atomic import write_text_atomic
+from medseg3d.io.volumes import read_volume
 
 
 def main() -> None:

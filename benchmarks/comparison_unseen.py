@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from medseg3d.api import load_model
-from medseg3d.dataset import held_out_cases, load_spec
+from medseg3d.datasets.folder import held_out_cases, load_spec
 from medseg3d.experiments.compare import (
     Cell,
     Fold,

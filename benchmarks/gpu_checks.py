@@ -30,9 +30,9 @@ from synthetic import make_dataset  # noqa: E402
 
 from medseg3d.api import as_volume, load_model  # noqa: E402
 from medseg3d.config import InferenceConfig  # noqa: E402
-from medseg3d.devices import describe_device, resolve_device  # noqa: E402
-from medseg3d.preprocessing import preprocess_image  # noqa: E402
-from medseg3d.sliding_window import DeviceLimits, sliding_window  # noqa: E402
+from medseg3d.inference.devices import describe_device, resolve_device  # noqa: E402
+from medseg3d.inference.engine import DeviceLimits, sliding_window  # noqa: E402
+from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
 
 
 def head_like(shape: tuple[int, int, int] = (181, 217, 181), seed: int = 0) -> np.ndarray:

@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 import medseg3d  # noqa: E402
 from medseg3d.config import InferenceConfig, RefineConfig  # noqa: E402
-from medseg3d.evaluation import dice  # noqa: E402
-from medseg3d.io import read_volume  # noqa: E402
-from medseg3d.preprocessing import label_map_on_grid, preprocess_image, restore_labels  # noqa: E402
-from medseg3d.refinement import Marks, honour_marks, marks_on_plan_grid  # noqa: E402
+from medseg3d.evaluation.metrics import dice  # noqa: E402
+from medseg3d.inference.interactive import Marks, honour_marks, marks_on_plan_grid  # noqa: E402
+from medseg3d.inference.preprocessing import label_map_on_grid, preprocess_image, restore_labels  # noqa: E402
+from medseg3d.io.volumes import read_volume  # noqa: E402
 
 REPORTED_CLICKS = (0, 1, 3, 5, 10)
 CONFIDENT = 0.9  # the random walker's seeds: the model's voxels at least this sure

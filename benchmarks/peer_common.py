@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from medseg3d.atomic import write_text_atomic
-from medseg3d.evaluation import evaluate_case
-from medseg3d.io import read_labels, read_volume
+from medseg3d.evaluation.metrics import evaluate_case
+from medseg3d.io.atomic import write_text_atomic
+from medseg3d.io.volumes import read_labels, read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "data" / "BrainMaskT1"

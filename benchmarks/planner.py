@@ -77,7 +77,7 @@ def dice_per_class(prediction: np.ndarray, reference: np.ndarray, labels: dict[s
 def score(run: Path, dataset: Path) -> dict[str, dict[str, float]]:
     """Per training case, per class Dice of the run's final model on that case."""
     from medseg3d.api import load_model
-    from medseg3d.io import read_labels, read_volume
+    from medseg3d.io.volumes import read_labels, read_volume
 
     spec = json.loads((dataset / "dataset.json").read_text())
     model = load_model(run)

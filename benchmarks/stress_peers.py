@@ -71,9 +71,9 @@ import torch
 from peer_common import PEER_RUNS, evaluate_mask
 from robex_peer import Case, _relative, find_cases, save_mask, spacing_of
 
-from medseg3d.atomic import write_text_atomic
-from medseg3d.brain_definition import brain_from_strip
-from medseg3d.statistics import mean_ci95, paired_difference
+from medseg3d.datasets.brain_definition import brain_from_strip
+from medseg3d.evaluation.statistics import mean_ci95, paired_difference
+from medseg3d.io.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stress_peers"

@@ -60,7 +60,7 @@ import numpy as np
 from peer_common import evaluate_mask
 from scipy import stats
 
-from medseg3d.atomic import write_text_atomic
+from medseg3d.io.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training"

@@ -28,8 +28,8 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from medseg3d.inference.precision import cpu_has_bf16
 from medseg3d.networks import build_network
-from medseg3d.precision import cpu_has_bf16
 
 
 def monai_unet() -> nn.Module:

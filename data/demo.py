@@ -30,9 +30,9 @@ def main() -> int:
     subprocess.run([str(medseg3d), "predict", str(scan), "-o", str(prediction),
                     "--model", "brainmask", "--overwrite"], check=True)
 
-    from medseg3d.evaluation import evaluate_case
-    from medseg3d.io import read_labels, read_volume
-    from medseg3d.overlay import save_overlay
+    from medseg3d.evaluation.figures import save_overlay
+    from medseg3d.evaluation.metrics import evaluate_case
+    from medseg3d.io.volumes import read_labels, read_volume
 
     image = read_volume(scan)
     ref = read_labels(reference, reference=image)

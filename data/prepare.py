@@ -40,8 +40,8 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg3d.atomic import atomic_path, write_text_atomic
-from medseg3d.brain_definition import (
+from medseg3d.config import DatasetSpec
+from medseg3d.datasets.brain_definition import (
     CSF_RIM_MM,
     ENVELOPE_CLOSING_MM,
     brain_envelope,
@@ -49,11 +49,11 @@ from medseg3d.brain_definition import (
     csf_rim,
     csf_threshold,
 )
-from medseg3d.checkpoint import sha256_of
-from medseg3d.config import DatasetSpec
-from medseg3d.dicom import read_series
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume, integer_labels, nifti_header, read_labels, read_volume, write_array
+from medseg3d.io.atomic import atomic_path, write_text_atomic
+from medseg3d.io.dicom import read_series
+from medseg3d.io.volumes import Volume, integer_labels, nifti_header, read_labels, read_volume, write_array
+from medseg3d.runs import sha256_of
 
 
 class PrepareError(Exception):
@@ -254,7 +254,7 @@ def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 
 def load_dicom_series(folder: Path) -> nib.Nifti1Image:
-    """Read a DICOM series (medseg3d.dicom: checked geometry) into a NIfTI image (RAS affine,
+    """Read a DICOM series (medseg3d.io.dicom: checked geometry) into a NIfTI image (RAS affine,
     array in i, j, k)."""
     volume = read_series(folder)
     return _nifti(volume.array, volume.affine)
@@ -290,7 +290,7 @@ def image_dtype(data: np.ndarray) -> np.ndarray:
 # references use (data/README.md): cerebrum, cerebellum and brainstem with the CSF they enclose
 # (ventricles, sulci, the interhemispheric fissure), bounded by the outer brain surface; not the
 # CSF between that surface and the skull, nor dura, sinuses, skull, eyes or neck.
-# medseg3d.brain_definition writes it once (brain_envelope, csf_rim, brain_from_strip); each
+# medseg3d.datasets.brain_definition writes it once (brain_envelope, csf_rim, brain_from_strip); each
 # builder only says which voxels of its source are brain tissue.
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg3d.checkpoint import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint, save_checkpoint
 from medseg3d.config import (
     Adaptation,
     CheckpointMeta,
@@ -22,15 +21,16 @@ from medseg3d.config import (
     RefineConfig,
     checked,
 )
-from medseg3d.devices import resolve_device
+from medseg3d.datasets.fingerprint import ood_warning
 from medseg3d.errors import MedsegError
-from medseg3d.fingerprint import ood_warning
-from medseg3d.inference import Prediction, predict_volume
-from medseg3d.io import Volume, check_volume, read_volume
+from medseg3d.inference.devices import resolve_device
+from medseg3d.inference.engine import DeviceLimits
+from medseg3d.inference.interactive import Marks, adapt_network, honour_marks, prepare, read_marks
+from medseg3d.inference.predict import Prediction, predict_volume
+from medseg3d.io.volumes import Volume, check_volume, read_volume
 from medseg3d.logs import LOGGER
 from medseg3d.networks import NetworkTraits, build_network, network_traits
-from medseg3d.refinement import Marks, adapt_network, honour_marks, prepare, read_marks
-from medseg3d.sliding_window import DeviceLimits
+from medseg3d.runs import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint, save_checkpoint
 from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
 
 __all__ = ["Marks", "Model", "RefineConfig", "as_volume", "check_new_folder", "load_model",

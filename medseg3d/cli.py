@@ -40,7 +40,7 @@ from medseg3d.errors import MedsegError
 from medseg3d.logs import LogConsole
 
 if TYPE_CHECKING:
-    from medseg3d.evaluation import Summary
+    from medseg3d.evaluation.metrics import Summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="3D medical image segmentation: train, predict, evaluate.")
@@ -94,7 +94,7 @@ SERIES_HELP = "The SeriesInstanceUID to read where a DICOM folder holds several 
 
 
 def _check_device(text: str) -> str:
-    from medseg3d.devices import check_device_text
+    from medseg3d.inference.devices import check_device_text
 
     try:
         return check_device_text(text)
@@ -215,8 +215,8 @@ def train(
                                          "run).")] = False,
 ) -> None:
     """Train a segmenter on a dataset folder."""
-    from medseg3d.atomic import remove_stale_temps_in
-    from medseg3d.training import check_run_folder, current_rank
+    from medseg3d.io.atomic import remove_stale_temps_in
+    from medseg3d.training.loop import check_run_folder, current_rank
 
     output = output or Path("runs") / f"{dataset.name}_{model or DEFAULT_NETWORK}"
     check_run_folder(output)
@@ -251,7 +251,7 @@ def train(
 def _extended_config(output: Path, main_rank: bool, overrides: PlanOverrides,
                      **length: Any) -> TrainConfig:
     """``--resume``: the run's saved config, with the length options given again (if any)."""
-    from medseg3d.resume import describe_length, extend
+    from medseg3d.training.resume import describe_length, extend
 
     saved = load_model_file(TrainConfig, output / "train_config.json")
     _refuse_replanning(output, overrides)
@@ -331,7 +331,7 @@ def _given(value: Any) -> str:
 
 def _train_with_progress(train_config: TrainConfig, *, resume: bool, main_rank: bool) -> Path:
     """Run the training with a progress bar (rank 0 only); the final checkpoint's path."""
-    from medseg3d.training import train as run_training
+    from medseg3d.training.loop import train as run_training
 
     with _progress(enabled=main_rank) as bar:
         task = bar.add_task("training", total=train_config.epochs
@@ -386,8 +386,8 @@ def _predict_cohort(source: Path, output: Path | None, model: str, device: str,
     """``predict``'s work, also run by ``evaluate --model``: plan, lock, predict, report."""
     from medseg3d import cohort
     from medseg3d.api import load_model
-    from medseg3d.devices import describe_device
-    from medseg3d.lock import output_locks
+    from medseg3d.inference.devices import describe_device
+    from medseg3d.io.lock import output_locks
 
     # Every output name is planned and checked (suffix, collisions, writable folder) before the
     # model loads; then each is locked, so a second job with the same -o stops here.
@@ -436,9 +436,9 @@ def _predict_jobs(predictor: Any, jobs: list, config: InferenceConfig, *, replac
     With ``keep_going``, scans that fail are skipped; their errors are returned.
     """
     from medseg3d import cohort
-    from medseg3d.inference import Prediction
-    from medseg3d.io import Volume, geometry_warning
-    from medseg3d.measures import label_volumes
+    from medseg3d.evaluation.measures import label_volumes
+    from medseg3d.inference.predict import Prediction
+    from medseg3d.io.volumes import Volume, geometry_warning
 
     with _progress() as bar:
         files_task = bar.add_task("cases", total=len(jobs))
@@ -508,7 +508,7 @@ def refine(
 ) -> None:
     """Correct a segmentation from marks: the model adapts to them and predicts again."""
     from medseg3d.api import as_volume, check_new_folder, load_model, read_marks
-    from medseg3d.io import read_labels, write_labels
+    from medseg3d.io.volumes import read_labels, write_labels
 
     if output.exists() and not overwrite:
         raise MedsegError("exists; pass --overwrite to replace it", output)
@@ -558,7 +558,7 @@ def evaluate(
     or --model MODEL DATASET_DIR (predict the dataset's test cases, then score them). Every label
     value found in the references or predictions is scored; a dataset.json only names them.
     """
-    from medseg3d.evaluation import evaluate_files, evaluate_folders, write_metrics
+    from medseg3d.evaluation.metrics import evaluate_files, evaluate_folders, write_metrics
 
     if model is not None:
         if references is not None:
@@ -586,7 +586,7 @@ def evaluate(
 
 def _is_file_form(predictions: Path, references: Path) -> bool:
     """True for PRED_FILE REF_FILE; a file beside a folder is a mistake named in one line."""
-    from medseg3d.io import volume_suffix
+    from medseg3d.io.volumes import volume_suffix
 
     files = [p.is_file() or (not p.is_dir() and bool(volume_suffix(p)))
              for p in (predictions, references)]
@@ -599,7 +599,7 @@ def _is_file_form(predictions: Path, references: Path) -> bool:
 def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
                      ) -> tuple[Path, Path, Path]:
     """``evaluate --model``: predict a dataset's test cases; (predictions, references, output)."""
-    from medseg3d.dataset import load_spec
+    from medseg3d.datasets.folder import load_spec
 
     load_spec(dataset)  # a wrong folder fails here, before anything is predicted or written
     split = "Ts" if (dataset / "labelsTs").is_dir() else "Tr"
@@ -734,7 +734,7 @@ def info(path: Annotated[Path, typer.Argument(help="A volume file, or a DICOM se
                                               "folder, or one of its files).")],
          series: Annotated[str | None, typer.Option(help=SERIES_HELP)] = None) -> None:
     """Show a volume's shape, spacing, orientation and intensity range."""
-    from medseg3d.io import describe, read_volume
+    from medseg3d.io.volumes import describe, read_volume
 
     summary = describe(read_volume(path, allow_channels=True, series=series))
     table = Table(show_header=False)

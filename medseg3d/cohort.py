@@ -36,10 +36,11 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.arrayproxy import ArrayProxy
 
-from medseg3d import dicom, sitk_log
-from medseg3d.atomic import remove_stale_temps
 from medseg3d.errors import MedsegError
-from medseg3d.io import (
+from medseg3d.io import dicom, sitk_log
+from medseg3d.io.atomic import remove_stale_temps
+from medseg3d.io.paths import broken_link, confined, not_a_file, unique_by_case
+from medseg3d.io.volumes import (
     DETACHED_SUFFIXES,
     GZIP_MAGIC,
     NIFTI_SUFFIXES,
@@ -53,7 +54,6 @@ from medseg3d.io import (
     write_array,
     write_labels,
 )
-from medseg3d.paths import broken_link, confined, not_a_file, unique_by_case
 
 # Besides the volume formats, predict writes a DICOM SEG for a DICOM series input (``-o seg.dcm``).
 SEG_SUFFIX = ".dcm"
@@ -62,7 +62,7 @@ OUTPUT_SUFFIXES = (*VOLUME_SUFFIXES, SEG_SUFFIX)
 if TYPE_CHECKING:
     from medseg3d.api import Model
     from medseg3d.config import InferenceConfig
-    from medseg3d.inference import Prediction
+    from medseg3d.inference.predict import Prediction
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 LOGGER = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def unfinished(output: Path) -> str | None:
         return "file is empty"
     try:
         if output_suffix(output) == SEG_SUFFIX:
-            from medseg3d.dicom_seg import unfinished_seg
+            from medseg3d.io.dicom_seg import unfinished_seg
 
             return unfinished_seg(output)
         if volume_suffix(output) in NIFTI_SUFFIXES:
@@ -555,7 +555,7 @@ def write_prediction(labels: np.ndarray, probabilities: np.ndarray | None, volum
         return
     if case is None or label_names is None:
         raise ValueError("a DICOM SEG output needs the input case and the label names")
-    from medseg3d.dicom_seg import write_dicom_seg  # highdicom: imported for SEG outputs only
+    from medseg3d.io.dicom_seg import write_dicom_seg  # highdicom: imported for SEG outputs only
 
     # the slices in the order read_series stacked them: frame k is labels[:, :, k]
     slices = dicom.slice_files(case.files[0], case.series_uid)

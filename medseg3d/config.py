@@ -23,10 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-from medseg3d.atomic import write_text_atomic
 from medseg3d.errors import MedsegError
+from medseg3d.io.atomic import write_text_atomic
 
-# auto, cpu, cuda (the current GPU) or cuda:N; resolved and checked by medseg3d.devices
+# auto, cpu, cuda (the current GPU) or cuda:N; resolved and checked by medseg3d.inference.devices
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
@@ -428,7 +428,7 @@ class ModelCard(Frozen):
     command: str
     hardware: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
-    # how the published run was trained, one line per length it was given (see medseg3d.resume)
+    # how the published run was trained, one line per length it was given (see medseg3d.training.resume)
     training_history: list[str] = Field(default_factory=list)
     protocol: EvaluationProtocol | None = None
     intended_use: str = "research only; not a medical device"

@@ -3,7 +3,7 @@
 nibabel attaches its own stream handler to ``nibabel.global`` and prints raw text ("pixdim[1,2,3]
 should be non-zero; setting 0 dims to 1") into whatever the CLI is drawing; Python warnings print
 two lines with a source excerpt; ITK's warnings arrive as records of the ``SimpleITK`` logger
-(``medseg3d.sitk_log``). ``route_to`` sends them all through one handler instead.
+(``medseg3d.io.sitk_log``). ``route_to`` sends them all through one handler instead.
 """
 
 from __future__ import annotations

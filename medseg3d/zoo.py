@@ -10,8 +10,6 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
-from medseg3d.atomic import write_bytes_atomic
-from medseg3d.checkpoint import load_tensors, run_checkpoint, save_tensors, sha256_of
 from medseg3d.config import (
     CheckpointMeta,
     EvaluationProtocol,
@@ -21,7 +19,9 @@ from medseg3d.config import (
     save_model_file,
 )
 from medseg3d.errors import MedsegError
-from medseg3d.resume import history_lines
+from medseg3d.io.atomic import write_bytes_atomic
+from medseg3d.runs import load_tensors, run_checkpoint, save_tensors, sha256_of
+from medseg3d.training.resume import history_lines
 
 DEFAULT_MODEL = "brainmask"
 

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from medseg3d.config import CheckpointMeta, load_model_file, save_model_file
-from medseg3d.dataset import find_cases, load_spec, read_case
-from medseg3d.fingerprint import fingerprint_cases
+from medseg3d.datasets.fingerprint import fingerprint_cases
+from medseg3d.datasets.folder import find_cases, load_spec, read_case
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from medseg3d.config import EvaluationProtocol, TrainingData
-from medseg3d.dataset import load_spec
+from medseg3d.datasets.folder import load_spec
 from medseg3d.zoo import publish_model
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
-from medseg3d import sitk_log
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io import NIFTI_SUFFIXES, SitkGeometry, Volume, nifti_header, volume_suffix
-from medseg3d.measures import LabelVolume, label_volumes
+from medseg3d.evaluation.measures import LabelVolume, label_volumes
+from medseg3d.io import sitk_log
+from medseg3d.io.volumes import NIFTI_SUFFIXES, SitkGeometry, Volume, nifti_header, volume_suffix
 
 __all__ = [
     "METADATA_KEY",
@@ -115,7 +115,7 @@ def canonical_to_source(data: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray
 
 
 def reference_volume(meta: Mapping[str, Any]) -> Volume:
-    """A data-free Volume with the source geometry, as ``medseg3d.io.write_labels`` expects."""
+    """A data-free Volume with the source geometry, as ``medseg3d.io.volumes.write_labels`` expects."""
     header_class = nib.Nifti2Header if meta.get("header_class") == "Nifti2Header" \
         else nib.Nifti1Header
     extensions = [nib.nifti1.Nifti1Extension(code, content)
@@ -170,7 +170,7 @@ def layer_kwargs_from(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, 
 
 
 def on_disk_dtype(volume: Volume) -> np.dtype:
-    """The dtype stored in the file (``medseg3d.io`` always returns float32 arrays)."""
+    """The dtype stored in the file (``medseg3d.io.volumes`` always returns float32 arrays)."""
     if volume.path is not None and volume.path.is_dir():  # a DICOM series: rescaled intensities
         return np.dtype(np.float32)
     if volume.path is not None and volume_suffix(volume.path) not in NIFTI_SUFFIXES:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg3d import dicom
-from medseg3d.io import VOLUME_SUFFIXES, case_name, label_dtype, read_volume, volume_suffix
+from medseg3d.io import dicom
+from medseg3d.io.volumes import VOLUME_SUFFIXES, case_name, label_dtype, read_volume, volume_suffix
 
 from ._core import (
     LayerDataTuple,

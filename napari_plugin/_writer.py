@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg3d import io
 from medseg3d.errors import MedsegError
+from medseg3d.io import volumes as io
 
 from ._core import (
     METADATA_KEY,

@@ -56,11 +56,11 @@ def recording(train_epoch: Callable[..., float], record: Path, stop_after: int
 def main() -> None:
     """Wrap ``train_epoch``, then hand the remaining arguments to the medseg3d CLI."""
     record_dir, stop_after, *cli_args = sys.argv[1:]
-    import medseg3d.training
+    import medseg3d.training.loop
     from medseg3d.cli import app
 
     record = Path(record_dir) / f"rank{os.environ.get('RANK', '0')}.jsonl"
-    medseg3d.training.train_epoch = recording(medseg3d.training.train_epoch, record,
+    medseg3d.training.loop.train_epoch = recording(medseg3d.training.loop.train_epoch, record,
                                               int(stop_after))
     app(cli_args, prog_name="medseg3d")
 

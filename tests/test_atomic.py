@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from medseg3d.atomic import atomic_path, write_text_atomic
+from medseg3d.io.atomic import atomic_path, write_text_atomic
 
 
 def test_a_write_replaces_the_file_by_a_rename(tmp_path):

@@ -3,8 +3,14 @@
 import numpy as np
 import torch
 
-from medseg3d.augmentation import PAD_VALUE, RandThickSlicesd, patch_transform, prepare_item, thick_slices
 from medseg3d.config import ChannelNorm, Plan
+from medseg3d.training.augmentation import (
+    PAD_VALUE,
+    RandThickSlicesd,
+    patch_transform,
+    prepare_item,
+    thick_slices,
+)
 
 
 def _plan(patch=(16, 16, 16)) -> Plan:

@@ -1,4 +1,4 @@
-"""medseg3d.brain_definition: the fast distance-transform rule equals scipy's morphology voxel for
+"""medseg3d.datasets.brain_definition: the fast distance-transform rule equals scipy's morphology voxel for
 voxel, and the histogram k-means equals the plain one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from medseg3d import brain_definition as bd
+from medseg3d.datasets import brain_definition as bd
 
 
 def slow_envelope(tissue, spacing, within=None, closing_mm=5.0):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from medseg3d.api import Model, load_model
-from medseg3d.checkpoint import load_checkpoint, save_checkpoint
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
+from medseg3d.runs import load_checkpoint, save_checkpoint
 
 PLAN = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
             labels={"background": 0, "organ": 3})

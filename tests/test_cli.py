@@ -11,9 +11,9 @@ from synthetic import ellipsoid_case, make_affine, save_nifti
 from typer.testing import CliRunner
 
 from medseg3d.api import Model
-from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, Plan
+from medseg3d.runs import save_checkpoint
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ from synthetic import make_affine, save_nifti
 
 from medseg3d.cohort import InputCase, plan_outputs, predict_cases, read_cases
 from medseg3d.config import InferenceConfig
-from medseg3d.inference import Prediction
-from medseg3d.io import Volume
+from medseg3d.inference.predict import Prediction
+from medseg3d.io.volumes import Volume
 
 
 class Thresholder:

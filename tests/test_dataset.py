@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from synthetic import make_affine, save_nifti
 
-from medseg3d.dataset import find_cases, load_spec, read_case, split_cases, validate_dataset
+from medseg3d.datasets.folder import find_cases, load_spec, read_case, split_cases, validate_dataset
 from medseg3d.errors import MedsegError
 
 

@@ -11,10 +11,11 @@ import torch
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
-from medseg3d import api, devices
+from medseg3d import api
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, InferenceConfig, Plan, TrainConfig
 from medseg3d.errors import MedsegError
+from medseg3d.inference import devices
 
 PLAN = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
             labels={"background": 0, "ball": 1})
@@ -90,7 +91,7 @@ def test_free_memory_counts_the_allocator_cache(monkeypatch) -> None:
 def test_predict_says_which_device_it_used(tmp_path) -> None:
     dataset = make_dataset(tmp_path / "ds", num_cases=1, shape=(12, 12, 12))
     model = api.Model.from_network("unet", PLAN, device="cpu", filters=[4, 8])
-    from medseg3d.checkpoint import save_checkpoint
+    from medseg3d.runs import save_checkpoint
 
     weights = save_checkpoint(model.network, model.meta, tmp_path / "tiny")
     scan = next((dataset / "imagesTr").iterdir())

@@ -24,14 +24,14 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 from typer.testing import CliRunner
 
-from medseg3d import dicom
 from medseg3d.api import Model
-from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.cohort import InputCase, find_inputs
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
-from medseg3d.io import from_sitk, read_volume, write_labels
+from medseg3d.io import dicom
+from medseg3d.io.volumes import from_sitk, read_volume, write_labels
+from medseg3d.runs import save_checkpoint
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 REPO = Path(__file__).resolve().parents[1]

@@ -18,20 +18,21 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 from typer.testing import CliRunner
 
-from medseg3d import __version__, cohort, dicom
+from medseg3d import __version__, cohort
 from medseg3d.api import Model
-from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, CheckpointMeta, Plan, load_model_file
-from medseg3d.dicom_seg import read_dicom_seg, unfinished_seg, write_dicom_seg
 from medseg3d.errors import MedsegError
+from medseg3d.io import dicom
+from medseg3d.io.dicom_seg import read_dicom_seg, unfinished_seg, write_dicom_seg
+from medseg3d.runs import save_checkpoint
 from medseg3d.zoo import packaged_models
 
 ABDOMEN = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "stomach": 4}
 SHAPE = (7, 5, 6)  # columns, rows, slices: all three differ, so a transposed frame cannot pass
 
 # What each name must be coded as: SNOMED CT codes from pydicom's tables (DICOM CID 7151),
-# written out here so that a change to medseg3d.dicom_seg.SEGMENT_CODES shows up.
+# written out here so that a change to medseg3d.io.dicom_seg.SEGMENT_CODES shows up.
 EXPECTED_TYPES = {"brain": ("12738006", "Brain"), "liver": ("10200004", "Liver"),
                   "spleen": ("78961009", "Spleen"), "kidney": ("64033007", "Kidney"),
                   "stomach": ("69695003", "Stomach"), "aorta": ("15825003", "Aorta"),

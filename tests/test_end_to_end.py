@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from medseg3d.api import load_model
 from medseg3d.config import ModelCard, load_model_file
-from medseg3d.evaluation import evaluate_case
-from medseg3d.io import read_labels, read_volume
+from medseg3d.evaluation.metrics import evaluate_case
+from medseg3d.io.volumes import read_labels, read_volume
 from medseg3d.zoo import model_folder
 
 DATA = Path(__file__).resolve().parents[1] / "data"

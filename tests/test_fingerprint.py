@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from medseg3d.api import as_volume
 from medseg3d.cli import app
 from medseg3d.config import CheckpointMeta, load_model_file
-from medseg3d.fingerprint import differences, fingerprint_cases, ood_warning
+from medseg3d.datasets.fingerprint import differences, fingerprint_cases, ood_warning
 from medseg3d.zoo import find_model
 
 runner = CliRunner()

@@ -9,13 +9,13 @@ import pytest
 import torch
 from synthetic import ellipsoid_case
 
-import medseg3d.inference as inference
+import medseg3d.inference.predict as inference
 from medseg3d.api import Model
 from medseg3d.config import ChannelNorm, CheckpointMeta, InferenceConfig, NetworkConfig, Plan
-from medseg3d.io import Volume
+from medseg3d.inference.engine import argmax_into
+from medseg3d.inference.precision import autocast_dtype
+from medseg3d.io.volumes import Volume
 from medseg3d.networks import NetworkTraits
-from medseg3d.precision import autocast_dtype
-from medseg3d.sliding_window import argmax_into
 
 
 def _model() -> Model:
@@ -56,7 +56,7 @@ def test_argmax_into_matches_torch_argmax_with_ties():
 
 def test_the_unet_predict_path_does_not_import_monai():
     """Importing MONAI takes ~5 s; a U-Net prediction must not pay it (only patchfree needs it)."""
-    code = ("import sys, medseg3d.cli, medseg3d.api, medseg3d.cohort, medseg3d.inference; "
+    code = ("import sys, medseg3d.cli, medseg3d.api, medseg3d.cohort, medseg3d.inference.predict; "
             "from medseg3d.networks import build_network; "
             "build_network('unet', 1, 2, filters=[4, 8]); "
             "build_network('asmlp3d', 1, 2); build_network('mixer3d', 1, 2, input_size=16); "
@@ -90,7 +90,7 @@ def test_a_foreground_threshold_needs_a_two_class_model():
 
 
 def test_a_brain_rule_applies_the_definition_of_brain_to_the_models_mask():
-    from medseg3d.brain_definition import brain_from_strip
+    from medseg3d.datasets.brain_definition import brain_from_strip
 
     model = _model()
     volume = _volume()

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from synthetic import make_affine, save_nifti
 
 from medseg3d.errors import MedsegError
-from medseg3d.io import (
+from medseg3d.io.volumes import (
     case_name,
     from_sitk,
     integer_labels,

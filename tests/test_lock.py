@@ -3,7 +3,7 @@
 import pytest
 
 from medseg3d.errors import MedsegError
-from medseg3d.lock import lock_path, output_locks
+from medseg3d.io.lock import lock_path, output_locks
 
 
 def test_a_locked_output_cannot_be_taken_until_it_is_released(tmp_path):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from medseg3d.measures import label_volumes
+from medseg3d.evaluation.measures import label_volumes
 
 
 def test_label_volumes_agree_across_label_types() -> None:

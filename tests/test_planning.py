@@ -3,7 +3,7 @@
 import numpy as np
 
 from medseg3d.config import DatasetSpec
-from medseg3d.planning import CaseFingerprint, fingerprint_case, make_plan, mirror_confusion
+from medseg3d.training.planning import CaseFingerprint, fingerprint_case, make_plan, mirror_confusion
 
 
 def _fingerprint(spacing, shape, values=None):
@@ -24,7 +24,7 @@ def test_plan_from_fingerprints():
 
 
 def test_mr_uses_per_image_zscore(dataset_dir):
-    from medseg3d.dataset import read_case, validate_dataset
+    from medseg3d.datasets.folder import read_case, validate_dataset
 
     spec, cases = validate_dataset(dataset_dir)
     rng = np.random.default_rng(0)
@@ -42,7 +42,7 @@ def _brain_plan():
 
 
 def test_budget_fit_coarsens_until_a_covering_patch_is_affordable():
-    from medseg3d.planning import MIN_PATCH_COVERAGE, fit_plan_to_budget
+    from medseg3d.training.planning import MIN_PATCH_COVERAGE, fit_plan_to_budget
 
     plan = _brain_plan()
     cost = 7.5e-7  # s per voxel and step, as measured for the default U-Net in bf16 on one core
@@ -93,7 +93,7 @@ def test_whole_volume_plans_coarsen_the_spacing_instead_of_cutting_patches():
     import pytest
 
     from medseg3d.errors import MedsegError
-    from medseg3d.planning import fit_whole_volume
+    from medseg3d.training.planning import fit_whole_volume
 
     plan = _brain_plan()  # 200x230x200 at 1 mm: 9.2 M voxels
     fitted = fit_whole_volume(plan, 8, 160**3)
@@ -108,7 +108,7 @@ def test_whole_volume_plans_coarsen_the_spacing_instead_of_cutting_patches():
 
 
 def test_class_thickness_is_the_widest_ball_inside_each_class():
-    from medseg3d.planning import class_thickness
+    from medseg3d.training.planning import class_thickness
 
     mm = np.stack(np.meshgrid(*[np.arange(s) for s in (60, 60, 20)], indexing="ij"), -1) * (1, 1, 3)
     labels = np.zeros((60, 60, 20), np.uint8)
@@ -129,7 +129,7 @@ def _plan_with(thickness_mm: dict[str, float], spacing=(2.0, 2.0, 2.0)):
 
 def test_a_thin_class_gets_a_full_resolution_stem_and_a_thick_one_keeps_the_cheap_one():
     from medseg3d.config import NetworkConfig
-    from medseg3d.planning import plan_network
+    from medseg3d.training.planning import plan_network
 
     thin = plan_network(_plan_with({"liver": 80.0, "aorta": 24.0}), NetworkConfig(name="unet"))
     assert thin.network_options == {"stem_stride": 1} and thin.class_thickness_mm["aorta"] == 24.0
@@ -144,7 +144,7 @@ def test_a_thin_class_gets_a_full_resolution_stem_and_a_thick_one_keeps_the_chea
 
 
 def test_a_budget_never_coarsens_the_thinnest_class_below_its_floor():
-    from medseg3d.planning import MIN_VOXELS_ACROSS, fit_plan_to_budget
+    from medseg3d.training.planning import MIN_VOXELS_ACROSS, fit_plan_to_budget
 
     cost = 2e-6  # a tight allowance that would coarsen a brain plan to 3-4 x
     for plan in (_plan_with({"vessel": 16.0}), _plan_with({"brain": 110.0})):
@@ -160,7 +160,7 @@ def test_a_budget_never_coarsens_the_thinnest_class_below_its_floor():
 
 
 def test_a_class_in_a_large_box_is_measured_on_a_coarser_grid_with_about_the_same_result(monkeypatch):
-    import medseg3d.planning as planning
+    import medseg3d.training.planning as planning
 
     mm = np.stack(np.meshgrid(*[np.arange(s) for s in (80, 80, 80)], indexing="ij"), -1)
     labels = ((((mm - 40) / (30, 20, 25)) ** 2).sum(-1) <= 1).astype(np.uint8)  # 40 mm thick

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from medseg3d.postprocessing import keep_largest_component, single_component_classes
+from medseg3d.inference.postprocessing import keep_largest_component, single_component_classes
 
 
 def _two_blobs() -> np.ndarray:

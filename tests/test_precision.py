@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from medseg3d.inference.precision import WindowInstanceNorm, cpu_bf16_network
 from medseg3d.networks import build_network
-from medseg3d.precision import WindowInstanceNorm, cpu_bf16_network
 
 
 @pytest.mark.parametrize("name", ["unet", "asmlp3d", "mixer3d", "patchfree"])

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg3d.io import read_labels, read_volume
+from medseg3d.io.volumes import read_labels, read_volume
 
 # data/ is a folder of scripts, not a package: load prepare.py by path (dataclasses need it in
 # sys.modules while the module runs).

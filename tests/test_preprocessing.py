@@ -7,14 +7,14 @@ import torch
 from synthetic import make_affine
 
 from medseg3d.config import ChannelNorm, Plan
-from medseg3d.io import Volume
-from medseg3d.preprocessing import (
+from medseg3d.inference.preprocessing import (
     normalize,
     plan_grid,
     preprocess_image,
     preprocess_labels,
     restore_labels,
 )
+from medseg3d.io.volumes import Volume
 
 
 def _plan(spacing=(1.0, 1.0, 1.0), scheme="zscore") -> Plan:
@@ -83,7 +83,7 @@ def test_normalisation_schemes():
 
 def test_label_resampling_stays_registered_with_the_image():
     """Labels resample at the image's sample points: a sphere's centre does not move."""
-    from medseg3d.preprocessing import resize, resize_labels
+    from medseg3d.inference.preprocessing import resize, resize_labels
 
     grid = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1)
     sphere = (np.linalg.norm(grid - 19.5, axis=-1) < 12).astype(np.uint8)
@@ -97,7 +97,7 @@ def test_label_resampling_stays_registered_with_the_image():
 
 
 def test_label_resampling_keeps_every_class_value():
-    from medseg3d.preprocessing import resize_labels
+    from medseg3d.inference.preprocessing import resize_labels
 
     classes = torch.zeros(30, 30, 30, dtype=torch.uint8)
     classes[2:14, 2:14, 2:14] = 7

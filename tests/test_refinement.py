@@ -15,10 +15,10 @@ from medseg3d import Model
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, Plan, RefineConfig
 from medseg3d.errors import MedsegError
-from medseg3d.evaluation import dice
-from medseg3d.io import Volume
-from medseg3d.preprocessing import label_map_on_grid, plan_grid
-from medseg3d.refinement import Marks, honour_marks, keep_targets, marks_on_plan_grid, read_marks
+from medseg3d.evaluation.metrics import dice
+from medseg3d.inference.interactive import Marks, honour_marks, keep_targets, marks_on_plan_grid, read_marks
+from medseg3d.inference.preprocessing import label_map_on_grid, plan_grid
+from medseg3d.io.volumes import Volume
 from tests.synthetic import make_affine, save_nifti
 
 LABELS = {"background": 0, "ball": 1}

@@ -16,7 +16,7 @@ from medseg3d.config import (
     TrainingData,
     load_model_file,
 )
-from medseg3d.resume import extend
+from medseg3d.training.resume import extend
 from medseg3d.zoo import publish_model
 
 runner = CliRunner()
@@ -86,7 +86,7 @@ def test_the_state_file_restores_weights_average_and_optimizer(tmp_path):
     import torch
     from torch import nn
 
-    from medseg3d.resume import STATE_FILE, TrainingState, load_state, save_state
+    from medseg3d.training.resume import STATE_FILE, TrainingState, load_state, save_state
 
     def parts(seed: int):
         torch.manual_seed(seed)
@@ -127,7 +127,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, m
     was never stopped (weights, average, optimizer, step count and patches all come back)."""
     from safetensors.torch import load_file
 
-    from medseg3d import training
+    from medseg3d.training import loop as training
 
     dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
     config = TrainConfig(dataset=str(dataset), output=str(tmp_path / "whole"),

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg3d import sitk_log
 from medseg3d.errors import MedsegError
-from medseg3d.io import read_volume
+from medseg3d.io import sitk_log
+from medseg3d.io.volumes import read_volume
 from medseg3d.logs import LIBRARY_LOGGERS, route_to
 
 COERCED = "NiftiImageIO: Non-orthogonal direction matrix coerced to orthogonal"

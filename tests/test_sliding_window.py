@@ -12,9 +12,9 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-import medseg3d.sliding_window as sw
+import medseg3d.inference.engine as sw
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.sliding_window import (
+from medseg3d.inference.engine import (
     DeviceLimits,
     estimate_memory_bytes,
     sliding_window,
@@ -342,7 +342,7 @@ def test_estimate_memory_bytes() -> None:
 
 def test_a_volume_thinner_than_the_window_is_padded_as_training_pads() -> None:
     """Training pads small cases with PAD_VALUE; prediction must show the network the same border."""
-    from medseg3d.augmentation import PAD_VALUE
+    from medseg3d.training.augmentation import PAD_VALUE
 
     seen = []
 

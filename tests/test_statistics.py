@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medseg3d.statistics import mean_ci95, paired_difference
+from medseg3d.evaluation.statistics import mean_ci95, paired_difference
 
 
 def test_mean_ci95_is_the_t_interval_over_finite_values() -> None:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from synthetic import make_affine, make_dataset, save_nifti
 
-from medseg3d.augmentation import patch_transform, prepare_item
 from medseg3d.config import ChannelNorm, NetworkConfig, Plan, TrainConfig
 from medseg3d.errors import MedsegError
-from medseg3d.synthesis import RandSynthesized, gaussian_blur, kmeans_centres, tissue_map
-from medseg3d.training import train
+from medseg3d.training.augmentation import patch_transform, prepare_item
+from medseg3d.training.loop import train
+from medseg3d.training.synthesis import RandSynthesized, gaussian_blur, kmeans_centres, tissue_map
 
 TINY_UNET = NetworkConfig(name="unet", options={"filters": [8, 16, 32], "stem_stride": 1})
 

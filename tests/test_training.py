@@ -7,7 +7,7 @@ from synthetic import make_dataset
 
 from medseg3d.config import NetworkConfig, TrainConfig
 from medseg3d.errors import MedsegError
-from medseg3d.training import train
+from medseg3d.training.loop import train
 
 MULTISCALE_STEPS = 200
 TINY_UNET = NetworkConfig(name="unet", options={"filters": [8, 16, 32], "stem_stride": 1})
@@ -58,10 +58,10 @@ def test_resume_without_state_is_an_error(dataset_dir, tmp_path):
 
 
 def test_few_cases_train_on_all_without_validation(tmp_path):
-    from medseg3d.training import choose_split
+    from medseg3d.training.loop import choose_split
 
     dataset = make_dataset(tmp_path / "three", num_cases=3, shape=(16, 16, 16))
-    from medseg3d.dataset import find_cases, load_spec
+    from medseg3d.datasets.folder import find_cases, load_spec
 
     cases = find_cases(str(dataset), load_spec(str(dataset)))
     train_cases, val_cases, text = choose_split(cases, _config(dataset, tmp_path, fold=None))
@@ -85,7 +85,7 @@ def test_step_budget_ends_the_run_and_the_rate_anneals(small_dataset, tmp_path):
 
 
 def test_progress_lines_for_runs_without_a_terminal(small_dataset, tmp_path, monkeypatch):
-    import medseg3d.training as training
+    import medseg3d.training.loop as training
 
     monkeypatch.setattr(training, "LOG_EVERY_S", 0.0)
     lines: list[str] = []
@@ -96,7 +96,7 @@ def test_progress_lines_for_runs_without_a_terminal(small_dataset, tmp_path, mon
 
 
 def test_poly_schedule_and_run_length():
-    from medseg3d.training import RunLength, poly_lr
+    from medseg3d.training.loop import RunLength, poly_lr
 
     assert poly_lr(1e-3, 0.0) == 1e-3 and poly_lr(1e-3, 1.0) == 0.0
     length = RunLength(total=100, budget_s=None, started=0.0)
@@ -113,8 +113,8 @@ def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
 
 
 def test_progress_legend_hides_no_data():
-    from medseg3d.figures import progress_figure
-    from medseg3d.resume import EpochRecord
+    from medseg3d.evaluation.figures import progress_figure
+    from medseg3d.training.resume import EpochRecord
 
     history = [EpochRecord(epoch=e, train_loss=1.0 / e, learning_rate=1e-3, seconds=1.0,
                            val_mean_dice=0.95 if e % 2 == 0 else None) for e in range(1, 9)]
@@ -128,7 +128,7 @@ def test_progress_legend_hides_no_data():
 
 def test_patch_free_networks_refuse_a_patch_and_cap_the_whole_volume(small_dataset, tmp_path):
     from medseg3d.config import NetworkConfig, PlanOverrides
-    from medseg3d.training import PATCH_FREE_MAX_VOXELS, apply_network_rules
+    from medseg3d.training.loop import PATCH_FREE_MAX_VOXELS, apply_network_rules
 
     def config(**overrides):
         return _config(small_dataset, tmp_path / "run").model_copy(update={
@@ -147,7 +147,7 @@ def test_a_step_with_a_non_finite_loss_leaves_the_weights_finite_and_unchanged()
     import torch
     from torch import nn
 
-    from medseg3d.training import StepContext, train_step
+    from medseg3d.training.loop import StepContext, train_step
 
     class NaNLoss(nn.Module):
         def forward(self, logits, label):
@@ -169,7 +169,7 @@ def test_weight_average_moves_towards_the_network_by_one_minus_its_decay():
     import torch
     from torch import nn
 
-    from medseg3d.training import WeightAverage
+    from medseg3d.training.loop import WeightAverage
 
     network = nn.Linear(2, 1)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_validation_scores_every_case():
 
     from medseg3d.config import ChannelNorm, Plan
     from medseg3d.networks import NetworkTraits
-    from medseg3d.training import Rank, validate
+    from medseg3d.training.loop import Rank, validate
 
     network = torch.nn.Conv3d(1, 2, 1)  # class 1 where the image is > 0.5
     with torch.no_grad():

@@ -13,12 +13,13 @@ import torch
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
-from medseg3d import sampling, training
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, NetworkConfig, Plan, TrainConfig
 from medseg3d.errors import MedsegError
 from medseg3d.networks import NetworkTraits
-from medseg3d.training import Rank, train
+from medseg3d.training import loop as training
+from medseg3d.training import sampling
+from medseg3d.training.loop import Rank, train
 
 TINY = NetworkConfig(name="unet", options={"filters": [4, 8]})
 

@@ -20,10 +20,10 @@ The protocol (``Protocol``, saved as ``protocol.json``):
 Every finished run is a **cell**, saved at once as ``cells/<stage>/<network>/<tag>.json`` with
 its per-case metrics; a rerun skips finished cells and so resumes an interrupted study. Several
 processes may work on one output folder at the same time: each claims a cell with a lock
-(``medseg3d.lock``) and skips the cells others hold, so two processes use two cores.
+(``medseg3d.io.lock``) and skips the cells others hold, so two processes use two cores.
 ``medseg3d.experiments.ranking`` turns the cells into the report.
 
-An experiment, not part of the core flow: it drives ``medseg3d.training`` and ``medseg3d.api``
+An experiment, not part of the core flow: it drives ``medseg3d.training.loop`` and ``medseg3d.api``
 the way a user would, and nothing in the core imports it (the CLI loads it for ``compare``).
 """
 
@@ -44,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg3d.api import load_model
-from medseg3d.atomic import write_text_atomic
 from medseg3d.config import (
     Augment,
     InferenceConfig,
@@ -56,12 +55,13 @@ from medseg3d.config import (
     TrainConfig,
     load_model_file,
 )
-from medseg3d.dataset import Case, find_cases, held_out_cases, load_spec, read_case
+from medseg3d.datasets.folder import Case, find_cases, held_out_cases, load_spec, read_case
 from medseg3d.errors import MedsegError
-from medseg3d.evaluation import evaluate_case
-from medseg3d.lock import output_locks
+from medseg3d.evaluation.metrics import evaluate_case
+from medseg3d.io.atomic import write_text_atomic
+from medseg3d.io.lock import output_locks
 from medseg3d.networks import build_network, network_traits
-from medseg3d.training import train
+from medseg3d.training.loop import train
 
 __all__ = [
     "CaseScore",

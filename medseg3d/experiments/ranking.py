@@ -11,7 +11,7 @@ Test groups, never mixed:
 
 Within a group, each case's score is the mean over the seeds that both networks of a pair (or
 the one network) have; intervals are Student's t over cases, and two networks are compared case
-by case (``medseg3d.statistics``). Each seed's own mean is listed too, so that seed-to-seed
+by case (``medseg3d.evaluation.statistics``). Each seed's own mean is listed too, so that seed-to-seed
 spread shows beside case-to-case spread. HD95 means skip cases where a mask is empty; their
 count is reported beside (``hd95_failures``).
 
@@ -34,9 +34,10 @@ import numpy as np
 from rich.table import Table
 
 from medseg3d.api import load_model
-from medseg3d.atomic import write_text_atomic
 from medseg3d.config import InferenceConfig, load_model_file
-from medseg3d.dataset import load_spec, read_case
+from medseg3d.datasets.folder import load_spec, read_case
+from medseg3d.evaluation.figures import orthogonal_slices, pyplot, save_figure
+from medseg3d.evaluation.statistics import MeanCI, PairedDifference, mean_ci95, paired_difference
 from medseg3d.experiments.compare import (
     CaseScore,
     Cell,
@@ -53,9 +54,8 @@ from medseg3d.experiments.compare import (
     sweep_done,
     sweep_split,
 )
-from medseg3d.figures import orthogonal_slices, pyplot, save_figure
-from medseg3d.preprocessing import canonical_orientation, reorient
-from medseg3d.statistics import MeanCI, PairedDifference, mean_ci95, paired_difference
+from medseg3d.inference.preprocessing import canonical_orientation, reorient
+from medseg3d.io.atomic import write_text_atomic
 
 __all__ = ["GroupResult", "NetworkResult", "Ranking", "group_markdown", "group_result", "per_case",
            "summary_table", "write_ranking"]

@@ -11,7 +11,7 @@ token count, and with it the spatial input size, is fixed at construction (``inp
 Fixed input size, and how other sizes are handled:
 
 * the registered traits (``MixerSegmenter3d.traits``, ``network_traits("mixer3d", ...)``) carry
-  ``input_size`` as ``fixed_input_size``; ``medseg3d.inference.window_for`` always slides a
+  ``input_size`` as ``fixed_input_size``; ``medseg3d.inference.predict.window_for`` always slides a
   window of exactly that size, and training overrides the plan's patch size with it.
 * ``forward`` accepts smaller inputs (each axis <= ``input_size``) by zero-padding them at the far
   end and cropping the logits back; a larger input raises ``ValueError`` (use a sliding window).

@@ -18,7 +18,7 @@ and Self-Supervised Guidance", MICCAI 2021 (PFSeg), and its public code.
   (Gram) matrices of the two, average-pooled by ``affinity_pool`` first. PFSeg's weights:
   ``w_sr = w_tf = 0.5``, pooling 10.
 
-Training feeds the whole volume (``whole_volume`` trait); ``medseg3d.training`` refuses a
+Training feeds the whole volume (``whole_volume`` trait); ``medseg3d.training.loop`` refuses a
 ``--patch-size`` for it.
 """
 

@@ -12,7 +12,7 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.cli import app
-from medseg3d.dataset import Case
+from medseg3d.datasets.folder import Case
 from medseg3d.errors import MedsegError
 from medseg3d.experiments.compare import (
     Protocol,
@@ -21,7 +21,7 @@ from medseg3d.experiments.compare import (
     make_folds,
     sweep_split,
 )
-from medseg3d.lock import output_locks
+from medseg3d.io.lock import output_locks
 
 runner = CliRunner()
 NETWORKS = ["unet", "asmlp3d", "patchfree", "mixer3d_1m", "mixer3d_skip_1m"]

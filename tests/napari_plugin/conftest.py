@@ -32,8 +32,8 @@ def shipped_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     import yaml
 
     from medseg3d.api import Model
-    from medseg3d.checkpoint import save_checkpoint, sha256_of
     from medseg3d.config import ChannelNorm, Plan
+    from medseg3d.runs import save_checkpoint, sha256_of
 
     name = f"tiny-{tmp_path.name}"  # unique: the widget caches label names by model name
     plan = Plan(spacing=(2.0, 2.0, 2.0), patch_size=(16, 16, 16), batch_size=1,

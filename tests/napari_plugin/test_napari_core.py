@@ -11,7 +11,7 @@ from plugin_helpers import ORIENTATIONS, ThresholdModel, write_case
 from synthetic import make_affine, save_nifti
 
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io import read_volume
+from medseg3d.io.volumes import read_volume
 from medseg3d_napari._core import (
     canonical_to_source,
     label_volumes,

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from dicom_series import oblique, write_series
 from napari.layers import Layer
 
-from medseg3d.io import read_volume
+from medseg3d.io.volumes import read_volume
 from medseg3d_napari import napari_get_reader
 
 pytestmark = pytest.mark.filterwarnings("ignore:Non-orthogonal slicing:UserWarning")

@@ -14,7 +14,7 @@ from napari.layers import Layer
 from plugin_helpers import write_case
 from synthetic import make_affine
 
-from medseg3d.io import read_volume
+from medseg3d.io.volumes import read_volume
 from medseg3d_napari import napari_get_reader
 
 # An oblique file keeps a small rotation that napari ignores out of the slice plane, and says so.

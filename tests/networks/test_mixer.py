@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from synthetic import make_dataset
 
-from medseg3d.checkpoint import load_checkpoint, save_checkpoint
 from medseg3d.config import ChannelNorm, CheckpointMeta, NetworkConfig, Plan, TrainConfig
-from medseg3d.inference import window_for
+from medseg3d.inference.predict import window_for
 from medseg3d.networks import NetworkTraits, build_network, network_traits
 from medseg3d.networks.mixer import MixerSegmenter3d, voxel_shuffle
-from medseg3d.training import train
+from medseg3d.runs import load_checkpoint, save_checkpoint
+from medseg3d.training.loop import train
 
 TINY = {"input_size": [16, 8, 12], "patch_size": 4, "dim": 16, "depth": 2}
 

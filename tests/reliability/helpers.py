@@ -17,9 +17,9 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.api import Model
-from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, Plan
+from medseg3d.runs import save_checkpoint
 
 PLAN = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
             labels={"background": 0, "sphere": 1})

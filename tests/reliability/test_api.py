@@ -16,7 +16,7 @@ from bad_inputs import image
 from medseg3d.api import Model, as_volume, load_model
 from medseg3d.config import ChannelNorm, InferenceConfig
 from medseg3d.errors import MedsegError
-from medseg3d.preprocessing import normalize
+from medseg3d.inference.preprocessing import normalize
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from helpers import PLAN, PREVIOUS, assert_one_line_error, run, tiny_model
 from synthetic import make_dataset
 
 from medseg3d.config import ChannelNorm
-from medseg3d.dataset import validate_dataset
+from medseg3d.datasets.folder import validate_dataset
 from medseg3d.errors import MedsegError
-from medseg3d.io import read_volume, write_labels
+from medseg3d.io.volumes import read_volume, write_labels
 
 
 @pytest.fixture(scope="module")

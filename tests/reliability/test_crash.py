@@ -19,8 +19,8 @@ from bad_inputs import image, write
 from helpers import predict, runner, tiny_model
 from synthetic import ellipsoid_case, make_dataset, save_nifti
 
-from medseg3d.checkpoint import load_checkpoint
 from medseg3d.cli import app
+from medseg3d.runs import load_checkpoint
 
 CLI = [sys.executable, "-m", "medseg3d.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -83,7 +83,7 @@ def test_training_killed_mid_epoch_resumes_to_the_full_epoch_count(tmp_path: Pat
 def test_training_interrupted_mid_epoch_resumes(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process twin of the SIGKILL test (fast): stop inside epoch 2, leave a half-written file."""
-    from medseg3d import training
+    from medseg3d.training import loop as training
 
     dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(24, 24, 24))
     run, epochs = tmp_path / "run", 2

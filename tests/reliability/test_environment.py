@@ -16,9 +16,9 @@ from bad_inputs import SHAPE, image, write
 from helpers import PREVIOUS, assert_one_line_error, run
 from synthetic import make_dataset
 
-from medseg3d.atomic import write_text_atomic
-from medseg3d.dataset import validate_dataset
+from medseg3d.datasets.folder import validate_dataset
 from medseg3d.errors import MedsegError
+from medseg3d.io.atomic import write_text_atomic
 
 
 @contextlib.contextmanager

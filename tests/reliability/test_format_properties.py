@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synthetic import make_dataset
 
-from medseg3d.dataset import validate_dataset
+from medseg3d.datasets.folder import validate_dataset
 from medseg3d.errors import MedsegError
-from medseg3d.io import read_labels, read_volume
+from medseg3d.io.volumes import read_labels, read_volume
 
 FAST = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

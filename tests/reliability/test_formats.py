@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from medseg3d.api import load_model
 from medseg3d.errors import MedsegError
-from medseg3d.io import check_output_can_hold, read_volume, write_labels
-from medseg3d.measures import label_volumes
+from medseg3d.evaluation.measures import label_volumes
+from medseg3d.io.volumes import check_output_can_hold, read_volume, write_labels
 
 NRRD = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 16 16 16\n"
         "space directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\nencoding: raw\n"

@@ -16,13 +16,13 @@ from helpers import assert_one_line_error
 from synthetic import ellipsoid_case, make_affine
 from typer.testing import CliRunner
 
-from medseg3d import inference
 from medseg3d.api import Model, as_volume
-from medseg3d.checkpoint import save_checkpoint
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, InferenceConfig, Plan
-from medseg3d.io import read_volume
-from medseg3d.preprocessing import preprocess_image
+from medseg3d.inference import predict as inference
+from medseg3d.inference.preprocessing import preprocess_image
+from medseg3d.io.volumes import read_volume
+from medseg3d.runs import save_checkpoint
 
 # The plan's 1.5 mm grid differs from the 1 mm scan, so by default the engine returns
 # probabilities for a smooth restore: the fallback to streamed labels has something to save.

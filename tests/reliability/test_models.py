@@ -23,8 +23,8 @@ from bad_inputs import image
 from helpers import PLAN, assert_one_line_error, edited_model, predict, run, write_scan
 
 from medseg3d.api import Model, load_model
-from medseg3d.checkpoint import save_checkpoint, sha256_of
 from medseg3d.errors import MedsegError
+from medseg3d.runs import save_checkpoint, sha256_of
 
 
 class Payload:

@@ -24,11 +24,11 @@ from bad_inputs import image, labels, write
 from helpers import assert_one_line_error, decathlon, predict, run, scans_folder
 from synthetic import make_dataset
 
-from medseg3d.atomic import atomic_path
-from medseg3d.dataset import validate_dataset
+from medseg3d.datasets.folder import validate_dataset
 from medseg3d.errors import MedsegError
-from medseg3d.io import read_volume
-from medseg3d.lock import lock_path, output_locks
+from medseg3d.io.atomic import atomic_path
+from medseg3d.io.lock import lock_path, output_locks
+from medseg3d.io.volumes import read_volume
 
 
 def warnings_in(output: str) -> list[str]:

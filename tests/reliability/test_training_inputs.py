@@ -20,9 +20,9 @@ from click.testing import Result
 from helpers import assert_one_line_error, decathlon, train
 from synthetic import make_dataset
 
-import medseg3d.training as training
+import medseg3d.training.loop as training
 from medseg3d.config import TrainConfig
-from medseg3d.dataset import find_cases, load_spec
+from medseg3d.datasets.folder import find_cases, load_spec
 from medseg3d.networks import build_network, list_networks
 from medseg3d.networks.registry import count_parameters
 

@@ -12,7 +12,7 @@ affine, intensity scale, gamma, noise and a smooth bias field; ``strong`` adds b
 resolution of clinical scans: thick slices along a random axis (``RandThickSlicesd``,
 slice-profile averaging) and isotropic low resolution; ``synth`` is ``strong`` plus an elastic
 deformation and, for half the patches, an image drawn from the case's tissue map
-(``medseg3d.synthesis``).
+(``medseg3d.training.synthesis``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from monai import transforms as T
 from monai.transforms.utils import map_classes_to_indices
 
 from medseg3d.config import Plan
-from medseg3d.synthesis import RandSynthesized
+from medseg3d.training.synthesis import RandSynthesized
 
 # Patches of a case smaller than the patch are padded with this value, and so are volumes smaller
 # than the window at prediction (sliding_window): the two must agree. With the channel minimum in

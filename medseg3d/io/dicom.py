@@ -47,9 +47,10 @@ import SimpleITK as sitk
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from medseg3d import sitk_log
 from medseg3d.errors import MedsegError
-from medseg3d.io import (
+from medseg3d.io import sitk_log
+from medseg3d.io.paths import not_a_file
+from medseg3d.io.volumes import (
     SitkGeometry,
     Volume,
     check_volume,
@@ -58,7 +59,6 @@ from medseg3d.io import (
     refuse_over_limit,
     volume_suffix,
 )
-from medseg3d.paths import not_a_file
 
 __all__ = ["holds_dicom", "is_dicom_file", "read_series", "series_in", "slice_files"]
 

@@ -21,9 +21,9 @@ from scipy import ndimage
 
 from medseg3d.config import ChannelNorm, DatasetSpec, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume
+from medseg3d.inference.preprocessing import plan_grid, reorient
+from medseg3d.io.volumes import Volume
 from medseg3d.networks.registry import preset_options
-from medseg3d.preprocessing import plan_grid, reorient
 
 ANISOTROPY_RATIO = 3.0
 _SAMPLES_PER_CASE = 20_000

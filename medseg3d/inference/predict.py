@@ -16,24 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg3d.brain_definition import brain_from_strip
 from medseg3d.config import CheckpointMeta, InferenceConfig, Plan
-from medseg3d.devices import resolve_device
+from medseg3d.datasets.brain_definition import brain_from_strip
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume
-from medseg3d.memory import PeakMemory, rss_bytes
-from medseg3d.networks import NetworkTraits, network_traits
-from medseg3d.postprocessing import keep_largest_component
-from medseg3d.precision import autocast_dtype
-from medseg3d.preprocessing import (
-    GridTransform,
-    plan_grid,
-    preprocess_image,
-    resize,
-    restore_labels,
-    restore_probabilities,
-)
-from medseg3d.sliding_window import (
+from medseg3d.inference.devices import resolve_device
+from medseg3d.inference.engine import (
     DeviceLimits,
     accumulates_on_device,
     accumulator_bytes,
@@ -41,6 +28,19 @@ from medseg3d.sliding_window import (
     estimate_memory_bytes,
     sliding_window,
 )
+from medseg3d.inference.memory import PeakMemory, rss_bytes
+from medseg3d.inference.postprocessing import keep_largest_component
+from medseg3d.inference.precision import autocast_dtype
+from medseg3d.inference.preprocessing import (
+    GridTransform,
+    plan_grid,
+    preprocess_image,
+    resize,
+    restore_labels,
+    restore_probabilities,
+)
+from medseg3d.io.volumes import Volume
+from medseg3d.networks import NetworkTraits, network_traits
 
 # A patch-free network sees the whole volume unless that exceeds this many voxels per window
 # batch, where prediction falls back to sliding windows of the plan's patch.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume, label_dtype
+from medseg3d.io.volumes import Volume, label_dtype
 
 # The largest plan grid a volume may be resampled to (8 GiB per float32 channel). Beyond it the
 # voxel size of the file or of the plan is wrong (1000 mm voxels, a 0.01 mm plan): say so in one

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from medseg3d.atomic import atomic_path
-from medseg3d.checkpoint import unwrap
 from medseg3d.config import RunSegment, TrainConfig
 from medseg3d.errors import MedsegError
+from medseg3d.io.atomic import atomic_path
+from medseg3d.runs import unwrap
 
 STATE_FILE = "training_state.safetensors"
 

@@ -6,7 +6,7 @@ nnU-Net v2: ``dataset.json`` + ``imagesTr/CASE_0000.nii.gz`` (``_0001`` ... for 
 4D images holding the channels in their last axis. ``held_out_cases`` finds the labelled test
 cases of ``imagesTs``/``labelsTs`` with the same rules as ``imagesTr``/``labelsTr`` (unlabelled
 test images allowed). ``tissuesTr/CASE.nii.gz``, when present, holds a case's tissue classes
-for ``--augment synth`` (``medseg3d.synthesis``).
+for ``--augment synth`` (``medseg3d.training.synthesis``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from medseg3d.config import DatasetSpec, load_model_file
 from medseg3d.errors import MedsegError
-from medseg3d.io import Volume, case_name, check_same_grid, read_labels, read_volume
-from medseg3d.paths import confined
+from medseg3d.io.paths import confined
+from medseg3d.io.volumes import Volume, case_name, check_same_grid, read_labels, read_volume
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg3d.devices import free_device_memory, release_device_memory
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.precision import cpu_bf16_network
+from medseg3d.inference.devices import free_device_memory, release_device_memory
+from medseg3d.inference.precision import cpu_bf16_network
 
 __all__ = [
     "DeviceLimits",

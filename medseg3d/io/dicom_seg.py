@@ -4,7 +4,7 @@ Geometry contract (the only subtle part):
 
 * ``labels`` is indexed ``[i, j, k]`` as every ``Volume.array`` is: ``i`` the DICOM column, ``j``
   the row, ``k`` the slice, and ``source_files[k]`` is the file of slice ``k`` (the order of
-  ``medseg3d.dicom.slice_files``). A DICOM frame is ``rows x columns``, so frame ``k`` is
+  ``medseg3d.io.dicom.slice_files``). A DICOM frame is ``rows x columns``, so frame ``k`` is
   ``labels[:, :, k].T``. No affine is needed: each frame takes its position and orientation from
   its source slice, which makes oblique series exact.
 * Segments are BINARY, not LABELMAP. highdicom 0.28 writes both, but LABELMAP is a new SOP class
@@ -34,9 +34,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage, generate_uid
 
 from medseg3d import __version__
-from medseg3d.atomic import atomic_path
 from medseg3d.errors import MedsegError
-from medseg3d.io import label_dtype
+from medseg3d.io.atomic import atomic_path
+from medseg3d.io.volumes import label_dtype
 
 LOGGER = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from medseg3d.atomic import atomic_path
 from medseg3d.config import CheckpointMeta, load_model_file, save_model_file
 from medseg3d.errors import MedsegError
+from medseg3d.io.atomic import atomic_path
 from medseg3d.networks import build_network
 
 

@@ -4,14 +4,14 @@
 network, optimizer and weight average, or restore them on ``--resume``), then ``run_epoch`` and
 ``end_epoch`` until the run's length (``TrainConfig.steps``, ``epochs x iterations_per_epoch``, or
 the wall-clock budget) is spent, then ``finish``. ``run_epoch`` calls ``train_step`` on batches
-of random foreground-oversampled, augmented patches (``medseg3d.sampling``,
-``medseg3d.augmentation``): Dice+CE, bf16 autocast on CPUs with native bf16, fp16 AMP on CUDA;
+of random foreground-oversampled, augmented patches (``medseg3d.training.sampling``,
+``medseg3d.training.augmentation``): Dice+CE, bf16 autocast on CPUs with native bf16, fp16 AMP on CUDA;
 the learning rate follows a poly schedule over the fraction of the run that is spent, so a
-budgeted run anneals fully. ``end_epoch`` validates when due (Dice from ``medseg3d.evaluation``),
-writes the metrics log, ``progress.png`` (``medseg3d.figures``) and checkpoints. An exponential
+budgeted run anneals fully. ``end_epoch`` validates when due (Dice from ``medseg3d.evaluation.metrics``),
+writes the metrics log, ``progress.png`` (``medseg3d.evaluation.figures``) and checkpoints. An exponential
 moving average of the weights (``ema``) is what is validated and saved. At the end
 ``checkpoint_final`` holds the weights that prediction uses by default. ``--resume`` reloads
-``training_state.safetensors`` (``medseg3d.resume``): one file holding weights, average,
+``training_state.safetensors`` (``medseg3d.training.resume``): one file holding weights, average,
 optimizer, step, elapsed time, history and RNG state, so a kill at any moment leaves either the
 previous or the next state, never a mix. The network's traits (size divisor, whole-volume
 training, fixed input size) come from the registry (``network_traits``), not from a built network.
@@ -41,9 +41,6 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medseg3d.atomic import write_text_atomic
-from medseg3d.augmentation import patch_transform, prepare_item
-from medseg3d.checkpoint import save_checkpoint, unwrap
 from medseg3d.config import (
     CheckpointMeta,
     DatasetSpec,
@@ -54,7 +51,8 @@ from medseg3d.config import (
     load_model_file,
     save_model_file,
 )
-from medseg3d.dataset import (
+from medseg3d.datasets.fingerprint import fingerprint_cases
+from medseg3d.datasets.folder import (
     Case,
     find_cases,
     load_spec,
@@ -62,15 +60,21 @@ from medseg3d.dataset import (
     require_foreground,
     split_cases,
 )
-from medseg3d.devices import describe_device, resolve_device
 from medseg3d.errors import MedsegError
-from medseg3d.evaluation import dice_per_class
-from medseg3d.figures import progress_figure, save_figure
-from medseg3d.fingerprint import fingerprint_cases
-from medseg3d.inference import window_for
+from medseg3d.evaluation.figures import progress_figure, save_figure
+from medseg3d.evaluation.metrics import dice_per_class
+from medseg3d.inference.devices import describe_device, resolve_device
+from medseg3d.inference.engine import sliding_window
+from medseg3d.inference.postprocessing import single_component_classes
+from medseg3d.inference.precision import autocast_dtype
+from medseg3d.inference.predict import window_for
+from medseg3d.inference.preprocessing import preprocess_image, preprocess_labels
+from medseg3d.io.atomic import write_text_atomic
 from medseg3d.networks import AuxiliaryLoss, NetworkTraits, build_network, network_traits
 from medseg3d.networks.registry import check_network_size
-from medseg3d.planning import (
+from medseg3d.runs import save_checkpoint, unwrap
+from medseg3d.training.augmentation import patch_transform, prepare_item
+from medseg3d.training.planning import (
     MIN_BUDGET_STEPS,
     fingerprint_case,
     fit_plan_to_budget,
@@ -78,13 +82,9 @@ from medseg3d.planning import (
     make_plan,
     plan_network,
 )
-from medseg3d.postprocessing import single_component_classes
-from medseg3d.precision import autocast_dtype
-from medseg3d.preprocessing import preprocess_image, preprocess_labels
-from medseg3d.resume import STATE_FILE, EpochRecord, TrainingState, load_state, save_state
-from medseg3d.sampling import EpochBatches, PatchDataset, patch_batches
-from medseg3d.sliding_window import sliding_window
-from medseg3d.synthesis import case_tissue_map
+from medseg3d.training.resume import STATE_FILE, EpochRecord, TrainingState, load_state, save_state
+from medseg3d.training.sampling import EpochBatches, PatchDataset, patch_batches
+from medseg3d.training.synthesis import case_tissue_map
 
 # Training patch budget of other networks (before any fit to the time budget).
 DEFAULT_MAX_PATCH_VOXELS = 96**3
@@ -653,7 +653,7 @@ def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str],
     average = WeightAverage(model, config.ema) if config.ema else None
     state = TrainingState(epoch=0, config=config)
     if resume:
-        # the saved config may differ from this one in length only (medseg3d.resume.extend)
+        # the saved config may differ from this one in length only (medseg3d.training.resume.extend)
         state = load_state(output / STATE_FILE, model, optimizer,
                            average.network if average is not None else None)
         state = state.model_copy(update={"config": requested})

@@ -29,11 +29,11 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel.arrayproxy import ArrayProxy
 
-from medseg3d import sitk_log
-from medseg3d.atomic import atomic_files, atomic_path
 from medseg3d.errors import MedsegError
-from medseg3d.itk_headers import check_metaimage_data, data_files
-from medseg3d.paths import confined
+from medseg3d.io import sitk_log
+from medseg3d.io.atomic import atomic_files, atomic_path
+from medseg3d.io.itk_headers import check_metaimage_data, data_files
+from medseg3d.io.paths import confined
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -113,10 +113,10 @@ def read_volume(path: str | Path, *, allow_channels: bool = False,
 
     ``max_bytes``: refuse, from the header alone and before any voxel is decompressed, a file whose
     reading would take more memory than this (its stored voxels plus their float32 copy).
-    A folder, or one DICOM file, is read as a DICOM series (``medseg3d.dicom.read_series``: a file
+    A folder, or one DICOM file, is read as a DICOM series (``medseg3d.io.dicom.read_series``: a file
     stands for its whole series, read from its folder); ``series`` picks a series UID there.
     """
-    from medseg3d import dicom  # here: dicom builds on this module
+    from medseg3d.io import dicom  # here: dicom builds on this module
 
     path = Path(path)
     if not path.exists():

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from monai import transforms as T
 
-from medseg3d.brain_definition import kmeans_centres
-from medseg3d.dataset import Case, read_tissues
-from medseg3d.io import Volume
-from medseg3d.preprocessing import GridTransform, label_map_on_grid
+from medseg3d.datasets.brain_definition import kmeans_centres
+from medseg3d.datasets.folder import Case, read_tissues
+from medseg3d.inference.preprocessing import GridTransform, label_map_on_grid
+from medseg3d.io.volumes import Volume
 
 CLUSTERS = 4  # intensity classes per segmentation class where no tissue map says otherwise
 KMEANS_SAMPLE = 200_000  # voxels a class's k-means centres are fitted on

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medseg3d.config import TrainingFingerprint
-from medseg3d.io import Volume
+from medseg3d.io.volumes import Volume
 
 PERCENTILES = (0.5, 50.0, 99.5)
 # Voxel sides 3x finer or 5x coarser than any training case's; coarser is allowed further since

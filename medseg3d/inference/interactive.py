@@ -26,9 +26,9 @@ from torch import nn
 
 from medseg3d.config import Plan, RefineConfig
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io import Volume
-from medseg3d.precision import autocast_dtype
-from medseg3d.preprocessing import GridTransform, label_map_on_grid, preprocess_image
+from medseg3d.inference.precision import autocast_dtype
+from medseg3d.inference.preprocessing import GridTransform, label_map_on_grid, preprocess_image
+from medseg3d.io.volumes import Volume
 
 
 @dataclass(frozen=True)

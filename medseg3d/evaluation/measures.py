@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medseg3d.io import voxel_volume_mm3
+from medseg3d.io.volumes import voxel_volume_mm3
 
 
 class LabelVolume(NamedTuple):

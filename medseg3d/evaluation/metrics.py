@@ -40,11 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from medseg3d.atomic import write_text_atomic
 from medseg3d.config import DatasetSpec, load_model_file
 from medseg3d.errors import MedsegError
-from medseg3d.io import case_name, read_labels, volume_suffix
-from medseg3d.paths import not_a_file, unique_by_case
+from medseg3d.io.atomic import write_text_atomic
+from medseg3d.io.paths import not_a_file, unique_by_case
+from medseg3d.io.volumes import case_name, read_labels, volume_suffix
 
 __all__ = [
     "CaseMetrics",

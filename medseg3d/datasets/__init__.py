@@ -1,0 +1,1 @@
+"""Dataset folders (nnU-Net / Decathlon), their fingerprints and the brain definition."""

@@ -1,0 +1,1 @@
+"""From a dataset folder to a run: planning, sampling, augmentation, the loop and resuming."""
