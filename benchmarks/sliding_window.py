@@ -43,8 +43,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 from medseg3d.api import load_model  # noqa: E402
 from medseg3d.inference.engine import sliding_window  # noqa: E402
 from medseg3d.inference.memory import PeakMemory  # noqa: E402
+from medseg3d.inference.plan import ExecutionPlan  # noqa: E402
 from medseg3d.inference.precision import autocast_dtype  # noqa: E402
 from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
+from medseg3d.inference.windows import Windows  # noqa: E402
 from medseg3d.io.volumes import read_volume  # noqa: E402
 
 OVERLAP = 0.5
@@ -112,9 +114,9 @@ def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: in
         def run(image: torch.Tensor) -> torch.Tensor:
             # tile: the whole plan grid in one window (rounded up to the network's divisor)
             size = tuple(-(-s // divisor) * divisor for s in image.shape[1:]) if tile else window
-            return sliding_window(network, image, window=size, num_classes=num_classes,
-                                  overlap=OVERLAP, batch_size=BATCH, device=device,
-                                  amp_dtype=dtype, **options)  # type: ignore[arg-type]
+            return sliding_window(network, image,
+                                  Windows(size, OVERLAP, **options),  # type: ignore[arg-type]
+                                  num_classes, ExecutionPlan(device, dtype, BATCH))
 
         return run
 

@@ -74,6 +74,7 @@ from robex_peer import Case, _relative, find_cases, save_mask, spacing_of
 from medseg3d.datasets.brain_definition import brain_from_strip
 from medseg3d.evaluation.statistics import mean_ci95, paired_difference
 from medseg3d.io.atomic import write_text_atomic
+from medseg3d.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stress_peers"
@@ -131,7 +132,7 @@ def loso_segmenter(folder: Path, choices: dict[str, Any]) -> Segmenter:
     """Each case predicted by ``folder/<its subject>``, the run that never saw that subject."""
     def segment(case: Case) -> tuple[np.ndarray, float]:
         run = folder / case_notes(case).get("subject", case.name)
-        if not (run / "checkpoint_final.safetensors").is_file():  # never a run still training
+        if not RunFolder(run).finished:  # never a run still training
             raise SystemExit(f"{case.name}: the leave-one-subject-out run {_relative(run)} has not "
                              "finished")
         model = load_at(str(run), choices)  # before the clock, as for a loaded model

@@ -196,7 +196,9 @@ def script_result(job: Job, run_dir: Path, measured: list[Measured]) -> dict[str
 
 def medseg3d_steps(run: Path) -> tuple[int | None, float | None]:
     """Optimizer steps and training-loop seconds from a medseg3d run folder's ``metrics.jsonl``."""
-    path = run / "metrics.jsonl"
+    from medseg3d.runs import RunFolder
+
+    path = RunFolder(run).metrics_file
     if not path.is_file():
         return None, None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -205,7 +207,7 @@ def medseg3d_steps(run: Path) -> tuple[int | None, float | None]:
     last = records[-1]
     steps = next((last[k] for k in ("step", "steps", "iteration", "iterations") if k in last), None)
     if steps is None:
-        per_epoch = json.loads((run / "train_config.json").read_text()).get("iterations_per_epoch")
+        per_epoch = json.loads(RunFolder(run).config_file.read_text()).get("iterations_per_epoch")
         steps = None if per_epoch is None else last["epoch"] * per_epoch
     seconds = [r["seconds"] for r in records if "seconds" in r]
     return steps, (float(sum(seconds)) if seconds else None)
@@ -215,8 +217,9 @@ def checkpoint_parameters(run: Path) -> int | None:
     """Number of values in the run's checkpoint (weights and buffers)."""
     from safetensors import safe_open
 
-    found = [run / f"checkpoint_{n}.safetensors" for n in ("final", "best", "latest")]
-    path = next((p for p in found if p.is_file()), None)
+    from medseg3d.runs import RunFolder
+
+    path = RunFolder(run).predicting_weights()
     if path is None:
         return None
     with safe_open(str(path), "np") as f:

@@ -50,9 +50,11 @@ from medseg3d.datasets.brain_definition import (
     csf_threshold,
 )
 from medseg3d.errors import MedsegError
+from medseg3d.io import orientation
 from medseg3d.io.atomic import atomic_path, write_text_atomic
 from medseg3d.io.dicom import read_series
-from medseg3d.io.volumes import Volume, integer_labels, nifti_header, read_labels, read_volume, write_array
+from medseg3d.io.nifti import nifti_header
+from medseg3d.io.volumes import Volume, integer_labels, read_labels, read_volume, write_array
 from medseg3d.runs import sha256_of
 
 
@@ -266,10 +268,10 @@ def on_grid(labels: nib.Nifti1Image, image: nib.Nifti1Image, what: str) -> np.nd
     if data.shape == image.shape and np.allclose(labels.affine, image.affine, atol=1e-3):
         return data
     # Same voxels stored in another axis order (dcm2niix flips DICOM rows, for instance).
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(labels.affine),
-                                           nib.io_orientation(image.affine))
-    moved = nib.orientations.apply_orientation(data, ornt)
-    affine = labels.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    ornt = orientation.orientation_change(labels.affine,
+                                          orientation.canonical_orientation(image.affine))
+    moved = orientation.reorient(data, ornt)
+    affine = orientation.reoriented_affine(labels.affine, ornt, data.shape)
     if moved.shape == image.shape and np.allclose(affine, image.affine, atol=1e-3):
         return moved
     raise PrepareError(f"{what}: label grid {data.shape} {nib.aff2axcodes(labels.affine)} is not "
@@ -812,7 +814,7 @@ def _side(affine: np.ndarray, side: str) -> tuple[int, int]:
     """The voxel axis closest to world side ``side`` (R L A P S I) and +1/-1, its index step there."""
     world, sign = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1),
                    "I": (2, -1)}[side]
-    ornt = nib.io_orientation(affine)
+    ornt = orientation.canonical_orientation(affine)
     axis = int(np.flatnonzero(ornt[:, 0] == world)[0])
     return axis, int(ornt[axis, 1]) * sign
 
@@ -888,11 +890,11 @@ def thick_slices(head: Head, inplane_mm: float, thick_mm: float, slice_side: str
 
 def reorient(head: Head, axcodes: str) -> Head:
     """The same voxels stored in another axis order (e.g. LPS): lossless, world positions kept."""
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(head.affine),
-                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
-    affine = head.affine @ nib.orientations.inv_ornt_aff(ornt, head.image.shape)
-    return Head(nib.orientations.apply_orientation(head.image, ornt),
-                nib.orientations.apply_orientation(head.brain, ornt), affine)
+    ornt = orientation.orientation_change(head.affine,
+                                          nib.orientations.axcodes2ornt(tuple(axcodes)))
+    affine = orientation.reoriented_affine(head.affine, ornt, head.image.shape)
+    return Head(orientation.reorient(head.image, ornt), orientation.reorient(head.brain, ornt),
+                affine)
 
 
 def oblique(head: Head, degrees: float, about_side: str) -> Head:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -19,47 +20,104 @@ from medseg3d.config import (
     NetworkConfig,
     Plan,
     RefineConfig,
-    checked,
 )
+from medseg3d.config_files import checked, load_model_file
 from medseg3d.datasets.fingerprint import ood_warning
+from medseg3d.datasets.folder import find_cases, held_out_cases, load_spec
 from medseg3d.errors import MedsegError
-from medseg3d.inference.devices import resolve_device
-from medseg3d.inference.engine import DeviceLimits
+from medseg3d.evaluation.measures import LabelVolume, label_volumes
+from medseg3d.inference.devices import check_device_text, describe_device, resolve_device
 from medseg3d.inference.interactive import Marks, adapt_network, honour_marks, prepare, read_marks
+from medseg3d.inference.plan import ExecutionPlan
 from medseg3d.inference.predict import Prediction, predict_volume
-from medseg3d.io.volumes import Volume, check_volume, read_volume
+from medseg3d.io.atomic import remove_stale_temps_in
+from medseg3d.io.lock import output_locks
+from medseg3d.io.nifti import nifti_header
+from medseg3d.io.orientation import canonical_orientation, from_canonical, reorient, reoriented_affine
+from medseg3d.io.sitk_images import SitkGeometry
+from medseg3d.io.volumes import (
+    NIFTI_SUFFIXES,
+    Volume,
+    case_name,
+    check_volume,
+    describe,
+    geometry_warning,
+    label_dtype,
+    read_labels,
+    read_volume,
+    stored_dtype,
+    volume_suffix,
+    write_labels,
+)
 from medseg3d.logs import LOGGER
-from medseg3d.networks import NetworkTraits, build_network, network_traits
-from medseg3d.runs import RUN_CHECKPOINTS, load_checkpoint, run_checkpoint, save_checkpoint
-from medseg3d.zoo import DEFAULT_MODEL, find_model, weights_of
+from medseg3d.networks import NetworkTraits, build_network, list_networks, network_traits
+from medseg3d.runs import (
+    ModelFolder,
+    RunFolder,
+    check_run_folder,
+    checkpoint_named,
+    describe_length,
+    extend,
+    load_checkpoint,
+)
+from medseg3d.zoo import DEFAULT_MODEL, find_model, list_models, model_folder, weights_of
 
-__all__ = ["Marks", "Model", "RefineConfig", "as_volume", "check_new_folder", "load_model",
-           "read_marks", "resolve_weights"]
+if TYPE_CHECKING:  # imported on first use, see __getattr__
+    from medseg3d.evaluation.folders import evaluate_files, evaluate_folders, write_metrics
+    from medseg3d.evaluation.metrics import Summary
+    from medseg3d.training.distributed import current_rank
+    from medseg3d.training.loop import train
+
+# The one door of the CLI and the napari plugin to the stages below (neither imports them): what
+# they need is imported here and listed by stage, not wrapped.
+__all__ = [
+    "Marks", "Model", "Prediction", "RefineConfig", "Volume", "as_volume", "check_new_folder",
+    "load_model", "read_marks", "resolve_weights",  # models
+    "check_device_text", "describe_device",  # inference
+    "RunFolder", "check_run_folder", "current_rank", "describe_length", "extend", "train",  # training
+    "LabelVolume", "Summary", "evaluate_files", "evaluate_folders", "label_volumes",
+    "write_metrics",  # evaluation
+    "find_cases", "held_out_cases", "load_spec",  # datasets
+    "list_models", "list_networks", "model_folder", "weights_of",  # shipped models, networks
+    "checked", "load_model_file",  # configuration files
+    "NIFTI_SUFFIXES", "SitkGeometry", "case_name", "describe", "geometry_warning", "label_dtype",
+    "nifti_header", "read_labels", "read_volume", "stored_dtype", "volume_suffix", "write_labels",
+    "output_locks", "remove_stale_temps_in",  # io
+    "canonical_orientation", "from_canonical", "reorient", "reoriented_affine",  # orientation
+]
 
 
 class Model:
     """A network with the plan and labels it was trained with, ready to segment volumes."""
 
     def __init__(self, network: nn.Module, meta: CheckpointMeta, name: str = "",
-                 device: str | torch.device = "auto", traits: NetworkTraits | None = None) -> None:
-        """``traits`` default to the registry's for ``meta.network`` (give them for a network
-        built outside the registry)."""
-        self.device = resolve_device(device)  # concrete (cuda:N): weights and windows agree
-        self.network = network.to(self.device).eval()
+                 device: torch.device = torch.device("cpu"),
+                 traits: NetworkTraits | None = None) -> None:
+        """``network`` lies on ``device``, a resolved one (``load_model`` and ``from_network``
+        resolve it); ``traits`` default to the registry's for ``meta.network`` (give them for a
+        network built outside the registry)."""
+        self.network = network.eval()
         self.meta = meta
         self.traits = traits or network_traits(meta.network.name, **meta.network.options)
         self.name = name or meta.network.name
-        # what this GPU showed it can hold (window batch, accumulator): later volumes start there
-        self.limits = DeviceLimits()
+        # the device, and what it showed it can hold (window batch, accumulator): every volume's
+        # plan starts from this one, so later volumes start where earlier ones ended
+        self.execution = ExecutionPlan(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network lies and runs (``cuda:N``, never ``auto``)."""
+        return self.execution.device
 
     @classmethod
     def from_network(cls, network_name: str, plan: Plan, device: str = "cpu",
                      **options: Any) -> Model:
         """An untrained model (random weights): for tests and smoke runs."""
+        resolved = resolve_device(device)
         network = build_network(network_name, plan.num_channels, plan.num_classes, **options)
         meta = CheckpointMeta(network=NetworkConfig(name=network_name, options=options),
                               plan=plan, created=datetime.now(timezone.utc).isoformat())
-        return cls(network, meta, network_name, device)
+        return cls(network.to(resolved), meta, network_name, resolved)
 
     @property
     def plan(self) -> Plan:
@@ -92,9 +150,8 @@ class Model:
         """Labels (and probabilities when ``config`` asks) for a Volume, on this model's device."""
         if (warning := self.unfamiliar(volume)) is not None:
             LOGGER.warning(warning)  # the user may know better: a warning, never an error
-        return predict_volume(self.network, self.meta, volume, config, progress=progress,
-                              should_stop=should_stop, limits=self.limits, traits=self.traits,
-                              device=self.device)
+        return predict_volume(self.network, self.meta, volume, config, execution=self.execution,
+                              traits=self.traits, progress=progress, should_stop=should_stop)
 
     def marks(self, voxels: Any, values: Any, shape: tuple[int, ...]) -> Marks:
         """Checked marks for an image of ``shape``: voxel indices ``(N, 3)`` and label values."""
@@ -148,7 +205,7 @@ class Model:
         accept; refuses a folder that already holds anything (nothing a user had is lost)."""
         folder = check_new_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        return save_checkpoint(self.network, self.meta, folder / RUN_CHECKPOINTS[0])
+        return RunFolder(folder).save_checkpoint("final", self.network, self.meta)
 
 
 def check_new_folder(folder: str | Path) -> Path:
@@ -200,17 +257,18 @@ def resolve_weights(name_or_path: str | Path) -> tuple[Path, str]:
     """Weights file and display name for a shipped model name, run folder or checkpoint."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if path.is_dir() and (path / "card.yaml").is_file():
+    if path.is_dir() and ModelFolder(path).card_file.is_file():
         _, weights = weights_of(path)
         return weights, path.name
     if path.is_dir():
-        found = run_checkpoint(path)
+        found = RunFolder(path).predicting_weights()
         if found is not None:
             return found, path.name
-        raise MedsegError(f"folder holds no {'/'.join(RUN_CHECKPOINTS)}.safetensors nor "
-                          "card.yaml", path)
-    if path.suffix in (".safetensors", ".json"):
-        return path.with_suffix(".safetensors"), path.stem
+        raise MedsegError(f"folder holds no {RunFolder.checkpoint_names()} nor "
+                          f"{ModelFolder.CARD}", path)
+    named = checkpoint_named(path)
+    if named is not None:
+        return named, path.stem
     shipped = find_model(text)
     if shipped is not None:
         _, weights = weights_of(shipped)
@@ -228,3 +286,18 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto") -
     resolved = resolve_device(device)
     network, meta = load_checkpoint(weights, resolved)
     return Model(network, meta, name, resolved)
+
+
+# Stages that take seconds to import (training: MONAI and matplotlib; evaluation: scipy's
+# statistics) load on first use, so that a prediction or the napari plugin never pays for them.
+_ON_FIRST_USE = {"train": "medseg3d.training.loop", "current_rank": "medseg3d.training.distributed",
+                 "evaluate_files": "medseg3d.evaluation.folders",
+                 "evaluate_folders": "medseg3d.evaluation.folders",
+                 "write_metrics": "medseg3d.evaluation.folders",
+                 "Summary": "medseg3d.evaluation.metrics"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ON_FIRST_USE:
+        return getattr(import_module(_ON_FIRST_USE[name]), name)
+    raise AttributeError(f"module 'medseg3d.api' has no attribute {name!r}")

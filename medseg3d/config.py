@@ -1,37 +1,30 @@
 """Pydantic models for everything that crosses a boundary: dataset.json, plans, configs, checkpoints.
 
 Every file medseg3d reads or writes goes through one of these models, so a bad file fails early
-with a message that names the field. Nothing here can name a Python object to import: networks
-are chosen by registry name only.
+with a message that names the field (``config_files`` reads and writes them). Nothing here can
+name a Python object to import: networks are chosen by registry name only. A shipped model's
+``card.yaml`` is ``model_card.ModelCard``.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
-    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
-
-from medseg3d.errors import MedsegError
-from medseg3d.io.atomic import write_text_atomic
 
 # auto, cpu, cuda (the current GPU) or cuda:N; resolved and checked by medseg3d.inference.devices
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
 Augment = Literal["none", "light", "strong", "synth"]  # training augmentation (augmentation.patch_transform)
-Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
 # A voxel size in mm: finite and positive (no guess is truthful for 0, a negative or NaN).
 PositiveMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -330,6 +323,11 @@ class InferenceConfig(Frozen):
     save_probabilities: bool = False
     max_memory_gb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """``max_memory_gb`` in bytes: the one place the limit is converted."""
+        return None if self.max_memory_gb is None else int(self.max_memory_gb * 2**30)
+
 
 class RefineConfig(Frozen):
     """How marks adapt a model (refinement.py); defaults chosen on the validation head only
@@ -399,99 +397,3 @@ class CheckpointMeta(Frozen):
             raise ValueError(f"foreground_threshold and brain_rule need a two-class model, this "
                              f"one has {self.plan.num_classes} classes")
         return self
-
-
-class TrainingData(Frozen):
-    name: str
-    sources: list[str] = Field(default_factory=list)
-    licence: str = ""
-    cases: int | None = None
-
-
-class EvaluationProtocol(Frozen):
-    """How a shipped model's numbers were made: each case's role and what validation chose."""
-
-    scheme: str  # e.g. "leave-one-subject-out over the test subjects"
-    roles: dict[str, Literal["train", "validation", "test"]]  # case id -> role
-    choices: list[str] = Field(default_factory=list)  # each choice and the cases that made it
-
-
-class ModelCard(Frozen):
-    """``models/<name>/card.yaml``: a shipped model's identity, provenance and weights checksum."""
-
-    name: str
-    description: str
-    weights: str = "model.safetensors"
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    task: str = ""
-    training_data: TrainingData
-    command: str
-    hardware: str = ""
-    metrics: dict[str, float] = Field(default_factory=dict)
-    # how the published run was trained, one line per length it was given (see medseg3d.training.resume)
-    training_history: list[str] = Field(default_factory=list)
-    protocol: EvaluationProtocol | None = None
-    intended_use: str = "research only; not a medical device"
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def load_model_file(model: type[M], path: str | Path) -> M:
-    """Parse a JSON or YAML file into ``model``; raise a one-line MedsegError on any problem."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise MedsegError("file not found", path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MedsegError(f"cannot read ({exc})", path) from exc
-    try:
-        # safe_load builds plain data only: no YAML tags can construct Python objects.
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(
-            text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0]
-        raise MedsegError(f"not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({first})",
-                          path) from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise MedsegError(f"invalid {model.__name__}: {_first_error(exc)}", path) from exc
-
-
-def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
-    """A JSON object, refused when a key repeats: JSON keeps the last one silently, so
-    ``{"tumour": 1, "tumour": 2}`` would lose class 1 (its voxels then "undeclared")."""
-    keys = [key for key, _ in pairs]
-    repeated = next((key for key in keys if keys.count(key) > 1), None)
-    if repeated is not None:
-        raise MedsegError(f"key {repeated!r} appears {keys.count(repeated)} times in one JSON "
-                          "object; JSON keeps only the last, so the others would be lost "
-                          "silently", path)
-    return dict(pairs)
-
-
-def checked(model: type[M], source: str | None = None, **fields: Any) -> M:
-    """``model(**fields)`` for values a user gave by hand (options, API arguments): a bad one is
-    a one-line MedsegError naming the field, not a pydantic traceback."""
-    try:
-        return model(**fields)
-    except ValidationError as exc:
-        raise MedsegError(f"{source + ': ' if source else ''}{_first_error(exc)}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {err['msg']}{more}"
-
-
-def save_model_file(obj: BaseModel, path: str | Path) -> None:
-    """Write a pydantic model as JSON (or YAML by suffix), atomically."""
-    path = Path(path)
-    data = obj.model_dump(mode="json")
-    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else \
-        json.dumps(data, indent=2) + "\n"
-    write_text_atomic(path, text)

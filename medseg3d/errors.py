@@ -16,3 +16,9 @@ class MedsegError(Exception):
 
 class Cancelled(Exception):
     """Raised inside a long computation when the caller asked it to stop (napari Cancel)."""
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of ``exc``'s message (200 characters at most), or its type's name: what a
+    library's multi-line error adds to a one-line MedsegError."""
+    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__

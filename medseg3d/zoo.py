@@ -10,18 +10,11 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
-from medseg3d.config import (
-    CheckpointMeta,
-    EvaluationProtocol,
-    ModelCard,
-    TrainingData,
-    load_model_file,
-    save_model_file,
-)
+from medseg3d.config import CheckpointMeta
+from medseg3d.config_files import load_model_file, save_model_file
 from medseg3d.errors import MedsegError
-from medseg3d.io.atomic import write_bytes_atomic
-from medseg3d.runs import load_tensors, run_checkpoint, save_tensors, sha256_of
-from medseg3d.training.resume import history_lines
+from medseg3d.model_card import EvaluationProtocol, ModelCard, TrainingData
+from medseg3d.runs import ModelFolder, RunFolder, sha256_of
 
 DEFAULT_MODEL = "brainmask"
 
@@ -42,7 +35,7 @@ def list_models() -> list[ModelCard]:
     """Cards of every shipped model found, by name."""
     cards: dict[str, ModelCard] = {}
     for root in model_dirs():
-        for card_path in sorted(root.glob("*/card.yaml")):
+        for card_path in sorted(root.glob(f"*/{ModelFolder.CARD}")):
             card = load_model_file(ModelCard, card_path)
             cards.setdefault(card.name, card)
     return [cards[name] for name in sorted(cards)]
@@ -51,7 +44,7 @@ def list_models() -> list[ModelCard]:
 def find_model(name: str) -> Path | None:
     """Folder of the shipped model called ``name``, or None."""
     for root in model_dirs():
-        if (root / name / "card.yaml").is_file():
+        if ModelFolder(root / name).card_file.is_file():
             return root / name
     return None
 
@@ -66,11 +59,9 @@ def model_folder(name: str) -> Path:
 
 def weights_of(model_dir: Path, verify: bool = True) -> tuple[ModelCard, Path]:
     """The card and weights path of a shipped model; with ``verify``, check the SHA-256."""
-    card = load_model_file(ModelCard, model_dir / "card.yaml")
-    weights = model_dir / card.weights
-    if Path(card.weights).name != card.weights:
-        raise MedsegError("card 'weights' must be a file name in the model folder",
-                          model_dir / "card.yaml")
+    folder = ModelFolder(model_dir)
+    card = folder.card()
+    weights = folder.carded_weights(card)
     if not weights.is_file():
         raise MedsegError("weights file named by card.yaml is missing", weights)
     if verify:
@@ -87,26 +78,21 @@ def publish_model(run_dir: Path, name: str, *, description: str, command: str, t
                   protocol: EvaluationProtocol | None = None,
                   foreground_threshold: float | None = None, brain_rule: bool = False) -> Path:
     """Copy the checkpoint a run predicts with into ``<root>/<name>/``; write its card + SHA-256."""
-    weights = run_checkpoint(run_dir)
+    run = RunFolder(run_dir)
+    weights = run.predicting_weights()
     if weights is None:
         raise MedsegError("run folder holds no checkpoint", run_dir)
-    target = (root or packaged_models()) / name
-    target.mkdir(parents=True, exist_ok=True)
-    for suffix in (".safetensors", ".json"):
-        write_bytes_atomic(target / f"model{suffix}", weights.with_suffix(suffix).read_bytes())
+    folder = ModelFolder((root or packaged_models()) / name)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.copy_checkpoint(weights, half=half)
     if foreground_threshold is not None or brain_rule:  # postprocessing chosen on validation
-        meta = load_model_file(CheckpointMeta, target / "model.json")
+        meta = folder.meta()
         meta = CheckpointMeta.model_validate({**meta.model_dump(), "brain_rule": brain_rule,
                                               "foreground_threshold": foreground_threshold})
-        save_model_file(meta, target / "model.json")
-    if half:
-        # fp16 storage halves the file; load_state_dict casts back to the network's fp32.
-        tensors = load_tensors(target / "model.safetensors")
-        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
-                     target / "model.safetensors")
-    card = ModelCard(name=name, description=description, weights="model.safetensors",
-                     sha256=sha256_of(target / "model.safetensors"), task=task,
-                     training_data=training_data, command=command, hardware=hardware,
-                     metrics=metrics, training_history=history_lines(run_dir), protocol=protocol)
-    save_model_file(card, target / "card.yaml")
-    return target
+        save_model_file(meta, folder.meta_file)
+    card = ModelCard(name=name, description=description, weights=folder.weights.name,
+                     sha256=sha256_of(folder.weights), task=task, training_data=training_data,
+                     command=command, hardware=hardware, metrics=metrics,
+                     training_history=run.history_lines(), protocol=protocol)
+    save_model_file(card, folder.card_file)
+    return folder.path

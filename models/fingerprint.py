@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medseg3d.config import CheckpointMeta, load_model_file, save_model_file
+from medseg3d.config import CheckpointMeta
+from medseg3d.config_files import load_model_file, save_model_file
 from medseg3d.datasets.fingerprint import fingerprint_cases
 from medseg3d.datasets.folder import find_cases, load_spec, read_case
+from medseg3d.runs import ModelFolder
 
 
 def main() -> None:
@@ -23,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec(args.dataset)
     cases = [read_case(case, spec) for case in find_cases(args.dataset, spec)]
-    meta_path = args.model_dir / "model.json"
+    meta_path = ModelFolder(args.model_dir).meta_file
     meta = load_model_file(CheckpointMeta, meta_path)
     fingerprint = fingerprint_cases(cases, list(spec.channel_names.values()))
     save_model_file(meta.model_copy(update={"fingerprint": fingerprint}), meta_path)

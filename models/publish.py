@@ -15,8 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from medseg3d.config import EvaluationProtocol, TrainingData
 from medseg3d.datasets.folder import load_spec
+from medseg3d.model_card import EvaluationProtocol, TrainingData
+from medseg3d.runs import ModelFolder
 from medseg3d.zoo import publish_model
 
 
@@ -55,8 +56,8 @@ def main() -> None:
         half=args.fp16, protocol=protocol_from(args.roles_from, args.scheme, args.choice),
         foreground_threshold=args.threshold, brain_rule=args.brain_rule,
     )
-    meta = json.loads((target / "model.json").read_text())  # the checkpoint predict uses
-    print(f"published {target} (trained {meta['epoch']} epochs)")
+    meta = ModelFolder(target).meta()  # the checkpoint predict uses
+    print(f"published {target} (trained {meta.epoch} epochs)")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
 Geometry contract (what the reader, the widget and the writer agree on):
 
-* A layer's ``data`` is the file's array reoriented to the closest canonical (RAS) axis order with
-  nibabel's ``io_orientation`` / ``apply_orientation``: data axis 0 runs towards the patient's
+* A layer's ``data`` is the file's array reoriented to the closest canonical (RAS) axis order, as
+  preprocessing reorients it (``medseg3d.io.orientation``): data axis 0 runs towards the patient's
   right, 1 towards anterior, 2 towards superior. napari crashes in 2D ("Singular matrix") when a
   layer's affine permutes axes, so the permutation and flips are applied to the array instead.
-* The layer's ``affine`` is what remains of the file's affine after that reorientation:
-  ``source_affine @ inv_ornt_aff(ornt, source_shape)``. It maps data indices to world RAS
+* The layer's ``affine`` is what remains of the file's affine after that reorientation
+  (``reoriented_affine``). It maps data indices to world RAS
   millimetres, so every voxel sits exactly where the file puts it. For an oblique file it keeps a
   small rotation, which napari accepts (in 2D it ignores only the out-of-slice part of it).
 * ``layer.metadata["medseg3d"]`` holds plain data (see :func:`source_metadata`): the source
   affine, shape, NIfTI header bytes, path, ITK geometry and the orientation ``ornt``. The writer
   undoes the reorientation with it and writes with the source header, so a label map saved from
   napari has exactly the affine, qform/sform codes and shape of the file that was opened.
+
+The plugin reaches medseg3d through ``medseg3d.api``, imported when first needed: it imports torch,
+which opening the plugin (and napari asking whether it reads a path) should not pay for.
 """
 
 from __future__ import annotations
@@ -23,29 +26,26 @@ import threading
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar, get_args
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
+from medseg3d.config import InferenceConfig
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.evaluation.measures import LabelVolume, label_volumes
-from medseg3d.io import sitk_log
-from medseg3d.io.volumes import NIFTI_SUFFIXES, SitkGeometry, Volume, nifti_header, volume_suffix
+
+if TYPE_CHECKING:
+    from medseg3d.api import Prediction, Volume
 
 __all__ = [
     "METADATA_KEY",
     "JobProgress",
-    "LabelVolume",
     "MapKind",
     "SegmentationResult",
     "SegmentationModel",
     "canonical_to_source",
     "data_to_world_matrix",
     "label_features",
-    "label_volumes",
     "layer_kwargs_from",
     "looks_like_labels",
     "probability_map",
@@ -66,7 +66,6 @@ _LABEL_WORDS = ("seg", "label", "mask")
 # Without such a word, an integer file with at most this many distinct values is a label map;
 # 8-bit MR scans use (nearly) all 256 values, label maps rarely more than a few dozen.
 _MAX_IMPLICIT_LABELS = 64
-_CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -74,7 +73,9 @@ _CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 def source_metadata(volume: Volume) -> dict[str, Any]:
     """Plain data that lets the writer restore ``volume``'s exact geometry (see module doc)."""
-    ornt = io_orientation(volume.affine)
+    from medseg3d import api
+
+    ornt = api.canonical_orientation(volume.affine)
     geometry = volume.sitk_geometry
     return {
         "source_affine": np.array(volume.affine, dtype=np.float64),
@@ -95,47 +96,54 @@ def source_metadata(volume: Volume) -> dict[str, Any]:
 
 def volume_to_layer_data(volume: Volume) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(data, layer_affine, metadata)``: the array in canonical axis order placed in RAS mm."""
+    from medseg3d import api
+
     meta = source_metadata(volume)
     ornt = np.asarray(meta["orientation"])
-    data = np.ascontiguousarray(apply_orientation(volume.array, ornt))
-    layer_affine = volume.affine @ inv_ornt_aff(ornt, volume.spatial_shape)
+    data = api.reorient(volume.array, ornt)
+    layer_affine = api.reoriented_affine(volume.affine, ornt, volume.spatial_shape)
     return data, layer_affine, meta
 
 
 def canonical_to_source(data: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
     """Undo the reader's reorientation: layer data back in the source file's voxel order."""
+    from medseg3d import api
+
     ornt = np.asarray(meta["orientation"], dtype=float)
-    back = ornt_transform(_CANONICAL, ornt)
-    array = apply_orientation(np.asarray(data), back)
+    array = api.reorient(np.asarray(data), api.from_canonical(ornt))
     shape = tuple(meta["source_shape"])
     if array.shape[:3] != shape:
         raise MedsegError(f"layer shape {array.shape[:3]} (in source order) differs from the "
                           f"source file's {shape}; it cannot be saved on that file's grid")
-    return np.ascontiguousarray(array)
+    return array
 
 
 def reference_volume(meta: Mapping[str, Any]) -> Volume:
-    """A data-free Volume with the source geometry, as ``medseg3d.io.volumes.write_labels`` expects."""
+    """A data-free Volume with the source geometry, as ``medseg3d.api.write_labels`` expects."""
+    from medseg3d import api
+
     header_class = nib.Nifti2Header if meta.get("header_class") == "Nifti2Header" \
         else nib.Nifti1Header
     extensions = [nib.nifti1.Nifti1Extension(code, content)
                   for code, content in meta.get("header_extensions", [])]
     header = header_class(binaryblock=meta["source_header"], extensions=extensions)
     geometry = meta.get("sitk_geometry")
-    sitk_geometry = None if geometry is None else SitkGeometry(
+    sitk_geometry = None if geometry is None else api.SitkGeometry(
         tuple(geometry["origin"]), tuple(geometry["spacing"]), tuple(geometry["direction"]))
     # write_labels reads only the shape of the reference array: a broadcast view costs no memory.
     shape = tuple(int(s) for s in meta["source_shape"])
     array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
     path = meta.get("source_path")
-    return Volume(array, np.array(meta["source_affine"], dtype=np.float64), header,
-                  Path(path) if path else None, sitk_geometry)
+    return api.Volume(array, np.array(meta["source_affine"], dtype=np.float64), header,
+                      Path(path) if path else None, sitk_geometry)
 
 
 def reference_from_affine(affine: np.ndarray, shape: tuple[int, ...]) -> Volume:
     """A reference for a layer that was not read by medseg3d: its data->world affine as RAS mm."""
+    from medseg3d import api
+
     array = np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
-    return Volume(array, np.asarray(affine, dtype=np.float64), nifti_header(affine, shape))
+    return api.Volume(array, np.asarray(affine, dtype=np.float64), api.nifti_header(affine, shape))
 
 
 def data_to_world_matrix(affine: np.ndarray | None = None, *, scale: Any = None,
@@ -169,29 +177,10 @@ def layer_kwargs_from(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, 
 # --------------------------------------------------------------------------- label detection
 
 
-def on_disk_dtype(volume: Volume) -> np.dtype:
-    """The dtype stored in the file (``medseg3d.io.volumes`` always returns float32 arrays)."""
-    if volume.path is not None and volume.path.is_dir():  # a DICOM series: rescaled intensities
-        return np.dtype(np.float32)
-    if volume.path is not None and volume_suffix(volume.path) not in NIFTI_SUFFIXES:
-        try:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(volume.path))
-            with sitk_log.about(volume.path):
-                reader.ReadImageInformation()
-            pixel = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID()))
-        except RuntimeError:
-            return np.dtype(np.float32)
-        return pixel.dtype
-    slope, inter = volume.header.get_slope_inter()
-    if slope not in (None, 1.0) or inter not in (None, 0.0):
-        # Scaled integers are real-valued intensities, not label values.
-        return np.dtype(np.float32)
-    return volume.header.get_data_dtype()
-
-
 def looks_like_labels(volume: Volume) -> bool:
     """True for a label map: integer values and a label-ish name, or few distinct integers."""
+    from medseg3d import api
+
     array = volume.array
     if array.ndim != 3:
         return False
@@ -199,7 +188,7 @@ def looks_like_labels(volume: Volume) -> bool:
     named = path is not None and (
         any(word in path.name.lower() for word in _LABEL_WORDS)
         or path.parent.name.lower().startswith("labels"))
-    integer_file = np.issubdtype(on_disk_dtype(volume), np.integer)
+    integer_file = np.issubdtype(api.stored_dtype(volume), np.integer)
     if not (named or integer_file):
         return False
     # A scan shows its many grey values in a sparse sample already: skip the full count.
@@ -227,7 +216,7 @@ def label_features(names: Mapping[str, int]) -> dict[str, list[Any]]:
 
 
 class SegmentationModel(Protocol):
-    """What the job needs from ``medseg3d.load_model(...)``."""
+    """What the job needs of a model: the door of ``medseg3d.api.Model`` (tests give stand-ins)."""
 
     @property
     def name(self) -> str: ...
@@ -238,10 +227,11 @@ class SegmentationModel(Protocol):
     @property
     def num_channels(self) -> int: ...
 
-    def predict(self, image: np.ndarray, affine: np.ndarray | None = None, *,
-                overlap: float = 0.5, tta: bool = False,
-                progress: Callable[[int, int], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> np.ndarray: ...
+    def unfamiliar(self, volume: Volume) -> str | None: ...
+
+    def predict_volume(self, volume: Volume, config: InferenceConfig, *,
+                       progress: Callable[[int, int], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> Prediction: ...
 
 
 class JobProgress(NamedTuple):
@@ -285,10 +275,10 @@ def probability_map(probabilities: np.ndarray, kind: MapKind) -> np.ndarray:
 
 
 def load_model(source: str | Path, device: str = "auto") -> SegmentationModel:
-    """``medseg3d.load_model`` imported late: importing the plugin must not import torch."""
-    import medseg3d
+    """``medseg3d.api.load_model``, imported late: importing the plugin must not import torch."""
+    from medseg3d import api
 
-    return medseg3d.load_model(source, device=device)
+    return api.load_model(source, device=device)
 
 
 def check_image(image: np.ndarray, model: SegmentationModel, layer_name: str = "image") -> None:
@@ -325,24 +315,29 @@ def segmentation_job(
     ``should_stop`` returning True) stops prediction at the next window. Errors come out as
     MedsegError or Cancelled: napari's generator worker turns a RuntimeError into a mere
     warning, so torch's RuntimeErrors must not escape unwrapped. ``also_show`` asks for a
-    per-voxel map beside the labels (:func:`probability_map`); only medseg3d models give one.
+    per-voxel map beside the labels (:func:`probability_map`) from the model's probabilities.
     """
+    from medseg3d import api
+
     image = np.asarray(image)
     if isinstance(model, str | Path):
         yield JobProgress(0, 0, f"loading model {model}")
         model = load_for_job(model, device)
     check_image(image, model, layer_name)
-    check_map_kind(model, also_show)
+    check_map_kind(also_show)
     if should_stop is not None and should_stop():
         raise Cancelled
+    # What ``medseg3d predict`` gives the model too: a checked Volume and an InferenceConfig.
+    volume = api.as_volume(image.astype(np.float32, copy=False), affine)
+    config = api.checked(InferenceConfig, "segmentation", overlap=overlap, tta=tta,
+                         save_probabilities=also_show != "none")  # a map: softmax on the input grid
 
     def predict(progress: Callable[[int, int], None],
                 stopping: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray | None]:
-        return predict_with_map(
-            model, image.astype(np.float32, copy=False), np.asarray(affine, dtype=np.float64),
-            also_show, overlap=overlap, tta=tta, progress=progress, should_stop=stopping)
+        return predict_with_map(model, volume, config, also_show, progress=progress,
+                                should_stop=stopping)
 
-    warning = input_warning(model, image, affine)
+    warning = model.unfamiliar(volume)
     if warning is not None:
         yield JobProgress(0, 0, f"warning: {warning}")
     yield JobProgress(0, 0, f"segmenting with {model.name}")
@@ -418,42 +413,23 @@ def _job_result(labels: np.ndarray, voxel_map: np.ndarray | None, shape: tuple[i
                               voxel_map, also_show)
 
 
-def check_map_kind(model: SegmentationModel, kind: MapKind) -> None:
-    """Raise MedsegError unless ``model`` can give the ``kind`` of map asked for."""
+def check_map_kind(kind: MapKind) -> None:
+    """Raise MedsegError for a map kind that does not exist."""
     if kind not in MAP_KINDS:
         raise MedsegError(f"no map called {kind!r}; expected one of {', '.join(MAP_KINDS)}")
-    from medseg3d.api import Model
-
-    if kind != "none" and not isinstance(model, Model):
-        raise MedsegError(f"model {model.name!r} gives labels only, not the probabilities a "
-                          f"{kind} map needs")
 
 
-def predict_with_map(model: SegmentationModel, image: np.ndarray, affine: np.ndarray,
-                     kind: MapKind, *, overlap: float, tta: bool,
-                     progress: Callable[[int, int], None],
+def predict_with_map(model: SegmentationModel, volume: Volume, config: InferenceConfig,
+                     kind: MapKind, *, progress: Callable[[int, int], None],
                      should_stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels, and the ``kind`` map from the same forward passes (None for ``"none"``)."""
+    prediction = model.predict_volume(volume, config, progress=progress, should_stop=should_stop)
     if kind == "none":
-        return model.predict(image, affine, overlap=overlap, tta=tta, progress=progress,
-                             should_stop=should_stop), None
-    from medseg3d.api import Model, as_volume
-    from medseg3d.config import InferenceConfig
-
-    assert isinstance(model, Model)  # check_map_kind ran before
-    # The CLI's --save-probabilities path: softmax restored onto the input's own voxel grid.
-    config = InferenceConfig(overlap=overlap, tta=tta, save_probabilities=True)  # on model.device
-    prediction = model.predict_volume(as_volume(image, affine), config, progress=progress,
-                                      should_stop=should_stop)
-    assert prediction.probabilities is not None
+        return prediction.labels, None
+    if prediction.probabilities is None:
+        raise MedsegError(f"model {model.name!r} gives labels only, not the probabilities a "
+                          f"{kind} map needs")
     return prediction.labels, probability_map(prediction.probabilities, kind)
-
-
-def input_warning(model: SegmentationModel, image: np.ndarray, affine: np.ndarray) -> str | None:
-    """The out-of-distribution line of a medseg3d model; other models carry no fingerprint."""
-    from medseg3d.api import Model, as_volume
-
-    return model.unfamiliar(as_volume(image, affine)) if isinstance(model, Model) else None
 
 
 def run_to_end(job: Generator[JobProgress, None, SegmentationResult],

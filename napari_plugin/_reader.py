@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg3d.io import dicom
-from medseg3d.io.volumes import VOLUME_SUFFIXES, case_name, label_dtype, read_volume, volume_suffix
+from medseg3d import cohort
 
 from ._core import (
     LayerDataTuple,
@@ -24,16 +23,9 @@ ReaderFunction = Callable[[str | list[str]], list[LayerDataTuple]]
 def napari_get_reader(path: str | list[str]) -> ReaderFunction | None:
     """Return :func:`read_layers` when medseg3d can read every path, else None."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(_readable(Path(p)) for p in paths):
+    if not paths or not all(cohort.is_scan(Path(p)) for p in paths):
         return None
     return read_layers
-
-
-def _readable(path: Path) -> bool:
-    """A volume file, a DICOM file, or a folder that holds a DICOM series."""
-    if volume_suffix(path) in VOLUME_SUFFIXES:
-        return True
-    return dicom.holds_dicom(path) if path.is_dir() else dicom.is_dicom_file(path)
 
 
 def read_layers(path: str | list[str]) -> list[LayerDataTuple]:
@@ -44,14 +36,16 @@ def read_layers(path: str | list[str]) -> list[LayerDataTuple]:
 
 def read_layer(path: str | Path) -> LayerDataTuple:
     """One layer data tuple: a Labels layer for a label map, an Image layer otherwise."""
-    volume = read_volume(path)
+    from medseg3d import api
+
+    volume = api.read_volume(path)
     # A DICOM series is named after its folder (volume.path), a file after itself.
-    data, kwargs = layer_kwargs_from(volume, case_name(path) if volume_suffix(path) else
+    data, kwargs = layer_kwargs_from(volume, api.case_name(path) if api.volume_suffix(path) else
                                      Path(volume.path or path).resolve().name)
     if looks_like_labels(volume):
         values = np.flatnonzero(np.bincount(data.astype(np.int64).ravel()))
         names = {("background" if v == 0 else f"label {v}"): int(v) for v in values}
         kwargs["features"] = label_features(names)
-        return data.astype(label_dtype(int(values.max(initial=0)))), kwargs, "labels"
+        return data.astype(api.label_dtype(int(values.max(initial=0)))), kwargs, "labels"
     kwargs["colormap"] = "gray"
     return data, kwargs, "image"

@@ -15,10 +15,8 @@ PREPARE_COMMAND = f"python data/prepare.py {DATASET}"
 
 
 def data_dir() -> Path:
-    """The repository's ``data/`` folder (beside the ``medseg3d`` package in a source checkout)."""
-    import medseg3d
-
-    return Path(medseg3d.__file__).resolve().parents[1] / "data"
+    """The repository's ``data/`` folder (beside this plugin's folder in a source checkout)."""
+    return Path(__file__).resolve().parents[1] / "data"
 
 
 def demo_t1_path(root: Path | None = None) -> Path:

@@ -43,7 +43,6 @@ from ._core import (
     SegmentationResult,
     data_to_world_matrix,
     label_features,
-    label_volumes,
     load_model,
     segmentation_job,
 )
@@ -78,9 +77,9 @@ def placement_of(layer: Layer) -> dict[str, Any]:
 def shipped_models() -> list[tuple[str, str]]:
     """``(name, description)`` of the models in ``models/``; empty when none (or no zoo yet)."""
     try:
-        from medseg3d import zoo
+        from medseg3d import api
 
-        return [(card.name, card.description) for card in zoo.list_models()]
+        return [(card.name, card.description) for card in api.list_models()]
     except (ImportError, MedsegError):
         return []
 
@@ -411,7 +410,9 @@ class SegmentWidget(QWidget):
 
     def fill_table(self, labels: np.ndarray, names: dict[str, int], affine: np.ndarray) -> None:
         """Show each label's name, value, voxel count and volume in mL."""
-        rows = label_volumes(labels, affine, names)
+        from medseg3d import api
+
+        rows = api.label_volumes(labels, affine, names)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             cells = (row.name, str(row.value), str(row.voxels), f"{row.millilitres:.2f}")

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from medseg3d.errors import MedsegError
-from medseg3d.io import volumes as io
 
 from ._core import (
     METADATA_KEY,
@@ -22,13 +21,15 @@ from ._core import (
 
 def write_labels(path: str, data: Any, meta: Mapping[str, Any]) -> list[str]:
     """Write one Labels layer; with medseg3d metadata, with its source file's exact geometry."""
+    from medseg3d import api
+
     labels = np.asarray(data)
     if labels.ndim != 3:
         raise MedsegError(f"can only save 3D label layers, this one is {labels.ndim}D", path)
     if labels.min(initial=0) < 0:
         raise MedsegError("label layer holds negative values", path)
     out = Path(path)
-    if not io.volume_suffix(out):
+    if not api.volume_suffix(out):
         out = out.with_name(out.name + ".nii.gz")  # napari passes the name as typed
     source = (meta.get("metadata") or {}).get(METADATA_KEY)
     if source is not None:
@@ -39,5 +40,5 @@ def write_labels(path: str, data: Any, meta: Mapping[str, Any]) -> list[str]:
             data_to_world_matrix(meta.get("affine"), scale=meta.get("scale"),
                                  translate=meta.get("translate"), rotate=meta.get("rotate"),
                                  shear=meta.get("shear")), labels.shape)
-    io.write_labels(labels, reference, out)
+    api.write_labels(labels, reference, out)
     return [str(out)]

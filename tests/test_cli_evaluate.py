@@ -46,3 +46,26 @@ def test_model_form_checks_the_dataset_before_writing(tmp_path, monkeypatch):
     result = runner.invoke(app, ["evaluate", "--model", "brainmask", str(tmp_path / "nodata")])
     assert result.exit_code == 1 and "not found" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_model_form_predicts_the_labelled_test_cases_only(tmp_path):
+    from synthetic import make_dataset
+
+    from medseg3d.api import Model
+    from medseg3d.config import ChannelNorm, Plan
+
+    root = make_dataset(tmp_path / "ds", num_cases=2, shape=(16, 16, 16))
+    for folder, name in (("imagesTr", "case001_0000.nii.gz"), ("labelsTr", "case001.nii.gz")):
+        (root / folder.replace("Tr", "Ts")).mkdir(exist_ok=True)
+        (root / folder / name).rename(root / folder.replace("Tr", "Ts") / name)
+    image, _ = ellipsoid_case((16, 16, 16), seed=5)
+    save_nifti(image, np.eye(4), root / "imagesTs" / "unlabelled_0000.nii.gz")
+    plan = Plan(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), normalization=[ChannelNorm()],
+                labels={"background": 0, "sphere": 1})
+    model = Model.from_network("unet", plan, filters=[4, 8])
+    model.save(tmp_path / "model")
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "model"), str(root),
+                                 "-o", str(tmp_path / "ev"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "imagesTs against labelsTs" in result.output
+    assert [p.name for p in (tmp_path / "ev" / "predictions").iterdir()] == ["case001.nii.gz"]

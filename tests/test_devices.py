@@ -63,14 +63,14 @@ def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_one_line(no_gpu) -> None:
 
 
 def test_cuda_n_round_trips_through_the_api(two_gpus, monkeypatch) -> None:
-    """load_model(device="cuda:1") predicts on cuda:1: the config the engine gets says so."""
+    """load_model(device="cuda:1") predicts on cuda:1: the plan the engine gets says so."""
     moved: list[str] = []
     monkeypatch.setattr(torch.nn.Module, "to",
                         lambda self, device, *a, **k: moved.append(str(device)) or self)
     seen: list[str] = []
 
     def engine(network, meta, volume, config, **kwargs):
-        seen.append(str(kwargs["device"]))
+        seen.append(str(kwargs["execution"].device))
         return api.Prediction(np.zeros(volume.array.shape, np.uint8))
 
     monkeypatch.setattr(api, "predict_volume", engine)
@@ -79,6 +79,34 @@ def test_cuda_n_round_trips_through_the_api(two_gpus, monkeypatch) -> None:
     model.predict(np.zeros((8, 8, 8), np.float32))
     model.predict_volume(api.as_volume(np.zeros((8, 8, 8), np.float32)), InferenceConfig())
     assert seen == ["cuda:1", "cuda:1"]
+
+
+def test_the_device_is_resolved_and_the_network_moved_once_per_command(tmp_path,
+                                                                        monkeypatch) -> None:
+    """load_model resolves the device and loads the weights there; predicting resolves nothing
+    and moves no network, however many volumes it segments."""
+    model = api.Model.from_network("unet", PLAN, device="cpu", filters=[4, 8])
+    from medseg3d.runs import save_checkpoint
+
+    weights = save_checkpoint(model.network, model.meta, tmp_path / "tiny")
+    resolved: list[str] = []
+    real_resolve = api.resolve_device
+    monkeypatch.setattr(api, "resolve_device",
+                        lambda device: resolved.append(str(device)) or real_resolve(device))
+    moved: list[str] = []
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if args or "device" in kwargs:  # not the bf16 copy's to(dtype=...)
+            moved.append(str(args or kwargs))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    loaded = api.load_model(weights, "auto")
+    assert resolved == ["auto"] and len(moved) == 1
+    for _ in range(2):
+        loaded.predict(np.zeros((8, 8, 8), np.float32))
+    assert resolved == ["auto"] and len(moved) == 1
 
 
 def test_free_memory_counts_the_allocator_cache(monkeypatch) -> None:

@@ -30,7 +30,8 @@ from medseg3d.cohort import InputCase, find_inputs
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
 from medseg3d.io import dicom
-from medseg3d.io.volumes import from_sitk, read_volume, write_labels
+from medseg3d.io.sitk_images import from_sitk
+from medseg3d.io.volumes import read_volume, write_labels
 from medseg3d.runs import save_checkpoint
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from medseg3d import __version__, cohort
 from medseg3d.api import Model
 from medseg3d.cli import app
-from medseg3d.config import ChannelNorm, CheckpointMeta, Plan, load_model_file
+from medseg3d.config import ChannelNorm, CheckpointMeta, Plan
+from medseg3d.config_files import load_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.io import dicom
 from medseg3d.io.dicom_seg import read_dicom_seg, unfinished_seg, write_dicom_seg

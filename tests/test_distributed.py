@@ -14,14 +14,20 @@ from ddp_probe import weights_digest
 from safetensors.torch import load_file
 from synthetic import make_dataset
 
+from medseg3d.runs import RunFolder
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without gloo")
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
-RUN_FILES = {"plan.json", "train_config.json", "metrics.jsonl", "progress.png",
-             "training_state.safetensors", "checkpoint_best.safetensors", "checkpoint_best.json",
-             "checkpoint_latest.safetensors", "checkpoint_latest.json",
-             "checkpoint_final.safetensors", "checkpoint_final.json"}
+
+
+def _run_files(run: RunFolder) -> set[str]:
+    """Every file a finished run with validation holds."""
+    checkpoints = [path for which in ("best", "latest", "final")
+                   for path in (run.weights(which), run.meta_file(which))]
+    return {path.name for path in (run.plan_file, run.config_file, run.metrics_file,
+                                   run.figure_file, run.state_file, *checkpoints)}
 
 
 def _torchrun(record: Path, stop_after: int, *train_args: object) -> subprocess.CompletedProcess:
@@ -66,15 +72,16 @@ def test_torchrun_training_agrees_across_ranks_and_resumes(tmp_path):
         assert not set(rank0[0]["cases"]) & set(rank1[0]["cases"])
         assert sorted(rank0[0]["cases"] + rank1[0]["cases"]) == [f"case{i:03d}" for i in range(4)]
     # The state file holds the trained weights (checkpoints hold their moving average).
-    state = load_file(str(run / "training_state.safetensors"))
+    folder = RunFolder(run)
+    state = load_file(str(folder.state_file))
     trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     assert weights_digest(trained) == _records(tmp_path / "resumed", 0)[0]["digest"]
 
     # One run folder, written by rank 0 alone, continued to the configured epoch count.
-    assert set(os.listdir(run)) == RUN_FILES  # no second set, no temporary files left
+    assert set(os.listdir(run)) == _run_files(folder)  # no second set, no temporary files left
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
-    assert json.loads((run / "checkpoint_latest.json").read_text())["epoch"] == 2
+    assert folder.meta("latest").epoch == 2
 
 
 def test_python_dash_m_runs_the_cli():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from medseg3d.errors import MedsegError
-from medseg3d.evaluation.metrics import Summary, evaluate_case, evaluate_folders
+from medseg3d.evaluation.folders import evaluate_folders
+from medseg3d.evaluation.metrics import Summary, evaluate_case
 
 SPACING = (0.8, 1.0, 2.0)  # anisotropic on purpose: a voxel-unit bug shows up as a wrong mm value
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from medseg3d.api import as_volume
 from medseg3d.cli import app
-from medseg3d.config import CheckpointMeta, load_model_file
+from medseg3d.config import CheckpointMeta
+from medseg3d.config_files import load_model_file
 from medseg3d.datasets.fingerprint import differences, fingerprint_cases, ood_warning
 from medseg3d.zoo import find_model
 

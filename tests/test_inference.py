@@ -37,9 +37,9 @@ def test_amp_chooses_the_devices_autocast_dtype(monkeypatch, amp):
     seen = {}
     real = inference.sliding_window
 
-    def spy(*args, **kwargs):
-        seen["amp_dtype"] = kwargs["amp_dtype"]
-        return real(*args, **kwargs)
+    def spy(network, image, windows, num_classes, execution, **kwargs):
+        seen["amp_dtype"] = execution.amp_dtype
+        return real(network, image, windows, num_classes, execution, **kwargs)
 
     monkeypatch.setattr(inference, "sliding_window", spy)
     _model().predict_volume(_volume(), InferenceConfig(amp=amp))
@@ -123,7 +123,7 @@ def _meta(spacing, largest_component: tuple[str, ...] = ()) -> CheckpointMeta:
 def _predict(meta: CheckpointMeta, volume: Volume, **config) -> inference.Prediction:
     return inference.predict_volume(_threshold_network(), meta, volume,
                                     InferenceConfig(amp=False, **config),
-                                    traits=NetworkTraits(size_divisor=1), device="cpu")
+                                    traits=NetworkTraits(size_divisor=1))
 
 
 @pytest.mark.parametrize("codes, oblique", [("RAS", 0.0), ("LPS", 0.0), ("LIA", 0.2),

@@ -9,9 +9,9 @@ import SimpleITK as sitk
 from synthetic import make_affine, save_nifti
 
 from medseg3d.errors import MedsegError
+from medseg3d.io.sitk_images import from_sitk
 from medseg3d.io.volumes import (
     case_name,
-    from_sitk,
     integer_labels,
     label_dtype,
     read_labels,

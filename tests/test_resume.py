@@ -8,15 +8,10 @@ from synthetic import make_dataset
 from typer.testing import CliRunner
 
 from medseg3d.cli import app
-from medseg3d.config import (
-    EvaluationProtocol,
-    ModelCard,
-    NetworkConfig,
-    TrainConfig,
-    TrainingData,
-    load_model_file,
-)
-from medseg3d.training.resume import extend
+from medseg3d.config import NetworkConfig, TrainConfig
+from medseg3d.config_files import load_model_file
+from medseg3d.model_card import EvaluationProtocol, ModelCard, TrainingData
+from medseg3d.runs import RunFolder, extend
 from medseg3d.zoo import publish_model
 
 runner = CliRunner()
@@ -57,11 +52,12 @@ def test_cli_extends_a_finished_run_and_publish_records_the_history(tmp_path):
     config = json.loads((run / "train_config.json").read_text())
     assert config["epochs"] == 2 and config["segments"][0]["until_epoch"] == 1
     assert config["network"]["options"]["filters"] == [4, 8]  # the rest kept from the saved run
-    fingerprint = json.loads((run / "checkpoint_final.json").read_text())["fingerprint"]
-    assert fingerprint["modality"] == ["MRI"] and fingerprint["cases"] == 2
+    folder = RunFolder(run)
+    fingerprint = folder.meta("final").fingerprint
+    assert fingerprint is not None and fingerprint.modality == ["MRI"] and fingerprint.cases == 2
 
-    shutil.copy(run / "checkpoint_final.json", run / "checkpoint_best.json")
-    shutil.copy(run / "checkpoint_final.safetensors", run / "checkpoint_best.safetensors")
+    shutil.copy(folder.meta_file("final"), folder.meta_file("best"))
+    shutil.copy(folder.weights("final"), folder.weights("best"))
     protocol = EvaluationProtocol(scheme="leave-one-subject-out", roles={"case000": "train",
                                   "case001": "validation"}, choices=["threshold: case001"])
     target = publish_model(run, "tiny", description="d", command="c", task="t",
@@ -86,7 +82,8 @@ def test_the_state_file_restores_weights_average_and_optimizer(tmp_path):
     import torch
     from torch import nn
 
-    from medseg3d.training.resume import STATE_FILE, TrainingState, load_state, save_state
+    from medseg3d.runs import TrainingState
+    from medseg3d.training.resume import load_state, save_state
 
     def parts(seed: int):
         torch.manual_seed(seed)
@@ -101,9 +98,9 @@ def test_the_state_file_restores_weights_average_and_optimizer(tmp_path):
         optimizer.step()
     state = TrainingState(epoch=3, step=7, config=TrainConfig(dataset="d", output="o",
                                                              network=NetworkConfig(name="unet")))
-    save_state(tmp_path / STATE_FILE, model, optimizer, average, state)
+    save_state(RunFolder(tmp_path), model, optimizer, average, state)
     fresh, fresh_average, fresh_optimizer = parts(1)
-    loaded = load_state(tmp_path / STATE_FILE, fresh, fresh_optimizer, fresh_average)
+    loaded = load_state(RunFolder(tmp_path), fresh, fresh_optimizer, fresh_average)
     assert (loaded.epoch, loaded.step) == (3, 7)
     for mine, theirs in ((fresh, model), (fresh_average, average)):
         assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(),
@@ -156,7 +153,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, m
         return [json.loads(line)["train_loss"] for line in lines]
 
     assert len(losses("stopped")) == 2 and losses("stopped") == pytest.approx(losses("whole"))
-    for name in ("checkpoint_final.safetensors", "training_state.safetensors"):
+    for name in (RunFolder(tmp_path).weights("final").name, RunFolder(tmp_path).state_file.name):
         whole, resumed = (load_file(str(tmp_path / run / name)) for run in ("whole", "stopped"))
         assert whole.keys() == resumed.keys()
         for key in whole:

@@ -14,12 +14,10 @@ from monai.inferers import sliding_window_inference
 
 import medseg3d.inference.engine as sw
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.inference.engine import (
-    DeviceLimits,
-    estimate_memory_bytes,
-    sliding_window,
-    window_starts,
-)
+from medseg3d.inference.engine import sliding_window
+from medseg3d.inference.footprint import estimate_memory_bytes
+from medseg3d.inference.plan import DeviceLimits, ExecutionPlan
+from medseg3d.inference.windows import Windows, window_starts
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,10 +111,11 @@ def test_streaming_equals_whole_volume_accumulation(
     mirror_axes: tuple[int, ...], average: str,
 ) -> None:
     net, image = conv_net(), volume(*shape, seed=2)
-    kwargs = dict(window=window, num_classes=3, batch_size=batch_size, mirror_axes=mirror_axes,
-                  output=output, average=average)
-    streamed = sliding_window(net, image, **kwargs)
-    whole = sliding_window(net, image, streaming=False, **kwargs)
+    windows = Windows(window, mirror_axes=mirror_axes, average=average)
+    streamed = sliding_window(net, image, windows, 3, ExecutionPlan(batch_size=batch_size),
+                              output=output)
+    whole = sliding_window(net, image, windows, 3,
+                           ExecutionPlan(batch_size=batch_size, streaming=False), output=output)
     assert torch.equal(streamed, whole)
 
 
@@ -124,9 +123,9 @@ def test_streaming_equals_whole_volume_accumulation(
 def test_matches_naive_reference(grid: str) -> None:
     net, image = conv_net(classes=4), volume(27, 19, 20, seed=3)  # odd sizes, W < window
     expected = reference(net, image, (16, 16, 24), 0.5, grid)
-    probs = sliding_window(net, image, window=(16, 16, 24), num_classes=4, grid=grid,
+    probs = sliding_window(net, image, Windows((16, 16, 24), grid=grid), 4,
                            output="probabilities")
-    labels = sliding_window(net, image, window=(16, 16, 24), num_classes=4, grid=grid)
+    labels = sliding_window(net, image, Windows((16, 16, 24), grid=grid), 4)
     assert probs.dtype == torch.float32 and probs.shape == (4, 27, 19, 20)
     torch.testing.assert_close(probs.double(), expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(probs.sum(0), torch.ones(27, 19, 20))
@@ -147,18 +146,18 @@ def test_agrees_with_monai(shape: tuple[int, int, int]) -> None:
                 image[None], window, 2, predictor, overlap=0.5, mode="gaussian", sigma_scale=0.125
             )[0]
 
-    ours = sliding_window(net, image, window=window, num_classes=3, grid="monai")
+    ours = sliding_window(net, image, Windows(window, grid="monai"), 3)
     # like with like (both average logits): identical up to float rounding
     assert agreement(ours, monai(net).argmax(0)) >= 0.9999
     # MONAI averaging softmax probabilities: differs only at near-ties between windows
     softmax = monai(torch.nn.Sequential(net, torch.nn.Softmax(1)))
     assert agreement(ours, softmax.argmax(0)) >= 0.995
     # ... unless we average probabilities too: then it is MONAI's result
-    averaged = sliding_window(net, image, window=window, num_classes=3, grid="monai",
-                              average="probabilities", output="probabilities")
+    averaged = sliding_window(net, image, Windows(window, grid="monai", average="probabilities"),
+                              3, output="probabilities")
     torch.testing.assert_close(averaged, softmax.float(), atol=1e-5, rtol=1e-4)
     if shape == (32, 24, 24):  # where the two grids coincide, the default grid agrees too
-        default = sliding_window(net, image, window=window, num_classes=3)
+        default = sliding_window(net, image, Windows(window), 3)
         assert torch.equal(default, ours)
 
 
@@ -177,28 +176,33 @@ class CountingNet(torch.nn.Module):
 
 def test_mirroring_averages_all_flip_combinations() -> None:
     image = volume(18, 20, 17, seed=5)
-    kwargs = dict(window=(16, 16, 16), num_classes=3, output="probabilities")
+    plain_windows, all_flips = Windows((16, 16, 16)), Windows((16, 16, 16), mirror_axes=(0, 1, 2))
+
+    def predict(network: torch.nn.Module, image: torch.Tensor,
+                windows: Windows = plain_windows) -> torch.Tensor:
+        return sliding_window(network, image, windows, 3, output="probabilities")
+
     torch.manual_seed(0)
     pointwise = CountingNet(torch.nn.Conv3d(1, 3, 1).eval())  # equivariant to flips
-    plain = sliding_window(pointwise, image, **kwargs)
+    plain = predict(pointwise, image)
     windows = pointwise.windows
-    mirrored = sliding_window(pointwise, image, mirror_axes=(0, 1, 2), **kwargs)
+    mirrored = predict(pointwise, image, all_flips)
     assert pointwise.windows == windows + 8 * windows  # all 2**3 combinations
     torch.testing.assert_close(mirrored, plain)
     contextual = conv_net(seed=6)  # random 3x3x3 kernels are not flip-symmetric
-    differs = sliding_window(contextual, image, mirror_axes=(0, 1, 2), **kwargs)
-    assert not torch.allclose(differs, sliding_window(contextual, image, **kwargs), atol=1e-4)
+    differs = predict(contextual, image, all_flips)
+    assert not torch.allclose(differs, predict(contextual, image), atol=1e-4)
     # one axis: the mean of the plain and the flipped prediction
-    flipped = torch.flip(sliding_window(contextual, torch.flip(image, (1,)), **kwargs), (1,))
-    one_axis = sliding_window(contextual, image, mirror_axes=(0,), **kwargs)
-    logits = (torch.log(flipped) + torch.log(sliding_window(contextual, image, **kwargs))) / 2
+    flipped = torch.flip(predict(contextual, torch.flip(image, (1,))), (1,))
+    one_axis = predict(contextual, image, Windows((16, 16, 16), mirror_axes=(0,)))
+    logits = (torch.log(flipped) + torch.log(predict(contextual, image))) / 2
     torch.testing.assert_close(one_axis, torch.softmax(logits, 0), atol=1e-5, rtol=1e-4)
 
 
 def test_progress_is_monotone_and_complete() -> None:
     calls: list[tuple[int, int]] = []
     image = volume(30, 20, 17)
-    sliding_window(conv_net(), image, window=(16, 16, 16), num_classes=3, batch_size=3,
+    sliding_window(conv_net(), image, Windows((16, 16, 16)), 3, ExecutionPlan(batch_size=3),
                    progress=lambda done, total: calls.append((done, total)))
     total = math.prod(len(window_starts(s, 16, 0.5)) for s in (30, 20, 17))
     assert calls[0] == (0, total) and calls[-1] == (total, total)
@@ -209,14 +213,14 @@ def test_should_stop_raises_cancelled() -> None:
     net = CountingNet(conv_net())
     asked = iter([False, False, True])
     with pytest.raises(Cancelled):
-        sliding_window(net, volume(40, 40, 40), window=(16, 16, 16), num_classes=3,
+        sliding_window(net, volume(40, 40, 40), Windows((16, 16, 16)), 3,
                        should_stop=lambda: next(asked))
     assert net.calls == 2
 
 
 def test_volume_smaller_than_window_is_padded_and_cropped() -> None:
     net, image = conv_net(), volume(5, 9, 30, seed=7)
-    labels = sliding_window(net, image, window=(16, 16, 16), num_classes=3, grid="monai")
+    labels = sliding_window(net, image, Windows((16, 16, 16), grid="monai"), 3)
     assert labels.shape == (5, 9, 30)
     with torch.inference_mode():
         monai = sliding_window_inference(image[None], (16, 16, 16), 2, net, overlap=0.5,
@@ -226,17 +230,17 @@ def test_volume_smaller_than_window_is_padded_and_cropped() -> None:
 
 def test_multichannel_input_and_many_classes() -> None:
     net = conv_net(classes=300, in_channels=2)
-    labels = sliding_window(net, volume(10, 12, 9, channels=2), window=(8, 8, 8), num_classes=300)
+    labels = sliding_window(net, volume(10, 12, 9, channels=2), Windows((8, 8, 8)), 300)
     assert labels.dtype == torch.int16 and labels.shape == (10, 12, 9)
 
 
 def test_wrong_number_of_classes_is_reported() -> None:
     with pytest.raises(ValueError, match="expected"):
-        sliding_window(conv_net(classes=3), volume(16, 16, 16), window=(16, 16, 16), num_classes=2)
+        sliding_window(conv_net(classes=3), volume(16, 16, 16), Windows((16, 16, 16)), 2)
 
 
 def test_result_is_a_normal_tensor() -> None:
-    labels = sliding_window(conv_net(), volume(16, 16, 16), window=(16, 16, 16), num_classes=3)
+    labels = sliding_window(conv_net(), volume(16, 16, 16), Windows((16, 16, 16)), 3)
     labels += 1  # an inference tensor would refuse in-place updates outside inference mode
     assert not labels.is_inference()
 
@@ -267,26 +271,25 @@ class OutOfMemoryOnce(torch.nn.Module):
 
 def test_out_of_memory_halves_the_batch_and_remembers_it() -> None:
     image, net = volume(24, 24, 20), conv_net()
-    expected = sliding_window(net, image, window=(16, 16, 16), num_classes=3, batch_size=4)
-    flaky, limits = OutOfMemoryOnce(net, max_batch=1), DeviceLimits()
+    windows, execution = Windows((16, 16, 16)), ExecutionPlan(batch_size=4)
+    expected = sliding_window(net, image, windows, 3, execution)
+    flaky, limits = OutOfMemoryOnce(net, max_batch=1), execution.limits
     calls: list[int] = []
-    labels = sliding_window(flaky, image, window=(16, 16, 16), num_classes=3, batch_size=4,
-                            progress=lambda done, total: calls.append(done), limits=limits)
+    labels = sliding_window(flaky, image, windows, 3, execution,
+                            progress=lambda done, total: calls.append(done))
     # batch 4 fails, then 2, then 1 works: the same windows again, not the volume from the start
     assert flaky.raised == 2 and limits.batch_size == 1
     assert torch.equal(labels, expected)
     assert calls == sorted(set(calls)) and calls[-1] == 8  # monotone, every window once
     # the next volume starts at the batch that fitted
-    again = sliding_window(flaky, image, window=(16, 16, 16), num_classes=3, batch_size=4,
-                           limits=limits)
+    again = sliding_window(flaky, image, windows, 3, execution)
     assert flaky.raised == 2 and torch.equal(again, expected)
 
 
 def test_out_of_memory_at_one_window_is_one_line(monkeypatch) -> None:
     image, net = volume(24, 24, 20), conv_net()
     with pytest.raises(MedsegError, match="out of memory on cpu even with one window") as info:
-        sliding_window(OutOfMemoryOnce(net, max_batch=0), image, window=(16, 16, 16),
-                       num_classes=3)
+        sliding_window(OutOfMemoryOnce(net, max_batch=0), image, Windows((16, 16, 16)), 3)
     assert "\n" not in str(info.value)
 
 
@@ -296,14 +299,14 @@ def test_memory_is_released_after_the_failed_pass_is_gone(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen.append(flaky.alive()))
-    sliding_window(flaky, volume(24, 24, 20), window=(16, 16, 16), num_classes=3, batch_size=2)
+    sliding_window(flaky, volume(24, 24, 20), Windows((16, 16, 16)), 3)
     # empty_cache inside the except block would run while the traceback holds the activation
     assert seen == [False]
 
 
 def test_out_of_memory_while_accumulating_moves_the_accumulator(monkeypatch) -> None:
     image, net = volume(24, 24, 20), conv_net()
-    expected = sliding_window(net, image, window=(16, 16, 16), num_classes=3)
+    expected = sliding_window(net, image, Windows((16, 16, 16)), 3)
     accumulate, runs = sw._accumulate, []
     run = sw._run
 
@@ -318,12 +321,11 @@ def test_out_of_memory_while_accumulating_moves_the_accumulator(monkeypatch) -> 
 
     monkeypatch.setattr(sw, "_run", record_run)
     monkeypatch.setattr(sw, "_accumulate", failing_accumulate)
-    limits = DeviceLimits()
-    labels = sliding_window(net, image, window=(16, 16, 16), num_classes=3,
-                            accumulate_on="device", limits=limits)
+    execution = ExecutionPlan(accumulate_on="device")
+    labels = sliding_window(net, image, Windows((16, 16, 16)), 3, execution)
     assert runs == [2, 2]  # same batch size: only the accumulator moved to the CPU
     assert torch.equal(labels, expected)
-    assert limits == DeviceLimits(batch_size=None, accumulate_on_device=False)
+    assert execution.limits == DeviceLimits(batch_size=None, accumulate_on_device=False)
 
 
 def test_estimate_memory_bytes() -> None:
@@ -350,6 +352,6 @@ def test_a_volume_thinner_than_the_window_is_padded_as_training_pads() -> None:
         seen.append(x.clone())
         return torch.zeros((x.shape[0], 2, *x.shape[2:]))
 
-    sliding_window(network, torch.full((1, 16, 16, 4), 5.0), window=(16, 16, 16), num_classes=2)
+    sliding_window(network, torch.full((1, 16, 16, 4), 5.0), Windows((16, 16, 16)), 2)
     border = seen[0][0, :, :, :, :6]  # (16 - 4) // 2 slices before the volume
     assert torch.all(border == PAD_VALUE)

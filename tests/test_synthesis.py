@@ -1,7 +1,5 @@
 """Images synthesised from tissue maps (``--augment synth``): clusters, synthesis, training."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +7,7 @@ from synthetic import make_affine, make_dataset, save_nifti
 
 from medseg3d.config import ChannelNorm, NetworkConfig, Plan, TrainConfig
 from medseg3d.errors import MedsegError
+from medseg3d.runs import RunFolder
 from medseg3d.training.augmentation import patch_transform, prepare_item
 from medseg3d.training.loop import train
 from medseg3d.training.synthesis import RandSynthesized, gaussian_blur, kmeans_centres, tissue_map
@@ -113,8 +112,7 @@ def test_training_with_synth_learns_the_synthetic_task(tmp_path):
                          seed=0, learning_rate=3e-3, augment="synth",
                          plan_overrides={"patch_size": [24, 24, 24]})
     train(config, log=lambda *_: None)
-    meta = json.loads((tmp_path / "run" / "checkpoint_best.json").read_text())
-    assert meta["metrics"]["val_mean_dice"] > 0.8
+    assert RunFolder(tmp_path / "run").meta("best").metrics["val_mean_dice"] > 0.8
 
 
 def test_a_tissue_map_off_the_image_grid_is_refused(tmp_path):

@@ -7,6 +7,7 @@ from synthetic import make_dataset
 
 from medseg3d.config import NetworkConfig, TrainConfig
 from medseg3d.errors import MedsegError
+from medseg3d.runs import RunFolder
 from medseg3d.training.loop import train
 
 MULTISCALE_STEPS = 200
@@ -27,16 +28,13 @@ def _config(dataset_dir, output, **kwargs) -> TrainConfig:
 
 def test_short_training_reaches_high_dice(small_dataset, tmp_path):
     final = train(_config(small_dataset, tmp_path / "run"), log=lambda *_: None)
-    run = tmp_path / "run"
-    assert final == run / "checkpoint_final.safetensors"
-    meta = json.loads((run / "checkpoint_best.json").read_text())
-    assert meta["metrics"]["val_mean_dice"] > 0.9
-    for name in ("plan.json", "train_config.json", "metrics.jsonl", "progress.png",
-                 "checkpoint_latest.safetensors", "checkpoint_latest.json",
-                 "checkpoint_final.safetensors", "checkpoint_final.json",
-                 "training_state.safetensors"):
-        assert (run / name).is_file(), name
-    lines = (run / "metrics.jsonl").read_text().splitlines()
+    run = RunFolder(tmp_path / "run")
+    assert final == run.weights("final") and final.is_file() and run.finished
+    assert run.meta("best").metrics["val_mean_dice"] > 0.9
+    for path in (run.plan_file, run.config_file, run.metrics_file, run.figure_file,
+                 run.weights("latest"), run.meta_file("latest"), run.state_file):
+        assert path.is_file(), path
+    lines = run.metrics_file.read_text().splitlines()
     assert len(lines) == 5 and json.loads(lines[4])["val_dice"]["sphere"] > 0.9
 
 
@@ -49,7 +47,7 @@ def test_resume_continues_to_the_same_epoch_count(small_dataset, tmp_path):
     train(longer, resume=True, log=lambda *_: None)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
-    assert json.loads((tmp_path / "run" / "checkpoint_latest.json").read_text())["epoch"] == 3
+    assert RunFolder(tmp_path / "run").meta("latest").epoch == 3
 
 
 def test_resume_without_state_is_an_error(dataset_dir, tmp_path):
@@ -58,7 +56,7 @@ def test_resume_without_state_is_an_error(dataset_dir, tmp_path):
 
 
 def test_few_cases_train_on_all_without_validation(tmp_path):
-    from medseg3d.training.loop import choose_split
+    from medseg3d.training.data import choose_split
 
     dataset = make_dataset(tmp_path / "three", num_cases=3, shape=(16, 16, 16))
     from medseg3d.datasets.folder import find_cases, load_spec
@@ -79,15 +77,15 @@ def test_step_budget_ends_the_run_and_the_rate_anneals(small_dataset, tmp_path):
     assert [r["step"] for r in records] == [3, 6, 7]  # the last epoch stops at the 7th step
     assert all(r["val_dice"] is None for r in records)  # 4 cases: no validation by default
     assert records[-1]["learning_rate"] < 0.2 * config.learning_rate
-    assert final.is_file() and not (tmp_path / "run" / "checkpoint_best.json").exists()
+    assert final.is_file() and not RunFolder(tmp_path / "run").meta_file("best").exists()
     assert any(line.startswith("split: all 4 cases") for line in lines)
     assert any("finished: 7 steps" in line for line in lines)
 
 
 def test_progress_lines_for_runs_without_a_terminal(small_dataset, tmp_path, monkeypatch):
-    import medseg3d.training.loop as training
+    from medseg3d.training import progress
 
-    monkeypatch.setattr(training, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     lines: list[str] = []
     train(_config(small_dataset, tmp_path / "run", steps=3, iterations_per_epoch=3),
           log=lines.append)
@@ -96,11 +94,16 @@ def test_progress_lines_for_runs_without_a_terminal(small_dataset, tmp_path, mon
 
 
 def test_poly_schedule_and_run_length():
-    from medseg3d.training.loop import RunLength, poly_lr
+    from medseg3d.training.schedule import RunLength, poly_lr
 
     assert poly_lr(1e-3, 0.0) == 1e-3 and poly_lr(1e-3, 1.0) == 0.0
-    length = RunLength(total=100, budget_s=None, started=0.0)
+    length = RunLength(total=100, budget_minutes=None, started=0.0)
     assert length.fraction(25) == 0.25 and length.estimated_total(25) == 100
+    config = _config("d", "o", epochs=4, iterations_per_epoch=25)
+    assert RunLength.of(config).total == 100 and RunLength.of(config).budget_s is None
+    budgeted = RunLength.of(config.model_copy(update={"time_budget_minutes": 2.0}))
+    assert budgeted.total is None and budgeted.budget_s == 120.0  # only the budget ends it
+    assert RunLength.of(config.model_copy(update={"steps": 7})).total == 7
 
 
 def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
@@ -109,12 +112,12 @@ def test_run_folder_predicts_with_the_final_weights(small_dataset, tmp_path):
     train(_config(small_dataset, tmp_path / "run", steps=2, iterations_per_epoch=2),
           log=lambda *_: None)
     weights, _ = resolve_weights(tmp_path / "run")
-    assert weights.name == "checkpoint_final.safetensors"
+    assert weights == RunFolder(tmp_path / "run").weights("final")
 
 
 def test_progress_legend_hides_no_data():
     from medseg3d.evaluation.figures import progress_figure
-    from medseg3d.training.resume import EpochRecord
+    from medseg3d.runs import EpochRecord
 
     history = [EpochRecord(epoch=e, train_loss=1.0 / e, learning_rate=1e-3, seconds=1.0,
                            val_mean_dice=0.95 if e % 2 == 0 else None) for e in range(1, 9)]
@@ -128,7 +131,7 @@ def test_progress_legend_hides_no_data():
 
 def test_patch_free_networks_refuse_a_patch_and_cap_the_whole_volume(small_dataset, tmp_path):
     from medseg3d.config import NetworkConfig, PlanOverrides
-    from medseg3d.training.loop import PATCH_FREE_MAX_VOXELS, apply_network_rules
+    from medseg3d.training.run_plan import PATCH_FREE_MAX_VOXELS, apply_network_rules
 
     def config(**overrides):
         return _config(small_dataset, tmp_path / "run").model_copy(update={
@@ -147,7 +150,7 @@ def test_a_step_with_a_non_finite_loss_leaves_the_weights_finite_and_unchanged()
     import torch
     from torch import nn
 
-    from medseg3d.training.loop import StepContext, train_step
+    from medseg3d.training.step import StepContext, train_step
 
     class NaNLoss(nn.Module):
         def forward(self, logits, label):
@@ -169,7 +172,7 @@ def test_weight_average_moves_towards_the_network_by_one_minus_its_decay():
     import torch
     from torch import nn
 
-    from medseg3d.training.loop import WeightAverage
+    from medseg3d.training.step import WeightAverage
 
     network = nn.Linear(2, 1)
     with torch.no_grad():
@@ -194,7 +197,8 @@ def test_validation_scores_every_case():
 
     from medseg3d.config import ChannelNorm, Plan
     from medseg3d.networks import NetworkTraits
-    from medseg3d.training.loop import Rank, validate
+    from medseg3d.training.distributed import Rank
+    from medseg3d.training.validation import validate
 
     network = torch.nn.Conv3d(1, 2, 1)  # class 1 where the image is > 0.5
     with torch.no_grad():
@@ -228,17 +232,17 @@ def test_checkpoints_hold_the_weight_average_not_the_last_weights(finished_run):
     import torch
     from safetensors.torch import load_file
 
-    state = load_file(str(finished_run / "training_state.safetensors"))
-    for stem in ("checkpoint_final", "checkpoint_latest"):
-        saved = load_file(str(finished_run / f"{stem}.safetensors"))
+    run = RunFolder(finished_run)
+    state = load_file(str(run.state_file))
+    for which in ("final", "latest"):
+        saved = load_file(str(run.weights(which)))
         assert saved.keys() == {k[len("ema."):] for k in state if k.startswith("ema.")}
-        assert all(torch.equal(saved[k], state[f"ema.{k}"]) for k in saved), stem
-        assert not all(torch.equal(saved[k], state[f"model.{k}"]) for k in saved), stem
+        assert all(torch.equal(saved[k], state[f"ema.{k}"]) for k in saved), which
+        assert not all(torch.equal(saved[k], state[f"model.{k}"]) for k in saved), which
 
 
 def test_a_class_in_one_piece_in_every_training_label_is_postprocessed(finished_run):
-    meta = json.loads((finished_run / "checkpoint_final.json").read_text())
-    assert meta["largest_component"] == ["sphere"]
+    assert RunFolder(finished_run).meta("final").largest_component == ["sphere"]
 
 
 def test_the_defaults_learn_every_class_of_a_multiscale_task(tmp_path):
@@ -252,7 +256,7 @@ def test_the_defaults_learn_every_class_of_a_multiscale_task(tmp_path):
                          network=NetworkConfig(name="unet"), steps=MULTISCALE_STEPS, fold=0,
                          num_folds=4, iterations_per_epoch=MULTISCALE_STEPS, val_every=1)
     train(config, log=lambda *_: None)
-    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    plan = json.loads(RunFolder(tmp_path / "run").plan_file.read_text())
     assert plan["network_options"] == {"stem_stride": 1} and "vessel" in plan["reasons"]["stem_stride"]
     last = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
     dice = json.loads(last)["val_dice"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg3d.config import DatasetSpec, load_model_file
+from medseg3d.config import DatasetSpec
+from medseg3d.config_files import load_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.io.paths import confined
 from medseg3d.io.volumes import Volume, case_name, check_same_grid, read_labels, read_volume
@@ -58,7 +59,8 @@ def find_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case]:
 def held_out_cases(dataset_dir: str | Path, spec: DatasetSpec) -> list[Case] | None:
     """Labelled test cases in ``imagesTs``/``labelsTs`` (None when the dataset has none).
 
-    Unlike ``imagesTr``, ``imagesTs`` may hold images without a label.
+    Unlike ``imagesTr``, ``imagesTs`` may hold images without a label, and a case's image may be
+    a DICOM series: its folder ``imagesTs/CASE/``.
     """
     root = Path(dataset_dir)
     if not (root / "labelsTs").is_dir():
@@ -82,6 +84,8 @@ def _nnunet_cases(root: Path, spec: DatasetSpec, split: str = "Tr") -> list[Case
         case_id = label.name[: -len(spec.file_ending)]
         images = tuple(images_dir / f"{case_id}_{c:04d}{spec.file_ending}"
                        for c in range(spec.num_channels))
+        if split == "Ts" and case_id in image_names and (images_dir / case_id).is_dir():
+            images = (images_dir / case_id,)  # a DICOM series' folder
         for image in images:
             if image.name not in image_names:
                 raise MedsegError(f"{'test ' if split == 'Ts' else ''}image of case {case_id!r} "

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medseg3d.inference.preprocessing import canonical_orientation, reorient
 from medseg3d.io.atomic import atomic_path
+from medseg3d.io.orientation import canonical_orientation, reorient
 from medseg3d.io.volumes import Volume
-from medseg3d.training.resume import EpochRecord
+from medseg3d.runs import EpochRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -21,7 +21,9 @@ Every finished run is a **cell**, saved at once as ``cells/<stage>/<network>/<ta
 its per-case metrics; a rerun skips finished cells and so resumes an interrupted study. Several
 processes may work on one output folder at the same time: each claims a cell with a lock
 (``medseg3d.io.lock``) and skips the cells others hold, so two processes use two cores.
-``medseg3d.experiments.ranking`` turns the cells into the report.
+The records and their files are in ``experiments.records``, which cases each cell trains and is
+tested on in ``experiments.folds``; ``medseg3d.experiments.ranking`` turns the cells into the
+report.
 
 An experiment, not part of the core flow: it drives ``medseg3d.training.loop`` and ``medseg3d.api``
 the way a user would, and nothing in the core imports it (the CLI loads it for ``compare``).
@@ -30,22 +32,19 @@ the way a user would, and nothing in the core imports it (the CLI loads it for `
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg3d.api import load_model
 from medseg3d.config import (
-    Augment,
     InferenceConfig,
     NetworkConfig,
     OptionValue,
@@ -53,182 +52,35 @@ from medseg3d.config import (
     PlanOverrides,
     Scalar,
     TrainConfig,
-    load_model_file,
 )
-from medseg3d.datasets.folder import Case, find_cases, held_out_cases, load_spec, read_case
+from medseg3d.config_files import load_model_file
+from medseg3d.datasets.folder import Case, load_spec, read_case
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation.metrics import evaluate_case
+from medseg3d.experiments.folds import extra_cases, fold_dataset, labelled_cases, make_folds, sweep_split
+from medseg3d.experiments.records import (
+    CaseScore,
+    Cell,
+    Fold,
+    Protocol,
+    Stage,
+    cell_path,
+    load_cell,
+    run_folder,
+    write_folds,
+    write_protocol,
+)
 from medseg3d.io.atomic import write_text_atomic
 from medseg3d.io.lock import output_locks
 from medseg3d.networks import build_network, network_traits
+from medseg3d.runs import RunFolder
 from medseg3d.training.loop import train
 
-__all__ = [
-    "CaseScore",
-    "Cell",
-    "Fold",
-    "Protocol",
-    "Record",
-    "cell_path",
-    "check_protocol",
-    "make_folds",
-    "run_folder",
-    "run_protocol",
-]
+__all__ = ["chosen_settings", "final_cells", "has_sweep", "run_cell", "run_protocol",
+           "score_case", "sweep_cells", "sweep_done"]
 
-Stage = Literal["sweep", "final"]
 # Seconds between "waiting for another process's sweep cell" log lines.
 WAIT_LOG_S = 60.0
-
-
-class Record(BaseModel):
-    """A frozen record of the study (cells, folds, the report)."""
-
-    # HD95 can be NaN/inf: written as "NaN"/"Infinity" strings, as in metrics.json.
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
-
-
-class Protocol(Record):
-    """Everything that defines a comparison; a folder holds one protocol and refuses another."""
-
-    dataset: str
-    networks: list[str] = Field(min_length=1)
-    options: dict[str, dict[str, OptionValue]] = Field(default_factory=dict)
-    steps: int = Field(ge=1)
-    seeds: list[int] = Field(min_length=1)
-    num_folds: int = Field(default=5, ge=2)
-    learning_rates: list[float] = Field(default=[1e-3], min_length=1)
-    weight_decays: list[float] = Field(default=[1e-5], min_length=1)
-    sweep_steps: int = Field(default=0, ge=0)  # 0: no sweep, the first grid point everywhere
-    validation_share: float = Field(default=0.34, gt=0, lt=1)
-    extra_tests: list[str] = Field(default_factory=list)
-    plan_overrides: PlanOverrides = Field(default_factory=PlanOverrides)
-    augment: Augment = "strong"
-    device: str = "auto"
-
-    @field_validator("networks", "seeds", "learning_rates", "weight_decays", "extra_tests")
-    @classmethod
-    def _no_repeats(cls, values: list[Any]) -> list[Any]:
-        if len(set(values)) != len(values):  # a repeat would count as a missing cell forever
-            raise ValueError(f"repeats a value: {values}")
-        return values
-
-
-class Fold(Record):
-    """Training and test case ids of one fold; ``extra`` when the extra test sets belong to it."""
-
-    index: int
-    train: list[str]
-    test: list[str]
-    extra: bool
-
-
-class CaseScore(Record):
-    """One test case of one cell: metrics averaged over the scored classes, and per class."""
-
-    case: str
-    test_set: str  # "fold", "validation" or the extra set's folder name
-    dice: float
-    hd95_mm: float
-    nsd: float
-    classes: dict[str, dict[str, float]]
-
-
-class Cell(Record):
-    """One finished training run and its test predictions."""
-
-    stage: Stage
-    network: str
-    options: dict[str, OptionValue]
-    learning_rate: float
-    weight_decay: float
-    seed: int
-    fold: int
-    train_cases: list[str]
-    parameters: int
-    input_size: tuple[int, int, int]
-    gflops_per_forward: float
-    steps: int
-    train_seconds: float
-    predict_seconds_per_case: float
-    device: str
-    cases: list[CaseScore]
-
-
-def _tag(value: float) -> str:
-    return f"{value:g}"
-
-
-def cell_path(output: Path, stage: Stage, network: str, lr: float, wd: float, seed: int,
-              fold: int) -> Path:
-    """Where a cell's JSON lives (its existence means the cell is finished)."""
-    return (output / "cells" / stage / network /
-            f"lr{_tag(lr)}_wd{_tag(wd)}_seed{seed}_fold{fold}.json")
-
-
-def run_folder(output: Path, stage: Stage, network: str, tag: str) -> Path:
-    """The training run of the cell whose JSON is named ``tag``.json."""
-    return output / "runs" / stage / network / tag
-
-
-def labelled_cases(dataset: Path) -> tuple[list[Case], list[Case]]:
-    """Training cases and labelled test cases (``imagesTs``/``labelsTs``) of a dataset."""
-    spec = load_spec(dataset)
-    return find_cases(dataset, spec), held_out_cases(dataset, spec) or []
-
-
-def make_folds(train_cases: Sequence[Case], test_cases: Sequence[Case], num_folds: int,
-               seed: int = 0) -> list[Fold]:
-    """Fold 0 = the dataset's test cases; the training cases spread over the other folds."""
-    ids = [c.case_id for c in train_cases]
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    groups = num_folds - 1 if test_cases else num_folds
-    groups = max(1, min(groups, len(order)))
-    chunks = [order[i::groups] for i in range(groups)]
-    if test_cases:
-        chunks.insert(0, [c.case_id for c in test_cases])
-    everyone = [*ids, *(c.case_id for c in test_cases)]
-    if len(chunks) < 2:
-        raise MedsegError(f"{len(everyone)} labelled case(s) cannot be cross-validated")
-    return [Fold(index=i, train=[c for c in everyone if c not in chunk], test=sorted(chunk),
-                 extra=i == 0 and bool(test_cases)) for i, chunk in enumerate(chunks)]
-
-
-def sweep_split(fold: Fold, share: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Training and validation case ids of the sweep, from fold 0's training cases."""
-    order = [fold.train[i] for i in np.random.default_rng(seed).permutation(len(fold.train))]
-    count = min(len(order) - 1, max(1, round(share * len(order))))
-    if count < 1:
-        raise MedsegError("the sweep needs at least two training cases in fold 0")
-    return sorted(order[count:]), sorted(order[:count])
-
-
-def fold_dataset(source: Path, cases: Sequence[Case], target: Path) -> Path:
-    """A dataset folder of ``cases`` only, as symbolic links into ``source`` (rebuilt each time)."""
-    spec = json.loads((source / "dataset.json").read_text())
-    if target.exists():
-        shutil.rmtree(target)
-    ending = load_spec(source).file_ending
-    training = []
-    for case in cases:
-        for kind, src in (("labels", case.label), *(("images", p) for p in case.images)):
-            folder = target / f"{kind}Tr"
-            folder.mkdir(parents=True, exist_ok=True)
-            name = f"{case.case_id}{ending}" if case.channels_in_file and kind == "images" \
-                else src.name
-            (folder / name).symlink_to(src.resolve())
-        tissues = source / "tissuesTr" / f"{case.case_id}{ending}"
-        if tissues.is_file():
-            (target / "tissuesTr").mkdir(exist_ok=True)
-            (target / "tissuesTr" / tissues.name).symlink_to(tissues.resolve())
-        training.append({"image": f"./imagesTr/{case.case_id}{ending}",
-                         "label": f"./labelsTr/{case.case_id}{ending}"})
-    spec["numTraining"] = len(cases)
-    spec.pop("test", None)
-    if spec.get("training"):  # Decathlon layout: 4D images listed in dataset.json
-        spec["training"] = training
-    write_text_atomic(target / "dataset.json", json.dumps(spec, indent=2) + "\n")
-    return target
 
 
 def network_options(protocol: Protocol, name: str) -> dict[str, OptionValue]:
@@ -304,7 +156,7 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
     network = NetworkConfig(name=name, options=network_options(protocol, name))
     seconds = _train_cell(protocol, network, lr, wd, seed, steps, data, run,
                           lambda text: log(f"{name} {target.stem}: {text}"))
-    model = load_model(run / "checkpoint_final.safetensors", protocol.device)
+    model = load_model(RunFolder(run).weights("final"), protocol.device)
     plan = load_model_file(Plan, run / "plan.json")
     parameters, gflops = network_cost(
         build_network(name, plan.num_channels, plan.num_classes, **network.options),
@@ -330,31 +182,6 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
     return cell
 
 
-def load_cell(path: Path) -> Cell:
-    """Read a cell's JSON."""
-    return load_model_file(Cell, path)
-
-
-def extra_cases(protocol: Protocol, folds: list[Fold]) -> dict[str, list[Case]]:
-    """The labelled cases of each extra test set, checked against the dataset."""
-    labels = load_spec(protocol.dataset).labels
-    if protocol.extra_tests and not any(f.extra for f in folds):
-        raise MedsegError("extra test sets derive from the dataset's test cases, but it has no "
-                          "imagesTs/labelsTs to hold out", Path(protocol.dataset))
-    extra: dict[str, list[Case]] = {}
-    for folder in map(Path, protocol.extra_tests):
-        if folder.name in extra or folder.name in ("fold", "validation"):
-            raise MedsegError("two extra test sets share this folder name", folder)
-        spec = load_spec(folder)
-        if spec.labels != labels:
-            raise MedsegError(f"labels {spec.labels} differ from the dataset's {labels}", folder)
-        cases = held_out_cases(folder, spec)
-        if not cases:
-            raise MedsegError("extra test set has no labelled cases in imagesTs/labelsTs", folder)
-        extra[folder.name] = cases
-    return extra
-
-
 def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: float,
                  wd: float, seed: int, fold: int, train_cases: list[Case],
                  tests: dict[str, list[Case]], log: Callable[[str], None]) -> None:
@@ -367,7 +194,6 @@ def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: 
         claim.enter_context(output_locks([path]))
     except MedsegError:
         return  # another process holds it
-        return
     with claim:
         if path.is_file():  # finished by another process between the check and the lock
             return
@@ -402,40 +228,6 @@ def chosen_settings(protocol: Protocol, output: Path) -> dict[str, tuple[float, 
         best = max(cells, key=_validation_dice)
         chosen[name] = (best.learning_rate, best.weight_decay)
     return chosen
-
-
-def write_protocol(protocol: Protocol, output: Path) -> None:
-    """Save ``protocol.json``; a folder holding a different protocol is refused."""
-    path = output / "protocol.json"
-    output.mkdir(parents=True, exist_ok=True)
-    with output_locks([path]):  # two first runs must not both find the folder empty
-        if not path.is_file():
-            write_text_atomic(path, protocol.model_dump_json(indent=2) + "\n")
-            return
-    saved = load_model_file(Protocol, path)
-    if saved != protocol:
-        changed = sorted(k for k in Protocol.model_fields
-                         if getattr(saved, k) != getattr(protocol, k))
-        raise MedsegError(f"folder holds a comparison with another protocol (differs in "
-                          f"{', '.join(changed)}); choose another --output", output)
-
-
-def check_protocol(protocol: Protocol, output: Path) -> None:
-    """Refuse a folder that holds no comparison, or one with another protocol."""
-    if not (output / "protocol.json").is_file():
-        raise MedsegError("no comparison here (protocol.json missing)", output)
-    write_protocol(protocol, output)
-
-
-def write_folds(folds: list[Fold], output: Path) -> None:
-    """Save ``folds.json``; folds that changed under finished cells (cases added or removed
-    from the dataset) are refused."""
-    path = output / "folds.json"
-    text = json.dumps([f.model_dump() for f in folds], indent=2) + "\n"
-    if path.is_file() and path.read_text() != text:
-        raise MedsegError("the dataset's cases changed since this comparison started, so its "
-                          "folds would too; choose another --output", path)
-    write_text_atomic(path, text)
 
 
 def run_protocol(protocol: Protocol, output: str | Path,

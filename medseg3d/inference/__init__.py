@@ -1,2 +1,2 @@
-"""From a scan to a label map: preprocessing, the sliding-window engine, precision,
-postprocessing and corrections."""
+"""From a scan to a label map: the execution plan (device, precision, memory; decided once),
+preprocessing, the sliding-window engine, postprocessing and corrections."""

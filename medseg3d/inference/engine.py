@@ -4,15 +4,13 @@ Contract (shared by ``predict``, validation during training and the napari plugi
 ``image`` is a float tensor ``(C, D, H, W)`` on the CPU, already preprocessed; the result is on the
 CPU: class labels ``(D, H, W)`` (``torch.uint8`` when they fit, else ``int16``) or softmax
 probabilities ``(K, D, H, W)`` float32. Volumes smaller than the window are padded with zeros
-(as training pads its patches) and cropped back.
+(as training pads its patches) and cropped back. ``Windows`` says where the windows lie and how
+they are combined, ``ExecutionPlan`` where and how they run; the engine decides neither.
 
 How it works (after nnU-Net's ``sliding_window_prediction.py``):
 
-* Window starts are spread evenly along each axis so that the last window ends exactly at the
-  border; the step is at most ``window * (1 - overlap)`` (``grid="monai"``: MONAI's positions).
-* Each window's logits are weighted by a Gaussian (sigma = window / 8 as in nnU-Net, centred,
-  peak 1, floored at ``min_weight`` = 1e-3 like MONAI's ``compute_importance_map`` so that the
-  results match MONAI's; ``min_weight=0`` gives nnU-Net's weights) and summed.
+* Window starts and Gaussian weights: see ``windows.py``. Each window's logits are weighted by
+  the Gaussian and summed.
 * Labels are the argmax of the weighted logit sum: dividing by the positive weight sum does not
   change an argmax, so no weight sum is kept. Probabilities are the softmax of the weighted mean
   logits (the weight sum is then accumulated as one extra channel). This is nnU-Net's
@@ -26,187 +24,76 @@ How it works (after nnU-Net's ``sliding_window_prediction.py``):
   times classes, not with the volume times classes.
 * Mirroring TTA averages the logits over *all* combinations of ``mirror_axes`` (nnU-Net's choice):
   ``2 ** len(mirror_axes)`` forward passes per window.
-* ``amp_dtype``: autocast the forward passes to this dtype (None: fp32); callers take it from
-  ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA. On a CPU a
-  network module runs as a bf16 channels-last copy, one window at a time, instead of under
+* ``amp_dtype``: autocast the forward passes to this dtype (None: fp32); ``plan_execution`` takes
+  it from ``precision.autocast_dtype``: bf16 on CPUs that compute it natively, fp16 on CUDA. On a
+  CPU a network module runs as a bf16 channels-last copy, one window at a time, instead of under
   autocast (``precision.cpu_bf16_network``; same labels on 99.99 % of voxels).
 * On CUDA: accumulation on the GPU when the ring takes
   at most 40% of the free memory (``accumulate_on="auto"``), else on the CPU. Out of memory in a
   forward pass, the same windows run again in half the batch, and the rest of the volume keeps
   that batch; out of memory with the accumulator on the GPU, the volume starts again with it in
-  host memory. ``limits`` (a ``DeviceLimits``) remembers both, so the next volume starts there;
-  out of memory at one window per batch is a one-line ``MedsegError``.
+  host memory. The plan's ``limits`` (a ``DeviceLimits``) remember both, so the next volume
+  starts there; out of memory at one window per batch is a one-line ``MedsegError``.
 * ``progress(done, total)`` counts windows (not forward passes) and never goes back, retries
   included; ``should_stop()`` is asked before each batch and raises ``Cancelled``.
 * ``streaming=False`` accumulates the whole volume before finalising it (a reference for tests);
-  ``estimate_memory_bytes`` tells callers what a run will take before it starts.
+  ``footprint.estimate_memory_bytes`` tells callers what a run will take before it starts.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.inference.devices import free_device_memory, release_device_memory
+from medseg3d.inference.devices import release_device_memory
+from medseg3d.inference.footprint import accumulator_bytes
+from medseg3d.inference.plan import DeviceLimits, ExecutionPlan, accumulates_on_device
 from medseg3d.inference.precision import cpu_bf16_network
+from medseg3d.inference.windows import (
+    Output,
+    Windows,
+    gaussian_importance,
+    pad_to_window,
+    window_starts,
+)
 
-__all__ = [
-    "DeviceLimits",
-    "estimate_memory_bytes",
-    "gaussian_importance",
-    "sliding_window",
-    "window_starts",
-]
+__all__ = ["argmax_into", "sliding_window"]
 
 Progress = Callable[[int, int], None]
-Output = Literal["labels", "probabilities"]
-AccumulateOn = Literal["auto", "device", "cpu"]
-Grid = Literal["nnunet", "monai"]
-Average = Literal["logits", "probabilities"]
-
-_SIGMA_SCALE = 1 / 8
-# "auto" keeps the accumulator on the GPU only if it takes at most this share of the free memory;
-# the rest is left to the network's activations.
-_DEVICE_SHARE = 0.4
-
-
-@dataclass
-class DeviceLimits:
-    """What a device showed it can hold; share one across calls so later volumes start there."""
-
-    batch_size: int | None = None  # largest window batch known to fit, after an out-of-memory
-    accumulate_on_device: bool = True  # False once the accumulator did not fit on the GPU
-
-
-def window_starts(size: int, window: int, overlap: float, grid: Grid = "nnunet") -> list[int]:
-    """Start indices of windows along one axis; the last window ends exactly at ``size``.
-
-    ``"nnunet"`` spreads the steps evenly (each at most ``window * (1 - overlap)``); ``"monai"``
-    reproduces ``sliding_window_inference``: a fixed step, the last window moved back to the border.
-    """
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if size <= window:
-        return [0]
-    if grid == "monai":
-        step = max(1, int(window * (1 - overlap)))
-        return [min(i * step, size - window) for i in range(math.ceil((size - window) / step) + 1)]
-    count = math.ceil((size - window) / (window * (1 - overlap))) + 1
-    spread = (size - window) / (count - 1)
-    return [round(spread * i) for i in range(count)]
-
-
-def gaussian_importance(
-    window: tuple[int, ...],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    min_weight: float = 1e-3,
-) -> torch.Tensor:
-    """Gaussian importance map of ``window`` (sigma = size / 8, peak 1); do not modify it.
-
-    Cached in host memory only (a GPU copy is made per call), so no GPU memory is held for good.
-    """
-    return _gaussian_on_cpu(tuple(int(w) for w in window), min_weight).to(device=device,
-                                                                         dtype=dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def _gaussian_on_cpu(window: tuple[int, ...], min_weight: float) -> torch.Tensor:
-    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
-        weights = torch.ones((), dtype=torch.float64)
-        for size in window:
-            # centred between the two middle voxels for even sizes, like MONAI
-            x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-            weights = weights[..., None] * torch.exp(-(x**2) / (2 * (size * _SIGMA_SCALE) ** 2))
-        return weights.clamp_(min=min_weight).float()
-
-
-def estimate_memory_bytes(
-    shape: Sequence[int],
-    num_classes: int,
-    window: Sequence[int],
-    batch_size: int,
-    output: Output,
-    streaming: bool = True,
-) -> int:
-    """Bytes the engine itself allocates for ``shape`` ((C,) D, H, W), without the network's own.
-
-    Counts the accumulator, the output, a padded copy of the image if it is smaller than the
-    window, one batch of inputs and logits (without mirroring) and the finalisation temporaries.
-    With ``accumulate_on="device"`` on a GPU the accumulator and batch live in GPU memory instead.
-    """
-    channels, spatial = (shape[0], tuple(shape[1:])) if len(shape) == 4 else (1, tuple(shape))
-    if len(spatial) != 3 or len(window) != 3:
-        raise ValueError(f"expected a 3-D shape and window, got {tuple(shape)} and {tuple(window)}")
-    padded = [max(s, w) for s, w in zip(spatial, window, strict=True)]
-    cross = padded[1] * padded[2]
-    rows = window[0] if streaming else padded[0]
-    win_voxels = math.prod(window)
-    f32 = 4
-    accumulator = accumulator_bytes(spatial, num_classes, window, output, streaming)
-    if output == "labels":
-        out = math.prod(spatial) * (1 if num_classes <= 256 else 2)
-        finalise = rows * cross * 5  # running maximum and mask of the argmax over finished rows
-    else:
-        out = num_classes * math.prod(spatial) * f32
-        finalise = 3 * rows * cross * f32  # weight-sum reciprocal, max and sum over classes
-    pad_copy = channels * math.prod(padded) * f32 if padded != list(spatial) else 0
-    batch = batch_size * (channels + 2 * num_classes) * win_voxels * f32
-    gaussian = win_voxels * f32
-    return int(accumulator + out + finalise + pad_copy + batch + gaussian)
-
-
-def accumulator_bytes(spatial: Sequence[int], num_classes: int, window: Sequence[int],
-                      output: Output, streaming: bool = True) -> int:
-    """Bytes of the accumulator (a ring of window-depth rows when streaming) for a volume."""
-    padded = [max(s, w) for s, w in zip(spatial, window, strict=True)]
-    rows = window[0] if streaming else padded[0]
-    channels = num_classes + (output == "probabilities")  # probabilities add the weight sum
-    return channels * rows * padded[1] * padded[2] * 4
 
 
 def sliding_window(
     network: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
-    *,
-    window: Sequence[int],
+    windows: Windows,
     num_classes: int,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    mirror_axes: Sequence[int] = (),
-    device: torch.device | str = "cpu",
+    execution: ExecutionPlan | None = None,
+    *,
     output: Output = "labels",
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
-    accumulate_on: AccumulateOn = "auto",
-    amp_dtype: torch.dtype | None = None,
-    average: Average = "logits",
-    min_weight: float = 1e-3,
-    grid: Grid = "nnunet",
-    streaming: bool = True,
-    limits: DeviceLimits | None = None,
 ) -> torch.Tensor:
-    """Gaussian-weighted sliding-window prediction of ``image``; see the module docstring."""
-    window = tuple(int(w) for w in window)
-    _check_arguments(image, window, num_classes, overlap, batch_size, mirror_axes, output,
-                     average, grid)
-    device = torch.device(device)
+    """Gaussian-weighted sliding-window prediction of ``image``; see the module docstring.
+
+    ``execution`` defaults to fp32 on the CPU, two windows per batch.
+    """
+    execution = execution if execution is not None else ExecutionPlan()
+    window = tuple(int(w) for w in windows.size)
+    batch_size, device, amp_dtype = execution.batch_size, execution.device, execution.amp_dtype
+    _check_arguments(image, window, num_classes, windows, batch_size, output)
     i, j, k = window
     input_dtype = None
     if amp_dtype == torch.bfloat16 and device.type == "cpu" and isinstance(network, nn.Module):
         network, input_dtype, amp_dtype = cpu_bf16_network(network), torch.bfloat16, None
         batch_size = 1  # its norms run one window at a time; batching gained nothing on a CPU
-    settings = _Pass((i, j, k), num_classes, overlap, tuple(mirror_axes), device, amp_dtype,
-                     average, min_weight, grid, streaming, input_dtype)
+    settings = _Pass((i, j, k), num_classes, windows, device, amp_dtype, execution.streaming,
+                     input_dtype)
     spatial = tuple(image.shape[1:])
     # allocated outside inference mode so that callers may modify the result in place
     if output == "labels":
@@ -223,9 +110,10 @@ def sliding_window(
             reported = done
             progress(done, total)
 
-    limits = limits if limits is not None else DeviceLimits()
+    limits = execution.limits
     on_device = limits.accumulate_on_device and accumulates_on_device(
-        accumulate_on, device, accumulator_bytes(spatial, num_classes, window, output, streaming))
+        execution.accumulate_on, device,
+        accumulator_bytes(spatial, num_classes, window, output, execution.streaming))
     while True:
         try:
             with torch.inference_mode():
@@ -246,21 +134,20 @@ def sliding_window(
 
 
 def _check_arguments(image: torch.Tensor, window: tuple[int, ...], num_classes: int,
-                     overlap: float, batch_size: int, mirror_axes: Sequence[int], output: str,
-                     average: str, grid: str) -> None:
+                     windows: Windows, batch_size: int, output: str) -> None:
     """ValueError naming the first argument of ``sliding_window`` that is out of range."""
     if image.ndim != 4 or len(window) != 3:
         raise ValueError(f"expected image (C, D, H, W) and a 3-D window, got {tuple(image.shape)}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if not 0 <= windows.overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {windows.overlap}")
     if batch_size < 1 or num_classes < 1 or min(window) < 1:
         raise ValueError("batch_size, num_classes and window sizes must be positive")
-    if any(axis not in (0, 1, 2) for axis in mirror_axes):
-        raise ValueError(f"mirror_axes are spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
-    if average not in ("logits", "probabilities"):
-        raise ValueError(f"average must be 'logits' or 'probabilities', got {average!r}")
-    if grid not in ("nnunet", "monai"):
-        raise ValueError(f"grid must be 'nnunet' or 'monai', got {grid!r}")
+    if any(axis not in (0, 1, 2) for axis in windows.mirror_axes):
+        raise ValueError(f"mirror_axes are spatial axes 0, 1, 2; got {tuple(windows.mirror_axes)}")
+    if windows.average not in ("logits", "probabilities"):
+        raise ValueError(f"average must be 'logits' or 'probabilities', got {windows.average!r}")
+    if windows.grid not in ("nnunet", "monai"):
+        raise ValueError(f"grid must be 'nnunet' or 'monai', got {windows.grid!r}")
     if output not in ("labels", "probabilities"):
         raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
 
@@ -271,42 +158,11 @@ class _Pass:
 
     window: tuple[int, int, int]
     num_classes: int
-    overlap: float
-    mirror_axes: tuple[int, ...]
+    windows: Windows  # overlap, grid, mirror axes, averaging and Gaussian floor
     device: torch.device  # where the network runs
     amp_dtype: torch.dtype | None
-    average: Average
-    min_weight: float
-    grid: Grid
     streaming: bool
     input_dtype: torch.dtype | None = None  # windows cast to it (a cpu_bf16_network's dtype)
-
-
-def accumulates_on_device(accumulate_on: AccumulateOn, device: torch.device,
-                          ring_bytes: int) -> bool:
-    """Whether the accumulator lives on ``device`` (only ever True off the CPU if asked/fits)."""
-    if accumulate_on not in ("auto", "device", "cpu"):
-        raise ValueError(f"accumulate_on must be 'auto', 'device' or 'cpu', got {accumulate_on!r}")
-    if accumulate_on != "auto" or device.type != "cuda":
-        return accumulate_on == "device"
-    return ring_bytes <= _DEVICE_SHARE * free_device_memory(device)
-
-
-def _pad_to_window(image: torch.Tensor, window: tuple[int, int, int]
-                   ) -> tuple[torch.Tensor, tuple[int, ...], list[int]]:
-    """Zero-pad ``(C, D, H, W)`` to at least ``window``, split evenly as MONAI does.
-
-    Returns the padded image, its spatial shape and the padding before each axis.
-    """
-    spatial = tuple(image.shape[1:])
-    padded = tuple(max(s, w) for s, w in zip(spatial, window, strict=True))
-    before = [(p - s) // 2 for p, s in zip(padded, spatial, strict=True)]  # MONAI's split
-    if padded != spatial:
-        pad = []
-        for b, p, s in reversed(list(zip(before, padded, spatial, strict=True))):
-            pad += [b, p - s - b]
-        image = F.pad(image, pad)  # zeros, as training pads its patches (augmentation.PAD_VALUE)
-    return image, padded, before
 
 
 def _run(
@@ -323,18 +179,19 @@ def _run(
 ) -> None:
     """One full pass over the volume, writing into ``result``; halves the batch on out of memory."""
     window, num_classes, device = settings.window, settings.num_classes, settings.device
-    average, streaming = settings.average, settings.streaming
+    average, streaming = settings.windows.average, settings.streaming
     spatial = tuple(image.shape[1:])
-    image, padded, before = _pad_to_window(image, window)
-    starts = [window_starts(p, w, settings.overlap, settings.grid)
+    image, padded, before = pad_to_window(image, window)
+    starts = [window_starts(p, w, settings.windows.overlap, settings.windows.grid)
               for p, w in zip(padded, window, strict=True)]
     windows = list(itertools.product(*starts))  # sorted by D start: needed for streaming
     total = len(windows)
 
-    mirror_axes = settings.mirror_axes
+    mirror_axes = tuple(settings.windows.mirror_axes)
     flips = [dims for r in range(1, len(mirror_axes) + 1)
              for dims in itertools.combinations([a + 2 for a in sorted(set(mirror_axes))], r)]
-    gauss = gaussian_importance(window, device, min_weight=settings.min_weight)  # where logits are
+    # where the logits are
+    gauss = gaussian_importance(window, device, min_weight=settings.windows.min_weight)
     # probabilities need the weight sum (one more channel); labels, an argmax, do not
     channels = num_classes + (result.ndim == 4)
     ring_rows = window[0] if streaming else padded[0]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medseg3d.config import ChannelNorm, Plan
 from medseg3d.errors import MedsegError
+from medseg3d.io.orientation import canonical_orientation, from_canonical, reorient
 from medseg3d.io.volumes import Volume, label_dtype
 
 # The largest plan grid a volume may be resampled to (8 GiB per float32 channel). Beyond it the
@@ -38,16 +38,6 @@ class GridTransform:
     @property
     def resampled(self) -> bool:
         return self.plan_shape != self.canonical_shape
-
-
-def canonical_orientation(affine: np.ndarray) -> np.ndarray:
-    """Orientation transform from the affine's voxel axes to the closest RAS axes."""
-    return nib.orientations.io_orientation(affine)
-
-
-def reorient(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Apply an orientation transform to the first three axes of ``array`` (channels stay last)."""
-    return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
 
 
 def plan_grid(volume: Volume, spacing: tuple[float, float, float]) -> GridTransform:
@@ -184,16 +174,11 @@ def restore_labels(classes: torch.Tensor, grid: GridTransform, plan: Plan) -> np
         table = values.astype(dtype)
         for start in range(0, canonical.shape[0], 16):
             labels[start:start + 16] = table[canonical[start:start + 16]]
-    return reorient(labels, _inverse(grid.to_canonical))
+    return reorient(labels, from_canonical(grid.to_canonical))
 
 
 def restore_probabilities(probabilities: torch.Tensor, grid: GridTransform) -> np.ndarray:
     """``(K, X, Y, Z)`` probabilities on the plan grid -> ``(i, j, k, K)`` on the original grid."""
     canonical = resize(probabilities, grid.canonical_shape).clamp_(0, 1)
     channels_last = np.moveaxis(canonical.numpy(), 0, 3)
-    return reorient(channels_last, _inverse(grid.to_canonical)).astype(np.float32)
-
-
-def _inverse(ornt: np.ndarray) -> np.ndarray:
-    # io_orientation maps original -> RAS; this maps RAS back to the original axes.
-    return nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return reorient(channels_last, from_canonical(grid.to_canonical)).astype(np.float32)

@@ -4,15 +4,16 @@ Two readers, each for what it does best:
 
 * **pydicom** reads the headers only (``stop_before_pixels``, and only the tags used here). It
   finds the series (``series_in``), orders the slices along their normal and checks the geometry
-  before a single voxel is decoded. SimpleITK's ``GetGDCMSeriesIDs`` / ``GetGDCMSeriesFileNames``
-  were the alternative, but they decide silently: they sort by position, else by instance number,
-  else by file name, pass over files they cannot parse, and give no tags to explain a refusal
-  (modality, description, image type). A missing slice, a localizer or a gantry tilt would become a
-  wrong volume instead of an error naming the file.
+  (``dicom_geometry``) before a single voxel is decoded. SimpleITK's ``GetGDCMSeriesIDs`` /
+  ``GetGDCMSeriesFileNames`` were the alternative, but they decide silently: they sort by
+  position, else by instance number, else by file name, pass over files they cannot parse, and
+  give no tags to explain a refusal (modality, description, image type). A missing slice, a
+  localizer or a gantry tilt would become a wrong volume instead of an error naming the file.
 * **SimpleITK** (GDCM) decodes the voxels of the files in that order: it reads JPEG, JPEG-LS,
   JPEG 2000 and RLE without further Python packages, applies each slice's own rescale slope and
   intercept (into float32, so that slices with different slopes keep their fractions), and its
-  image goes through the same conversion as every other SimpleITK file (``io.from_sitk``).
+  image goes through the same conversion as every other SimpleITK file
+  (``sitk_images.from_sitk``).
 
 Geometry contract (what ``slice_files`` promises; the DICOM SEG writer pairs frames with source
 instances through it):
@@ -36,9 +37,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +48,12 @@ from pydicom.uid import UID
 
 from medseg3d.errors import MedsegError
 from medseg3d.io import sitk_log
+from medseg3d.io.dicom_geometry import STEP_RTOL, SliceHeader, SliceStack, check_grid, stacked
+from medseg3d.io.memory_limit import refuse_over_limit
+from medseg3d.io.nifti import nifti_header
 from medseg3d.io.paths import not_a_file
-from medseg3d.io.volumes import (
-    SitkGeometry,
-    Volume,
-    check_volume,
-    from_sitk,
-    nifti_header,
-    refuse_over_limit,
-    volume_suffix,
-)
+from medseg3d.io.sitk_images import SitkGeometry, from_sitk
+from medseg3d.io.volumes import Volume, check_volume, volume_suffix
 
 __all__ = ["holds_dicom", "is_dicom_file", "read_series", "series_in", "slice_files"]
 
@@ -66,11 +61,6 @@ _MAGIC_OFFSET = 128  # the 128-byte preamble, then b"DICM"
 _TAGS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "ImageType", "Rows", "Columns",
          "NumberOfFrames", "SamplesPerPixel", "ImagePositionPatient", "ImageOrientationPatient",
          "PixelSpacing"]
-_ORIENTATION_ATOL = 1e-4  # direction cosines; writers keep 6 or more decimals
-_POSITION_ATOL_MM = 0.02  # positions written with 2 decimals still fit
-_STEP_RTOL = 0.01  # slice steps may differ by 1 % of their median (rounded positions)
-_GAP_FACTOR = 1.5  # a step this many medians long means slices are missing
-_MAX_STRAYS = 3  # this few slices of another orientation among many are localizers
 # What GDCM inside SimpleITK decodes (others fail: HTJ2K, JPEG XL, MPEG/H.264/HEVC video ...).
 _DECODED = {
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
@@ -80,34 +70,6 @@ _DECODED = {
 _HEADER_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError,
                   AttributeError, NotImplementedError, struct.error)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """What one file's header says about its place in a series."""
-
-    path: Path
-    series_uid: str
-    modality: str
-    description: str
-    transfer_syntax: str
-    image_type: tuple[str, ...]
-    rows: int
-    columns: int
-    frames: int
-    samples: int  # per pixel: 3 for colour
-    position: tuple[float, ...]  # () where the tag is missing
-    orientation: tuple[float, ...]
-    pixel_spacing: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class _Stack:
-    """A series' slices in volume order and the tolerance on their positions."""
-
-    folder: Path
-    slices: list[_Slice]
-    tolerance_mm: float
 
 
 def is_dicom_file(path: str | Path) -> bool:
@@ -163,10 +125,15 @@ def read_series(folder: Path, series_uid: str | None = None, *,
                           "that the headers declare", stack.folder)
     geometry = SitkGeometry(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
     data, affine = from_sitk(image)
-    _check_grid(stack, _RAS_TO_LPS @ affine)
+    check_grid(stack, _RAS_TO_LPS @ affine)
     data = np.ascontiguousarray(data, dtype=np.float32)
     volume = Volume(data, affine, nifti_header(affine, data.shape), stack.folder, geometry)
     return check_volume(volume, allow_channels=False, source=stack.folder)
+
+
+def _stack(folder: Path, series_uid: str | None) -> SliceStack:
+    """The chosen series, checked and ordered along its normal, with its grid."""
+    return stacked(_chosen(folder, series_uid), folder)
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -211,7 +178,7 @@ def _located(path: Path, series_uid: str | None) -> tuple[Path, str | None]:
     return path.parent, header.series_uid
 
 
-def _images(folder: Path) -> list[_Slice]:
+def _images(folder: Path) -> list[SliceHeader]:
     """The headers of the DICOM images in ``folder``; MedsegError when there are none."""
     files = list(_dicom_files(folder))
     if not files:
@@ -224,14 +191,14 @@ def _images(folder: Path) -> list[_Slice]:
     return slices
 
 
-def _grouped(slices: list[_Slice]) -> dict[str, list[_Slice]]:
-    groups: dict[str, list[_Slice]] = {}
+def _grouped(slices: list[SliceHeader]) -> dict[str, list[SliceHeader]]:
+    groups: dict[str, list[SliceHeader]] = {}
     for s in slices:
         groups.setdefault(s.series_uid, []).append(s)
     return groups
 
 
-def _chosen(folder: Path, series_uid: str | None) -> list[_Slice]:
+def _chosen(folder: Path, series_uid: str | None) -> list[SliceHeader]:
     """The slices of the one series in ``folder``, or of ``series_uid``."""
     groups = _grouped(_images(folder))
     if series_uid is None:
@@ -244,12 +211,12 @@ def _chosen(folder: Path, series_uid: str | None) -> list[_Slice]:
     return groups[series_uid]
 
 
-def _listing(groups: dict[str, list[_Slice]]) -> str:
+def _listing(groups: dict[str, list[SliceHeader]]) -> str:
     return "; ".join(f"{uid or '(no SeriesInstanceUID)'} ({g[0].modality or '?'}, "
                      f"{g[0].description!r}, {len(g)} files)" for uid, g in groups.items())
 
 
-def _header(path: Path, folder: Path) -> _Slice | None:
+def _header(path: Path, folder: Path) -> SliceHeader | None:
     """The header of one DICOM file; None for a DICOM object that is not an image."""
     if not _has_magic(path):
         raise MedsegError(f"{path.name} is not a DICOM file (no 'DICM' marker at byte 128)",
@@ -258,7 +225,7 @@ def _header(path: Path, folder: Path) -> _Slice | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
         if ds.get("Rows") is None or ds.get("Columns") is None:
             return None
-        return _Slice(
+        return SliceHeader(
             path, str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("Modality", "") or ""),
             str(ds.get("SeriesDescription", "") or ""),
             str(ds.file_meta.get("TransferSyntaxUID", "") or ""),
@@ -299,163 +266,14 @@ def _numbers(ds: pydicom.Dataset, keyword: str, count: int, path: Path,
     return numbers
 
 
-# ----------------------------------------------------------------------------- checking geometry
-
-
-def _stack(folder: Path, series_uid: str | None) -> _Stack:
-    """The chosen series, checked and ordered along its normal, with its grid."""
-    slices = _chosen(folder, series_uid)
-    _check_slices(slices, folder)
-    row = np.asarray(slices[0].orientation[:3])
-    column = np.asarray(slices[0].orientation[3:])
-    normal = np.cross(row, column)
-    normal /= np.linalg.norm(normal)
-    ordered = sorted(slices, key=lambda s: float(np.dot(_position(s), normal)))
-    if len(ordered) < 2:
-        raise MedsegError(f"the series has a single slice ({ordered[0].path.name}); a 3D volume "
-                          "needs at least 2", folder)
-    depth = np.array([np.dot(_position(s), normal) for s in ordered])
-    steps = np.diff(depth)
-    median = float(np.median(steps))
-    tolerance = max(_POSITION_ATOL_MM, _STEP_RTOL * median)
-    _check_steps(ordered, depth, steps, median, tolerance, folder)
-    travel = _position(ordered[-1]) - _position(ordered[0])
-    along = float(travel @ normal)
-    drift = float(np.linalg.norm(travel - along * normal))
-    if drift > tolerance:
-        angle = math.degrees(math.atan2(drift, along))
-        raise MedsegError(f"gantry tilt: the slices drift {drift:.3g} mm in-plane over "
-                          f"{along:.4g} mm along their normal, a tilt of {angle:.3g} degrees; "
-                          "resample it onto a regular grid first (dcm2niix corrects tilt)", folder)
-    spacing = ordered[0].pixel_spacing  # [between rows, between columns]
-    affine = np.eye(4)  # as ITK builds it: orthogonal axes, step = first-to-last distance / (n-1)
-    affine[:3, 0] = row * spacing[1]
-    affine[:3, 1] = column * spacing[0]
-    affine[:3, 2] = normal * float(np.linalg.norm(travel)) / (len(ordered) - 1)
-    affine[:3, 3] = _position(ordered[0])
-    stack = _Stack(folder, ordered, tolerance)
-    _check_grid(stack, affine)
-    return stack
-
-
-def _position(s: _Slice) -> np.ndarray:
-    return np.asarray(s.position, dtype=np.float64)
-
-
-def _check_slices(slices: list[_Slice], folder: Path) -> None:
-    """Per-file refusals, then the ones that compare files (orientation, size, pixel spacing)."""
-    for s in slices:
-        if "LOCALIZER" in s.image_type:
-            image_type = "\\".join(s.image_type)
-            raise MedsegError(f"{s.path.name} is a localizer (ImageType {image_type}), not a "
-                              "slice of the volume; move it out of the folder", folder)
-        if s.frames > 1:
-            raise MedsegError(f"{s.path.name} is a multi-frame image ({s.frames} frames); only "
-                              "series of single-frame slices are read", folder)
-        if s.samples > 1:
-            raise MedsegError(f"{s.path.name} is a colour image ({s.samples} samples per pixel); "
-                              "only grey-level series are read", folder)
-        for keyword, value in (("ImagePositionPatient", s.position),
-                               ("ImageOrientationPatient", s.orientation),
-                               ("PixelSpacing", s.pixel_spacing)):
-            if not value:
-                raise MedsegError(f"{s.path.name} has no {keyword}, so its place in the volume "
-                                  "is unknown", folder)
-        row, column = np.asarray(s.orientation[:3]), np.asarray(s.orientation[3:])
-        if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3
-                or abs(row @ column) > 1e-3):
-            raise MedsegError(f"{s.path.name}: ImageOrientationPatient {_shown(s.orientation)} "
-                              "is not two perpendicular unit vectors", folder)
-        if min(s.pixel_spacing) <= 0:
-            raise MedsegError(f"{s.path.name}: PixelSpacing {_shown(s.pixel_spacing)} is not a "
-                              "positive size", folder)
-    _check_orientations(slices, folder)
-    for what, key in (("Rows x Columns", lambda s: f"{s.rows}x{s.columns}"),
-                      ("PixelSpacing", lambda s: _shown(s.pixel_spacing))):
-        values = Counter(key(s) for s in slices)
-        if len(values) > 1:
-            (common, n), *others = values.most_common()
-            odd = next(s for s in slices if key(s) == others[0][0])
-            raise MedsegError(f"slices differ in {what}: {n} files are {common}, "
-                              f"{odd.path.name} is {others[0][0]}", folder)
-
-
-def _check_orientations(slices: list[_Slice], folder: Path) -> None:
-    groups: list[list[_Slice]] = []
-    for s in slices:
-        group = next((g for g in groups if np.allclose(g[0].orientation, s.orientation,
-                                                       atol=_ORIENTATION_ATOL)), None)
-        if group is None:
-            groups.append([s])
-        else:
-            group.append(s)
-    if len(groups) == 1:
-        return
-    groups.sort(key=len, reverse=True)
-    main, strays = groups[0], [s for g in groups[1:] for s in g]
-    if len(strays) <= _MAX_STRAYS and len(main) > 2 * len(strays):
-        raise MedsegError(f"{strays[0].path.name} has ImageOrientationPatient "
-                          f"{_shown(strays[0].orientation)}, unlike the other {len(main)} slices "
-                          f"({_shown(main[0].orientation)}): a localizer? move it out of the "
-                          "folder", folder)
-    found = ", ".join(f"{_shown(g[0].orientation)} ({len(g)} files)" for g in groups)
-    raise MedsegError(f"mixed orientations: the series holds {len(groups)} different "
-                      f"ImageOrientationPatient values, {found}; only a stack of parallel "
-                      "slices is read", folder)
-
-
-def _check_steps(ordered: list[_Slice], depth: np.ndarray, steps: np.ndarray, median: float,
-                 tolerance: float, folder: Path) -> None:
-    """Duplicated slices, then missing ones, then uneven steps."""
-    for k in np.flatnonzero(steps < tolerance):
-        raise MedsegError(f"duplicated slices: {ordered[k].path.name} and "
-                          f"{ordered[k + 1].path.name} are both at {depth[k]:.4g} mm along the "
-                          "slice normal", folder)
-    for k in np.flatnonzero(steps > _GAP_FACTOR * median):
-        missing = max(1, round(steps[k] / median) - 1)
-        raise MedsegError(f"missing slices: a gap of {steps[k]:.4g} mm between "
-                          f"{ordered[k].path.name} and {ordered[k + 1].path.name} where the "
-                          f"slices are {median:.4g} mm apart (about {missing} missing)", folder)
-    if np.abs(steps - median).max() > _STEP_RTOL * median:
-        raise MedsegError(f"non-uniform slice spacing: steps from {steps.min():.4g} to "
-                          f"{steps.max():.4g} mm, more than 1 % from their median {median:.4g} mm",
-                          folder)
-
-
-def _check_grid(stack: _Stack, affine_lps: np.ndarray) -> None:
-    """Every slice where ``affine_lps`` puts it: position, axes and pixel spacing."""
-    axes = affine_lps[:3, :3]
-    sizes = np.linalg.norm(axes, axis=0)
-    for k, s in enumerate(stack.slices):
-        expected = affine_lps @ np.array([0.0, 0.0, k, 1.0])
-        off = float(np.linalg.norm(expected[:3] - _position(s)))
-        if off > stack.tolerance_mm:
-            raise MedsegError(f"{s.path.name}: ImagePositionPatient {_shown(s.position)} is "
-                              f"{off:.3g} mm from where the volume's grid puts slice {k} "
-                              f"({_shown(expected[:3])}), more than {stack.tolerance_mm:.3g} mm",
-                              stack.folder)
-        orientation = np.concatenate([axes[:, 0] / sizes[0], axes[:, 1] / sizes[1]])
-        spacing = (sizes[1], sizes[0])
-        if (not np.allclose(orientation, s.orientation, atol=_ORIENTATION_ATOL)
-                or not np.allclose(spacing, s.pixel_spacing, rtol=1e-4)):
-            raise MedsegError(f"{s.path.name}: ImageOrientationPatient {_shown(s.orientation)} "
-                              f"and PixelSpacing {_shown(s.pixel_spacing)} differ from the "
-                              f"volume's axes {_shown(orientation)} and spacing "
-                              f"{_shown(spacing)}", stack.folder)
-
-
-def _shown(values: Sequence[float] | np.ndarray) -> str:
-    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
-
-
 # ----------------------------------------------------------------------------- decoding voxels
 
 
-def _decode(stack: _Stack) -> sitk.Image:
+def _decode(stack: SliceStack) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in stack.slices])
     reader.SetOutputPixelType(sitk.sitkFloat32)  # each slice's own rescale, fractions kept
-    reader.SetSpacingWarningRelThreshold(2 * _STEP_RTOL)  # steps were checked above
+    reader.SetSpacingWarningRelThreshold(2 * STEP_RTOL)  # steps were checked above
     try:
         with sitk_log.about(stack.folder):
             return reader.Execute()
@@ -463,7 +281,7 @@ def _decode(stack: _Stack) -> sitk.Image:
         raise MedsegError(_decode_failure(stack, exc), stack.folder) from exc
 
 
-def _decode_failure(stack: _Stack, exc: RuntimeError) -> str:
+def _decode_failure(stack: SliceStack, exc: RuntimeError) -> str:
     syntaxes = sorted({s.transfer_syntax for s in stack.slices})
     compressed = [uid for uid in syntaxes if uid and UID(uid).is_compressed]
     if not compressed:

@@ -9,49 +9,32 @@ Array / affine contract (written once, used everywhere):
   contract on read and converted back on write.
 * ``Volume.header`` is the NIfTI header as read (or synthesised for SimpleITK files). Label maps
   are written with a copy of it, so the sform, qform and their codes are preserved byte for byte.
+
+Each format's own reading lives beside this module: ``nifti`` (NIfTI header checks),
+``sitk_images`` (NRRD and MetaImage through SimpleITK) and ``dicom`` (series of slices).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import logging
-import math
-import warnings
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nibabel.arrayproxy import ArrayProxy
 
 from medseg3d.errors import MedsegError
 from medseg3d.io import sitk_log
 from medseg3d.io.atomic import atomic_files, atomic_path
-from medseg3d.io.itk_headers import check_metaimage_data, data_files
-from medseg3d.io.paths import confined
+from medseg3d.io.nifti import nifti_header, nifti_image, read_nifti
+from medseg3d.io.sitk_images import SitkGeometry, read_sitk, to_sitk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 # Formats whose header names a separate data file (written as a pair, read only from its folder).
 DETACHED_SUFFIXES = (".nhdr", ".mhd")
-
-# LPS (ITK) <-> RAS (NIfTI): flip the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class SitkGeometry:
-    """Exact ITK geometry of a file read with SimpleITK, kept to write labels back identically."""
-
-    origin: tuple[float, ...]
-    spacing: tuple[float, ...]
-    direction: tuple[float, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,38 +114,13 @@ def read_volume(path: str | Path, *, allow_channels: bool = False,
                           "or DICOM (.dcm, or 'DICM' at byte 128)", path)
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
-    reader = _read_nifti if suffix in NIFTI_SUFFIXES else _read_sitk
-    volume = reader(path, max_bytes)
+    if suffix in NIFTI_SUFFIXES:
+        data, affine, header = read_nifti(path, max_bytes)
+        volume = Volume(data, affine, header, path)
+    else:
+        data, affine, geometry = read_sitk(path, max_bytes)
+        volume = Volume(data, affine, nifti_header(affine, data.shape), path, geometry)
     return check_volume(volume, allow_channels=allow_channels, source=path)
-
-
-def _check_sitk_pixels(reader: sitk.ImageFileReader, path: Path, max_bytes: int | None) -> None:
-    """MedsegError for what the header ``reader`` has read declares that we cannot read right:
-    complex voxels (their imaginary part would be dropped), more bytes than ``max_bytes``."""
-    complex_name = _SITK_COMPLEX.get(reader.GetPixelID())
-    if complex_name:  # NRRD "kinds: complex"; a MetaImage cannot say it, it has 2 float channels
-        raise MedsegError(f"voxel type {complex_name} is not supported (expected integers or "
-                          "floats)", path)
-    if max_bytes is not None:
-        shape = (*reader.GetSize(), reader.GetNumberOfComponents())
-        refuse_over_limit(path, shape, _sitk_itemsize(reader), max_bytes)
-
-
-_SITK_COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
-
-
-def refuse_over_limit(path: Path, shape: tuple[int, ...], itemsize: int, max_bytes: int) -> None:
-    """Reading stores the voxels and their float32 copy: refuse when that exceeds ``max_bytes``."""
-    need = math.prod(shape) * (itemsize + 4)  # Python ints: a hostile shape overflows int64
-    if need > max_bytes:
-        raise MedsegError(f"reading it needs about {_human(need)} (its header declares shape "
-                          f"{shape}), more than the memory limit of {_human(max_bytes)}", path)
-
-
-def _sitk_itemsize(reader: sitk.ImageFileReader) -> int:
-    """Bytes per stored component of the image ``reader`` has read the information of."""
-    probe = sitk.Image([1, 1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
-    return sitk.GetArrayViewFromImage(probe).itemsize
 
 
 def read_labels(path: str | Path, *, reference: Volume | None = None) -> Volume:
@@ -197,222 +155,6 @@ def check_same_grid(image: Volume, labels: Volume, atol: float = 1e-3) -> None:
                           "labels onto the image grid first", labels.path)
 
 
-# Deflate never compresses better than about 1032:1, so a .gz file smaller than this share of the
-# voxel bytes its header declares cannot hold them: refuse before allocating the array.
-_MAX_GZIP_RATIO = 1100
-GZIP_MAGIC = b"\x1f\x8b"
-_NIFTI1_SIZEOF_HDR = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, little / big endian
-_NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
-_NIFTI1_MAX_DIM = 32767  # dims are int16 in NIfTI-1, int64 in NIfTI-2
-# Known NIfTI voxel types nibabel cannot turn into the floats we need (complex64/128 are
-# refused after loading, by their numpy name, as for arrays handed to the API).
-_UNSUPPORTED_DATATYPES = {0: "unknown", 1: "binary, 1 bit per voxel", 128: "RGB",
-                          1536: "float128", 2048: "complex256", 2304: "RGBA"}
-
-
-def _read_nifti(path: Path, max_bytes: int | None = None) -> Volume:
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        gzipped = magic[:2] == GZIP_MAGIC
-        if gzipped and not path.name.lower().endswith(".gz"):
-            raise MedsegError("gzip-compressed, though named .nii; rename it to .nii.gz", path)
-        stored = _stored_header(path, gzipped)
-        if stored is not None:
-            _check_stored_header(stored, path)
-        # Python's gzip rather than nibabel's opener, read to its end after the voxels: only
-        # there is the CRC-32 checked, and nibabel stops reading where the voxels end.
-        with gzip.open(path, "rb") if gzipped else contextlib.nullcontext() as gz:
-            # nibabel logs and silently "fixes" header fields such as pixdims or vox_offset; the
-            # ones that matter were checked above and are refused in one line.
-            with nib.imageglobals.LoggingOutputSuppressor(), _nibabel_errors_silenced():
-                img = _load_nifti(path, stored, gz)
-            dtype = img.get_data_dtype()
-            proxy = cast(ArrayProxy, img.dataobj)  # a file's voxels: offset, slope, inter
-            _check_declared(img, proxy, path, gzipped, max_bytes)
-            with np.errstate(over="ignore", invalid="ignore"):  # reported below, in one line
-                data = np.asarray(img.dataobj, dtype=np.float32)
-            while gz is not None and gz.read(1 << 20):
-                pass
-    except MedsegError:
-        raise
-    except gzip.BadGzipFile as exc:
-        raise MedsegError(f"file is truncated or corrupt ({_gzip_fault(exc)})", path) from exc
-    except (EOFError, zlib.error) as exc:
-        raise MedsegError(f"file is truncated or corrupt ({exc})", path) from exc
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
-            nib.wrapstruct.WrapStructError) as exc:
-        raise MedsegError("not a NIfTI file (no valid header)", path) from exc
-    except PermissionError as exc:
-        raise MedsegError("file is not readable (permission denied)", path) from exc
-    except (OSError, ValueError, TypeError, MemoryError) as exc:
-        raise MedsegError(f"cannot read voxel data ({_short(exc)})", path) from exc
-    if dtype.kind in "biu":
-        _check_scaled(data, float(proxy.slope), float(proxy.inter), path)
-    return Volume(data, img.affine.astype(np.float64), img.header.copy(), path)
-
-
-def _check_declared(img: nib.Nifti1Image, proxy: ArrayProxy, path: Path, gzipped: bool,
-                    max_bytes: int | None) -> None:
-    """Refuse, from the header alone, voxels we cannot use or that the file cannot hold."""
-    shape, dtype = img.shape, img.get_data_dtype()
-    if dtype.kind not in "biuf":
-        raise MedsegError(f"voxel type {dtype} is not supported (expected integers or floats)",
-                          path)
-    declared = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape overflows int64
-    if max_bytes is not None:
-        refuse_over_limit(path, tuple(shape), dtype.itemsize, max_bytes)
-    if declared > 64 * 2**30:
-        raise MedsegError(f"header declares shape {shape}, {declared / 2**30:,.0f} GiB of voxels; "
-                          "refusing to read", path)
-    size = path.stat().st_size
-    needed = declared if gzipped else int(proxy.offset) + declared
-    if needed > (size * _MAX_GZIP_RATIO if gzipped else size):
-        raise MedsegError(f"header declares shape {shape} ({_human(declared)} of voxels) but the "
-                          f"file holds only {size:,} bytes (truncated, or a bad header)", path)
-
-
-def _check_scaled(data: np.ndarray, slope: float, inter: float, path: Path) -> None:
-    """Integers scaled by scl_slope / scl_inter must land on normal float32 numbers."""
-    scaling = f"scl_slope {slope:.3g}, scl_inter {inter:.3g}"
-    if not np.isfinite(data).all():
-        raise MedsegError(f"intensities overflow float32 after scaling ({scaling})", path)
-    # Below float32's smallest normal number values lose their precision, then become 0: a valid
-    # image would turn into a few levels, or zeros. Only a factor that small can take them there.
-    tiny = float(np.finfo(np.float32).tiny)
-    if any(0 < abs(x) < 1e-30 for x in (slope, inter)) and np.any(
-            (data != 0) & (np.abs(data) < tiny)):
-        raise MedsegError(f"intensities underflow float32 after scaling ({scaling}): values "
-                          f"below {tiny:.3g} lose their precision", path)
-
-
-@contextlib.contextmanager
-def _nibabel_errors_silenced() -> Iterator[None]:
-    """Drop nibabel's ERROR-level header complaints: we refuse such files in a line of our own.
-
-    Its warnings (fixed pixdims and the like) still reach the user through medseg3d.logs.
-    """
-    logger = nib.imageglobals.logger
-    drop_errors = _BelowError()
-    logger.addFilter(drop_errors)
-    try:
-        with warnings.catch_warnings():  # NaN in a corrupt srow: the affine check refuses it
-            warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
-            yield
-    finally:
-        logger.removeFilter(drop_errors)
-
-
-class _BelowError(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
-def _load_nifti(path: Path, stored: nib.Nifti1Header | None,
-                gz: gzip.GzipFile | None) -> nib.Nifti1Image:
-    named_gz = path.name.lower().endswith(".gz")
-    if stored is None:
-        raise MedsegError("not a gzip file, nor a NIfTI file, though named .gz"
-                          if named_gz and gz is None else "not a NIfTI file (no valid header)",
-                          path)
-    image_class = nib.Nifti2Image if isinstance(stored, nib.Nifti2Header) else nib.Nifti1Image
-    if gz is not None:
-        holder = nib.fileholders.FileHolder(fileobj=gz)
-        return image_class.from_file_map({"header": holder, "image": holder}, mmap=False)
-    if named_gz:  # some tools write plain NIfTI under a .nii.gz name; SimpleITK reads those
-        return image_class.from_bytes(path.read_bytes())
-    return image_class.from_filename(str(path))
-
-
-def _gzip_fault(exc: gzip.BadGzipFile) -> str:
-    text = str(exc)
-    if text.startswith("CRC check failed"):
-        return "gzip CRC-32 check failed: its voxels are not the bytes that were compressed"
-    return f"gzip: {text}"
-
-
-def _stored_header(path: Path, gzipped: bool) -> nib.Nifti1Header | None:
-    """The header as stored in the file, before nibabel's silent fixes; None if not NIfTI's."""
-    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
-        raw = fh.read(540)  # the fixed header only: extensions are not needed, nor trusted
-    for header_class, sizes in ((nib.Nifti1Header, _NIFTI1_SIZEOF_HDR),
-                                (nib.Nifti2Header, _NIFTI2_SIZEOF_HDR)):
-        if raw[:4] in sizes and len(raw) >= header_class.sizeof_hdr:
-            endian = "<" if raw[:4] == sizes[0] else ">"  # sizeof_hdr says, whatever dim[0] holds
-            return header_class(raw[:header_class.sizeof_hdr], endianness=endian, check=False)
-    return None
-
-
-def _check_stored_header(header: nib.Nifti1Header, path: Path) -> None:
-    """Refuse, naming the field, what nibabel would refuse vaguely or silently repair."""
-    _check_dims(header, path)
-    _check_datatype(header, path)
-    minimum = 544 if isinstance(header, nib.Nifti2Header) else 352  # header + extension flag
-    offset = float(header["vox_offset"])
-    if not offset >= minimum:
-        raise MedsegError(f"vox_offset {offset:g} points inside the header (a single-file NIfTI "
-                          f"stores voxels from byte {minimum} on); its voxels would be header "
-                          "bytes", path)
-    _check_scaling(header, path)
-    _check_quaternion(header, path)
-    # Without an sform the grid comes from pixdim (qform, or pixdim alone when both codes are 0,
-    # as nibabel and ITK read such files); a zero, negative or non-finite size there is unknown,
-    # and no guess (nibabel's 1 mm, or its absolute value) is truthful.
-    pixdim = np.asarray(header["pixdim"][1:4], np.float64)
-    if int(header["sform_code"]) == 0 and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
-        raise MedsegError(f"has no sform and its pixdim gives no usable voxel size "
-                          f"({pixdim.tolist()})", path)
-
-
-def _check_dims(header: nib.Nifti1Header, path: Path) -> None:
-    dim = [int(n) for n in header["dim"]]
-    if not 1 <= dim[0] <= 7:
-        raise MedsegError(f"header field dim[0] is {dim[0]}; the number of dimensions must be 1 "
-                          "to 7", path)
-    for axis in range(1, dim[0] + 1):
-        if dim[axis] < 1:
-            raise MedsegError(f"header field dim[{axis}] is {dim[axis]}; dimensions must be "
-                              "positive", path)
-
-
-def _check_datatype(header: nib.Nifti1Header, path: Path) -> None:
-    code = int(header["datatype"])
-    if code in _UNSUPPORTED_DATATYPES:
-        raise MedsegError(f"NIfTI datatype {code} ({_UNSUPPORTED_DATATYPES[code]}) is not "
-                          "supported", path)
-    if code not in nib.nifti1.data_type_codes.code:
-        raise MedsegError(f"NIfTI datatype code {code} is not a known voxel type", path)
-
-
-def _check_scaling(header: nib.Nifti1Header, path: Path) -> None:
-    # scl_slope 0 means no scaling (NIfTI); so does NaN, which nibabel writes for unscaled data.
-    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
-    if math.isinf(slope):
-        raise MedsegError(f"header field scl_slope is {slope:g}; a scale factor must be finite "
-                          "(0 means no scaling)", path)
-    if slope != 0 and math.isfinite(slope) and not math.isfinite(inter):
-        raise MedsegError(f"header field scl_inter is {inter:g}; with scl_slope {slope:g} every "
-                          f"voxel would be {inter:g}", path)
-
-
-def _check_quaternion(header: nib.Nifti1Header, path: Path) -> None:
-    # nibabel and ITK disagree on a qform that is not a rotation (an error, a renormalised one).
-    if int(header["qform_code"]) == 0:
-        return
-    bcd = [float(header[name]) for name in ("quatern_b", "quatern_c", "quatern_d")]
-    norm2 = sum(x * x for x in bcd)
-    if not math.isfinite(norm2) or norm2 > 1 + 3 * float(np.finfo(np.float32).eps):
-        values = ", ".join(f"{x:g}" for x in bcd)
-        raise MedsegError(f"qform quaternion (quatern_b, c, d) = ({values}) has norm "
-                          f"{math.sqrt(norm2):.4g} > 1; not a rotation", path)
-
-
-def _human(nbytes: int) -> str:
-    if nbytes >= 2**30:
-        return f"{nbytes / 2**30:.1f} GiB"
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
-
-
 def geometry_warning(volume: Volume) -> str | None:
     """One line of caution for a readable but ambiguous geometry, else None."""
     if (volume.sitk_geometry is None and int(volume.header["sform_code"]) == 0
@@ -421,58 +163,6 @@ def geometry_warning(volume: Volume) -> str | None:
                 f"({volume.orientation} from pixdim, as nibabel reads it); the output keeps the "
                 "same header")
     return None
-
-
-def _read_sitk(path: Path, max_bytes: int | None = None) -> Volume:
-    for name in data_files(path):
-        confined(path.parent, name, path, "data file")
-    if volume_suffix(path) in (".mha", ".mhd"):
-        check_metaimage_data(path)  # MetaIO reads short or corrupt data without failing
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with sitk_log.about(path):  # ITK's warnings: one log line each, naming this file
-            reader.ReadImageInformation()  # the header only
-            _check_sitk_pixels(reader, path, max_bytes)
-            img = reader.Execute()
-    except RuntimeError as exc:
-        raise MedsegError(f"cannot read image ({_short(exc)})", path) from exc
-    if img.GetDimension() != 3:
-        raise MedsegError(f"expected a 3D image, got {img.GetDimension()}D", path)
-    geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
-    if not all(np.isfinite(s) and s > 0 for s in geometry.spacing):
-        raise MedsegError(f"voxel spacing {list(geometry.spacing)} is not a positive size", path)
-    data, affine = from_sitk(img)
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    return Volume(data, affine, nifti_header(affine, data.shape), path, geometry)
-
-
-def from_sitk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """The voxels of a SimpleITK image indexed ``[i, j, k(, c)]`` in their own type (a view of
-    ITK's ``z, y, x`` array) and its affine in RAS mm (ITK's LPS world axes flipped)."""
-    data = np.moveaxis(sitk.GetArrayFromImage(img), [0, 1, 2], [2, 1, 0])
-    geometry = SitkGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
-    return data, _LPS_TO_RAS @ _itk_affine(geometry)
-
-
-def nifti_header(affine: np.ndarray, shape: tuple[int, ...]) -> nib.Nifti1Header:
-    """A NIfTI-1 header (NIfTI-2 beyond its int16 dims) for voxels of ``shape`` placed by
-    ``affine`` (RAS mm): sform and qform both set to it (code 1, scanner), units mm. For volumes
-    that come from no NIfTI file."""
-    header = nib.Nifti2Header() if max(shape) > _NIFTI1_MAX_DIM else nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_sform(affine, code=1)
-    header.set_qform(affine, code=1)
-    header.set_xyzt_units("mm")
-    return header
-
-
-def _itk_affine(geometry: SitkGeometry) -> np.ndarray:
-    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(geometry.spacing, dtype=np.float64)
-    affine[:3, 3] = geometry.origin
-    return affine
 
 
 def check_volume(volume: Volume, *, allow_channels: bool, source: str | Path | None) -> Volume:
@@ -515,10 +205,6 @@ def check_volume(volume: Volume, *, allow_channels: bool, source: str | Path | N
     return Volume(array, affine, volume.header, volume.path, volume.sitk_geometry)
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-
-
 def label_dtype(max_label: int) -> np.dtype:
     """Smallest unsigned integer type that holds ``max_label``."""
     for dtype in (np.uint8, np.uint16, np.uint32):
@@ -555,10 +241,11 @@ def write_array(data: np.ndarray, reference: Volume, path: str | Path, *,
             header = reference.header.copy()
             header.set_data_dtype(data.dtype)
             header.set_slope_inter(1.0, 0.0)
-            _nifti_image(data, header).to_filename(str(tmp))
+            nifti_image(data, header).to_filename(str(tmp))
         else:
             with sitk_log.about(path):
-                sitk.WriteImage(_to_sitk(data, reference), str(tmp), useCompression=True)
+                image = to_sitk(data, reference.affine, reference.sitk_geometry)
+                sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
 
 
@@ -574,31 +261,6 @@ def check_output_can_hold(path: str | Path, shape: Sequence[int]) -> None:
     if max(shape, default=0) > limit:
         raise MedsegError(f"a {suffix} file cannot record an axis of {max(shape):,} voxels (at "
                           f"most {limit:,}); choose .nrrd or .nii.gz", path)
-
-
-def _nifti_image(data: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
-    """The output image, with affine=None so the header's sform/qform and codes stay as read:
-    NIfTI-2 when the input was, or when the grid exceeds NIfTI-1's int16 dims."""
-    if isinstance(header, nib.Nifti2Header) or max(data.shape) > _NIFTI1_MAX_DIM:
-        return nib.Nifti2Image(data, None, header)
-    return nib.Nifti1Image(data, None, header)
-
-
-def _to_sitk(data: np.ndarray, reference: Volume) -> sitk.Image:
-    array = np.moveaxis(data, [0, 1, 2], [2, 1, 0])
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=data.ndim == 4)
-    if reference.sitk_geometry is not None:
-        g = reference.sitk_geometry
-        img.SetOrigin(g.origin)
-        img.SetSpacing(g.spacing)
-        img.SetDirection(g.direction)
-    else:
-        itk = _LPS_TO_RAS @ reference.affine
-        spacing = np.linalg.norm(itk[:3, :3], axis=0)
-        img.SetOrigin(tuple(itk[:3, 3]))
-        img.SetSpacing(tuple(spacing))
-        img.SetDirection(tuple((itk[:3, :3] / spacing).ravel()))
-    return img
 
 
 def describe(volume: Volume) -> dict[str, object]:
@@ -619,3 +281,24 @@ def describe(volume: Volume) -> dict[str, object]:
         "physical_size_mm": [round(s * n, 1) for s, n in zip(volume.spacing, array.shape[:3],
                                                               strict=True)],
     }
+
+
+def stored_dtype(volume: Volume) -> np.dtype:
+    """The voxel type stored in ``volume``'s file (``read_volume`` always returns float32): float32
+    for a DICOM series or scaled NIfTI integers, whose values are rescaled intensities."""
+    if volume.path is not None and volume.path.is_dir():  # a DICOM series: rescaled intensities
+        return np.dtype(np.float32)
+    if volume.path is not None and volume_suffix(volume.path) not in NIFTI_SUFFIXES:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(volume.path))
+            with sitk_log.about(volume.path):
+                reader.ReadImageInformation()
+            pixel = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID()))
+        except RuntimeError:
+            return np.dtype(np.float32)
+        return pixel.dtype
+    slope, inter = volume.header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return np.dtype(np.float32)
+    return volume.header.get_data_dtype()

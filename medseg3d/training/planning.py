@@ -21,7 +21,8 @@ from scipy import ndimage
 
 from medseg3d.config import ChannelNorm, DatasetSpec, NetworkConfig, Plan
 from medseg3d.errors import MedsegError
-from medseg3d.inference.preprocessing import plan_grid, reorient
+from medseg3d.inference.preprocessing import plan_grid
+from medseg3d.io.orientation import reorient
 from medseg3d.io.volumes import Volume
 from medseg3d.networks.registry import preset_options
 

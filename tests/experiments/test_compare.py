@@ -11,16 +11,12 @@ import torch
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
-from medseg3d.cli import app
 from medseg3d.datasets.folder import Case
 from medseg3d.errors import MedsegError
-from medseg3d.experiments.compare import (
-    Protocol,
-    _run_or_skip,
-    cell_path,
-    make_folds,
-    sweep_split,
-)
+from medseg3d.experiments.cli import app
+from medseg3d.experiments.compare import _run_or_skip
+from medseg3d.experiments.folds import make_folds, sweep_split
+from medseg3d.experiments.records import Protocol, cell_path
 from medseg3d.io.lock import output_locks
 
 runner = CliRunner()

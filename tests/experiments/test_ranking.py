@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from medseg3d.evaluation.statistics import mean_ci95
-from medseg3d.experiments.compare import CaseScore, Cell, Fold, Protocol, cell_path
-from medseg3d.experiments.ranking import CROSS_VALIDATION, GroupResult, Ranking, markdown, rank
+from medseg3d.experiments.ranking import CROSS_VALIDATION, GroupResult, Ranking, rank
+from medseg3d.experiments.records import CaseScore, Cell, Fold, Protocol, cell_path
+from medseg3d.experiments.report import markdown
 
 FOLDS = [Fold(index=0, train=["c1", "c2"], test=["c0"], extra=True),
          Fold(index=1, train=["c0", "c2"], test=["c1"], extra=False),

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from synthetic import ellipsoid_case, make_affine, save_nifti
 
+from medseg3d.api import Prediction, Volume
+from medseg3d.config import InferenceConfig
 from medseg3d.errors import Cancelled
 
 # RAS, LPS (ITK / DICOM), LIA (FreeSurfer: a permutation napari cannot show as an affine), oblique.
@@ -22,7 +24,8 @@ ORIENTATIONS = {
 
 
 class ThresholdModel:
-    """Labels voxels above ``threshold``, one slab of axis 0 per window, like a sliding window."""
+    """Labels voxels above ``threshold``, one slab of axis 0 per window, like a sliding window;
+    it has the door of ``medseg3d.api.Model`` but no training fingerprint nor probabilities."""
 
     def __init__(self, windows: int = 4, threshold: float = 0.5, delay: float = 0.0,
                  num_channels: int = 1, error: Exception | None = None) -> None:
@@ -37,11 +40,15 @@ class ThresholdModel:
         self.first_window_done = threading.Event()
         self.windows_run = 0
 
-    def predict(self, image: np.ndarray, affine: np.ndarray | None = None, *,
-                overlap: float = 0.5, tta: bool = False,
-                progress: Callable[[int, int], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        self.calls.append({"shape": image.shape, "affine": affine, "overlap": overlap, "tta": tta})
+    def unfamiliar(self, volume: Volume) -> str | None:
+        return None
+
+    def predict_volume(self, volume: Volume, config: InferenceConfig, *,
+                       progress: Callable[[int, int], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> Prediction:
+        image = volume.array
+        self.calls.append({"shape": image.shape, "affine": volume.affine,
+                           "overlap": config.overlap, "tta": config.tta})
         if self.error is not None:
             raise self.error
         labels = np.zeros(image.shape, np.uint8)
@@ -54,7 +61,7 @@ class ThresholdModel:
             if progress is not None:
                 progress(w + 1, self.windows)
             self.first_window_done.set()
-        return labels
+        return Prediction(labels)
 
 
 def write_case(folder: Path, orientation: str, shape: tuple[int, int, int] = (20, 24, 16),

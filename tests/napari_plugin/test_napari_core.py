@@ -10,11 +10,10 @@ import pytest
 from plugin_helpers import ORIENTATIONS, ThresholdModel, write_case
 from synthetic import make_affine, save_nifti
 
+from medseg3d.api import label_volumes, read_volume
 from medseg3d.errors import Cancelled, MedsegError
-from medseg3d.io.volumes import read_volume
 from medseg3d_napari._core import (
     canonical_to_source,
-    label_volumes,
     looks_like_labels,
     run_to_end,
     segmentation_job,

@@ -59,7 +59,8 @@ def sigmoid_model() -> Model:
                 normalization=[ChannelNorm(scheme="none")], labels={"background": 0, "ball": 1})
     meta = CheckpointMeta(network=NetworkConfig(name="conv"), plan=plan)
     # a network outside the registry: its traits are given, not looked up
-    return Model(network, meta, "sigmoid", device="cpu", traits=NetworkTraits(size_divisor=1))
+    return Model(network, meta, "sigmoid", device=torch.device("cpu"),
+                 traits=NetworkTraits(size_divisor=1))
 
 
 def test_entropy_peaks_on_the_ball_surface() -> None:

@@ -42,10 +42,10 @@ def test_build_forward_and_safetensors_round_trip(name: str, tmp_path: Path) -> 
     with torch.no_grad():
         out = net(x)
     assert out.shape == (1, 2, *x.shape[2:])
-    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    save_file(net.state_dict(), tmp_path / "net.safetensors")
     torch.manual_seed(1)
     fresh = build_network(name, 1, 2).eval()
-    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    fresh.load_state_dict(load_file(tmp_path / "net.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
 

@@ -20,9 +20,9 @@ from helpers import predict, runner, tiny_model
 from synthetic import ellipsoid_case, make_dataset, save_nifti
 
 from medseg3d.cli import app
-from medseg3d.runs import load_checkpoint
+from medseg3d.runs import RunFolder, load_checkpoint
 
-CLI = [sys.executable, "-m", "medseg3d.cli"]
+CLI = [sys.executable, "-m", "medseg3d"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -63,7 +63,7 @@ def assert_complete_run(run: Path, epochs: int) -> None:
     """Every epoch logged once, a loadable latest checkpoint of the last epoch, no temp files."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
-    _, meta = load_checkpoint(run / "checkpoint_latest.safetensors")
+    _, meta = load_checkpoint(RunFolder(run).weights("latest"))
     assert meta.epoch == epochs
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
@@ -73,7 +73,7 @@ def test_training_killed_mid_epoch_resumes_to_the_full_epoch_count(tmp_path: Pat
     dataset = make_dataset(tmp_path / "ds", num_cases=2, shape=(24, 24, 24))
     run, epochs = tmp_path / "run", 3
     run_until(train_args(dataset, run, epochs),
-              lambda: (run / "training_state.safetensors").is_file())
+              lambda: RunFolder(run).state_file.is_file())
     result = run_cli([*train_args(dataset, run, epochs), "--resume"])
     assert result.returncode == 0, result.stderr
     assert "resumed after epoch" in result.stderr + result.stdout

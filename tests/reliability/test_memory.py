@@ -16,10 +16,18 @@ from helpers import assert_one_line_error
 from synthetic import ellipsoid_case, make_affine
 from typer.testing import CliRunner
 
-from medseg3d.api import Model, as_volume
+from medseg3d.api import Model
 from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, InferenceConfig, Plan
+from medseg3d.inference import plan as execution_plan
 from medseg3d.inference import predict as inference
+from medseg3d.inference.footprint import (
+    ESTIMATE_MARGIN,
+    HostCost,
+    PredictionSizes,
+    forward_bytes,
+    memory_needed,
+)
 from medseg3d.inference.preprocessing import preprocess_image
 from medseg3d.io.volumes import read_volume
 from medseg3d.runs import save_checkpoint
@@ -52,20 +60,20 @@ FORWARD_BYTES = 2**16  # about what a 16³ window of this 4-8 filter U-Net holds
 def fixed_forward_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fixed activations, and a process that holds nothing yet: the limits below are the
     prediction's own (test_the_limit_bounds_the_whole_process measures a real process)."""
-    monkeypatch.setattr(inference, "forward_bytes", lambda *args: FORWARD_BYTES)
-    monkeypatch.setattr(inference, "rss_bytes", lambda: 0)
+    monkeypatch.setattr(execution_plan, "forward_bytes", lambda *args: FORWARD_BYTES)
+    monkeypatch.setattr(execution_plan, "rss_bytes", lambda: 0)
 
 
 def needs(scan: Path, batch_size: int, probabilities: bool) -> int:
     """What ``fit_memory`` checks for the scan under the given choice (weights already held)."""
     image, grid = preprocess_image(read_volume(scan), PLAN)
     network = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8]).network
-    cost = inference.host_cost(network, tuple(image.shape), PLAN.num_classes, PLAN.patch_size,
-                               torch.device("cpu"))
+    sizes = PredictionSizes(tuple(image.shape), grid.canonical_shape, PLAN.num_classes,
+                            PLAN.patch_size)
+    cost = execution_plan.host_cost(network, sizes, torch.device("cpu"))
     assert cost.weights > 0 and cost.per_window == FORWARD_BYTES and cost.accumulator
-    needed = inference.memory_needed(tuple(image.shape), grid, PLAN.num_classes, PLAN.patch_size,
-                                     batch_size, probabilities, network=cost) - cost.weights
-    return int(inference.ESTIMATE_MARGIN * needed)
+    needed = memory_needed(sizes, batch_size, probabilities, network=cost) - cost.weights
+    return int(ESTIMATE_MARGIN * needed)
 
 
 class Allocates(torch.nn.Module):
@@ -83,21 +91,20 @@ class Allocates(torch.nn.Module):
 def test_forward_bytes_is_measured_once_per_network_and_window(monkeypatch) -> None:
     monkeypatch.undo()  # the real measurement
     network = Allocates(64 * 2**20)
-    measured = inference.forward_bytes(network, 1, (8, 8, 8))
+    measured = forward_bytes(network, 1, (8, 8, 8))
     assert 60 * 2**20 <= measured <= 80 * 2**20
     network.nbytes = 0  # cached: the same network and window are not measured again
-    assert inference.forward_bytes(network, 1, (8, 8, 8)) == measured
+    assert forward_bytes(network, 1, (8, 8, 8)) == measured
 
 
 def test_on_a_gpu_the_network_and_its_accumulator_stay_out_of_host_memory(monkeypatch) -> None:
-    monkeypatch.setattr(inference, "accumulates_on_device", lambda *args: True)
+    monkeypatch.setattr(execution_plan, "accumulates_on_device", lambda *args: True)
     network = Model.from_network("unet", PLAN, device="cpu", filters=[4, 8]).network
-    cost = inference.host_cost(network, (1, 64, 64, 64), 3, (16, 16, 16), torch.device("cuda", 0))
-    assert cost == inference.HostCost(weights=0, per_window=0, accumulator=False)
-    image = (1, 64, 64, 64)
-    grid = preprocess_image(as_volume(np.zeros((8, 8, 8), np.float32)), PLAN)[1]  # cancels out
-    on_host = inference.memory_needed(image, grid, 3, (16, 16, 16), 2, False)
-    on_gpu = inference.memory_needed(image, grid, 3, (16, 16, 16), 2, False, network=cost)
+    sizes = PredictionSizes((1, 64, 64, 64), (8, 8, 8), 3, (16, 16, 16))  # canonical: cancels out
+    cost = execution_plan.host_cost(network, sizes, torch.device("cuda", 0))
+    assert cost == HostCost(weights=0, per_window=0, accumulator=False)
+    on_host = memory_needed(sizes, 2, False)
+    on_gpu = memory_needed(sizes, 2, False, network=cost)
     assert on_host - on_gpu == 3 * 16 * 64 * 64 * 4  # the ring accumulator
 
 
@@ -115,7 +122,7 @@ def test_plan_falls_back_to_fit_the_limit(setup, monkeypatch: pytest.MonkeyPatch
     real = inference.sliding_window
 
     def spy(*args: object, **kwargs: object):
-        seen.update(batch_size=kwargs["batch_size"], output=kwargs["output"])
+        seen.update(batch_size=args[4].batch_size, output=kwargs["output"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "sliding_window", spy)

@@ -20,11 +20,13 @@ from click.testing import Result
 from helpers import assert_one_line_error, decathlon, train
 from synthetic import make_dataset
 
-import medseg3d.training.loop as training
+import medseg3d.training.step as steps
 from medseg3d.config import TrainConfig
 from medseg3d.datasets.folder import find_cases, load_spec
 from medseg3d.networks import build_network, list_networks
 from medseg3d.networks.registry import count_parameters
+from medseg3d.runs import RunFolder, unwrap
+from medseg3d.training.data import choose_split
 
 TINY = ("--option", "filters=[4,8]")  # a two-level U-Net: 16³ patches are deep enough
 
@@ -196,7 +198,7 @@ def test_one_case_dataset_says_it_trains_without_validation(tmp_path: Path) -> N
     root = make_dataset(tmp_path / "ds", num_cases=1, shape=(16, 16, 16))
     cases = find_cases(root, load_spec(root))
     config = TrainConfig(dataset=str(root), output="run", network={"name": "unet"})
-    train_cases, val_cases, text = training.choose_split(cases, config)
+    train_cases, val_cases, text = choose_split(cases, config)
     assert (len(train_cases), val_cases) == (1, []) and "no validation" in text
 
 
@@ -214,8 +216,8 @@ def test_all_empty_labels_are_refused(tmp_path: Path) -> None:  # issue #16
     result = train(root, tmp_path / "run", "--option", "filters=[4,8]")
     assert result.exit_code == 1
     assert_one_line_error(result.output, r"all 2 training label map\(s\) are empty", root)
-    assert "Warning" not in result.output and not (tmp_path / "run" / "checkpoint_best.json"
-                                                   ).exists()
+    assert "Warning" not in result.output and not RunFolder(tmp_path / "run").meta_file("best"
+                                                                          ).exists()
 
 
 # ---------------------------------------------------------------- plan.json
@@ -273,18 +275,18 @@ def test_resume_refuses_a_plan_option_it_would_ignore(dataset: Path, tmp_path: P
 
 def test_diverged_weights_are_never_saved_as_final(dataset: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    real_step = training.train_step
+    real_step = steps.train_step
 
-    def wrecking_step(ctx: training.StepContext, batch: dict) -> torch.Tensor:
+    def wrecking_step(ctx: steps.StepContext, batch: dict) -> torch.Tensor:
         loss = real_step(ctx, batch)  # a finite loss, as in #30 with --lr inf ...
         with torch.no_grad():
-            next(training.unwrap(ctx.model).parameters()).fill_(float("nan"))  # ... then NaN
+            next(unwrap(ctx.model).parameters()).fill_(float("nan"))  # ... then NaN
         return loss
 
-    monkeypatch.setattr(training, "train_step", wrecking_step)
+    monkeypatch.setattr(steps, "train_step", wrecking_step)
     result = train(dataset, tmp_path / "run", *TINY)
     refused(result, r"training diverged: 1 of \d+ weight tensors hold NaN/inf after step 1; "
             "not saved; try a lower --lr", tmp_path / "run")
     assert "final checkpoint" not in result.output
     assert not list((tmp_path / "run").glob("checkpoint_*"))
-    assert not (tmp_path / "run" / "training_state.safetensors").exists()
+    assert not RunFolder(tmp_path / "run").state_file.exists()
