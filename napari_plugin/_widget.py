@@ -8,7 +8,7 @@ import threading
 import warnings
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import napari
 import numpy as np
@@ -97,6 +97,25 @@ def model_label_names(name: str) -> dict[str, int] | None:
     return _LABEL_NAMES[name]
 
 
+L = TypeVar("L", Points, Labels)  # a marks layer
+
+
+def _button(text: str, tip: str, on_click: Callable[[], object]) -> QPushButton:
+    """A push button with its tooltip, wired to ``on_click``."""
+    button = QPushButton(text)
+    button.setToolTip(tip)
+    button.clicked.connect(on_click)
+    return button
+
+
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    """The widgets side by side."""
+    row = QHBoxLayout()
+    for widget in widgets:
+        row.addWidget(widget)
+    return row
+
+
 class SegmentWidget(QWidget):
     """Pick an image layer and a model, segment in a worker thread, show labels and volumes."""
 
@@ -137,9 +156,7 @@ class SegmentWidget(QWidget):
         self.model_labels.setWordWrap(True)
         self.model_path = QLineEdit()
         self.model_path.setPlaceholderText("run folder or checkpoint .safetensors")
-        self.browse_button = QPushButton("…")
-        self.browse_button.setToolTip("choose a checkpoint file")
-        self.browse_button.clicked.connect(self._browse)
+        self.browse_button = _button("…", "choose a checkpoint file", self._browse)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.overlap = QDoubleSpinBox()
@@ -180,31 +197,24 @@ class SegmentWidget(QWidget):
         self.class_combo = QComboBox()
         self.class_combo.setToolTip("the class that new marks and scribbles set")
         self.class_combo.currentIndexChanged.connect(self._class_changed)
-        self.marks_button = QPushButton("Add marks")
-        self.marks_button.setToolTip("click voxels that should have the chosen class")
-        self.marks_button.clicked.connect(self.add_marks_layer)
-        self.scribbles_button = QPushButton("Add scribbles")
-        self.scribbles_button.setToolTip("paint voxels that should have the chosen class")
-        self.scribbles_button.clicked.connect(self.add_scribbles_layer)
-        self.update_button = QPushButton("Update")
-        self.update_button.setToolTip("adapt the model to all marks and segment again")
-        self.update_button.clicked.connect(self.update_correction)
-        self.undo_button = QPushButton("Undo")
-        self.undo_button.setToolTip("back to the labels before the last update")
-        self.undo_button.clicked.connect(self.undo_correction)
-        self.save_button = QPushButton("Save adapted model…")
-        self.save_button.setToolTip("write the adapted model as a run folder (--model accepts it)")
-        self.save_button.clicked.connect(self._choose_save_folder)
+        self.marks_button = _button("Add marks", "click voxels that should have the chosen class",
+                                    self.add_marks_layer)
+        self.scribbles_button = _button(
+            "Add scribbles", "paint voxels that should have the chosen class",
+            self.add_scribbles_layer)
+        self.update_button = _button("Update", "adapt the model to all marks and segment again",
+                                     self.update_correction)
+        self.undo_button = _button("Undo", "back to the labels before the last update",
+                                   self.undo_correction)
+        self.save_button = _button(
+            "Save adapted model…", "write the adapted model as a run folder (--model accepts it)",
+            self._choose_save_folder)
         self._update_correct_buttons()
 
     def _correct_box(self) -> QGroupBox:
         box = QGroupBox("Correct")
-        marks = QHBoxLayout()
-        marks.addWidget(self.marks_button)
-        marks.addWidget(self.scribbles_button)
-        steps = QHBoxLayout()
-        steps.addWidget(self.update_button)
-        steps.addWidget(self.undo_button)
+        marks = _row(self.marks_button, self.scribbles_button)
+        steps = _row(self.update_button, self.undo_button)
         form = QFormLayout(box)
         form.addRow("result", self.correct_target)
         form.addRow("class", self.class_combo)
@@ -214,12 +224,8 @@ class SegmentWidget(QWidget):
         return box
 
     def _lay_out(self) -> None:
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.model_path)
-        path_row.addWidget(self.browse_button)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
+        path_row = _row(self.model_path, self.browse_button)
+        buttons = _row(self.run_button, self.cancel_button)
         form = QFormLayout()
         form.addRow("image", self.image_combo)
         form.addRow("model", self.model_combo)
@@ -544,47 +550,51 @@ class SegmentWidget(QWidget):
 
     def add_marks_layer(self) -> Points | None:
         """The result's marks layer (added on its grid when missing), selected, in add mode."""
+        return self._activated(self.marks_layer, self._new_marks_layer, "add")
+
+    def _activated(self, existing: Callable[[], L | None], new: Callable[[Labels], L],
+                   mode: str) -> L | None:
+        """The marks layer that ``existing`` finds, else ``new`` on the result, selected in
+        ``mode``; None before there is a result to correct."""
         if self.corrected is None:
             return None
-        layer = self.marks_layer()
+        layer = existing()
         if layer is None:
-            labels = self.corrected
-            # a point as large as the ball that the update sets to its class
-            assert self.session is not None
-            voxel_mm = np.linalg.norm(layer_world_affine(labels)[:3, :3], axis=0).mean()
-            with warnings.catch_warnings():  # integer values are categorical indeed
-                warnings.filterwarnings("ignore", "Feature 'value' looks like categorical")
-                layer = self.viewer.add_points(
-                    np.empty((0, 3)), ndim=3, name=f"{labels.name} marks",
-                    features={"value": np.empty(0, dtype=np.int64)},
-                    feature_defaults={"value": self.chosen_class()},
-                    face_color="value", face_color_cycle=self._class_colours(),
-                    border_color="black", size=2 * self.session.config.radius_mm / voxel_mm,
-                    # with a thick slice, a mark shows as far as the ball that it sets reaches
-                    projection_mode="rescale_spherical", **placement_of(labels))
+            layer = new(self.corrected)
         self.viewer.layers.selection.active = layer
-        layer.mode = "add"
+        layer.mode = mode
         return layer
+
+    def _new_marks_layer(self, labels: Labels) -> Points:
+        # a point as large as the ball that the update sets to its class
+        assert self.session is not None
+        voxel_mm = np.linalg.norm(layer_world_affine(labels)[:3, :3], axis=0).mean()
+        with warnings.catch_warnings():  # integer values are categorical indeed
+            warnings.filterwarnings("ignore", "Feature 'value' looks like categorical")
+            return self.viewer.add_points(
+                np.empty((0, 3)), ndim=3, name=f"{labels.name} marks",
+                features={"value": np.empty(0, dtype=np.int64)},
+                feature_defaults={"value": self.chosen_class()},
+                face_color="value", face_color_cycle=self._class_colours(),
+                border_color="black", size=2 * self.session.config.radius_mm / voxel_mm,
+                # with a thick slice, a mark shows as far as the ball that it sets reaches
+                projection_mode="rescale_spherical", **placement_of(labels))
 
     def add_scribbles_layer(self) -> Labels | None:
         """The result's scribbles layer (added on its grid when missing), selected, painting."""
-        if self.corrected is None:
-            return None
-        layer = self.scribbles_layer()
-        if layer is None:
-            labels = self.corrected
-            colours: dict[int | None, Any] = {None: "transparent", SCRIBBLE_BACKGROUND: "white"}
-            colours.update({v: c for v, c in self._class_colours().items() if v})
-            # the source geometry lets the medseg3d writer save it on the image file's grid
-            metadata = {k: copy.deepcopy(v) for k, v in labels.metadata.items()
-                        if k == METADATA_KEY}
-            layer = self.viewer.add_labels(
-                np.zeros(labels.data.shape, np.uint8), name=f"{labels.name} scribbles",
-                colormap=colours, metadata=metadata, **placement_of(labels))
-        self.viewer.layers.selection.active = layer
-        layer.mode = "paint"
-        layer.selected_label = self.chosen_class() or SCRIBBLE_BACKGROUND
+        layer = self._activated(self.scribbles_layer, self._new_scribbles_layer, "paint")
+        if layer is not None:
+            layer.selected_label = self.chosen_class() or SCRIBBLE_BACKGROUND
         return layer
+
+    def _new_scribbles_layer(self, labels: Labels) -> Labels:
+        colours: dict[int | None, Any] = {None: "transparent", SCRIBBLE_BACKGROUND: "white"}
+        colours.update({v: c for v, c in self._class_colours().items() if v})
+        # the source geometry lets the medseg3d writer save it on the image file's grid
+        metadata = {k: copy.deepcopy(v) for k, v in labels.metadata.items() if k == METADATA_KEY}
+        return self.viewer.add_labels(
+            np.zeros(labels.data.shape, np.uint8), name=f"{labels.name} scribbles",
+            colormap=colours, metadata=metadata, **placement_of(labels))
 
     def _mark_inputs(self) -> dict[str, Any]:
         """The marks layers' content for ``correction_job``, copied: the user may go on editing

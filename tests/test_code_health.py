@@ -66,3 +66,40 @@ def test_the_cli_and_the_plugin_reach_the_package_through_one_door() -> None:
                 if not (path in cli and (name + ".").startswith("medseg3d.cli."))}  # siblings
     assert any(line.endswith("medseg3d.api") for line in imported)  # the check sees imports
     assert {line for line in imported if line.split(": ")[1] not in DOOR} == set()
+
+
+# The stages from the bottom up: a module imports its own stage and the ones below, never above
+# (DESIGN.md "Package layout"). The experiments sit beside the CLI, on top.
+LAYERS = [
+    {"medseg3d", "__version__", "errors", "logs"},  # `from medseg3d import __version__`
+    {"io"},
+    {"config", "config_files", "model_card", "networks"},
+    {"datasets"},
+    {"inference"},
+    {"runs", "evaluation"},
+    {"training", "zoo"},
+    {"api"},
+    {"cohort"},
+    {"cli", "experiments", "__main__"},
+]
+LEVEL = {stage: level for level, stages in enumerate(LAYERS) for stage in stages}
+
+
+def _stage(module: str) -> str:
+    """``medseg3d.inference.engine`` -> ``inference``; ``medseg3d`` -> ``medseg3d``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "medseg3d"
+
+
+def test_no_import_runs_from_a_lower_stage_to_a_higher_one() -> None:
+    upward = []
+    for path in _modules():
+        stage = _stage(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts))
+        if stage == "__init__":
+            continue  # the package's door: load_model() loads api on first use
+        for name in _medseg3d_imports(path):
+            if LEVEL[_stage(name)] > LEVEL[stage]:
+                upward.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert set(LEVEL) >= {_stage(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts))
+                          for p in _modules()} - {"__init__"}, "a new stage needs its layer"
+    assert not upward, upward

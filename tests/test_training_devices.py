@@ -56,7 +56,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 def test_each_rank_takes_its_gpu_before_nccl_starts(calls) -> None:
     config = _config("d", "o", device="auto")
-    assert ranks.start_process_group(config, Rank(index=3, world=4, local=1))
+    rank = Rank(index=3, world=4, local=1)
+    assert ranks.start_process_group(ranks.training_device(config, rank), rank)
     gpu = torch.device("cuda", 1)
     assert calls == [("set_device", gpu), ("init", "nccl", {"device_id": gpu})]
     assert ranks.training_device(config, Rank(3, 4, 1)) == gpu
@@ -66,16 +67,17 @@ def test_torchrun_with_one_gpu_still_runs_the_nccl_path(calls) -> None:
     """One rank under torchrun starts NCCL and DDP too, so a one-GPU machine can test them."""
     rank = ranks.current_rank()
     assert not rank.distributed  # plain process: no group
-    assert ranks.start_process_group(_config("d", "o", device="auto"),
-                                        Rank(0, 1, 0, launched=True))
+    one = Rank(0, 1, 0, launched=True)
+    assert ranks.start_process_group(ranks.training_device(_config("d", "o", device="auto"), one),
+                                     one)
     assert calls == [("set_device", torch.device("cuda", 0)),
                      ("init", "nccl", {"device_id": torch.device("cuda", 0)})]
 
 
 def test_cpu_ranks_use_gloo_and_a_single_process_starts_no_group(calls) -> None:
-    assert ranks.start_process_group(_config("d", "o", device="cpu"), Rank(1, 2, 1))
+    assert ranks.start_process_group(torch.device("cpu"), Rank(1, 2, 1))
     assert calls == [("init", "gloo", {})]
-    assert not ranks.start_process_group(_config("d", "o"), Rank(0, 1, 0))
+    assert not ranks.start_process_group(torch.device("cpu"), Rank(0, 1, 0))
     assert len(calls) == 1
 
 

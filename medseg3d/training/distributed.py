@@ -55,8 +55,9 @@ def training_device(config: TrainConfig, rank: Rank) -> torch.device:
     return device
 
 
-def start_process_group(config: TrainConfig, rank: Rank) -> bool:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); True if this call created it.
+def start_process_group(device: torch.device, rank: Rank) -> bool:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) on this rank's ``device``
+    (``training_device``); True if this call created it.
 
     On GPUs the rank's device is made current *before* the group starts and is passed as
     ``device_id``: otherwise NCCL, ``all_gather_object`` and pinned memory all use ``cuda:0`` on
@@ -64,7 +65,6 @@ def start_process_group(config: TrainConfig, rank: Rank) -> bool:
     """
     if not rank.distributed or dist.is_initialized():
         return False
-    device = training_device(config, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

@@ -47,6 +47,7 @@ from medseg3d.training.progress import (
     Heartbeat,
     clock,
     epoch_line,
+    loss_metric,
     or_nan,
     run_line,
     write_logs,
@@ -65,6 +66,8 @@ from medseg3d.training.step import (
 )
 from medseg3d.training.validation import validate
 
+OnProgress = Callable[[int, int, float, float], None]  # step, total steps, loss, best Dice
+
 
 @dataclass
 class Run:
@@ -73,7 +76,7 @@ class Run:
     config: TrainConfig  # with the network's patch rules and the plan's network options
     rank: Rank
     log: Callable[[str], None]
-    progress: Callable[[int, int, float, float], None] | None
+    progress: OnProgress | None
     device: torch.device
     traits: NetworkTraits
     data: TrainingData
@@ -102,13 +105,16 @@ class Run:
         return self.average.network if self.average is not None else unwrap(self.ctx.model)
 
 
-def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None) -> Path:
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+          progress: OnProgress | None = None) -> Path:
     """Run a training job; returns the path of the final checkpoint's weights."""
     rank = current_rank()
     RunFolder(Path(config.output)).check_start(resume)
-    owns_group = start_process_group(config, rank)
+    device = training_device(config, rank)  # the one place a training command resolves it
+    owns_group = start_process_group(device, rank)
     try:
-        return _train(config, rank, resume, log if rank.is_main else lambda *_: None, progress)
+        return _train(config, rank, device, resume, log if rank.is_main else lambda *_: None,
+                      progress)
     finally:
         if owns_group and dist.is_initialized():
             # A group left to interpreter exit makes gloo abort now and then ("terminate called
@@ -116,10 +122,10 @@ def train(config: TrainConfig, *, resume: bool = False, log=print, progress=None
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
-           progress: Callable[[int, int, float, float], None] | None) -> Path:
+def _train(config: TrainConfig, rank: Rank, device: torch.device, resume: bool,
+           log: Callable[[str], None], progress: OnProgress | None) -> Path:
     """``train``'s loop, run inside the process group when distributed; ``log`` is rank 0's."""
-    run = setup(config, rank, resume, log, progress)
+    run = setup(config, rank, resume, log, progress, device)
     while not run.done:
         started = time.perf_counter()
         losses = run_epoch(run)
@@ -128,9 +134,10 @@ def _train(config: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], N
 
 
 def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str], None],
-          progress: Callable[[int, int, float, float], None] | None) -> Run:
-    """Plan and load the data, build network, optimizer and average (restored on ``resume``)."""
-    device = training_device(requested, rank)
+          progress: OnProgress | None, device: torch.device | None = None) -> Run:
+    """Plan and load the data, build network, optimizer and average (restored on ``resume``)
+    on ``device``, this rank's (``training_device``) when not given."""
+    device = device or training_device(requested, rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch size is fixed: tune kernels once
     torch.manual_seed(requested.seed)
@@ -240,7 +247,7 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
         "best_dice": record.val_mean_dice if improved else state.best_dice})
     if not run.rank.is_main:
         return
-    metrics = {"val_mean_dice": record.val_mean_dice or 0.0, **_loss_metric(record.train_loss)}
+    metrics = {"val_mean_dice": record.val_mean_dice or 0.0, **loss_metric(record.train_loss)}
     if improved:
         _checkpoint(run, "best", {**metrics, **(record.val_dice or {})})
     _checkpoint(run, "latest", metrics)
@@ -255,7 +262,7 @@ def finish(run: Run) -> Path:
     history = run.state.history
     require_finite_weights(run)
     if run.rank.is_main:
-        _checkpoint(run, "final", {**_loss_metric(history[-1].train_loss),
+        _checkpoint(run, "final", {**loss_metric(history[-1].train_loss),
                                    "steps": float(run.step)} if history else {})
         run.log(f"finished: {run.step} steps in {clock(run.length.elapsed())}; prediction uses "
                 f"{run.folder.weights('final')}")
@@ -289,8 +296,3 @@ def _checkpoint(run: Run, which: Checkpoint, metrics: dict[str, float]) -> None:
                           fingerprint=run.data.fingerprint)
     run.folder.save_checkpoint(which, run.eval_network, meta)
 
-
-def _loss_metric(loss: float | None) -> dict[str, float]:
-    """``train_loss`` for a checkpoint's metrics, left out when no loss was finite (JSON has no
-    NaN: it would be written as null and fail to load)."""
-    return {} if loss is None else {"train_loss": loss}

@@ -83,3 +83,9 @@ def write_logs(run: RunFolder, history: list[EpochRecord]) -> None:
     """Rewrite the metrics log and its figure (both atomically)."""
     write_text_atomic(run.metrics_file, "".join(r.model_dump_json() + "\n" for r in history))
     save_figure(progress_figure(history), run.figure_file, bbox_inches="tight")
+
+
+def loss_metric(loss: float | None) -> dict[str, float]:
+    """``train_loss`` for a checkpoint's metrics, left out when no loss was finite (JSON has no
+    NaN: it would be written as null and fail to load)."""
+    return {} if loss is None else {"train_loss": loss}
