@@ -9,7 +9,7 @@ skull-stripping mask kept; ``brain_from_strip`` chains the two.
 Morphology runs on exact Euclidean distance transforms (the ``edt`` package) inside the mask's
 bounding box: a closing with a ball of radius r is the set within r of the tissue, eroded to the
 points farther than r from its outside. That equals scipy's binary closing with the discrete
-ball of ``ball()`` voxel for voxel (tests/test_brain_definition.py); what it costs inside
+ball of ``ball()`` voxel for voxel (tests/datasets/test_brain_definition.py); what it costs inside
 ``medseg3d predict`` is in benchmarks/results/brainmask_v3/predict_time.md.
 """
 

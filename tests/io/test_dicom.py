@@ -35,7 +35,7 @@ from medseg3d.io.volumes import read_volume, write_labels
 from medseg3d.runs import save_checkpoint
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TS_SERIES = (REPO / "data/raw/totalsegmentator/totalsegmentator-2.18.0/tests/reference_files/"
              "example_ct_dicom")
 TS_NIFTI = REPO / "data/AbdomenCT/imagesTr/ts_example_dicom_0000.nii.gz"

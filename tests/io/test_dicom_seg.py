@@ -383,7 +383,7 @@ def test_an_anonymised_series_with_blank_uids(tmp_path: Path,
     assert not errors, printed
 
 
-TS_SERIES = (Path(__file__).resolve().parents[1] / "data/raw/totalsegmentator/"
+TS_SERIES = (Path(__file__).resolve().parents[2] / "data/raw/totalsegmentator/"
              "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom")
 
 

@@ -19,7 +19,7 @@ from medseg3d.runs import RunFolder
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch built without gloo")
 
-PROBE = Path(__file__).with_name("ddp_probe.py")
+PROBE = Path(__file__).parents[1] / "ddp_probe.py"
 
 
 def _run_files(run: RunFolder) -> set[str]:
