@@ -15,7 +15,9 @@ resident memory (``os.wait4``'s ``ru_maxrss``) is that command's alone:
   ``LoadImaged``, RAS, ``Spacingd`` to the abdomenct plan's spacing, z-score,
   ``sliding_window_inference`` 64³ at overlap 0.5, softmax, ``Invertd`` to the input grid, argmax,
   a nibabel write), with a ``monai.networks.nets.UNet`` of 7 output classes like abdomenct (random
-  weights: memory does not depend on them).
+  weights: memory does not depend on them);
+* **monai argmax-first**: the same pipeline as a MONAI user who minds memory writes it: argmax on
+  the plan grid, then ``Invertd`` of the uint8 labels by nearest neighbour.
 
 Writes ``benchmarks/results/predict_memory/summary.md`` and ``runs.json``: exit code, peak RSS,
 wall seconds and the last line each command printed.
@@ -85,9 +87,9 @@ def measure(cmd: list[str], threads: int) -> dict[str, Any]:
             "last_line": lines[-1] if lines else ""}
 
 
-def monai_peer(ct: Path, out: Path) -> None:
+def monai_peer(ct: Path, out: Path, argmax_first: bool) -> None:
     """MONAI's tutorial inference pipeline (``peers/monai_recipe.predict``) with a 7-class UNet at
-    the abdomenct plan's spacing."""
+    the abdomenct plan's spacing; ``argmax_first``: labels, not probabilities, go back."""
     from monai.networks.nets import UNet
     from monai_recipe import Recipe, predict
 
@@ -98,7 +100,7 @@ def monai_peer(ct: Path, out: Path) -> None:
                     patches_per_step=2, flip_axes=(), intensity_jitter=False, sw_batch_size=2)
     net = UNet(spatial_dims=3, in_channels=1, out_channels=7, channels=recipe.channels,
                strides=(2, 2, 2, 2), num_res_units=2).eval()
-    predict(net, ct, out, recipe, overlap=0.5)
+    predict(net, ct, out, recipe, overlap=0.5, argmax_first=argmax_first)
     print(f"monai wrote {out.name}")
 
 
@@ -108,9 +110,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # measure one command
     parser.add_argument("--monai", nargs=2, type=Path, help=argparse.SUPPRESS)  # the peer itself
+    parser.add_argument("--argmax-first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.monai:
-        monai_peer(*args.monai)
+        monai_peer(*args.monai, argmax_first=args.argmax_first)
         return
     if args.one:
         print(json.dumps(measure(args.one, args.threads)))
@@ -122,8 +125,10 @@ def main() -> None:
                str((RUNS / f"seg_{limit}.nii.gz").relative_to(ROOT)), "--model", "abdomenct", "--overwrite"]
         commands[f"medseg3d --max-memory {limit}" if limit != "none" else "medseg3d"] = (
             cmd + ([] if limit == "none" else ["--max-memory", limit]))
-    commands["monai"] = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--monai",
-                         str(ct.relative_to(ROOT)), str((RUNS / "seg_monai.nii.gz").relative_to(ROOT))]
+    for name, extra in [("monai", []), ("monai argmax-first", ["--argmax-first"])]:
+        target = RUNS / f"seg_{name.replace(' ', '_')}.nii.gz"
+        commands[name] = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--monai",
+                          str(ct.relative_to(ROOT)), str(target.relative_to(ROOT)), *extra]
     runs = {}
     for name, cmd in commands.items():
         helper = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--threads", str(args.threads),

@@ -44,7 +44,7 @@ from medseg3d.api import load_model  # noqa: E402
 from medseg3d.inference.engine import sliding_window  # noqa: E402
 from medseg3d.inference.memory import PeakMemory  # noqa: E402
 from medseg3d.inference.plan import ExecutionPlan  # noqa: E402
-from medseg3d.inference.precision import autocast_dtype  # noqa: E402
+from medseg3d.inference.precision import autocast_dtype, cpu_bf16_network  # noqa: E402
 from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
 from medseg3d.inference.windows import Windows  # noqa: E402
 from medseg3d.io.volumes import read_volume  # noqa: E402
@@ -134,8 +134,30 @@ def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: in
 
         return run
 
+    def monai_same_network() -> Engine:
+        # the network our engine runs: its bf16 channels-last copy on a CPU that computes bf16
+        # natively (autocast otherwise), so that this row against ``ours`` is the engine alone
+        copied = amp == torch.bfloat16 and device.type == "cpu"
+        same = cpu_bf16_network(network) if copied else network
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            if copied:
+                x = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last_3d)
+            return torch.softmax(same(x).float(), 1)
+
+        def run(image: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp,
+                                                        enabled=amp is not None and not copied):
+                out = sliding_window_inference(
+                    image[None], window, BATCH, predictor, overlap=OVERLAP, mode="gaussian",
+                    sigma_scale=0.125, sw_device=device, device=torch.device("cpu"))
+                return out[0].argmax(0).to(torch.uint8)
+
+        return run
+
     return {"ours": ours(amp), "ours-fp32": ours(None), "monai-softmax": monai(None),
-            "monai-softmax-amp": monai(amp), "ours-whole-volume": ours(amp, tile=True),
+            "monai-softmax-amp": monai(amp), "monai-same-network": monai_same_network(),
+            "ours-whole-volume": ours(amp, tile=True),
             # MONAI's window positions and softmax averaging: reproduces monai-softmax (once)
             "ours as MONAI": ours(None, grid="monai", average="probabilities")}
 

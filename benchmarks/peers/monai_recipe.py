@@ -131,26 +131,33 @@ def train_steps(net: torch.nn.Module, loader: DataLoader, optimiser: torch.optim
     return steps, time.perf_counter() - start
 
 
-def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Recipe, overlap: float) -> float:
+def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Recipe, overlap: float,
+            argmax_first: bool = False) -> float:
     """Segment one scan back onto its own grid and write the mask; return the seconds of segmenting.
 
     The clock covers what happens between a scan in memory and labels on its grid (reorient,
-    resample, normalise, sliding window, invert, argmax), not reading or writing the files. The
-    softmax probabilities are inverted with ``Invertd`` (linear interpolation), then argmax; the
+    resample, normalise, sliding window, invert, argmax), not reading or writing the files. By
+    default the softmax probabilities are inverted with ``Invertd`` (linear interpolation), then
+    argmax, as MONAI's tutorials do. ``argmax_first``, as a MONAI user who minds memory writes it:
+    the argmax on the plan grid, then ``Invertd`` of the uint8 label map by nearest neighbour (one
+    small channel goes back to the full grid instead of every class's float probabilities). The
     mask is written with the input's affine and a copy of its header.
     """
     load = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
     pre = Compose(preprocessing(["image"], recipe.spacing)[2:])  # the invertible part
-    post = Compose([Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
-                    AsDiscreted(keys="pred", argmax=True)])
+    invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=argmax_first)
+    post = Compose([invert] if argmax_first else [invert, AsDiscreted(keys="pred", argmax=True)])
     loaded = load({"image": str(image_path)})
     net.eval()
     t0 = time.perf_counter()
     data = pre(loaded)
     with torch.inference_mode():
-        data["pred"] = sliding_window_inference(data["image"][None], recipe.patch,
-                                                sw_batch_size=recipe.sw_batch_size, predictor=net,
-                                                overlap=overlap, mode="gaussian").softmax(1)[0]
+        scores = sliding_window_inference(data["image"][None], recipe.patch,
+                                          sw_batch_size=recipe.sw_batch_size, predictor=net,
+                                          overlap=overlap, mode="gaussian")
+        data["pred"] = (scores.argmax(1).to(torch.uint8) if argmax_first
+                        else scores.softmax(1)[0])
+        del scores
     mask = post(data)["pred"]
     array = np.asarray(mask[0].detach().cpu().numpy(), np.uint8)
     seconds = time.perf_counter() - t0
