@@ -20,8 +20,12 @@ Engines (window = the plan's patch, overlap 0.5, Gaussian weights with sigma = w
   tiles"): no overlap, but instance norms see other statistics than on training patches;
 * ``ours as MONAI``: MONAI's window positions and probability averaging (run once).
 
-Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device cuda]``
-(``--quick``: the shipped ``brainmask`` on Colin27 only).
+* ``monai-same-network``: ``sliding_window_inference`` running the network ``ours`` runs (the
+  bf16 channels-last copy on such a CPU): ``ours`` against this row is the engine's own gain;
+* ``ours overlap X`` (``--overlaps X ...``): ``ours`` with fewer overlapping windows.
+
+Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device cuda]
+[--overlaps 0.33 0.25]`` (``--quick``: the shipped ``brainmask`` on Colin27 only).
 """
 
 from __future__ import annotations
@@ -106,16 +110,18 @@ Engine = Callable[[torch.Tensor], torch.Tensor]
 
 
 def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: int,
-            device: torch.device, divisor: int) -> dict[str, Engine]:
+            device: torch.device, divisor: int, overlaps: tuple[float, ...] = ()
+            ) -> dict[str, Engine]:
     """Each engine maps a plan-grid image ``(C, D, H, W)`` to labels ``(D, H, W)`` on the CPU."""
     amp = autocast_dtype(device)
 
-    def ours(dtype: torch.dtype | None, tile: bool = False, **options: str) -> Engine:
+    def ours(dtype: torch.dtype | None, tile: bool = False, overlap: float = OVERLAP,
+             **options: str) -> Engine:
         def run(image: torch.Tensor) -> torch.Tensor:
             # tile: the whole plan grid in one window (rounded up to the network's divisor)
             size = tuple(-(-s // divisor) * divisor for s in image.shape[1:]) if tile else window
             return sliding_window(network, image,
-                                  Windows(size, OVERLAP, **options),  # type: ignore[arg-type]
+                                  Windows(size, overlap, **options),  # type: ignore[arg-type]
                                   num_classes, ExecutionPlan(device, dtype, BATCH))
 
         return run
@@ -158,17 +164,21 @@ def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: in
     return {"ours": ours(amp), "ours-fp32": ours(None), "monai-softmax": monai(None),
             "monai-softmax-amp": monai(amp), "monai-same-network": monai_same_network(),
             "ours-whole-volume": ours(amp, tile=True),
+            # fewer windows: each voxel computed less often (--overlaps)
+            **{f"ours overlap {overlap:g}": ours(amp, overlap=overlap) for overlap in overlaps},
             # MONAI's window positions and softmax averaging: reproduces monai-softmax (once)
             "ours as MONAI": ours(None, grid="monai", average="probabilities")}
 
 
-def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device) -> None:
+def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device,
+               overlaps: tuple[float, ...] = ()) -> None:
     """Runs all engines on one case, interleaved, and prints a Markdown table."""
     model = load_model(model_name, device=str(device))
     plan = model.meta.plan
     image, _ = preprocess_image(read_volume(scan), plan)
     timed = TimedNetwork(model.network).to(device).eval()
-    runs = engines(timed, plan.patch_size, plan.num_classes, device, model.traits.size_divisor)
+    runs = engines(timed, plan.patch_size, plan.num_classes, device, model.traits.size_divisor,
+                   overlaps)
     results = {name: Result() for name in runs}
     names = list(runs)
     once = names[-1]
@@ -198,21 +208,25 @@ def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device) 
 
 def print_table(model_name: str, scan: Path, shape: tuple[int, ...], window: tuple[int, ...],
                 results: dict[str, Result], device: torch.device, repeats: int) -> None:
-    """One Markdown table: time and memory against ``monai-softmax``, label agreement."""
-    base = results["monai-softmax"]
+    """One Markdown table: time and memory against ``monai-softmax``, speed and label agreement
+    against ``monai-same-network`` (the engine alone: the same converted network in MONAI's)."""
+    base, same = results["monai-softmax"], results["monai-same-network"]
     base_s, base_mem = statistics.median(base.seconds), statistics.median(base.peak_bytes)
+    same_s = statistics.median(same.seconds)
     print(f"\n### `{model_name}` on {scan.name}: plan grid {'x'.join(map(str, shape[1:]))}, "
           f"window {'x'.join(map(str, window))} ({repeats} repeats, device {device})\n")
-    print("| engine | median s | forward s | speed-up vs monai-softmax | peak MiB "
-          "| memory / monai-softmax | labels = monai-softmax | labels = ours-fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | median s | forward s | speed-up vs monai-softmax | vs monai-same-network "
+          "| peak MiB | memory / monai-softmax | labels = monai-softmax | = monai-same-network "
+          "| = ours-fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
         t, mem = statistics.median(res.seconds), statistics.median(res.peak_bytes)
         agree = [(res.labels == results[other].labels).double().mean().item() * 100
-                 for other in ("monai-softmax", "ours-fp32")]
+                 for other in ("monai-softmax", "monai-same-network", "ours-fp32")]
         print(f"| {name} | {t:.2f} | {statistics.median(res.forward_seconds):.2f} "
-              f"| {base_s / t:.2f}x | {mem / MiB:.0f} | {mem / max(1, base_mem):.2f} "
-              f"| {agree[0]:.3f}% | {agree[1]:.3f}% |")
+              f"| {base_s / t:.2f}x | {same_s / t:.2f}x | {mem / MiB:.0f} "
+              f"| {mem / max(1, base_mem):.2f} | {agree[0]:.3f}% | {agree[1]:.3f}% "
+              f"| {agree[2]:.3f}% |")
 
 
 def main() -> None:
@@ -221,6 +235,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="brainmask on Colin27 only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overlaps", type=float, nargs="*", default=[],
+                        help="extra rows: our engine at these overlaps (default 0.5)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
@@ -230,7 +246,7 @@ def main() -> None:
         if not path.is_file():
             sys.exit(f"{scan}: missing; run `python data/prepare.py "
                      f"{Path(scan).parts[1]}` first")
-        bench_case(model_name, path, args.repeats, device)
+        bench_case(model_name, path, args.repeats, device, tuple(args.overlaps))
 
 
 if __name__ == "__main__":
