@@ -161,7 +161,7 @@ class Model:
               marks: Marks, *, affine: np.ndarray | None = None,
               config: RefineConfig | None = None,
               should_stop: Callable[[], bool] | None = None) -> Model:
-        """A copy of this model adapted to ``marks`` on ``image`` (refinement.py), which
+        """A copy of this model adapted to ``marks`` on ``image`` (inference/interactive.py), which
         ``prediction`` (this model's labels there) says how to keep elsewhere."""
         volume = as_volume(image, affine)
         config = config or RefineConfig()

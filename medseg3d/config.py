@@ -330,7 +330,7 @@ class InferenceConfig(Frozen):
 
 
 class RefineConfig(Frozen):
-    """How marks adapt a model (refinement.py); defaults chosen on the validation head only
+    """How marks adapt a model (inference/interactive.py); defaults chosen on the validation head only
     (benchmarks/interactive.py)."""
 
     steps: int = Field(default=12, ge=1, le=10_000)
