@@ -16,6 +16,13 @@ wall-clock budget of training (``--budgets``, minutes) or a number of optimizer 
   ``--train-args``), then ``python -m medseg3d predict`` per test folder;
 * ``medseg3d_synth``: the same with ``--augment synth`` (images synthesised from tissue maps);
 * ``monai_script``: ``benchmarks/peers/monai_script.py``, a MONAI tutorial-style script;
+* ``monai_tuned``: ``benchmarks/peers/monai_tuned.py``, the MONAI recipe a careful user writes
+  (warm-up + cosine schedule, weight average, largest component, medseg3d's strong augmentation
+  in MONAI transforms, border padding) on the grid, patch and batch of ``--plan`` (medseg3d's
+  ``plan.json``; the method is skipped without it) at the learning rate ``--monai-lr``, by
+  default the one that ``benchmarks/monai_lr_sweep.py`` chose (``results/monai_lr_sweep/
+  chosen.json``), else 1e-3. The job name does not hold the plan or the rate: delete a saved
+  ``monai_tuned_*`` result to rerun it with others;
 * ``nnunet``: ``benchmarks/peers/nnunet_peer.py`` in its own venv (``runs/peers/nnunet-venv``),
   skipped when that venv is missing.
 
@@ -66,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training"
 RUNS = ROOT / "runs" / "benchmarks" / "training"
 NNUNET_PYTHON = ROOT / "runs" / "peers" / "nnunet-venv" / "bin" / "python"
+CHOSEN_LR = ROOT / "benchmarks" / "results" / "monai_lr_sweep" / "chosen.json"  # monai_lr_sweep.py
 SUFFIX = "_0000.nii.gz"
 
 
@@ -82,6 +90,8 @@ class Study:
     step_cap_minutes: float  # safety cap of a step-budget job
     command: str
     train_args: tuple[str, ...] = ()  # appended to every ``medseg3d train``
+    plan: Path | None = None  # monai_tuned: the plan.json it trains on (medseg3d's)
+    monai_lr: float = 1e-3  # monai_tuned: its peak learning rate
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,14 @@ def script_commands(interpreter: str, script: str) -> Callable[[Job, Study, Path
     return commands
 
 
+def monai_tuned_commands(job: Job, study: Study, run_dir: Path) -> list[list[str]]:
+    """``peers/monai_tuned.py`` with the peer contract plus ``--plan`` and ``--lr``."""
+    if study.plan is None:
+        raise SystemExit("monai_tuned needs --plan")
+    [cmd] = script_commands(python(), "benchmarks/peers/monai_tuned.py")(job, study, run_dir)
+    return [cmd + ["--plan", rel(study.plan), "--lr", f"{study.monai_lr:g}"]]
+
+
 def medseg3d_commands(*options: str) -> Callable[[Job, Study, Path], list[list[str]]]:
     """``medseg3d train`` with its defaults (plus ``options`` and ``--train-args``), then
     ``medseg3d predict`` per test folder."""
@@ -256,6 +274,7 @@ class Method:
     commands: Callable[[Job, Study, Path], list[list[str]]]
     result: Callable[[Job, Path, list[Measured]], dict[str, Any]]
     missing: Callable[[], str | None]  # why the method cannot run here, or None
+    needs_plan: bool = False  # skipped without --plan
 
 
 def _nnunet_missing() -> str | None:
@@ -271,6 +290,7 @@ METHODS: dict[str, Method] = {
     "medseg3d_synth": Method(medseg3d_commands("--augment", "synth"), medseg3d_result, lambda: None),
     "monai_script": Method(script_commands(python(), "benchmarks/peers/monai_script.py"), script_result,
                            lambda: None),
+    "monai_tuned": Method(monai_tuned_commands, script_result, lambda: None, needs_plan=True),
     "nnunet": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py"), script_result,
                      _nnunet_missing),
 }
@@ -397,6 +417,8 @@ def plan_jobs(args: argparse.Namespace, results: Path) -> list[Job]:
     for name in args.methods:
         if (why := METHODS[name].missing()) is not None:
             print(f"skipping method {name}: {why}", flush=True)
+        elif METHODS[name].needs_plan and args.plan is None:
+            print(f"skipping method {name}: give --plan (medseg3d's plan.json for the dataset)", flush=True)
         else:
             available.append(name)
     jobs = []
@@ -420,7 +442,7 @@ def run_study(args: argparse.Namespace) -> None:
     check_tests(args.test)
     study = Study(args.dataset, tuple(args.test), args.threads, args.step_cap_minutes,
                   shlex.join(["python", "benchmarks/training.py", *sys.argv[1:]]),
-                  tuple(shlex.split(args.train_args)))
+                  tuple(shlex.split(args.train_args)), args.plan, monai_lr(args))
     jobs = plan_jobs(args, args.results)
     print(f"{len(jobs)} job(s) to run, {args.jobs} at a time; logs in {rel(args.runs)}/<job>/log.txt",
           flush=True)
@@ -434,6 +456,21 @@ def run_study(args: argparse.Namespace) -> None:
                 continue
             if record is not None:
                 print(job_line(record), flush=True)
+
+
+def monai_lr(args: argparse.Namespace) -> float:
+    """``--monai-lr``, else the rate ``monai_lr_sweep.py`` chose, else 1e-3 (said when used)."""
+    if args.monai_lr is not None:
+        return float(args.monai_lr)
+    if CHOSEN_LR.is_file():
+        chosen = json.loads(CHOSEN_LR.read_text())
+        if "monai_tuned" in args.methods:
+            print(f"monai_tuned: lr {chosen['lr']:g}, chosen at budget {chosen['budget']} by "
+                  f"{rel(CHOSEN_LR)} (validation Dice by lr: {chosen['dice_by_lr']})", flush=True)
+        return float(chosen["lr"])
+    if "monai_tuned" in args.methods:
+        print(f"monai_tuned: no {rel(CHOSEN_LR)} (run benchmarks/monai_lr_sweep.py); lr 1e-3", flush=True)
+    return 1e-3
 
 
 # ---------------------------------------------------------------- report
@@ -592,6 +629,12 @@ def parse_args() -> argparse.Namespace:
                         help="wall-time cap of a step-budget job")
     parser.add_argument("--train-args", default="",
                         help='extra medseg3d train options, e.g. "--spacing 2,2,2 --patch-size 64,64,96"')
+    parser.add_argument("--plan", type=Path, default=None,
+                        help="plan.json whose spacing, patch, batch and mirror axes monai_tuned uses "
+                             "(medseg3d's for the dataset); monai_tuned is skipped without it")
+    parser.add_argument("--monai-lr", type=float, default=None,
+                        help="monai_tuned's peak learning rate (default: monai_lr_sweep.py's choice, "
+                             "else 1e-3)")
     parser.add_argument("--report", action="store_true", help="only aggregate the saved results")
     parser.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=Path, default=RUNS, help=argparse.SUPPRESS)

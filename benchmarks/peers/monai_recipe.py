@@ -1,6 +1,7 @@
 """The pieces of a MONAI tutorial training script, written from MONAI's documentation.
 
-Shared by ``benchmarks/peers/monai_script.py`` (the peer of the training benchmark) and
+Shared by ``benchmarks/peers/monai_script.py`` (the peer of the training benchmark),
+``benchmarks/peers/monai_tuned.py`` (its tuned version: ``preprocessing`` and ``predict``) and
 ``benchmarks/monai_unet_peer.py`` (the peer of the shipped-model comparison); each fixes its own
 :class:`Recipe`. Nothing here uses medseg3d: loading, resampling, augmentation, the network, the
 loss, the sliding window and the inversion back to the input grid are all MONAI's.
@@ -25,6 +26,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     Invertd,
+    KeepLargestConnectedComponent,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
@@ -132,7 +134,8 @@ def train_steps(net: torch.nn.Module, loader: DataLoader, optimiser: torch.optim
 
 
 def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Recipe, overlap: float,
-            argmax_first: bool = False) -> float:
+            argmax_first: bool = False, largest_component: bool = False,
+            amp_dtype: torch.dtype | None = None) -> float:
     """Segment one scan back onto its own grid and write the mask; return the seconds of segmenting.
 
     The clock covers what happens between a scan in memory and labels on its grid (reorient,
@@ -140,8 +143,11 @@ def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Reci
     default the softmax probabilities are inverted with ``Invertd`` (linear interpolation), then
     argmax, as MONAI's tutorials do. ``argmax_first``, as a MONAI user who minds memory writes it:
     the argmax on the plan grid, then ``Invertd`` of the uint8 label map by nearest neighbour (one
-    small channel goes back to the full grid instead of every class's float probabilities). The
-    mask is written with the input's affine and a copy of its header.
+    small channel goes back to the full grid instead of every class's float probabilities).
+    ``largest_component``: MONAI's ``KeepLargestConnectedComponent`` on every foreground label of
+    the final mask (on the input grid). ``amp_dtype``: the sliding window runs inside
+    ``torch.autocast`` of that dtype (the scores are cast back to float32 before the softmax).
+    The mask is written with the input's affine and a copy of its header.
     """
     load = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
     pre = Compose(preprocessing(["image"], recipe.spacing)[2:])  # the invertible part
@@ -151,14 +157,21 @@ def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Reci
     net.eval()
     t0 = time.perf_counter()
     data = pre(loaded)
-    with torch.inference_mode():
+    device_type = next(net.parameters()).device.type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         scores = sliding_window_inference(data["image"][None], recipe.patch,
                                           sw_batch_size=recipe.sw_batch_size, predictor=net,
                                           overlap=overlap, mode="gaussian")
+    with torch.inference_mode():
+        scores = scores.float()
         data["pred"] = (scores.argmax(1).to(torch.uint8) if argmax_first
                         else scores.softmax(1)[0])
         del scores
     mask = post(data)["pred"]
+    if largest_component:
+        labels = [int(v) for v in torch.unique(torch.as_tensor(mask)).tolist() if v > 0]
+        if labels:
+            mask = KeepLargestConnectedComponent(applied_labels=labels, independent=True)(mask)
     array = np.asarray(mask[0].detach().cpu().numpy(), np.uint8)
     seconds = time.perf_counter() - t0
     source = nib.load(str(image_path))
