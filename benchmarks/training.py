@@ -23,7 +23,8 @@ wall-clock budget of training (``--budgets``, minutes) or a number of optimizer 
   default the one that ``benchmarks/monai_lr_sweep.py`` chose (``results/monai_lr_sweep/
   chosen.json``), else 1e-3. The job name does not hold the plan or the rate: delete a saved
   ``monai_tuned_*`` result to rerun it with others;
-* ``nnunet``: ``benchmarks/peers/nnunet_peer.py`` in its own venv (``runs/peers/nnunet-venv``),
+* ``nnunet`` / ``nnunet_default``: ``benchmarks/peers/nnunet_peer.py`` on its CPU-sized plan /
+  on nnU-Net's GPU-default plan, in its own venv (``runs/peers/nnunet-venv``),
   skipped when that venv is missing.
 
 Every job runs as a subprocess with ``OMP_NUM_THREADS=1`` (and ``--threads 1``), ``--jobs`` at a
@@ -168,13 +169,15 @@ def check_tests(folders: Iterable[Path]) -> None:
 # ---------------------------------------------------------------- methods
 
 
-def script_commands(interpreter: str, script: str) -> Callable[[Job, Study, Path], list[list[str]]]:
-    """Commands of a method that follows the peer contract (train + predict + result.json)."""
+def script_commands(interpreter: str, script: str, *extra: str
+                    ) -> Callable[[Job, Study, Path], list[list[str]]]:
+    """Commands of a method that follows the peer contract (train + predict + result.json);
+    ``extra`` arguments go to the script as they are."""
 
     def commands(job: Job, study: Study, run_dir: Path) -> list[list[str]]:
         minutes = job.budget_minutes if job.steps is None else study.step_cap_minutes
         cmd = [interpreter, script, "--dataset", rel(study.dataset), "--budget-minutes", f"{minutes:g}",
-               "--seed", str(job.seed), "--threads", str(study.threads), "--out", rel(run_dir)]
+               "--seed", str(job.seed), "--threads", str(study.threads), "--out", rel(run_dir), *extra]
         if job.steps is not None:
             cmd += ["--steps", str(job.steps)]
         for folder in study.tests:
@@ -291,8 +294,11 @@ METHODS: dict[str, Method] = {
     "monai_script": Method(script_commands(python(), "benchmarks/peers/monai_script.py"), script_result,
                            lambda: None),
     "monai_tuned": Method(monai_tuned_commands, script_result, lambda: None, needs_plan=True),
+    # nnU-Net on the CPU-sized plan (the peer's default); nnunet_default: its GPU-default plan
     "nnunet": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py"), script_result,
                      _nnunet_missing),
+    "nnunet_default": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py",
+                                             "--plan", "default"), script_result, _nnunet_missing),
 }
 
 

@@ -3,41 +3,104 @@
 Usage (with the venv that ``benchmarks/peers/install_nnunet.sh`` makes, never the project's .venv)::
 
     runs/peers/nnunet-venv/bin/python benchmarks/peers/nnunet_peer.py \\
-        --dataset data/BrainMaskT1 --budget-minutes 60 --seed 0 --threads 1 \\
-        --out runs/training/nnunet_seed0 --test-images data/BrainMaskT1/imagesTs
+        --dataset data/BrainMaskT1 --budget-minutes 10 --seed 0 --threads 1 \\
+        --out runs/training/nnunet_seed0 --test-images data/BrainMaskT1/imagesTs [--plan cpu|default]
 
-What runs, all nnU-Net v2 defaults unless listed here:
+Two plans (``--plan``):
+
+* ``cpu`` (the default): nnU-Net at its best on a CPU budget. A CPU-sized plan made through
+  nnU-Net's own plans mechanism, with the spacing, patch, batch and feature cap that medseg3d's
+  planner picks, and a trainer whose poly learning-rate schedule anneals within the budget.
+* ``default``: nnU-Net's GPU-default plan (``nnUNetPlans``: 1 mm; 160x128x112 patches on
+  BrainMaskT1, 128x128x128 on a BrainMask fold; 32-320 features) and nnUNetTrainer's 1000 x
+  250-step schedule, stopped at the budget (about 100 s a step on one thread: 6 to 13 optimizer
+  steps in 10 to 20 minutes).
+
+What runs, all nnU-Net v2 (2.8.1) defaults unless listed here:
 
 1. **Plan + preprocess** (``prep_seconds``): the dataset folder is symlinked into
-   ``RUN_DIR/nnunet/raw`` as ``Dataset900_<Name>``; fingerprint (with nnU-Net's dataset integrity
-   check), the default ``ExperimentPlanner`` (plans ``nnUNetPlans``, as ``nnUNetv2_plan_and_preprocess``
-   without ``-pl``) and preprocessing of ``3d_fullres`` only, with ``--threads`` worker processes.
-2. **Training** (``train_seconds``): ``nnUNetTrainer`` on fold ``all`` (every training case) on the
-   CPU, through a subclass that only adds a stop: after the first optimizer step that ends past
+   ``RUN_DIR/nnunet/raw`` as ``Dataset900_<Name>``; fingerprint with nnU-Net's dataset integrity
+   check (``nnUNetv2_extract_fingerprint -d 900 --verify_dataset_integrity``), then
+
+   - ``default``: the default ``ExperimentPlanner`` (``nnUNetv2_plan_experiment -d 900``, plans
+     ``nnUNetPlans``);
+   - ``cpu``: the same planner with nnU-Net's own options ``-overwrite_target_spacing S S S
+     -overwrite_plans_name nnUNetPlansCPU``, which writes ``nnUNetPlansCPU.json`` (data identifier
+     ``nnUNetPlansCPU_3d_fullres``, the median image size at that spacing; the planner still
+     sizes the patch for an 8 GB GPU: 96x112x96, batch 2, 32-320 features on the BrainMask
+     folds at 2 mm). Its ``3d_fullres`` configuration is then edited as
+     nnU-Net's documentation of plans files describes ("Modifying the nnU-Net configurations"):
+     ``patch_size``, ``batch_size``, and the network topology for that patch from nnU-Net's own
+     ``get_pool_and_conv_props`` (the function its planner calls: pool an axis while its feature
+     map edge stays >= 4; 3x3x3 kernels; the planner's 2 convolutions per stage), with
+     ``features_per_stage`` = min(cap, 32 * 2**stage): nnU-Net's base of 32 (its
+     ``UNet_base_num_features``; ``--cpu-base-features`` changes it) and its
+     ``UNet_max_features_3d`` cap lowered from 320 to ``--cpu-max-features``. Everything else in
+     the file (z-score normalisation, resampling functions, ``batch_dice``, transposition, the
+     ``2d`` configuration, which is never used) is the planner's. The edits are written into the
+     plans file under ``cpu_plan_edits`` and into result.json.
+
+   The defaults of ``--cpu-spacing``, ``--cpu-patch``, ``--cpu-batch`` and
+   ``--cpu-max-features`` are what medseg3d picks for ``data/BrainMask`` (its run folders'
+   ``plan.json``: 2 mm, patch 64x64x96, batch 2; its ``unet`` preset's widest stage, 256
+   features). medseg3d's patch is in canonical (RAS) x, y, z order; nnU-Net does not reorient,
+   and its arrays are in SimpleITK order (the voxel axes reversed), which for axial scans is
+   S-I, A-P, L-R, so ``--cpu-patch`` is given in medseg3d's order and written reversed into the
+   plan (96x64x64). medseg3d's network differs beyond the cap (16-256 residual features, a
+   strided first level); nnU-Net keeps its plain 32-256 U-Net with deep supervision, whose
+   full-resolution first stage makes a step cost about 16 s on one thread (medseg3d's: under
+   1 s; 5 s with ``--cpu-base-features 16``). Then
+   ``nnUNetv2_preprocess`` of ``3d_fullres`` only (``-np --threads``).
+2. **Training** (``train_seconds``): a subclass of ``nnUNetTrainer`` on fold ``all`` (every training
+   case), ``-device cpu``. It stops after the first optimizer step that ends past
    ``--budget-minutes`` of wall time counted from the trainer's construction, or after ``--steps``
-   optimizer steps, whichever comes first (with ``--steps`` the budget is a safety cap). nnU-Net's epoch
-   structure is kept (250 steps, then 50 validation batches of its pseudo-Dice; the budget also
-   stops a validation pass), and so are its learning-rate schedule (poly over 1000 epochs: a
-   budget run stays near the initial 0.01), loss, augmentation and patch sampling. Data
-   augmentation runs in the main process (``nnUNet_n_proc_DA=0``) so that the run uses
-   ``--threads`` cores; nnU-Net's final validation on the training cases is skipped. The final
-   checkpoint is ``checkpoint_final.pth``.
+   optimizer steps, whichever comes first (with ``--steps`` the budget is a safety cap); the
+   budget also stops a validation pass. Loss, augmentation, patch sampling, SGD (0.01, Nesterov)
+   and the poly schedule are nnU-Net's.
+
+   - ``default``: ``nnUNetTrainerBudget``, nnU-Net's epochs (250 steps, 50 validation batches of its
+     pseudo-Dice) and its poly schedule over 1000 epochs: a budget run stays near lr 0.01.
+   - ``cpu``: ``nnUNetTrainerCPUBudget`` sizes the epochs, as nnU-Net's own ``nnUNetTrainer_Xepochs``
+     variants do, so that the poly schedule (lr of epoch e = 0.01 (1 - e/E)^0.9) runs over the
+     budget, from a measured step time. Rule: epoch 0 is a probe of 5 training steps and 1
+     validation batch (at lr 0.01, as epoch 0 of any poly schedule); t = the median training step
+     without the first, v = the validation batch, o = the rest of epoch 0 (nnU-Net's epoch-end
+     logging, progress plot and checkpoint_best save). An epoch of I steps validates
+     V(I) = max(1, round(I / 5)) batches (nnU-Net's ratio of 250 to 50). With R = the seconds
+     left to the deadline, I is the smallest value whose validation and bookkeeping, V(I) v + o,
+     cost at most 10 % of its training, I t (nnU-Net's own 250 + 50 batches cost about 6 % on one
+     CPU thread), raised until at most 49 more epochs of c(I) = I t + V(I) v + o seconds fit
+     into R, and then as far as that many epochs still fit into R (I at most 250, nnU-Net's);
+     E = 1 + floor(R / c(I)) epochs (at most 1000).
+     ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``, ``num_epochs`` and the
+     ``PolyLRScheduler``'s ``max_steps`` are set to these, so that the last epoch runs at
+     0.01 (1/E)^0.9. With ``--steps N`` there is no probe: I = ceil(N / 50), E = ceil(N / I)
+     and V(I), stopping after N steps. The budget stays a hard stop either way.
+
+   Both: data augmentation runs in the main process (``nnUNet_n_proc_DA=0``) so that the run uses
+   ``--threads`` cores; ``torch.compile`` is off (nnU-Net turns it off on a CPU anyway); nnU-Net's
+   final validation (predicting the training cases) is skipped. The final checkpoint is
+   ``checkpoint_final.pth``. One model on fold ``all``, as medseg3d trains one: no 5-fold
+   cross-validation, hence no ensemble and none of the postprocessing that nnU-Net chooses from
+   cross-validation.
 3. **Prediction** (``predict_seconds``): ``nnUNetPredictor`` on every ``*_0000.nii.gz`` of each
    ``--test-images`` folder (nnU-Net's Gaussian sliding window, step 0.5), one case at a time in
-   this process. Mirroring test-time augmentation is off by default: on one CPU thread it costs
-   8x the forward passes (``--mirroring`` turns it on). nnU-Net writes each case with its own
-   writer; the labels are then saved as ``RUN_DIR/pred/<case>.nii.gz`` with a copy of the input's
-   header (shape and affine checked against the input first), so the file is on the input's grid
-   bit for bit.
+   this process. Mirroring test-time augmentation (8x the forward passes) is nnU-Net's default
+   and on with ``--plan cpu``; with ``--plan default`` it is off, as a case then takes about 5
+   minutes on one thread without it (``--mirroring`` / ``--no-mirroring`` override). nnU-Net
+   writes each case with its own writer; the labels are then saved as
+   ``RUN_DIR/pred/<case>.nii.gz`` with a copy of the input's header (shape and affine checked
+   against the input first), so the file is on the input's grid bit for bit.
 
-``RUN_DIR/result.json`` records the method, times, optimizer steps and peak resident memory;
-the harness evaluates the predictions itself. Nothing of medseg3d is imported.
+``RUN_DIR/result.json`` records the method, plan, schedule, times, optimizer steps and peak
+resident memory; the harness evaluates the predictions itself. Nothing of medseg3d is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -51,9 +114,22 @@ from typing import Any
 
 DATASET_ID = 900
 CONFIGURATION = "3d_fullres"
-PLANS = "nnUNetPlans"
+PLANS = {"default": "nnUNetPlans", "cpu": "nnUNetPlansCPU"}
 FOLD = "all"
 IMAGE_SUFFIX = "_0000.nii.gz"
+# what medseg3d's planner picks for data/BrainMask (plan.json of its runs; the `unet` preset's widest stage)
+CPU_SPACING_MM = 2.0
+CPU_PATCH_RAS = (64, 64, 96)  # x, y, z in medseg3d's canonical RAS order
+CPU_BATCH = 2
+CPU_MAX_FEATURES = 256
+# nnU-Net's planner constants (ExperimentPlanner.__init__ in 2.8.1)
+NNUNET_FEATUREMAP_MIN_EDGE = 4
+NNUNET_BASE_FEATURES = 32
+# the epoch-sizing rule of nnUNetTrainerCPUBudget (module docstring, step 2)
+PROBE_STEPS = 5
+TARGET_EPOCHS = 50
+OVERHEAD_SHARE = 0.10  # validation + epoch bookkeeping, against the epoch's training steps
+NNUNET_ITERATIONS, NNUNET_VAL_ITERATIONS, NNUNET_EPOCHS = 250, 50, 1000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +144,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR)")
     p.add_argument("--test-images", type=Path, action="append", required=True,
                    help="folder of CASE_0000.nii.gz to predict; may be repeated")
-    p.add_argument("--mirroring", action="store_true",
-                   help="nnU-Net's mirroring TTA at prediction (8x slower)")
+    p.add_argument("--plan", choices=("cpu", "default"), default="cpu",
+                   help="cpu: the CPU-sized plan and a schedule that anneals within the budget (default); "
+                        "default: nnU-Net's GPU-default nnUNetPlans and its 1000-epoch schedule")
+    p.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=None,
+                   help="nnU-Net's mirroring TTA at prediction, 8x the forward passes "
+                        "(default: on with --plan cpu, off with --plan default)")
+    p.add_argument("--cpu-spacing", type=float, default=CPU_SPACING_MM, help="--plan cpu: target spacing, mm")
+    p.add_argument("--cpu-patch", default=",".join(map(str, CPU_PATCH_RAS)),
+                   help="--plan cpu: patch in medseg3d's RAS x,y,z order, written reversed into the plan")
+    p.add_argument("--cpu-batch", type=int, default=CPU_BATCH, help="--plan cpu: batch size")
+    p.add_argument("--cpu-max-features", type=int, default=CPU_MAX_FEATURES,
+                   help="--plan cpu: feature-map cap of the U-Net (nnU-Net's default is 320)")
+    p.add_argument("--cpu-base-features", type=int, default=NNUNET_BASE_FEATURES,
+                   help="--plan cpu: features of the first stage (nnU-Net's UNet_base_num_features, 32)")
     args = p.parse_args(argv)
+    try:
+        args.cpu_patch = tuple(int(v) for v in args.cpu_patch.split(","))
+    except ValueError:
+        p.error("--cpu-patch: three integers, e.g. 64,64,96")
+    if len(args.cpu_patch) != 3 or min(args.cpu_patch) < 8:
+        p.error("--cpu-patch: three integers >= 8")
+    if args.cpu_spacing <= 0 or min(args.cpu_batch, args.cpu_max_features, args.cpu_base_features) < 1:
+        p.error("--cpu-spacing, --cpu-batch, --cpu-max-features and --cpu-base-features must be positive")
+    if args.mirroring is None:
+        args.mirroring = args.plan == "cpu"
+    args.plans = PLANS[args.plan]
     if not (args.dataset / "dataset.json").is_file():
         p.error(f"{args.dataset}: no dataset.json")
     if args.budget_minutes <= 0 or args.threads < 1 or (args.steps is not None and args.steps < 1):
@@ -121,23 +220,124 @@ def link_raw_dataset(dataset: Path, raw: Path) -> str:
     return dataset_name
 
 
-def plan_and_preprocess(threads: int) -> None:
-    """nnUNetv2_plan_and_preprocess -d 900 -c 3d_fullres --verify_dataset_integrity, in this process."""
+def cpu_plan_edits(configuration: dict, patch_ras: tuple[int, int, int], batch_size: int,
+                   max_features: int, base_features: int = NNUNET_BASE_FEATURES) -> dict[str, Any]:
+    """Edit a 3d_fullres configuration of nnU-Net's plans in place: patch, batch, topology and feature cap.
+
+    The topology comes from nnU-Net's ``get_pool_and_conv_props``, as in ``ExperimentPlanner
+    .get_plans_for_configuration``; the patch is given in RAS x, y, z order and reversed into
+    nnU-Net's array order. Returns what was changed (old and new values).
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    arch = configuration["architecture"]["arch_kwargs"]
+    spacing = configuration["spacing"]
+    _, strides, kernels, patch, _ = get_pool_and_conv_props(spacing, list(patch_ras[::-1]),
+                                                             NNUNET_FEATUREMAP_MIN_EDGE, 999999)
+    n_stages = len(strides)
+    n_conv_enc = int(arch["n_conv_per_stage"][0])  # the planner's 2 per stage
+    n_conv_dec = int(arch["n_conv_per_stage_decoder"][0])
+    new = {
+        "patch_size": [int(v) for v in patch],
+        "batch_size": int(batch_size),
+        "n_stages": n_stages,
+        "features_per_stage": [min(max_features, base_features * 2 ** i) for i in range(n_stages)],
+        "kernel_sizes": [list(k) for k in kernels],
+        "strides": [list(st) for st in strides],
+        "n_conv_per_stage": [n_conv_enc] * n_stages,
+        "n_conv_per_stage_decoder": [n_conv_dec] * (n_stages - 1),
+    }
+    old = {"patch_size": configuration["patch_size"], "batch_size": configuration["batch_size"],
+           **{k: arch[k] for k in new if k in arch}}
+    configuration["patch_size"] = new["patch_size"]
+    configuration["batch_size"] = new["batch_size"]
+    arch.update({k: v for k, v in new.items() if k not in ("patch_size", "batch_size")})
+    return {"planned_by_nnunet": old, "set": new,
+            "why": (f"spacing, patch (RAS {'x'.join(map(str, patch_ras))} -> nnU-Net array order "
+                    f"{'x'.join(map(str, new['patch_size']))}), batch and feature cap {max_features} "
+                    "from --cpu-* (defaults: what medseg3d's planner picks); topology from nnU-Net's "
+                    f"get_pool_and_conv_props for that patch; base features {base_features} "
+                    f"(nnU-Net's default {NNUNET_BASE_FEATURES})")}
+
+
+def plan_and_preprocess(args: argparse.Namespace, preprocessed: Path, dataset_name: str) -> dict[str, Any]:
+    """nnUNetv2_plan_and_preprocess -d 900 -c 3d_fullres --verify_dataset_integrity, in this process;
+    with ``--plan cpu`` the planner gets ``-overwrite_target_spacing`` and ``-overwrite_plans_name``
+    and its 3d_fullres configuration is edited before preprocessing. Returns the edits (or {})."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
         plan_experiments,
         preprocess,
     )
 
-    extract_fingerprints([DATASET_ID], num_processes=threads, check_dataset_integrity=True,
+    extract_fingerprints([DATASET_ID], num_processes=args.threads, check_dataset_integrity=True,
                          show_progress_bar=False)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], PLANS, configurations=(CONFIGURATION,), num_processes=(threads,),
+    edits: dict[str, Any] = {}
+    if args.plan == "default":
+        plan_experiments([DATASET_ID])
+    else:
+        plan_experiments([DATASET_ID], overwrite_target_spacing=(args.cpu_spacing,) * 3,
+                         overwrite_plans_name=args.plans)
+        plans_file = preprocessed / dataset_name / f"{args.plans}.json"
+        plans = json.loads(plans_file.read_text())
+        edits = cpu_plan_edits(plans["configurations"][CONFIGURATION], args.cpu_patch, args.cpu_batch,
+                               args.cpu_max_features, args.cpu_base_features)
+        edits["overwrite_target_spacing"] = [args.cpu_spacing] * 3
+        plans["cpu_plan_edits"] = edits
+        tmp = plans_file.with_name(plans_file.name + ".tmp")
+        tmp.write_text(json.dumps(plans, indent=4) + "\n")
+        os.replace(tmp, plans_file)
+    preprocess([DATASET_ID], args.plans, configurations=(CONFIGURATION,), num_processes=(args.threads,),
                show_progress_bar=False)
+    return edits
 
 
-def budget_trainer_class() -> type:
-    """nnUNetTrainer with a wall-clock / step stop; everything else is nnU-Net's."""
+def epochs_for_steps(steps: int) -> tuple[int, int, int]:
+    """--steps N without a probe: (iterations per epoch, validation iterations per epoch, epochs)."""
+    iterations = min(NNUNET_ITERATIONS, math.ceil(steps / TARGET_EPOCHS))
+    return iterations, val_iterations(iterations), min(NNUNET_EPOCHS, math.ceil(steps / iterations))
+
+
+def val_iterations(iterations: int) -> int:
+    """Validation batches per epoch at nnU-Net's ratio of 250 training to 50 validation batches."""
+    return max(1, round(iterations * NNUNET_VAL_ITERATIONS / NNUNET_ITERATIONS))
+
+
+def epochs_for_budget(remaining_s: float, step_s: float, val_step_s: float,
+                      bookkeeping_s: float) -> tuple[int, int, int]:
+    """The sizing rule after the probe epoch: (iterations, validation iterations, epochs in all).
+
+    The smallest iterations per epoch I whose validation batches and epoch bookkeeping cost at
+    most OVERHEAD_SHARE of the epoch's I training steps, raised until at most TARGET_EPOCHS - 1
+    further epochs fit into ``remaining_s``, then as far as that many epochs still fit (I <= 250);
+    epochs = 1 (the probe) + how many fit.
+    """
+    step_s = max(step_s, 1e-3)
+
+    def overhead(its: int) -> float:
+        return val_iterations(its) * val_step_s + bookkeeping_s
+
+    iterations = 1
+    while overhead(iterations) > OVERHEAD_SHARE * iterations * step_s and iterations < NNUNET_ITERATIONS:
+        iterations += 1
+
+    def epoch_s(its: int) -> float:
+        return its * step_s + overhead(its)
+
+    while True:
+        more = int(remaining_s // epoch_s(iterations)) if remaining_s > 0 else 0
+        if more <= TARGET_EPOCHS - 1 or iterations >= NNUNET_ITERATIONS:
+            break
+        iterations += 1
+    # fill the time left: as many steps per epoch as keep the same number of epochs within it
+    while more > 0 and iterations < NNUNET_ITERATIONS and more * epoch_s(iterations + 1) <= remaining_s:
+        iterations += 1
+    return iterations, val_iterations(iterations), min(NNUNET_EPOCHS, 1 + more)
+
+
+def trainer_classes() -> dict[str, type]:
+    """The trainers of the two plans: nnUNetTrainer with a wall-clock / step stop, and a subclass of it
+    that sizes nnU-Net's epochs to the budget; everything else is nnU-Net's."""
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -150,6 +350,7 @@ def budget_trainer_class() -> type:
         max_steps: int | None = None
         steps_done: int = 0
         step_seconds: list[float]
+        val_step_seconds: list[float]
 
         def _time_up(self) -> bool:
             return time.monotonic() >= self.deadline
@@ -157,70 +358,139 @@ def budget_trainer_class() -> type:
         def _stop(self) -> bool:
             return self._time_up() or (self.max_steps is not None and self.steps_done >= self.max_steps)
 
+        def _after_epoch(self, epoch_s: float, train_s: list[float], val_s: list[float]) -> None:
+            """Called after each full epoch (with its wall seconds and its step times)."""
+
         def run_training(self) -> None:
-            self.step_seconds = []
+            self.step_seconds, self.val_step_seconds = [], []
             self.on_train_start()
             stop = False
             while not stop and self.current_epoch < self.num_epochs:
+                t_epoch = time.perf_counter()
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                train_outputs = []
+                train_outputs, train_s = [], []
                 for _ in range(self.num_iterations_per_epoch):
                     t = time.perf_counter()
                     train_outputs.append(self.train_step(next(self.dataloader_train)))
-                    self.step_seconds.append(time.perf_counter() - t)
+                    train_s.append(time.perf_counter() - t)
                     self.steps_done += 1
                     if stop := self._stop():
                         break
+                self.step_seconds += train_s
                 self.on_train_epoch_end(train_outputs)
                 if stop:  # a partial epoch: no validation pass, no epoch-end bookkeeping
                     self.current_epoch += 1  # on_train_end undoes on_epoch_end's increment
                     break
+                val_s = []
                 with torch.no_grad():
                     self.on_validation_epoch_start()
                     val_outputs = []
                     for _ in range(self.num_val_iterations_per_epoch):
+                        t = time.perf_counter()
                         val_outputs.append(self.validation_step(next(self.dataloader_val)))
+                        val_s.append(time.perf_counter() - t)
                         if stop := self._time_up():
                             break
                     self.on_validation_epoch_end(val_outputs)
+                self.val_step_seconds += val_s
                 self.on_epoch_end()
+                self._after_epoch(time.perf_counter() - t_epoch, train_s, val_s)
             self.on_train_end()
             if self.step_seconds:
                 self.print_to_log_file(f"optimizer steps: {self.steps_done}, median step "
                                        f"{float(np.median(self.step_seconds)):.2f} s")
 
-    return nnUNetTrainerBudget
+    class nnUNetTrainerCPUBudget(nnUNetTrainerBudget):
+        """nnUNetTrainerBudget whose epochs are sized so that nnU-Net's poly schedule runs over the
+        budget (module docstring, step 2): call ``plan_schedule`` before ``run_training``."""
+
+        schedule: dict[str, Any]
+
+        def plan_schedule(self, steps: int | None) -> None:
+            """With ``steps``: epochs for that many steps; else epoch 0 is the probe of the budget."""
+            if steps is not None:
+                iterations, val_its, epochs = epochs_for_steps(steps)
+                self.schedule = {"rule": "steps", "planned_steps": iterations * epochs}
+            else:
+                iterations, val_its, epochs = PROBE_STEPS, 1, NNUNET_EPOCHS
+                self.schedule = {"rule": "budget (probe epoch 0, then sized)"}
+            self._set_epochs(iterations, val_its, epochs)
+
+        def _set_epochs(self, iterations: int, val_its: int, epochs: int) -> None:
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = val_its
+            self.num_epochs = epochs
+            if self.lr_scheduler is not None:  # built by initialize() from the num_epochs of then
+                self.lr_scheduler.max_steps = epochs
+
+        def _after_epoch(self, epoch_s: float, train_s: list[float], val_s: list[float]) -> None:
+            if self.current_epoch != 1 or self.schedule["rule"] == "steps":
+                return
+            step = float(np.median(train_s[1:] or train_s))
+            val_step = float(np.median(val_s)) if val_s else 0.0
+            bookkeeping = max(0.0, epoch_s - sum(train_s) - sum(val_s))
+            remaining = self.deadline - time.monotonic()
+            iterations, val_its, epochs = epochs_for_budget(remaining, step, val_step, bookkeeping)
+            self._set_epochs(iterations, val_its, epochs)
+            self.schedule.update({
+                "probe_step_seconds": [round(x, 3) for x in train_s],
+                "probe_val_step_seconds": [round(x, 3) for x in val_s],
+                "probe_epoch_seconds": round(epoch_s, 2), "step_seconds": round(step, 3),
+                "val_step_seconds": round(val_step, 3), "bookkeeping_seconds": round(bookkeeping, 3),
+                "remaining_seconds_after_probe": round(remaining, 1),
+                "planned_steps": PROBE_STEPS + iterations * (epochs - 1)})
+            self.print_to_log_file(
+                f"schedule from the probe epoch: step {step:.2f} s, validation step {val_step:.2f} s, "
+                f"bookkeeping {bookkeeping:.2f} s, {remaining:.0f} s left -> {epochs} epochs "
+                f"(epoch 0: {PROBE_STEPS} steps; then {iterations} steps and {val_its} validation "
+                f"batches each); poly over {epochs} epochs")
+
+    return {"default": nnUNetTrainerBudget, "cpu": nnUNetTrainerCPUBudget}
 
 
-def train(dataset_name: str, preprocessed: Path, budget_minutes: float, steps: int | None) -> dict[str, Any]:
-    """Train fold 'all' on the CPU under the budget; return steps, epochs and the model folder."""
+def train(args: argparse.Namespace, dataset_name: str, preprocessed: Path) -> dict[str, Any]:
+    """Train fold 'all' on the CPU under the budget; return steps, epochs, schedule and the model folder."""
     import numpy as np
     import torch
 
     # augmentation in the main process, so that the run uses `threads` cores
     os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112
     start = time.monotonic()
-    trainer_class = budget_trainer_class()
+    trainer_class = trainer_classes()[args.plan]
     folder = preprocessed / dataset_name
-    plans = json.loads((folder / f"{PLANS}.json").read_text())
+    plans = json.loads((folder / f"{args.plans}.json").read_text())
     plans["continue_training"] = False  # as run_training's get_trainer_from_args sets it
     dataset_json = json.loads((folder / "dataset.json").read_text())
     trainer = trainer_class(plans=plans, configuration=CONFIGURATION, fold=FOLD, dataset_json=dataset_json,
                             device=torch.device("cpu"))
-    trainer.deadline = start + 60.0 * budget_minutes
-    trainer.max_steps = steps
+    trainer.deadline = start + 60.0 * args.budget_minutes
+    trainer.max_steps = args.steps
+    if args.plan == "cpu":
+        trainer.plan_schedule(args.steps)
     trainer.run_training()
     step_seconds = np.asarray(trainer.step_seconds)
     cfg = plans["configurations"][CONFIGURATION]
+    arch = cfg["architecture"]["arch_kwargs"]
+    schedule = {
+        "epochs_planned": trainer.num_epochs,
+        "iterations_per_epoch": trainer.num_iterations_per_epoch,
+        "val_iterations_per_epoch": trainer.num_val_iterations_per_epoch,
+        "final_lr": float(trainer.optimizer.param_groups[0]["lr"]),
+        **getattr(trainer, "schedule", {}),
+    }
     return {
         "steps_done": trainer.steps_done,
         "epochs_started": trainer.current_epoch,
         "step_seconds_median": float(np.median(step_seconds)) if step_seconds.size else None,
         "first_step_seconds": float(step_seconds[0]) if step_seconds.size else None,
+        "val_steps_done": len(trainer.val_step_seconds),
         "model_folder": Path(trainer.output_folder_base),
         "parameters": sum(p.numel() for p in trainer.network.parameters()),
-        "plan": {"patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"], "spacing": cfg["spacing"],
+        "schedule": schedule,
+        "plan": {"plans": args.plans, "patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"],
+                 "spacing": cfg["spacing"], "features_per_stage": arch["features_per_stage"],
+                 "n_stages": arch["n_stages"],
                  "median_image_size_in_voxels": cfg.get("median_image_size_in_voxels")},
     }
 
@@ -330,12 +600,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     dataset_name = link_raw_dataset(args.dataset, folders["raw"])
-    plan_and_preprocess(args.threads)
+    plan_edits = plan_and_preprocess(args, folders["preprocessed"], dataset_name)
     prep_seconds = time.perf_counter() - t
     rss_prep = peak_rss_mb()
 
     t = time.perf_counter()
-    trained = train(dataset_name, folders["preprocessed"], args.budget_minutes, args.steps)
+    trained = train(args, dataset_name, folders["preprocessed"])
     train_seconds = time.perf_counter() - t
     rss_train = peak_rss_mb()
 
@@ -349,8 +619,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = f"at the first optimizer step past {args.budget_minutes:g} min of wall time"
     if args.steps:
         stop = f"after {args.steps} optimizer steps or {stop}, whichever came first"
+    schedule = trained["schedule"]
+    if args.plan == "cpu":
+        plan_note = (
+            f"CPU-sized plan {args.plans}: nnU-Net's ExperimentPlanner with -overwrite_target_spacing "
+            f"{args.cpu_spacing:g} (x3) -overwrite_plans_name {args.plans}, then its {CONFIGURATION} edited "
+            "(patch, batch, topology from nnU-Net's get_pool_and_conv_props, feature cap; see plan_edits). "
+            f"nnUNetTrainerCPUBudget: nnU-Net's poly schedule over {schedule['epochs_planned']} epochs of "
+            f"{schedule['iterations_per_epoch']} steps and {schedule['val_iterations_per_epoch']} validation "
+            "batches, sized "
+            + ("for --steps" if args.steps else f"from a probe epoch 0 of {PROBE_STEPS} steps")
+            + f" (final lr {schedule['final_lr']:.2g})")
+    else:
+        plan_note = (f"nnU-Net's default plan {args.plans} and nnUNetTrainer's schedule (poly over 1000 "
+                     "epochs of 250 steps: a budget run stays near lr 0.01)")
     result = {
-        "method": f"nnU-Net v2 {nnunet_version} {CONFIGURATION}",
+        "method": f"nnU-Net v2 {nnunet_version} {CONFIGURATION} ({args.plans})",
+        "plan_mode": args.plan,
         "seed": args.seed,
         "budget_minutes": args.budget_minutes,
         "steps": args.steps,
@@ -359,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs_started": trained["epochs_started"],
         "step_seconds_median": trained["step_seconds_median"],
         "first_step_seconds": trained["first_step_seconds"],
+        "val_steps_done": trained["val_steps_done"],
         "train_seconds": round(train_seconds, 1),
         "prep_seconds": round(prep_seconds, 1),
         "predict_seconds": round(predict_seconds, 1),
@@ -369,17 +655,20 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb_after": {"prep": rss_prep, "train": rss_train},
         "parameters": trained["parameters"],
         "plan": trained["plan"],
+        "plan_edits": plan_edits,
+        "schedule": schedule,
         "mirroring_tta": args.mirroring,
         "versions": {"python": platform.python_version(), "nnunetv2": nnunet_version,
                      "torch": torch.__version__},
         "notes": (
-            f"nnU-Net v2 defaults: ExperimentPlanner ({PLANS}), {CONFIGURATION}, nnUNetTrainer on fold "
-            f"'{FOLD}' (all training cases), CPU, {args.threads} thread(s), augmentation in the main process "
-            f"(nnUNet_n_proc_DA=0). Training stopped {stop}, counted from the trainer's construction "
-            "(network, data loaders and nnU-Net's per-epoch validation passes included); learning-rate "
-            "schedule left at nnU-Net's poly over 1000 epochs; final validation on the training cases "
-            "skipped. prep_seconds = fingerprint (with integrity check) + planning + 3d_fullres "
-            "preprocessing. Prediction: nnUNetPredictor, Gaussian sliding window, step 0.5, mirroring TTA "
+            f"{plan_note}. Otherwise nnU-Net v2 defaults: {CONFIGURATION}, trained on fold '{FOLD}' (all "
+            f"training cases), -device cpu, {args.threads} thread(s), augmentation in the main process "
+            f"(nnUNet_n_proc_DA=0). Training ended with its schedule or, if earlier, {stop}, counted "
+            "from the trainer's construction (network, data loaders and nnU-Net's per-epoch validation "
+            "passes included); final validation on the training cases skipped. prep_seconds = "
+            "fingerprint (with integrity check) + planning + 3d_fullres preprocessing. Prediction: "
+            "nnUNetPredictor, "
+            "Gaussian sliding window, step 0.5, mirroring TTA "
             + ("on" if args.mirroring else "off (8x the forward passes on a CPU)")
             + "; one case at a time (predict_from_files_sequential); predict_seconds = loading the model "
             "+ every case, each case timed from input file to label file. nnU-Net's writer kept the input "
