@@ -9,6 +9,7 @@ loss, the sliding window and the inversion back to the input grid are all MONAI'
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,3 +184,9 @@ def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Reci
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(out_path))
     return seconds
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """``out/result.json``, the peer contract's record, and the same line on stdout."""
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)

@@ -24,7 +24,6 @@ records steps, seconds, peak memory and parameters.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -35,7 +34,15 @@ import monai
 import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
-from monai_recipe import Recipe, build_network, cached_loader, predict, train_steps, training_files
+from monai_recipe import (
+    Recipe,
+    build_network,
+    cached_loader,
+    predict,
+    train_steps,
+    training_files,
+    write_result,
+)
 
 METHOD = "monai_script"
 RECIPE = Recipe(spacing=(2.0, 2.0, 2.0), patch=(64, 64, 64), channels=(16, 32, 64, 128, 256),
@@ -134,8 +141,7 @@ def main() -> None:
                   f"thread(s); sliding window 64^3 overlap {args.overlap:g} gaussian, Invertd (linear) "
                   f"then argmax; predict seconds include file reading and writing"),
     }
-    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

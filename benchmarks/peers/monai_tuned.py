@@ -104,7 +104,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import set_determinism
-from monai_recipe import Recipe, build_network, predict, preprocessing, training_files
+from monai_recipe import Recipe, build_network, predict, preprocessing, training_files, write_result
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import RandomSampler
 
@@ -494,8 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"Invertd (linear), argmax, KeepLargestConnectedComponent; predict seconds include "
                   f"file reading and writing"),
     }
-    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
