@@ -5,14 +5,20 @@ Usage::
     python benchmarks/brainmask_choices.py runs/loso/v3/s0/colin27 \\
         --test data/BrainMaskT1/imagesTs --test data/BrainMaskT1Stress/imagesTs \\
         --results benchmarks/results/brainmask_v3/choices
+    python benchmarks/brainmask_choices.py --fold runs/loso/c3/s0/colin27=data/BrainMaskT1/imagesTs \\
+        --fold runs/loso/c3/s0/sri24=runs/loso/slipped/sri24/imagesTs ... --results DIR
 
-The model (a run folder or a shipped name) predicts each validation case once with its
-probabilities on the case's own grid. Every candidate (a foreground threshold from
-``--thresholds``, with and without the definition of brain applied at the input's resolution,
-``CheckpointMeta.brain_rule``) turns them into a mask through the product's own postprocessing
+A fold is a model (a run folder or a shipped name) and the validation cases it never saw: the
+positional model with every ``--test`` folder, or each ``--fold MODEL=IMAGES``
+(leave-one-subject-out: each validation subject scored by the run that left it out). A model
+predicts each of its cases once with its probabilities on the case's own grid. Every candidate
+(a foreground threshold from ``--thresholds``, with and without the definition of brain applied
+at the input's resolution, ``CheckpointMeta.brain_rule``) turns them into a mask through the
+product's own postprocessing
 (``medseg3d.inference.predict.postprocess``), scored against the case's reference (Dice, HD95, NSD at
-2 mm, ``peer_common.evaluate_mask``). The choice has the highest mean Dice over the cases (ties:
-no rule, then the threshold closest to 0.5). Writes ``cases.csv`` (one row per case and
+2 mm, ``peer_common.evaluate_mask``). The choice has the highest mean Dice over the folds, each
+fold's cases averaged first, so that a subject's variants count once (ties: no rule, then the
+threshold closest to 0.5). Writes ``cases.csv`` (one row per case and
 candidate) and ``choice.json`` (means per candidate, the choice, the command) to ``--results``.
 """
 
@@ -38,21 +44,28 @@ from medseg3d.inference.predict import postprocess
 from medseg3d.io.atomic import write_text_atomic
 from medseg3d.io.volumes import read_volume
 
+Candidate = tuple[float, bool]  # (foreground threshold, brain rule)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--test", type=Path, action="append", required=True, help="an imagesTs/ folder")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
-    parser.add_argument("--results", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model, device="cpu")
-    candidates = [(t, rule) for rule in (False, True) for t in args.thresholds]
+
+def parse_folds(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
+    """(model, its validation image folders) per fold, from the positional form or ``--fold``."""
+    folds = [(args.model, args.test)] if args.model else []
+    for item in args.fold:
+        model, sep, images = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--fold {item}: expected MODEL=IMAGES_FOLDER")
+        folds.append((model, [Path(images)]))
+    if not folds or any(not tests for _, tests in folds):
+        raise SystemExit("give a model with --test folders, or --fold MODEL=IMAGES (repeatable)")
+    return folds
+
+
+def score_fold(model_name: str, tests: list[Path], candidates: list[Candidate]) -> list[dict]:
+    """One row per validation case and candidate, through the product's postprocessing."""
+    model = load_model(model_name, device="cpu")
     scratch = PEER_RUNS / "choices"
     rows = []
-    for case in find_cases(args.test):
+    for case in find_cases(tests):
         volume = read_volume(case.image)
         probabilities = model.predict_volume(volume, InferenceConfig(save_probabilities=True)).probabilities
         assert probabilities is not None
@@ -62,13 +75,41 @@ def main() -> None:
                                                   "foreground_threshold": threshold})
             mask = postprocess((probabilities[..., 1] > threshold).astype(np.uint8), meta, volume)
             path = save_mask(mask, source, scratch / f"{case.name}.nii.gz")
-            rows.append({"case": case.name, "threshold": threshold, "brain_rule": rule,
+            rows.append({"model": _label(model_name), "case": case.name, "threshold": threshold,
+                         "brain_rule": rule,
                          **evaluate_mask(path, image_path=case.image, label_path=case.label)})
         best = max((r for r in rows if r["case"] == case.name), key=lambda r: r["dice"])
         print(f"{case.name}: best {best['threshold']} rule {best['brain_rule']} (Dice {best['dice']:.4f})",
               flush=True)
-    means = {c: float(np.mean([r["dice"] for r in rows if (r["threshold"], r["brain_rule"]) == c]))
-             for c in candidates}
+    return rows
+
+
+def fold_means(rows: list[dict], candidates: list[Candidate]) -> dict[Candidate, float]:
+    """Mean over folds of each fold's mean Dice, per candidate."""
+    models = sorted({r["model"] for r in rows})
+    return {c: float(np.mean([np.mean([r["dice"] for r in rows
+                                       if r["model"] == m and (r["threshold"], r["brain_rule"]) == c])
+                              for m in models])) for c in candidates}
+
+
+def _label(model: str) -> str:
+    return _relative(Path(model)) if Path(model).exists() else model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--test", type=Path, action="append", default=[], help="an imagesTs/ folder")
+    parser.add_argument("--fold", action="append", default=[], help="MODEL=IMAGES_FOLDER (repeatable)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folds = parse_folds(args)
+    candidates = [(t, rule) for rule in (False, True) for t in args.thresholds]
+    rows = [row for model, tests in folds for row in score_fold(model, tests, candidates)]
+    means = fold_means(rows, candidates)
     chosen = max(candidates, key=lambda c: (round(means[c], 4), not c[1], -abs(c[0] - 0.5)))
     args.results.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
@@ -78,7 +119,7 @@ def main() -> None:
     write_text_atomic(args.results / "cases.csv", text.getvalue())
     command = shlex.join(["python", "benchmarks/brainmask_choices.py", *sys.argv[1:]])
     write_text_atomic(args.results / "choice.json", json.dumps({
-        "model": _relative(Path(args.model)) if Path(args.model).exists() else args.model,
+        "models": [_label(model) for model, _ in folds],
         "cases": len(rows) // len(candidates),
         "mean_dice": [{"threshold": t, "brain_rule": r, "dice": means[(t, r)]} for t, r in candidates],
         "chosen": {"threshold": chosen[0], "brain_rule": chosen[1]},

@@ -8,11 +8,11 @@ Usage::
     python benchmarks/brainmask_loso.py data/BrainMask --recipe v3 --hold-out colin27 ...
 
 ``dataset.json`` of the dataset gives every case a ``subject`` and a ``role`` (``data/README.md``,
-"Evaluation protocol"). By default there is one fold per subject that has a ``test`` case: its
-model trains on every case of every other subject (validation heads included: they have made
-their choices) and never sees that subject. ``--hold-out SUBJECT`` (repeatable) makes one fold
-that leaves out exactly those subjects instead: the run that a choice is made with, scored on
-the held-out validation heads. Each fold is a folder of hard links under
+"Evaluation protocol"). By default there is one fold per subject that has a ``test`` or a
+``validation`` case: its model trains on every case of every other subject and never sees that
+subject. Validation folds are the ones a recipe's choices are made with (``--only``); test folds
+only report. ``--hold-out SUBJECT`` (repeatable) makes one fold that leaves out exactly those
+subjects instead. Each fold is a folder of hard links under
 ``runs/loso/<recipe>/folds/<name>/`` (the dataset itself is never changed) and each run trains
 with ``python -m medseg3d train FOLD --seed S <train-args> -o runs/loso/<recipe>/s<S>/<name>``,
 one torch thread per job, ``--jobs`` at a time. A finished run (``RunFolder.finished``) is skipped and a
@@ -45,14 +45,16 @@ def subjects_of(spec: dict) -> dict[str, str]:
 
 
 def folds_of(spec: dict, hold_out: list[str]) -> dict[str, set[str]]:
-    """fold name -> the subjects it leaves out: one per test subject, or the ``hold_out`` set."""
+    """fold name -> the subjects it leaves out: one per subject with a test or validation case
+    (every head is scored by a model that never saw it), or the ``hold_out`` set."""
     subjects = subjects_of(spec)
     unknown = set(hold_out) - set(subjects.values())
     if unknown:
         raise SystemExit(f"--hold-out: no such subject(s) {sorted(unknown)}")
     if hold_out:
         return {"+".join(sorted(hold_out)): set(hold_out)}
-    tested = sorted({subjects[c] for c, notes in spec["cases"].items() if notes.get("role") == "test"})
+    tested = sorted({subjects[c] for c, notes in spec["cases"].items()
+                     if notes.get("role") in ("test", "validation")})
     return {subject: {subject} for subject in tested}
 
 

@@ -644,7 +644,8 @@ BRAIN_MASK = DatasetRecipe(
               "MNI152); Esteban et al. Nat Methods 2019 (fMRIPrep/niworkflows).",
     builders=[mni152, mni152_fsl, robex_atlas, fsaverage, colin27, sri24, itk_subject, ds205_epi],
     roles={"mni152": "train", "colin27": "validation", "mni152fsl": "test", "robexatlas": "test",
-           "fsaverage": "test", "sri24": "test", "itksubject": "test", "ds205epi": "test"},
+           "fsaverage": "test", "sri24": "validation", "itksubject": "validation",
+           "ds205epi": "test"},  # sri24 and itksubject made a choice for v3 (data/README.md)
 )
 
 ABDOMEN = DatasetRecipe(

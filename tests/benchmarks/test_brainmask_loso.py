@@ -21,8 +21,8 @@ SPEC = {"name": "Heads", "numTraining": 4, "cases": {
     "colin": {"role": "validation"}, "sri": {"role": "test"}}}
 
 
-def test_one_fold_per_test_subject_and_a_subject_leaves_with_all_its_cases() -> None:
-    assert loso.folds_of(SPEC, []) == {"icbm": {"icbm"}, "sri": {"sri"}}
+def test_one_fold_per_scored_subject_and_a_subject_leaves_with_all_its_cases() -> None:
+    assert loso.folds_of(SPEC, []) == {"colin": {"colin"}, "icbm": {"icbm"}, "sri": {"sri"}}
     assert loso.folds_of(SPEC, ["colin"]) == {"colin": {"colin"}}
     with pytest.raises(SystemExit, match="no such subject"):
         loso.folds_of(SPEC, ["nobody"])

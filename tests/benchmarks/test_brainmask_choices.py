@@ -1,0 +1,34 @@
+"""benchmarks/brainmask_choices.py: folds parse, and each fold (subject) weighs once in the choice."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_bench = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(_bench))
+_spec = importlib.util.spec_from_file_location("brainmask_choices", _bench / "brainmask_choices.py")
+assert _spec is not None and _spec.loader is not None
+choices = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(choices)
+
+
+def test_folds_come_from_the_positional_model_or_from_fold_pairs() -> None:
+    args = argparse.Namespace(model="m", test=[Path("a"), Path("b")], fold=["r1=x", "r2=y"])
+    assert choices.parse_folds(args) == [("m", [Path("a"), Path("b")]), ("r1", [Path("x")]),
+                                         ("r2", [Path("y")])]
+    with pytest.raises(SystemExit, match="MODEL=IMAGES"):
+        choices.parse_folds(argparse.Namespace(model=None, test=[], fold=["r1"]))
+    with pytest.raises(SystemExit):
+        choices.parse_folds(argparse.Namespace(model="m", test=[], fold=[]))
+
+
+def test_a_fold_with_many_variants_counts_once() -> None:
+    # fold a: 3 variants at 0.9 under candidate (0.5, False); fold b: one case at 0.5
+    rows = [{"model": "a", "threshold": 0.5, "brain_rule": False, "dice": 0.9}] * 3
+    rows += [{"model": "b", "threshold": 0.5, "brain_rule": False, "dice": 0.5}]
+    assert choices.fold_means(rows, [(0.5, False)]) == {(0.5, False): pytest.approx(0.7)}
