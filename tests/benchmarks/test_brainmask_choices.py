@@ -29,6 +29,6 @@ def test_folds_come_from_the_positional_model_or_from_fold_pairs() -> None:
 
 def test_a_fold_with_many_variants_counts_once() -> None:
     # fold a: 3 variants at 0.9 under candidate (0.5, False); fold b: one case at 0.5
-    rows = [{"model": "a", "threshold": 0.5, "brain_rule": False, "dice": 0.9}] * 3
-    rows += [{"model": "b", "threshold": 0.5, "brain_rule": False, "dice": 0.5}]
-    assert choices.fold_means(rows, [(0.5, False)]) == {(0.5, False): pytest.approx(0.7)}
+    rows = [{"model": "a", "threshold": 0.5, "brain_rule": False, "tta": False, "dice": 0.9}] * 3
+    rows += [{"model": "b", "threshold": 0.5, "brain_rule": False, "tta": False, "dice": 0.5}]
+    assert choices.fold_means(rows, [(0.5, False, False)]) == {(0.5, False, False): pytest.approx(0.7)}
