@@ -23,7 +23,8 @@ wall-clock budget of training (``--budgets``, minutes) or a number of optimizer 
   default the one that ``benchmarks/monai_lr_sweep.py`` chose (``results/monai_lr_sweep/
   chosen.json``), else 1e-3. The job name does not hold the plan or the rate: delete a saved
   ``monai_tuned_*`` result to rerun it with others;
-* ``nnunet`` / ``nnunet_default``: ``benchmarks/peers/nnunet_peer.py`` on its CPU-sized plan /
+* ``nnunet`` / ``nnunet_default``: ``benchmarks/peers/nnunet_peer.py`` on its CPU-sized plan
+  (with ``--plan``: that plan's grid, patch and batch, through nnU-Net's own plans file) /
   on nnU-Net's GPU-default plan, in its own venv (``runs/peers/nnunet-venv``),
   skipped when that venv is missing.
 
@@ -195,6 +196,22 @@ def monai_tuned_commands(job: Job, study: Study, run_dir: Path) -> list[list[str
     return [cmd + ["--plan", rel(study.plan), "--lr", f"{study.monai_lr:g}"]]
 
 
+def nnunet_commands(job: Job, study: Study, run_dir: Path) -> list[list[str]]:
+    """``peers/nnunet_peer.py`` on its CPU-sized plan; with ``--plan``, that plan's grid, patch
+    and batch (medseg3d's order: the peer reverses the patch into nnU-Net's)."""
+    [cmd] = script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py")(job, study, run_dir)
+    if study.plan is None:
+        return [cmd]
+    plan = json.loads(study.plan.read_text())
+    spacing = set(plan["spacing"])
+    if len(spacing) != 1:
+        raise SystemExit(f"nnunet: {rel(study.plan)} has an anisotropic grid {plan['spacing']}; "
+                         "nnunet_peer.py --cpu-spacing takes one spacing")
+    patch = ",".join(map(str, plan["patch_size"]))
+    return [cmd + ["--cpu-spacing", f"{spacing.pop():g}", "--cpu-patch", patch,
+                   "--cpu-batch", str(plan["batch_size"])]]
+
+
 def medseg3d_commands(*options: str) -> Callable[[Job, Study, Path], list[list[str]]]:
     """``medseg3d train`` with its defaults (plus ``options`` and ``--train-args``), then
     ``medseg3d predict`` per test folder."""
@@ -295,8 +312,7 @@ METHODS: dict[str, Method] = {
                            lambda: None),
     "monai_tuned": Method(monai_tuned_commands, script_result, lambda: None, needs_plan=True),
     # nnU-Net on the CPU-sized plan (the peer's default); nnunet_default: its GPU-default plan
-    "nnunet": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py"), script_result,
-                     _nnunet_missing),
+    "nnunet": Method(nnunet_commands, script_result, _nnunet_missing),
     "nnunet_default": Method(script_commands(rel(NNUNET_PYTHON), "benchmarks/peers/nnunet_peer.py",
                                              "--plan", "default"), script_result, _nnunet_missing),
 }
