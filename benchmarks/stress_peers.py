@@ -303,34 +303,37 @@ def best_peer(dice: dict[str, dict[str, float]], peers: list[str], case: str) ->
     return max(scores) if scores else None
 
 
-def per_case(records: list[dict[str, Any]], methods: list[str], peers: list[str]) -> list[str]:
+def per_case(records: list[dict[str, Any]], methods: list[str], peers: list[str],
+             roles: dict[str, str]) -> list[str]:
     """Dice per case and group; then the best peer and the first group's margin over it, and the
-    paired difference over cases of the first group against that best peer."""
+    paired difference over cases of the first group against that best peer, per role (a
+    validation case made choices: never pooled with the test cases) and contrast."""
     dice = by_group(records, "dice")
     groups = list(dict.fromkeys(group_of(m) for m in methods))
     contrast = {r["case"]: r.get("contrast", "T1") for r in records}
-    lines = [f"| case | contrast | {' | '.join(groups)} | best peer | {groups[0]} minus best |",
-             "|---|---|" + "---|" * (len(groups) + 2)]
+    role = {c: roles.get(c, "test") for c in contrast}
+    lines = [f"| case | role | contrast | {' | '.join(groups)} | best peer | {groups[0]} minus best |",
+             "|---|---|---|" + "---|" * (len(groups) + 2)]
     first, margins = groups[0], {}
-    for case in sorted(dice[first], key=lambda c: (contrast[c], c)):
+    for case in sorted(dice[first], key=lambda c: (role[c] != "test", contrast[c], c)):
         best = best_peer(dice, peers, case)
         cells = [f"{dice[g][case]:.4f}" if case in dice.get(g, {}) else "" for g in groups]
         if best is not None:
             margins[case] = (dice[first][case], best[0])
         tail = f"{best[0]:.4f} ({best[1]}) | {dice[first][case] - best[0]:+.4f} |" if best else " | |"
-        lines.append(f"| {case} | {contrast[case]} | {' | '.join(cells)} | {tail}")
-    for kind in sorted({contrast[c] for c in margins}):
-        cases = [c for c in margins if contrast[c] == kind]
+        lines.append(f"| {case} | {role[case]} | {contrast[case]} | {' | '.join(cells)} | {tail}")
+    for kind in sorted({(role[c], contrast[c]) for c in margins}):
+        cases = [c for c in margins if (role[c], contrast[c]) == kind]
         if len(cases) > 1:
             d = paired_difference([margins[c][0] for c in cases], [margins[c][1] for c in cases])
-            lines.append(f"\n{kind}, {first} minus the best peer of each case over {d.n} cases: "
+            lines.append(f"\n{kind[1]} {kind[0]} cases, {first} minus the best peer of each over {d.n}: "
                          f"{d.mean:+.4f} ± {d.ci95:.4f} (95 % CI), {first} ahead on {d.wins}/{d.n}, "
                          f"Wilcoxon p = {d.p_wilcoxon:.2g}.")
     return lines
 
 
 def write_report(records: list[dict[str, Any]], methods: list[str], results: Path, command: str,
-                 peers: list[str]) -> None:
+                 peers: list[str], roles: dict[str, str]) -> None:
     text = io.StringIO()
     fields = ["method", "case", "folder", "contrast", "dice", "hd95_mm", "nsd", "pred_voxels", "ref_voxels",
               "seconds", "failed", "load_average_1min", "finished_utc"]
@@ -343,7 +346,7 @@ def write_report(records: list[dict[str, Any]], methods: list[str], results: Pat
     lines = ["# Brain-mask peers, one run", "", *table(records, methods), "",
              "Paired, per case:", "", *paired(records, methods), "",
              *(["Dice per case (a peer's own reference head does not count for it):", "",
-                *per_case(records, methods, peers), ""] if peers else []),
+                *per_case(records, methods, peers, roles), ""] if peers else []),
              "## How it was run", "", "```bash", command, "```", "",
              f"- {len(finished)} masks from {finished[0]} to {finished[-1]} UTC; 1-minute load average "
              f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores ({platform.machine()}), "
@@ -394,8 +397,9 @@ def main() -> None:
                if r["case"] not in seen.get(group_of(r["method"]).removesuffix("+rim"), ())]
     peer_names = set(args.peer) | ({"robex"} if args.robex else set())
     peers = [n for n in names if n.removesuffix("+rim") in peer_names]
+    roles = {c.name: case_notes(c).get("role", "test") for c in cases}
     write_report(records, names, args.results,
-                 shlex.join(["python", "benchmarks/stress_peers.py", *sys.argv[1:]]), peers)
+                 shlex.join(["python", "benchmarks/stress_peers.py", *sys.argv[1:]]), peers, roles)
     print(f"wrote {_relative(args.results / 'summary.md')}", flush=True)
 
 
