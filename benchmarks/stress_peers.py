@@ -32,8 +32,8 @@ masks (``brain_from_strip`` in ``data/prepare.py``: its CSF rim peeled, then the
 inside it), as a user of this project's definition of brain would apply it; those rows are
 ``LABEL+rim``. ``--threshold`` and ``--brain-rule`` set the ``--loso`` models' postprocessing
 (what validation chose: ``brainmask_choices.py``); ``--medseg3d`` models predict as shipped.
-``--role`` keeps the cases whose ``dataset.json`` role is that one; ``--seen LABEL=CASES`` leaves
-the cases of subjects that a shipped model trained on out of its rows.
+``--role`` (repeatable) keeps the cases whose ``dataset.json`` role is one of those;
+``--seen LABEL=CASES`` leaves the cases of subjects that a shipped model trained on out of its rows.
 
 Seconds per case are each method's own call on ``--threads`` threads, from the scan's file to
 the mask in memory: reading the scan is included for every method (and ROBEX's temporary NIfTI
@@ -372,7 +372,8 @@ def main() -> None:
     parser.add_argument("--brain-rule", action="store_true",
                         help="the --loso models apply the definition of brain")
     parser.add_argument("--rim", action="store_true", help="also score each mask after the CSF-rim rule")
-    parser.add_argument("--role", default=None, help="only the cases with this role in dataset.json")
+    parser.add_argument("--role", action="append", default=[],
+                        help="only the cases with this role in dataset.json (repeatable)")
     parser.add_argument("--seen", action="append", default=[],
                         help="LABEL=CASE,CASE: subjects a shipped model trained on (scored, not reported)")
     parser.add_argument("--case", action="append", default=None,
@@ -386,7 +387,7 @@ def main() -> None:
     methods = methods_from(args)
     if not methods:
         raise SystemExit("no method: give --medseg3d, --loso, --monai, --peer or --robex")
-    cases = [c for c in find_cases(args.test) if args.role is None or case_notes(c).get("role") == args.role]
+    cases = [c for c in find_cases(args.test) if not args.role or case_notes(c).get("role") in args.role]
     now = [c for c in cases if args.case is None or c.name in args.case]
     run(now, methods, args.results, PEER_RUNS / "stress_peers", args.rim)
     names = scored_names(list(methods), args.rim)
