@@ -10,12 +10,15 @@ loss, the sliding window and the inversion back to the input grid are all MONAI'
 from __future__ import annotations
 
 import json
+import platform
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import monai
 import nibabel as nib
 import numpy as np
 import torch
@@ -184,6 +187,14 @@ def predict(net: torch.nn.Module, image_path: Path, out_path: Path, recipe: Reci
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(out_path))
     return seconds
+
+
+def run_facts(net: torch.nn.Module) -> dict[str, Any]:
+    """What every peer record states about its process: peak memory, parameters, versions."""
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "monai": monai.__version__, "numpy": np.__version__}}
 
 
 def write_result(out: Path, result: dict[str, Any]) -> None:

@@ -24,13 +24,10 @@ records steps, seconds, peak memory and parameters.
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import monai
 import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
@@ -39,6 +36,7 @@ from monai_recipe import (
     build_network,
     cached_loader,
     predict,
+    run_facts,
     train_steps,
     training_files,
     write_result,
@@ -131,10 +129,7 @@ def main() -> None:
     result = {
         "method": METHOD, "seed": args.seed, "budget_minutes": args.budget_minutes, "steps": args.steps,
         **fit, **timing,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "monai": monai.__version__},
+        **run_facts(net),
         "notes": (f"MONAI UNet 16-256, 2 res units; RAS, 2 mm, z-score; 2 x 64^3 patches per step "
                   f"(RandCropByPosNegLabeld pos 1 neg 1 from one case); flips x3, RandAffined, noise, "
                   f"gamma, bias field; DiceCE; AdamW lr {args.lr:g} constant; {args.threads} torch "

@@ -68,16 +68,12 @@ import argparse
 import copy
 import json
 import math
-import platform
-import resource
 import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
-import monai
-import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
@@ -104,7 +100,15 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import set_determinism
-from monai_recipe import Recipe, build_network, predict, preprocessing, training_files, write_result
+from monai_recipe import (
+    Recipe,
+    build_network,
+    predict,
+    preprocessing,
+    run_facts,
+    training_files,
+    write_result,
+)
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import RandomSampler
 
@@ -475,12 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "method": METHOD, "seed": args.seed, "budget_minutes": args.budget_minutes, "steps": args.steps,
         **fit, **timing,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "parameters": sum(p.numel() for p in net.parameters()),
+        **run_facts(net),
         "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
         "lr": args.lr, "ema": args.ema, "amp": str(amp) if amp is not None else "fp32",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "monai": monai.__version__, "numpy": np.__version__},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "notes": (f"MONAI UNet 16-256, 2 res units; RAS, {plan['spacing']} mm, z-score, pad to patch; "
                   f"batch {plan['batch']} x {plan['patch']} patches (pos 1 neg 1, cases drawn with "
