@@ -287,6 +287,9 @@ class TrainConfig(Frozen):
     # with no validation; -1: all cases, validated on the training cases (no honest selection).
     fold: int | None = Field(default=None, ge=-1)
     num_folds: int = Field(default=5, ge=2)
+    # validate on exactly these case ids and train on the others (a custom split, as nnU-Net's
+    # splits_final.json); takes the place of ``fold``
+    validation_cases: list[str] | None = Field(default=None, min_length=1)
     # AdamW moves every weight by about the rate at each step: above 1 nothing is learnt, and
     # an infinite rate (or one beyond float32) wrecks every weight at the first step
     learning_rate: float = Field(default=1e-3, gt=0, le=1, allow_inf_nan=False)

@@ -155,9 +155,10 @@ class EpochRecord(BaseModel):
     step: int = 0  # optimizer steps done at the end of this epoch
     train_loss: float | None  # mean of the finite step losses; None when none was finite
     learning_rate: float
-    seconds: float
+    seconds: float  # the whole epoch, validation included
     val_dice: dict[str, float] | None = None
     val_mean_dice: float | None = None
+    val_seconds: float = 0.0  # of ``seconds``, spent validating
 
 
 class TrainingState(BaseModel):

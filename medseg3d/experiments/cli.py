@@ -86,6 +86,16 @@ def compare(
                                                      )] = None,
     device: Annotated[str, typer.Option(callback=check_device, help=DEVICE_HELP)] = "auto",
     augment: Annotated[str, typer.Option(help=AUGMENT_HELP)] = "strong",
+    split: Annotated[str, typer.Option(help="kfold (fold 0: imagesTs) or subject (one fold per "
+                                       "subject of dataset.json's cases).")] = "kfold",
+    validation_cases: Annotated[str, typer.Option(
+        "--validation-cases", help="Comma-separated case ids held out of every fold: the "
+                                   "sweep's validation and the learning curves.")] = "",
+    curve_every: Annotated[int, typer.Option(min=0, help="Steps between learning-curve points "
+                                             "on the validation cases (0: none).")] = 0,
+    wall_reference: Annotated[str | None, typer.Option(
+        help="Also train every network for the wall time this network's --steps take "
+             "(equal-wall-time cells).")] = None,
     report_only: Annotated[bool, typer.Option(help="Write the report from the cells finished "
                                               "so far; train nothing.")] = False,
 ) -> None:
@@ -112,7 +122,9 @@ def compare(
             learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
             sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
             plan_overrides=plan_overrides(patch_size, batch_size, spacing),
-            augment=cast(Augment, augment), device=device)
+            augment=cast(Augment, augment), device=device, split=cast(Any, split),
+            validation_cases=[c.strip() for c in validation_cases.split(",") if c.strip()],
+            curve_every=curve_every, wall_reference=wall_reference)
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])

@@ -57,10 +57,20 @@ from medseg3d.config_files import load_model_file
 from medseg3d.datasets.folder import Case, load_spec, read_case
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation.metrics import evaluate_case
-from medseg3d.experiments.folds import extra_cases, fold_dataset, labelled_cases, make_folds, sweep_split
+from medseg3d.experiments.folds import (
+    case_subjects,
+    extra_cases,
+    fold_dataset,
+    labelled_cases,
+    make_folds,
+    subject_folds,
+    sweep_split,
+    with_extra_fold,
+)
 from medseg3d.experiments.records import (
     CaseScore,
     Cell,
+    CurvePoint,
     Fold,
     Protocol,
     Stage,
@@ -73,7 +83,7 @@ from medseg3d.experiments.records import (
 from medseg3d.io.atomic import write_text_atomic
 from medseg3d.io.lock import output_locks
 from medseg3d.networks import build_network, network_traits
-from medseg3d.runs import RunFolder
+from medseg3d.runs import EpochRecord, RunFolder
 from medseg3d.training.loop import train
 
 __all__ = ["chosen_settings", "final_cells", "has_sweep", "run_cell", "run_protocol",
@@ -129,14 +139,21 @@ def score_case(model: Any, case: Case, spec: Any, test_set: str) -> tuple[CaseSc
 
 
 def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float, seed: int,
-                steps: int, data: Path, run: Path, log: Callable[[str], None]) -> float:
-    """Train one cell from scratch (an interrupted run is discarded); the training seconds."""
+                steps: int, data: Path, run: Path, curve: bool, log: Callable[[str], None]
+                ) -> float:
+    """Train one cell from scratch (an interrupted run is discarded); the training seconds.
+
+    With ``curve``, the run validates on the protocol's validation cases (which ``data`` then
+    holds) every ``curve_every`` steps: a record only, as prediction uses the final weights.
+    """
     if run.exists():
         shutil.rmtree(run)
+    every = protocol.curve_every if curve else min(50, steps)
+    split = ({"validation_cases": list(protocol.validation_cases), "val_every": 1} if curve
+             else {"fold": -1, "val_every": 10**6})
     config = TrainConfig(
-        dataset=str(data), output=str(run),
-        network=network,
-        steps=steps, iterations_per_epoch=min(50, steps), val_every=10**6, fold=-1,
+        dataset=str(data), output=str(run), network=network,
+        steps=steps, iterations_per_epoch=min(every, steps), **split,
         learning_rate=lr, weight_decay=wd, seed=seed, device=protocol.device,
         augment=protocol.augment, plan_overrides=network_overrides(protocol, network))
     started = time.perf_counter()
@@ -144,18 +161,41 @@ def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float
     return time.perf_counter() - started
 
 
+def learning_curve(run: Path) -> tuple[list[CurvePoint], float | None]:
+    """A finished run's validation points, and its training seconds per step (validation left
+    out), from its metrics log."""
+    history = [EpochRecord.model_validate_json(line)
+               for line in RunFolder(run).metrics_file.read_text().splitlines() if line.strip()]
+    points, seconds = [], 0.0
+    for record in history:
+        seconds += record.seconds - record.val_seconds
+        if record.val_mean_dice is not None:
+            points.append(CurvePoint(step=record.step, seconds=round(seconds, 1),
+                                     dice=round(record.val_mean_dice, 5)))
+    steps = history[-1].step if history else 0
+    return points, (round(seconds / steps, 4) if steps else None)
+
+
 def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: float, wd: float,
              seed: int, fold: int, train_cases: list[Case], tests: dict[str, list[Case]],
-             log: Callable[[str], None]) -> Cell:
-    """Train and test one cell and save it; the caller holds the cell's lock."""
+             log: Callable[[str], None], steps: int | None = None) -> Cell:
+    """Train and test one cell and save it; the caller holds the cell's lock.
+
+    ``steps`` defaults to the stage's (``sweep_steps`` or ``steps``). Sweep and final cells
+    record a learning curve when the protocol asks for one.
+    """
     target = cell_path(output, stage, name, lr, wd, seed, fold)
-    data = fold_dataset(Path(protocol.dataset), train_cases,
+    curve = bool(protocol.curve_every) and stage != "time"
+    validation = _cases(protocol, protocol.validation_cases) if curve else []
+    data = fold_dataset(Path(protocol.dataset), [*train_cases, *validation],
                         output / "data" / stage / f"{name}_{target.stem}")
     run = run_folder(output, stage, name, target.stem)
-    steps = protocol.sweep_steps if stage == "sweep" else protocol.steps
+    if steps is None:
+        steps = protocol.sweep_steps if stage == "sweep" else protocol.steps
     network = NetworkConfig(name=name, options=network_options(protocol, name))
-    seconds = _train_cell(protocol, network, lr, wd, seed, steps, data, run,
+    seconds = _train_cell(protocol, network, lr, wd, seed, steps, data, run, curve,
                           lambda text: log(f"{name} {target.stem}: {text}"))
+    points, step_seconds = learning_curve(run)
     model = load_model(RunFolder(run).weights("final"), protocol.device)
     plan = load_model_file(Plan, run / "plan.json")
     parameters, gflops = network_cost(
@@ -175,16 +215,24 @@ def run_cell(protocol: Protocol, output: Path, stage: Stage, name: str, lr: floa
                 input_size=plan.patch_size, gflops_per_forward=round(gflops, 3),
                 steps=steps, train_seconds=round(seconds, 1),
                 predict_seconds_per_case=round(float(np.mean(times)), 3),
-                device=str(model.device), cases=scores)
+                device=str(model.device), cases=scores, curve=points,
+                step_seconds=step_seconds)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, cell.model_dump_json(indent=2) + "\n")
     shutil.rmtree(data)
     return cell
 
 
+def _cases(protocol: Protocol, ids: Sequence[str]) -> list[Case]:
+    train_cases, test_cases = labelled_cases(Path(protocol.dataset))
+    by_id = {c.case_id: c for c in [*train_cases, *test_cases]}
+    return [by_id[c] for c in ids]
+
+
 def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: float,
                  wd: float, seed: int, fold: int, train_cases: list[Case],
-                 tests: dict[str, list[Case]], log: Callable[[str], None]) -> None:
+                 tests: dict[str, list[Case]], log: Callable[[str], None],
+                 steps: int | None = None) -> None:
     path = cell_path(output, stage, name, lr, wd, seed, fold)
     if path.is_file():
         return
@@ -199,7 +247,8 @@ def _run_or_skip(protocol: Protocol, output: Path, stage: Stage, name: str, lr: 
             return
         started = time.perf_counter()
         log(f"{stage} {name} {path.stem}: training on {len(train_cases)} case(s)")
-        run_cell(protocol, output, stage, name, lr, wd, seed, fold, train_cases, tests, log)
+        run_cell(protocol, output, stage, name, lr, wd, seed, fold, train_cases, tests, log,
+                 steps)
         log(f"{stage} {name} {path.stem}: done in {time.perf_counter() - started:.0f} s")
 
 
@@ -233,15 +282,14 @@ def chosen_settings(protocol: Protocol, output: Path) -> dict[str, tuple[float, 
 def run_protocol(protocol: Protocol, output: str | Path,
                  log: Callable[[str], None] = print) -> list[Fold]:
     """Run (or resume) every sweep and final cell not yet finished; returns the folds."""
-    output, dataset = Path(output), Path(protocol.dataset)
-    train_cases, test_cases = labelled_cases(dataset)
+    output = Path(output)
+    train_cases, test_cases = labelled_cases(Path(protocol.dataset))
     by_id = {c.case_id: c for c in [*train_cases, *test_cases]}
-    folds = make_folds(train_cases, test_cases, protocol.num_folds)
-    extra = extra_cases(protocol, folds)  # checked before anything is written
+    folds, extra = protocol_folds(protocol)  # checked before anything is written
     write_protocol(protocol, output)
     write_folds(folds, output)
     if has_sweep(protocol):
-        fit, val = sweep_split(folds[0], protocol.validation_share)
+        fit, val = sweep_cases(protocol, folds)
         last_log = 0.0
         while not sweep_done(protocol, output):  # others' cells: wait, or run them if dropped
             for name in protocol.networks:
@@ -255,22 +303,68 @@ def run_protocol(protocol: Protocol, output: str | Path,
                     last_log = time.monotonic()
                 time.sleep(5)
     settings = chosen_settings(protocol, output)
-    for fold in folds:
-        tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
-        for seed in protocol.seeds:
-            for name in protocol.networks:
-                lr, wd = settings[name]
-                _run_or_skip(protocol, output, "final", name, lr, wd, seed, fold.index,
-                             [by_id[c] for c in fold.train], tests, log)
+    wall_steps = equal_time_steps(protocol, output)
+    for stage in ("final", "time"):
+        for fold in folds:
+            tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
+            for seed in protocol.seeds:
+                for name in protocol.networks:
+                    if stage == "time" and name not in wall_steps:
+                        continue
+                    lr, wd = settings[name]
+                    _run_or_skip(protocol, output, stage, name, lr, wd, seed, fold.index,
+                                 [by_id[c] for c in fold.train], tests, log,
+                                 wall_steps.get(name) if stage == "time" else None)
     return folds
 
 
-def final_cells(protocol: Protocol, output: Path, folds: list[Fold]) -> list[Cell]:
-    """The finished final cells of the chosen settings (a partial study gives fewer)."""
+def protocol_folds(protocol: Protocol) -> tuple[list[Fold], dict[str, list[Case]]]:
+    """The protocol's folds and its extra test sets (by folder name), checked."""
+    dataset = Path(protocol.dataset)
+    if protocol.split == "subject":
+        folds = subject_folds(case_subjects(dataset), protocol.validation_cases)
+        extra = extra_cases(protocol, folds)
+        return with_extra_fold(folds, extra), extra
+    train_cases, test_cases = labelled_cases(dataset)
+    folds = make_folds(train_cases, test_cases, protocol.num_folds)
+    return folds, extra_cases(protocol, folds)
+
+
+def sweep_cases(protocol: Protocol, folds: list[Fold]) -> tuple[list[str], list[str]]:
+    """The sweep's training and validation case ids: fold 0's training cases and the protocol's
+    validation cases, else a share of fold 0's training cases held out."""
+    if protocol.validation_cases:
+        return list(folds[0].train), list(protocol.validation_cases)
+    return sweep_split(folds[0], protocol.validation_share)
+
+
+def equal_time_steps(protocol: Protocol, output: Path) -> dict[str, int]:
+    """Steps of each network's equal-wall-time ("time") cells: the steps it makes in the time
+    ``wall_reference`` takes for ``steps``, at the seconds per step (validation left out) of
+    each network's chosen sweep cell, which ran on this machine under the same load. The
+    reference itself is absent: its "final" cells are its equal-time cells."""
+    reference = protocol.wall_reference
+    if reference is None or not has_sweep(protocol) or not sweep_done(protocol, output):
+        return {}
+    settings = chosen_settings(protocol, output)
+    pace = {name: load_cell(cell_path(output, "sweep", name, *settings[name],
+                                      protocol.seeds[0], 0)).step_seconds
+            for name in protocol.networks}
+    if any(p is None for p in pace.values()):
+        raise MedsegError("equal wall time needs each sweep cell's seconds per step, which "
+                          "cells from before they were recorded lack", output)
+    budget = protocol.steps * pace[reference]
+    return {name: max(1, round(budget / p)) for name, p in pace.items() if name != reference}
+
+
+def final_cells(protocol: Protocol, output: Path, folds: list[Fold], stage: Stage = "final"
+                ) -> list[Cell]:
+    """The finished cells of ``stage`` ("final" or "time") at the chosen settings (a partial
+    study gives fewer)."""
     if not sweep_done(protocol, output):
         return []
     settings = chosen_settings(protocol, output)
-    paths = [cell_path(output, "final", name, *settings[name], seed, fold.index)
+    paths = [cell_path(output, stage, name, *settings[name], seed, fold.index)
              for fold in folds for seed in protocol.seeds for name in protocol.networks]
     return [load_cell(p) for p in paths if p.is_file()]
 

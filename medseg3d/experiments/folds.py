@@ -15,7 +15,8 @@ from medseg3d.errors import MedsegError
 from medseg3d.experiments.records import Fold, Protocol
 from medseg3d.io.atomic import write_text_atomic
 
-__all__ = ["extra_cases", "fold_dataset", "labelled_cases", "make_folds", "sweep_split"]
+__all__ = ["case_subjects", "extra_cases", "fold_dataset", "labelled_cases", "make_folds",
+           "subject_folds", "sweep_split", "with_extra_fold"]
 
 
 def labelled_cases(dataset: Path) -> tuple[list[Case], list[Case]]:
@@ -39,6 +40,35 @@ def make_folds(train_cases: Sequence[Case], test_cases: Sequence[Case], num_fold
         raise MedsegError(f"{len(everyone)} labelled case(s) cannot be cross-validated")
     return [Fold(index=i, train=[c for c in everyone if c not in chunk], test=sorted(chunk),
                  extra=i == 0 and bool(test_cases)) for i, chunk in enumerate(chunks)]
+
+
+def case_subjects(dataset: Path) -> dict[str, str]:
+    """Case id -> subject, from ``dataset.json``'s ``cases.<id>.subject`` (data/README.md); a
+    case without one is its own subject."""
+    notes = json.loads((dataset / "dataset.json").read_text()).get("cases", {})
+    train_cases, test_cases = labelled_cases(dataset)
+    return {c.case_id: notes.get(c.case_id, {}).get("subject", c.case_id)
+            for c in [*train_cases, *test_cases]}
+
+
+def subject_folds(subjects: dict[str, str], held_back: Sequence[str]) -> list[Fold]:
+    """One fold per subject (sorted): its cases tested, every other subject's cases trained on.
+
+    ``held_back`` cases (the validation cases) are in no fold, and their subjects are not
+    tested: a validation head's other scans would otherwise be tested by runs that chose with it.
+    """
+    unknown = sorted(set(held_back) - set(subjects))
+    if unknown:
+        raise MedsegError(f"validation case(s) {', '.join(unknown)} are not labelled cases")
+    spared = {subjects[c] for c in held_back}
+    tested = sorted(set(subjects.values()) - spared)
+    if len(tested) < 2:
+        raise MedsegError(f"{len(tested)} subject(s) besides the validation cases' cannot be "
+                          "cross-validated")
+    usable = sorted(c for c in subjects if subjects[c] not in spared)
+    return [Fold(index=i, train=[c for c in usable if subjects[c] != subject],
+                 test=[c for c in usable if subjects[c] == subject], extra=False)
+            for i, subject in enumerate(tested)]
 
 
 def sweep_split(fold: Fold, share: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -81,7 +111,7 @@ def fold_dataset(source: Path, cases: Sequence[Case], target: Path) -> Path:
 def extra_cases(protocol: Protocol, folds: list[Fold]) -> dict[str, list[Case]]:
     """The labelled cases of each extra test set, checked against the dataset."""
     labels = load_spec(protocol.dataset).labels
-    if protocol.extra_tests and not any(f.extra for f in folds):
+    if protocol.extra_tests and not any(f.extra for f in folds) and protocol.split == "kfold":
         raise MedsegError("extra test sets derive from the dataset's test cases, but it has no "
                           "imagesTs/labelsTs to hold out", Path(protocol.dataset))
     extra: dict[str, list[Case]] = {}
@@ -96,4 +126,17 @@ def extra_cases(protocol: Protocol, folds: list[Fold]) -> dict[str, list[Case]]:
             raise MedsegError("extra test set has no labelled cases in imagesTs/labelsTs", folder)
         extra[folder.name] = cases
     return extra
+
+
+def with_extra_fold(folds: list[Fold], extra: dict[str, list[Case]]) -> list[Fold]:
+    """Subject folds with ``extra`` set on the one fold that tests the extra sets' source case
+    (the case whose id, plus "_", begins every extra case id, as ``colin27_ax1x1x3``)."""
+    if not extra:
+        return folds
+    ids = [c.case_id for cases in extra.values() for c in cases]
+    owners = [f for f in folds if any(all(i.startswith(f"{t}_") for i in ids) for t in f.test)]
+    if len(owners) != 1:
+        raise MedsegError("the extra test sets' cases do not all derive from one fold's test "
+                          "case (their ids must begin with it and an underscore)")
+    return [f.model_copy(update={"extra": f is owners[0]}) for f in folds]
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medseg3d.config import Augment, OptionValue, PlanOverrides
 from medseg3d.config_files import load_model_file
@@ -18,10 +18,12 @@ from medseg3d.errors import MedsegError
 from medseg3d.io.atomic import write_text_atomic
 from medseg3d.io.lock import output_locks
 
-__all__ = ["CaseScore", "Cell", "Fold", "Protocol", "Record", "Stage", "cell_path",
+__all__ = ["CaseScore", "Cell", "CurvePoint", "Fold", "Protocol", "Record", "Stage", "cell_path",
            "check_protocol", "load_cell", "run_folder", "write_folds", "write_protocol"]
 
-Stage = Literal["sweep", "final"]
+# sweep: choosing the settings; final: every network at the same optimizer steps; time: every
+# network at the reference network's wall time for those steps (``Protocol.wall_reference``)
+Stage = Literal["sweep", "final", "time"]
 
 
 class Record(BaseModel):
@@ -48,13 +50,31 @@ class Protocol(Record):
     plan_overrides: PlanOverrides = Field(default_factory=PlanOverrides)
     augment: Augment = "strong"
     device: str = "auto"
+    # "kfold": fold 0 = the dataset's imagesTs, k-fold over the rest; "subject": one fold per
+    # subject (dataset.json's cases.<id>.subject; a case without one is its own subject)
+    split: Literal["kfold", "subject"] = "kfold"
+    # cases held out of every cell's training and testing: the sweep's validation and every
+    # run's learning curve (empty: the sweep validates on a share of fold 0's training cases)
+    validation_cases: list[str] = Field(default_factory=list)
+    curve_every: int = Field(default=0, ge=0)  # steps between learning-curve points; 0: none
+    # the network whose seconds for ``steps`` set the equal-wall-time budget; None: no "time" stage
+    wall_reference: str | None = None
 
-    @field_validator("networks", "seeds", "learning_rates", "weight_decays", "extra_tests")
+    @field_validator("networks", "seeds", "learning_rates", "weight_decays", "extra_tests",
+                     "validation_cases")
     @classmethod
     def _no_repeats(cls, values: list[Any]) -> list[Any]:
         if len(set(values)) != len(values):  # a repeat would count as a missing cell forever
             raise ValueError(f"repeats a value: {values}")
         return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Protocol:
+        if self.wall_reference is not None and self.wall_reference not in self.networks:
+            raise ValueError(f"wall_reference {self.wall_reference!r} is not one of the networks")
+        if self.curve_every and not self.validation_cases:
+            raise ValueError("learning curves (curve_every) need validation_cases")
+        return self
 
 
 class Fold(Record):
@@ -77,6 +97,15 @@ class CaseScore(Record):
     classes: dict[str, dict[str, float]]
 
 
+class CurvePoint(Record):
+    """One learning-curve point: validation Dice after ``step`` steps and ``seconds`` of training
+    (validation time left out)."""
+
+    step: int
+    seconds: float
+    dice: float
+
+
 class Cell(Record):
     """One finished training run and its test predictions."""
 
@@ -96,6 +125,9 @@ class Cell(Record):
     predict_seconds_per_case: float
     device: str
     cases: list[CaseScore]
+    curve: list[CurvePoint] = Field(default_factory=list)
+    # training seconds per step without validation (None in cells from before it was recorded)
+    step_seconds: float | None = None
 
 
 def _tag(value: float) -> str:

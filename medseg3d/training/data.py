@@ -22,6 +22,7 @@ from medseg3d.datasets.folder import (
     require_foreground,
     split_cases,
 )
+from medseg3d.errors import MedsegError
 from medseg3d.inference.postprocessing import single_component_classes
 from medseg3d.inference.preprocessing import preprocess_image, preprocess_labels
 from medseg3d.networks import NetworkTraits, network_traits
@@ -53,6 +54,8 @@ def choose_split(cases: list[Case], config: TrainConfig) -> tuple[list[Case], li
     trains on everything, validates on nothing and predicts with the final weights (as nnU-Net
     predicts with its final checkpoint).
     """
+    if config.validation_cases:
+        return _named_split(cases, config.validation_cases, config.dataset)
     fold = config.fold
     if fold is None:
         if len(cases) < MIN_CASES_FOR_VALIDATION:
@@ -66,6 +69,21 @@ def choose_split(cases: list[Case], config: TrainConfig) -> tuple[list[Case], li
                                         "cases themselves (--fold -1)")
     return train_cases, val_cases, (f"fold {fold} of {config.num_folds}: "
                                     f"{len(train_cases)} training, {len(val_cases)} validation")
+
+
+def _named_split(cases: list[Case], names: list[str], dataset: str
+                 ) -> tuple[list[Case], list[Case], str]:
+    """Validate on the cases named, train on the rest (``TrainConfig.validation_cases``)."""
+    ids = {c.case_id for c in cases}
+    missing = sorted(set(names) - ids)
+    if missing:
+        raise MedsegError(f"validation case(s) {', '.join(missing)} not in the dataset", dataset)
+    val = [c for c in cases if c.case_id in names]
+    train = [c for c in cases if c.case_id not in names]
+    if not train:
+        raise MedsegError("the validation cases are every case: nothing is left to train on",
+                          dataset)
+    return train, val, f"{len(train)} training, {len(val)} validation ({', '.join(names)})"
 
 
 def prepare_data(config: TrainConfig, network: NetworkTraits, rank: Rank, device: torch.device,

@@ -236,9 +236,11 @@ def end_epoch(run: Run, losses: list[torch.Tensor], started: float) -> None:
                           run.folder.path)
     require_finite_weights(run)  # every rank holds the same weights: all of them stop together
     if run.data.val and ((state.epoch + 1) % config.val_every == 0 or run.done):
+        validating = time.perf_counter()
         record.val_dice = validate(run.eval_network, run.data.val, run.plan, run.device,
                                    run.rank, run.ctx.amp_dtype, traits=run.traits)
         record.val_mean_dice = float(np.mean(list(record.val_dice.values())))
+        record.val_seconds = round(time.perf_counter() - validating, 2)
     record.seconds = round(time.perf_counter() - started, 2)
     improved = record.val_mean_dice is not None and record.val_mean_dice > state.best_dice
     run.state = state = state.model_copy(update={

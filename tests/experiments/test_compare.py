@@ -196,3 +196,40 @@ def test_extra_tests_need_the_dataset_s_own_test_cases(study, tmp_path):
     result = runner.invoke(app, _args(root, stress, tmp_path / "cmp", ["unet"]))
     assert result.exit_code == 1 and "imagesTs" in result.output
     assert not (tmp_path / "cmp").exists()  # nothing written that a corrected run would refuse
+
+
+def test_subject_split_curves_and_equal_wall_time(tmp_path):
+    """One fold per subject (a subject's two scans stay together), a validation case in no
+    fold, learning curves on it, and equal-wall-time cells for every network but the reference."""
+    root = make_dataset(tmp_path / "data", num_cases=5, shape=(16, 16, 16), num_classes=2)
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["cases"] = {"case000": {"subject": "a"}, "case001": {"subject": "a"},
+                     "case002": {"subject": "b"}, "case003": {"subject": "c"},
+                     "case004": {"subject": "v"}}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    out, networks = tmp_path / "cmp", ["unet", "mixer3d_1m"]
+    args = ["compare", root, "--models", ",".join(networks), "--steps", "4", "--seeds", "0",
+            "--split", "subject", "--validation-cases", "case004", "--curve-every", "2",
+            "--wall-reference", "unet", "--lr", "1e-3,3e-3", "--sweep-steps", "2", "-o", out,
+            "--patch-size", "16,16,16", "--spacing", "1,1,1", "--device", "cpu",
+            "--augment", "none"]
+    for option in TINY_OPTIONS:
+        if option.split(".")[0] in networks:
+            args += ["--option", option]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    folds = json.loads((out / "folds.json").read_text())
+    assert [f["test"] for f in folds] == [["case000", "case001"], ["case002"], ["case003"]]
+    assert all("case004" not in f["train"] for f in folds)
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["sweep_validation_cases"] == ["case004"]
+    # 3 folds x (2 equal-step networks + 1 equal-time network: the reference's are its own)
+    assert ranking["finished_cells"] == ranking["expected_cells"] == 9
+    groups = {g["group"]: g for g in ranking["groups"]}
+    assert groups["cross-validation"]["cases"] == 3  # subjects, not scans
+    timed = groups["cross-validation at equal wall time"]["networks"]
+    assert {r["network"] for r in timed} == set(networks)
+    cell = json.loads(next((out / "cells" / "final" / "unet").glob("*.json")).read_text())
+    assert [p["step"] for p in cell["curve"]] == [2, 4] and cell["step_seconds"] > 0
+    assert {c["network"] for c in ranking["curves"]} == set(networks)
+    assert all(s["curve"] for s in ranking["sweep"])
