@@ -9,6 +9,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -18,8 +19,9 @@ from medseg3d.config import InferenceConfig
 from medseg3d.datasets.folder import load_spec, read_case
 from medseg3d.evaluation.figures import orthogonal_slices, pyplot, save_figure
 from medseg3d.evaluation.statistics import MeanCI
+from medseg3d.experiments.claims import ALPHA, verdicts
 from medseg3d.experiments.folds import labelled_cases
-from medseg3d.experiments.ranking import GroupResult, Ranking, rank
+from medseg3d.experiments.ranking import CROSS_VALIDATION, EQUAL_WALL_TIME, GroupResult, Ranking, rank
 from medseg3d.experiments.records import Cell, Protocol, cell_path, run_folder
 from medseg3d.inference.preprocessing import canonical_orientation, reorient
 from medseg3d.io.atomic import write_text_atomic
@@ -34,9 +36,9 @@ def _ci(m: MeanCI, spec: str = ".4f") -> str:
     return f"{m.mean:{spec}} ± {m.ci95:{spec}}" if math.isfinite(m.ci95) else f"{m.mean:{spec}}"
 
 
-def group_markdown(group: GroupResult) -> list[str]:
+def group_markdown(group: GroupResult, unit: str = "case") -> list[str]:
     """One test group as a Markdown section: its networks' table and the paired differences."""
-    lines = [f"## {group.group}: {group.cases} case(s)", "",
+    lines = [f"## {group.group}: {group.cases} {unit}(s)", "",
              "| network | cases | Dice mean ± 95 % CI | HD95 mm (failed cases) | NSD@2mm | "
              "worst Dice (case) | "
              "Dice per seed | params | GFLOP/forward (input) | s/step | predict s/case | "
@@ -53,7 +55,7 @@ def group_markdown(group: GroupResult) -> list[str]:
             f"{r.gflops_per_forward:.3g} ({size}) | {r.train_seconds_per_step:.2f} | "
             f"{r.predict_seconds_per_case:.2f} | {r.learning_rate:g}, {r.weight_decay:g} |")
     if group.pairs:
-        lines += ["", "Paired differences (row a minus b, per-case seed means): mean ± 95 % "
+        lines += ["", f"Paired differences (row a minus b, per-{unit} seed means): mean ± 95 % "
                   "CI, wins/losses, Wilcoxon signed-rank p.", "",
                   "| a | b | metric | a - b | wins/losses | p |", "|---|---|---|---|---|---:|"]
         for pair in group.pairs:
@@ -73,7 +75,21 @@ def markdown(ranking: Ranking) -> str:
              f"({len(ranking.folds)} folds x {len(p.seeds)} seeds x {len(p.networks)} networks); "
              f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
     for group in ranking.groups:
-        lines += group_markdown(group)
+        across = group.group in (CROSS_VALIDATION, EQUAL_WALL_TIME)
+        lines += group_markdown(group, "subject" if across and ranking.subjects else "case")
+    lines += verdicts_markdown(ranking)
+    if ranking.curves:
+        lines += ["## Learning curves", "",
+                  f"Mean Dice on the validation case(s) {', '.join(p.validation_cases)} over "
+                  "each network's final cells (min-max in brackets), by optimizer step.", "",
+                  "| network | " + " | ".join(str(k) for k in ranking.curves[0].steps) + " |",
+                  "|---|" + "---:|" * len(ranking.curves[0].steps)]
+        for c in ranking.curves:
+            cells = dict(zip(c.steps, zip(c.mean, c.low, c.high, strict=True), strict=True))
+            lines.append(f"| {c.network} | " + " | ".join(
+                f"{cells[k][0]:.3f} ({cells[k][1]:.3f}-{cells[k][2]:.3f})" if k in cells else ""
+                for k in ranking.curves[0].steps) + " |")
+        lines.append("")
     if ranking.sweep:
         lines += ["## Sweep", "",
                   f"Validation case(s): {', '.join(ranking.sweep_validation_cases)} "
@@ -88,26 +104,48 @@ def markdown(ranking: Ranking) -> str:
     return "\n".join(lines)
 
 
+def verdicts_markdown(ranking: Ranking) -> list[str]:
+    """The claim's parts with their verdicts per cross-subject group (``claims.verdicts``)."""
+    found = [v for g in ranking.groups if g.group in (CROSS_VALIDATION, EQUAL_WALL_TIME)
+             and ranking.subjects for v in verdicts(g)]
+    if not found:
+        return []
+    lines = ["## Verdicts", "",
+             f"Rule (`medseg3d/experiments/claims.py`): supported when every comparison goes "
+             f"the claim's way with Wilcoxon p < {ALPHA} over subjects; contradicted when one "
+             "goes the other way with p < that; otherwise cannot tell.", "",
+             "| part | claim | group | verdict | evidence: a - b Dice (wins/losses, p) |",
+             "|---|---|---|---|---|"]
+    for v in found:
+        evidence = "; ".join(f"{e.a} - {e.b} {e.difference.mean:+.4f} ± {e.difference.ci95:.4f} "
+                             f"({e.difference.wins}/{e.difference.losses}, "
+                             f"p={e.difference.p_wilcoxon:.2g})" for e in v.evidence)
+        lines.append(f"| {v.part} | {v.statement} | {v.group} | **{v.verdict}** | {evidence} |")
+    return [*lines, ""]
+
+
 def cases_csv(cells: Sequence[Cell]) -> str:
     """Every final cell's every test case: the raw numbers behind the tables."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["network", "fold", "seed", "learning_rate", "weight_decay", "steps",
-                     "test_set", "case", "dice", "hd95_mm", "nsd", "train_seconds"])
+    writer.writerow(["stage", "network", "fold", "seed", "learning_rate", "weight_decay",
+                     "steps", "test_set", "case", "dice", "hd95_mm", "nsd", "train_seconds"])
     for c in cells:
         for s in c.cases:
-            writer.writerow([c.network, c.fold, c.seed, c.learning_rate, c.weight_decay,
-                             c.steps, s.test_set, s.case, f"{s.dice:.6f}", f"{s.hd95_mm:.4f}",
-                             f"{s.nsd:.6f}", c.train_seconds])
+            writer.writerow([c.stage, c.network, c.fold, c.seed, c.learning_rate,
+                             c.weight_decay, c.steps, s.test_set, s.case, f"{s.dice:.6f}",
+                             f"{s.hd95_mm:.4f}", f"{s.nsd:.6f}", c.train_seconds])
     return buffer.getvalue()
 
 
 def plot_ranking(ranking: Ranking, path: Path) -> Path:
-    """Mean Dice ± 95 % CI per network, one panel per test group."""
+    """Mean Dice ± 95 % CI per network, one panel per test group, and the learning curves."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(ranking.groups), figsize=(5.5 * len(ranking.groups), 3.8),
-                             squeeze=False)
-    for ax, group in zip(axes[0], ranking.groups, strict=True):
+    panels = len(ranking.groups) + bool(ranking.curves)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
+    if ranking.curves:
+        _plot_curves(axes[0][-1], ranking)
+    for ax, group in zip(axes[0], ranking.groups, strict=False):
         names = [r.network for r in group.networks]
         means = [r.dice.mean for r in group.networks]
         errors = [r.dice.ci95 if math.isfinite(r.dice.ci95) else 0.0 for r in group.networks]
@@ -122,6 +160,20 @@ def plot_ranking(ranking: Ranking, path: Path) -> Path:
                  f"{len(ranking.protocol.seeds)} seeds", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _plot_curves(ax: Any, ranking: Ranking) -> None:
+    """Validation Dice against step per network: the final cells' mean and their range."""
+    for curve in ranking.curves:
+        line = ax.plot(curve.steps, curve.mean, marker=".", label=curve.network)[0]
+        ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(max(0.0, min(min(c.mean) for c in ranking.curves) - 0.05), 1.0)
+    ax.set_title(f"learning curves on {', '.join(ranking.protocol.validation_cases)}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_slices(image: np.ndarray, affine: np.ndarray, reference: np.ndarray,
@@ -172,7 +224,7 @@ def slices_figure(protocol: Protocol, output: Path, cells: Sequence[Cell]) -> Pa
 
     Predicts again from the runs' final weights; networks whose run folder is gone are left out.
     """
-    fold0 = sorted((c for c in cells if c.fold == 0), key=lambda c: c.seed)
+    fold0 = sorted((c for c in cells if c.fold == 0 and c.stage == "final"), key=lambda c: c.seed)
     models = {}
     for cell in fold0:
         tag = cell_path(output, "final", cell.network, cell.learning_rate, cell.weight_decay,

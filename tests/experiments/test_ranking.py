@@ -85,3 +85,26 @@ def test_pairs_use_only_the_seeds_both_networks_have(report) -> None:
     assert pair.difference.mean == pytest.approx(0.2)
     assert (pair.difference.wins, pair.difference.losses) == (3, 0)
     assert "| a | b | dice | +0.2000" in markdown(ranking)
+
+
+def test_verdicts_follow_the_rule():
+    from medseg3d.evaluation.statistics import PairedDifference
+    from medseg3d.experiments.claims import Claim, verdicts
+    from medseg3d.experiments.ranking import GroupResult, PairResult
+
+    def pair(a, b, mean, p):
+        d = PairedDifference(mean=mean, ci95=0.01, n=6, wins=6 if mean > 0 else 0,
+                             losses=0 if mean > 0 else 6, p_wilcoxon=p)
+        return PairResult(a=a, b=b, metric="dice", difference=d)
+
+    group = GroupResult(group="cross-validation", cases=6, networks=[], pairs=[
+        pair("a", "m", 0.05, 0.03), pair("b", "m", 0.01, 0.3), pair("a", "p", -0.02, 0.03)])
+    claims = [Claim(part="1", statement="a beats m", beats=[("a", "m")]),
+              Claim(part="2", statement="a and b beat m", beats=[("a", "m"), ("b", "m")]),
+              Claim(part="3", statement="p beats a", beats=[("p", "a")]),  # stored as a - p
+              Claim(part="4", statement="x beats m", beats=[("x", "m")])]  # x not in the study
+    words = {v.part: v.verdict for v in verdicts(group, claims)}
+    assert words == {"1": "supported", "2": "cannot tell", "3": "supported"}
+    group = group.model_copy(update={"pairs": [pair("m", "p", 0.04, 0.03)]})
+    assert verdicts(group, [Claim(part="3", statement="p beats m", beats=[("p", "m")])]
+                    )[0].verdict == "contradicted"
