@@ -56,6 +56,22 @@ def _numbers(text: str, flag: str, kind: type = float) -> list[Any]:
         raise typer.BadParameter(f"{flag} expects comma-separated numbers, got {text!r}") from None
 
 
+def _protocol(**fields: Any) -> Any:
+    """The ``Protocol``; a value it refuses is a bad parameter, named."""
+    from medseg3d.experiments.records import Protocol
+
+    try:
+        return Protocol(**fields)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 @app.command()
 @user_errors
 def compare(
@@ -105,30 +121,25 @@ def compare(
     and folder works on other cells at the same time.
     """
     from medseg3d.experiments.compare import run_protocol
-    from medseg3d.experiments.records import Protocol, check_protocol
+    from medseg3d.experiments.records import check_protocol
 
-    networks = [name.strip() for name in models.split(",") if name.strip()]
+    networks = _names(models)
     if not networks:
         raise typer.BadParameter("--models names no network")
     for name in networks:
         check_network(name)
     if augment not in get_args(Augment):
         raise typer.BadParameter(f"--augment must be none, light, strong or synth, got {augment!r}")
-    try:
-        protocol = Protocol(
-            dataset=str(dataset), networks=networks,
-            options=_network_options(option or [], networks), steps=steps,
-            seeds=_numbers(seeds, "--seeds", int), num_folds=folds,
-            learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
-            sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
-            plan_overrides=plan_overrides(patch_size, batch_size, spacing),
-            augment=cast(Augment, augment), device=device, split=cast(Any, split),
-            validation_cases=[c.strip() for c in validation_cases.split(",") if c.strip()],
-            curve_every=curve_every, wall_reference=wall_reference)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        raise typer.BadParameter(f"{where}: {problem['msg']}") from None
+    protocol = _protocol(
+        dataset=str(dataset), networks=networks,
+        options=_network_options(option or [], networks), steps=steps,
+        seeds=_numbers(seeds, "--seeds", int), num_folds=folds,
+        learning_rates=_numbers(lr, "--lr"), weight_decays=_numbers(wd, "--wd"),
+        sweep_steps=sweep_steps, extra_tests=[str(p) for p in extra_test or []],
+        plan_overrides=plan_overrides(patch_size, batch_size, spacing),
+        augment=cast(Augment, augment), device=device, split=cast(Any, split),
+        validation_cases=_names(validation_cases),
+        curve_every=curve_every, wall_reference=wall_reference)
     output = output or Path("runs") / f"compare_{dataset.name}"
     if report_only:
         check_protocol(protocol, output)

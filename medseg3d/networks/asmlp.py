@@ -34,7 +34,9 @@ __all__ = [
     "asmlp3d",
     "asmlp3d_1m",
     "asmlp3d_large",
+    "asmlp3d_pointstem_1m",
     "axial_shift",
+    "conv_stem",
     "shift_group_sizes",
     "merge_subgrids",
 ]
@@ -258,6 +260,15 @@ class PatchMerging3d(nn.Module):
         return self.reduction(self.norm(merge_subgrids(x)))
 
 
+def conv_stem(in_channels: int, dim: int, kernel: int = 3) -> nn.Sequential:
+    """The AS-MLP's stem: a full-resolution ``kernel``³ convolution to ``dim`` channels, norm."""
+    if kernel % 2 == 0:
+        raise ValueError(f"stem_kernel must be odd, got {kernel}")
+    # A small convolution, not a patch embedding: full voxel resolution is kept, and a 3x3x3
+    # kernel gives raw intensities some local context before the MLPs (kernel 1: none).
+    return nn.Sequential(nn.Conv3d(in_channels, dim, kernel, padding=kernel // 2), _norm(dim))
+
+
 class BlockSequence3d(nn.Sequential):
     """AS-MLP blocks in a row; with ``grad_checkpointing`` each block's activations are
     recomputed in the backward pass instead of stored (full-resolution stages dominate memory)."""
@@ -319,8 +330,6 @@ class ASMLP3d(nn.Module):
         decoder_depths = list(decoder_depths) if decoder_depths is not None else depths[:-1]
         if len(decoder_depths) != len(depths) - 1:
             raise ValueError("decoder_depths needs one entry per stage but the deepest")
-        if stem_kernel % 2 == 0:
-            raise ValueError(f"stem_kernel must be odd, got {stem_kernel}")
         num_stages = len(depths)
         self.size_divisor = self.traits({"depths": depths}).size_divisor
         dims = [embed_dim * 2**i for i in range(num_stages)]
@@ -331,12 +340,7 @@ class ASMLP3d(nn.Module):
         rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()
         stage_rates = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
 
-        # A small convolution as stem (not a patch embedding): full voxel resolution is kept,
-        # and the 3x3x3 kernel gives raw intensities some local context before the MLPs.
-        self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, embed_dim, stem_kernel, padding=stem_kernel // 2),
-            _norm(embed_dim),
-        )
+        self.stem = conv_stem(in_channels, embed_dim, stem_kernel)
         self.encoder = nn.ModuleList()
         for i in range(num_stages):
             merge = PatchMerging3d(dims[i - 1], dims[i]) if i > 0 else nn.Identity()
@@ -392,4 +396,29 @@ def asmlp3d_large(in_channels: int, out_channels: int, **options: Any) -> ASMLP3
 @register_network("asmlp3d_1m", ASMLP3d, embed_dim=16, depths=[1, 1, 2, 3])
 def asmlp3d_1m(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
     """The comparison's 3D AS-MLP: embed 16, depths 1-1-2-3, 1.08 M parameters."""
+    return ASMLP3d(in_channels, out_channels, **options)
+
+
+@register_network("asmlp3d_pointstem_1m", ASMLP3d, embed_dim=16, depths=[1, 1, 2, 3],
+                  stem_kernel=1)
+def asmlp3d_pointstem_1m(in_channels: int, out_channels: int, **options: Any) -> ASMLP3d:
+    """``asmlp3d_1m`` with a 1x1x1 stem (1.08 M parameters): no spatial kernel but the shifts.
+
+    Issue 29's stem control: does the AS-MLP win through its 3x3x3 stem convolution? With
+    ``stem_kernel=1`` every convolution is pointwise, and an output voxel depends on other
+    voxels only through
+
+    * ``axial_shift``: channel groups moved along D, H and W, the AS-MLP's own token mixing;
+    * ``PatchMerging3d``, which is already space-to-depth (``merge_subgrids``, a fixed reshape
+      with no weights) followed by a pointwise linear layer;
+    * the decoder's ``ConvTranspose3d(kernel_size=2, stride=2)``: its 2x2x2 windows do not
+      overlap, so each output voxel reads exactly one input voxel; it is a pointwise linear
+      layer to 8x the channels followed by depth-to-space (``mixer.voxel_shuffle``), with one
+      bias per channel instead of eight (``test_transposed_conv_is_linear_then_shuffle``);
+    * ``GroupNorm(1, C)``: mean and variance over all voxels, no kernel.
+
+    Without the shifts and norms, an output voxel depends only on the input voxels of its own
+    aligned 8x8x8 cube (the three merges); the 3x3x3 stem reaches past it
+    (``test_pointstem_asmlp_mixes_voxels_only_by_shifts_and_rearrangements``).
+    """
     return ASMLP3d(in_channels, out_channels, **options)

@@ -22,6 +22,12 @@ resolution (voxel shuffle, the 3D pixel shuffle); a light 3x3x3 convolution of t
 input is concatenated (so that boundaries inside a patch can follow image edges; part of the
 boundary quality is then a CNN's: ``skip_channels=0`` leaves it out), and a 3x3x3 convolution plus
 a 1x1x1 head give the logits.
+
+``MixerUNet3d`` (``mixer3d_convstem_1m``) puts the same Mixer blocks at the bottom of the AS-MLP's
+U instead: the AS-MLP's 3x3x3 convolution stem at full resolution, its patch merging down to one
+token per p³ cube, and its decoder of transposed convolutions with skips, the full-resolution stem
+features among them. It separates "token mixing by shifts beats a Mixer" from "a convolution stem
+and a U-shaped decoder help"; its input size is fixed in the same way.
 """
 
 from __future__ import annotations
@@ -33,16 +39,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg3d.networks.asmlp import (
+    BlockSequence3d,
+    DecoderStage3d,
+    PatchMerging3d,
+    PointwiseConv3d,
+    conv_stem,
+)
 from medseg3d.networks.registry import NetworkTraits, register_network
 
 __all__ = [
     "MixerBlock3d",
     "MixerSegmenter3d",
+    "MixerUNet3d",
     "Mlp",
     "PatchEmbed3d",
     "mixer3d",
     "mixer3d_1m",
+    "mixer3d_convstem_1m",
     "mixer3d_skip_1m",
+    "pad_to_input_size",
     "voxel_shuffle",
 ]
 
@@ -111,6 +127,23 @@ def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
     return values
 
 
+def pad_to_input_size(x: torch.Tensor, input_size: tuple[int, int, int]
+                      ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad ``(B, C, D, H, W)`` at the far end of each axis to a fixed ``input_size``.
+
+    Returns the padded tensor and the index that crops an output of that size back; an input
+    larger than ``input_size`` on any axis is a ``ValueError`` (the token MLPs cannot see it).
+    """
+    size = tuple(x.shape[2:])
+    if any(s > f for s, f in zip(size, input_size, strict=True)):
+        raise ValueError(f"input {size} is larger than the fixed input size {input_size} that "
+                         "the token MLPs were built for; predict with a sliding window of that size")
+    pad = [f - s for s, f in zip(size, input_size, strict=True)]
+    if any(pad):
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+    return x, (slice(None), slice(None), *(slice(0, s) for s in size))
+
+
 class MixerSegmenter3d(nn.Module):
     """3D MLP-Mixer with a voxel-shuffle decoder; see the module docstring for the input size."""
 
@@ -157,17 +190,77 @@ class MixerSegmenter3d(nn.Module):
         return self.head(self.fuse(up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[2:])
-        if size == self.fixed_input_size:
-            return self.forward_head(self.forward_features(x), x)
-        if any(s > f for s, f in zip(size, self.fixed_input_size, strict=True)):
-            raise ValueError(f"input {size} is larger than the fixed input size "
-                             f"{self.fixed_input_size} that the token MLPs were built for; "
-                             "predict with a sliding window of that size")
-        pad = [f - s for s, f in zip(size, self.fixed_input_size, strict=True)]
-        padded = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
-        logits = self.forward_head(self.forward_features(padded), padded)
-        return logits[:, :, :size[0], :size[1], :size[2]]
+        x, crop = pad_to_input_size(x, self.fixed_input_size)
+        return self.forward_head(self.forward_features(x), x)[crop]
+
+
+class MixerUNet3d(nn.Module):
+    """Mixer blocks at the bottom of the AS-MLP's U; see the module docstring.
+
+    Level i has ``embed_dim * 2**i`` channels at 1/2**i resolution, down to one token per
+    ``patch_size``³ cube (a power of two), where ``depth`` Mixer blocks of width
+    ``embed_dim * patch_size`` mix the tokens. Only the Mixer mixes: the decoder stages upsample,
+    concatenate their skip and fuse, with no blocks of their own.
+    """
+
+    whole_volume = False
+
+    @classmethod
+    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
+        """Built for one input size: its token count fixes the token MLPs' width."""
+        return NetworkTraits(size_divisor=int(options["patch_size"]),
+                             fixed_input_size=_triple(options["input_size"]))
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 input_size: int | Sequence[int] = 64, patch_size: int = 8, embed_dim: int = 16,
+                 depth: int = 5, token_ratio: float = 0.5, channel_ratio: float = 4.0,
+                 stem_kernel: int = 3) -> None:
+        super().__init__()
+        size = _triple(input_size)
+        levels = patch_size.bit_length() - 1
+        if patch_size < 2 or patch_size != 2**levels:
+            raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
+        if any(s % patch_size for s in size):
+            raise ValueError(f"input_size {size} must be a multiple of patch_size {patch_size}")
+        self.size_divisor = patch_size
+        self.fixed_input_size = size
+        self.grid = tuple(s // patch_size for s in size)
+        dims = [embed_dim * 2**i for i in range(levels + 1)]
+        self.stem = conv_stem(in_channels, embed_dim, stem_kernel)
+        # A p³ patch embedding of the stem's features in one Conv3d would cost 16 * 8³ * 128
+        # = 1.05 M weights; the AS-MLP's three 2³ merges also give one token per 8³ cube (a
+        # factorised linear map, normed between the factors) for 87 k.
+        self.merges = nn.ModuleList(PatchMerging3d(dims[i], dims[i + 1]) for i in range(levels))
+        num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.blocks = nn.Sequential(*[MixerBlock3d(dims[-1], num_tokens, token_ratio,
+                                                   channel_ratio) for _ in range(depth)])
+        self.token_norm = nn.LayerNorm(dims[-1])
+        # empty block sequences: a stage upsamples, joins its skip and fuses, nothing more
+        self.decoder = nn.ModuleList(DecoderStage3d(dims[i + 1], dims[i], BlockSequence3d())
+                                     for i in reversed(range(levels)))
+        self.norm = nn.GroupNorm(1, dims[0])  # the AS-MLP's last norm
+        self.head = PointwiseConv3d(dims[0], out_channels)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-resolution decoder features of an input of exactly ``fixed_input_size``."""
+        x = self.stem(x)
+        skips = []
+        for merge in self.merges:
+            skips.append(x)
+            x = merge(x)
+        tokens = self.token_norm(self.blocks(x.flatten(2).transpose(1, 2)))
+        x = tokens.transpose(1, 2).reshape(x.shape)
+        for stage, skip in zip(self.decoder, reversed(skips), strict=True):
+            x = stage(x, skip)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-voxel class logits from decoder features."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, crop = pad_to_input_size(x, self.fixed_input_size)
+        return self.forward_head(self.forward_features(x))[crop]
 
 
 @register_network("mixer3d", MixerSegmenter3d, input_size=64, patch_size=8, dim=128, depth=4)
@@ -190,3 +283,11 @@ def mixer3d_skip_1m(in_channels: int, out_channels: int, **options: Any) -> Mixe
     """``mixer3d_1m`` plus the full-resolution convolution skip (8 channels): how much of the
     Mixer's boundary quality comes from that CNN part."""
     return MixerSegmenter3d(in_channels, out_channels, **options)
+
+
+@register_network("mixer3d_convstem_1m", MixerUNet3d, input_size=64, patch_size=8, embed_dim=16,
+                  depth=5)
+def mixer3d_convstem_1m(in_channels: int, out_channels: int, **options: Any) -> MixerUNet3d:
+    """Issue 29's control: ``asmlp3d_1m``'s 3x3x3 stem, patch merging and decoder around five
+    Mixer blocks of dim 128 over 8³-voxel tokens (1.03 M parameters at 48x48x64, 1.18 M at 64³)."""
+    return MixerUNet3d(in_channels, out_channels, **options)

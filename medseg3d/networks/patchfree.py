@@ -33,8 +33,8 @@ from torch import nn
 
 from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
-__all__ = ["PatchFreeNet3d", "guidance_box", "patchfree", "patchfree_1m", "patchfree_large",
-           "task_fusion_loss"]
+__all__ = ["PatchFreeNet3d", "guidance_box", "patchfree", "patchfree5_1m", "patchfree_1m",
+           "patchfree_large", "task_fusion_loss"]
 
 _NORM = "instance"
 
@@ -243,4 +243,15 @@ def patchfree_large(in_channels: int, out_channels: int, **options: Any) -> Patc
 @register_network("patchfree_1m", PatchFreeNet3d, filters=[24, 48, 96], full_res_channels=8)
 def patchfree_1m(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
     """The comparison's PFSeg: 24-48-96 filters, 8 at full resolution, 1.20 M parameters."""
+    return PatchFreeNet3d(in_channels, out_channels, **options)
+
+
+# PFSeg as published has five levels, its bottleneck at 1/32 of full resolution; patchfree_1m's
+# three stop at 1/8. Issue 29 asks whether the missing depth, not the family, is what PFSeg lacks.
+@register_network("patchfree5_1m", PatchFreeNet3d, filters=[6, 12, 24, 48, 72],
+                  full_res_channels=8)
+def patchfree5_1m(in_channels: int, out_channels: int, **options: Any) -> PatchFreeNet3d:
+    """PFSeg with its five levels: 6-12-24-48-72 filters at half resolution (the last step
+    x1.5, not x2, as patchfree_large's 256 -> 320), 8 at full, 18 guidance channels, 1.10 M
+    parameters. Size divisor 32: a 96³ head keeps a 3³ bottleneck for instance norm."""
     return PatchFreeNet3d(in_channels, out_channels, **options)

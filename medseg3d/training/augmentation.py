@@ -7,6 +7,11 @@ on a 256³ case). Half the patches are centred on background, the other half on 
 classes in equal shares (as nnU-Net samples a class first), so a small organ is seen as often as
 the liver. ``patch_transform`` is the MONAI chain applied to each patch.
 
+A patch-free network's patch is the largest training volume (``planning.fit_whole_volume``,
+``run_plan.hold_whole_volumes``): every case is then padded to exactly the patch, centred as the
+guidance crop of ``networks.patchfree`` expects, and the class-centred crop can only take it
+whole. Augmentation comes after the crop and keeps the patch's shape.
+
 Levels: ``light`` = mirroring on the plan's axes (those that move no class onto another),
 affine, intensity scale, gamma, noise and a smooth bias field; ``strong`` adds blur and the
 resolution of clinical scans: thick slices along a random axis (``RandThickSlicesd``,
@@ -44,9 +49,10 @@ MAX_INDICES = 200_000
 def prepare_item(image: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ...],
                  rng: np.random.Generator, num_classes: int,
                  tissue: torch.Tensor | None = None) -> dict:
-    """Pad a ``(C, X, Y, Z)`` image and its ``(X, Y, Z)`` class indices to ``patch``; index the
-    voxels of each class. ``tissue`` (``synthesis.tissue_map``) is padded with a class of its
-    own and counted, for ``--augment synth``."""
+    """Pad a ``(C, X, Y, Z)`` image and its ``(X, Y, Z)`` class indices to ``patch``, centred
+    (half the padding before, half after); index the voxels of each class. ``tissue``
+    (``synthesis.tissue_map``) is padded with a class of its own and counted, for ``--augment
+    synth``."""
     pad = [max(0, p - s) for p, s in zip(patch, image.shape[1:], strict=True)]
     if any(pad):
         widths = [w for p in reversed(pad) for w in (p // 2, p - p // 2)]

@@ -3,7 +3,8 @@
 The rules follow nnU-Net's heuristics in simplified form: median spacing (the coarse axis of an
 anisotropic dataset takes its 10th percentile), a patch that covers the median shape until it
 hits a voxel budget, CT normalised with foreground percentiles and a global z-score, other
-modalities per image.
+modalities per image. A patch-free network's input instead covers the largest training volume
+(``fit_whole_volume``).
 
 Unlike nnU-Net's, the plan also reads the labels: the thinnest class (the diameter of the largest
 ball inside it, in mm) decides whether the U-Net's first level runs at full resolution and how far
@@ -149,6 +150,19 @@ def make_plan(spec: DatasetSpec, fingerprints: list[CaseFingerprint], *, size_di
                 median_shape=_ints(median_shape), class_thickness_mm=thickness, reasons=reasons)
 
 
+def largest_extent_mm(fingerprints: Sequence[CaseFingerprint]) -> tuple[float, float, float]:
+    """Per canonical axis, the largest field of view (mm) among the cases."""
+    return _floats(np.max([np.array(f.shape) * np.array(f.spacing) for f in fingerprints], axis=0))
+
+
+def shape_at(extent_mm: Sequence[float] | np.ndarray, spacing: Sequence[float] | np.ndarray
+             ) -> np.ndarray:
+    """Voxels that ``extent_mm`` spans at ``spacing`` mm, rounded as ``plan_grid`` rounds a case's
+    grid: the largest extent then gives exactly the largest case's shape (rounding is monotone)."""
+    ratio = np.asarray(extent_mm, dtype=np.float64) / np.asarray(spacing, dtype=np.float64)
+    return np.maximum(np.round(ratio), 1).astype(int)
+
+
 def class_thickness_mm(labels: dict[str, int], fingerprints: Sequence[CaseFingerprint]
                        ) -> dict[str, float]:
     """Per foreground class, the median over the cases holding it of its thickness (mm)."""
@@ -250,36 +264,49 @@ def _keeping_thinnest(plan: Plan) -> tuple[float, ...]:
 def _coarsenings(plan: Plan, base: Sequence[float], factors: Sequence[float]
                  ) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
     """(factor, spacing, median shape) for ``base`` spacing coarsened by each factor in turn."""
-    median_mm = np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
+    median_mm = _median_mm(plan)
     for factor in factors:
         spacing = np.array(base, dtype=float) * factor
-        yield factor, spacing, np.maximum(np.round(median_mm / spacing), 1).astype(int)
+        yield factor, spacing, shape_at(median_mm, spacing)
 
 
-def fit_whole_volume(plan: Plan, size_divisor: int, max_voxels: int,
+def _median_mm(plan: Plan) -> np.ndarray:
+    """The median image's extent (mm); the patch's for a plan without a median shape."""
+    return np.array(plan.median_shape or plan.patch_size) * np.array(plan.spacing)
+
+
+def fit_whole_volume(plan: Plan, largest_mm: Sequence[float], size_divisor: int, max_voxels: int,
                      fixed_spacing: Sequence[float] | None = None) -> Plan:
-    """Coarsen ``plan`` until its median volume is one patch of at most ``max_voxels`` voxels.
+    """Coarsen ``plan`` until the largest training volume is one input of at most ``max_voxels``.
 
-    Patch-free networks train on whole volumes; where the median volume is too large at the
-    median spacing, the spacing grows instead of the patch shrinking. ``fixed_spacing`` (the
-    user's) is never changed: a volume too large at it is refused.
+    Patch-free networks train on whole volumes, padded and never cropped (PFSeg sees the whole
+    head; a crop of a larger head would be a patch after all), so the input is the largest
+    volume: ``largest_mm``, the per-axis largest field of view of the training cases
+    (``largest_extent_mm``), rounded up to ``size_divisor``. Where it is too large at the planned
+    spacing, the spacing grows instead of the input shrinking. ``fixed_spacing`` (the user's) is
+    never changed: a volume too large at it is refused. ``median_shape`` stays the median.
     """
     base = fixed_spacing if fixed_spacing is not None else plan.spacing
     factors = (1.0,) if fixed_spacing is not None else (*SPACING_FACTORS, 6.0, 8.0)
-    for factor, spacing, median in _coarsenings(plan, base, factors):
-        whole = np.ceil(median / size_divisor).astype(int) * size_divisor
+    for factor in factors:
+        # rounded first: the cases are resampled to the plan's (rounded) spacing, and their
+        # shapes there are what the input must hold
+        spacing = _floats(round(float(s) * factor, 5) for s in base)
+        largest = shape_at(largest_mm, spacing)
+        whole = np.ceil(largest / size_divisor).astype(int) * size_divisor
         if np.prod(whole) <= max_voxels:
             reasons = {**plan.reasons,
                        "spacing": f"{factor:g} x the planned spacing: the finest at which the "
-                                  f"whole median volume fits {max_voxels:,} voxels",
-                       "patch_size": "the whole median volume (patch-free training)"}
+                                  f"whole largest volume fits {max_voxels:,} voxels",
+                       "patch_size": "the whole largest volume (patch-free training: padded, "
+                                     "never cropped)"}
             if fixed_spacing is not None:
                 reasons["spacing"] = "set by the user"
             return plan.model_copy(update={
-                "spacing": tuple(round(float(s), 5) for s in spacing), "patch_size": _ints(whole),
-                "median_shape": _ints(median), "reasons": reasons})
-    side = "x".join(str(int(s)) for s in median)
-    raise MedsegError(f"the median volume ({side} voxels at {spacing.round(2).tolist()} mm) is "
+                "spacing": spacing, "patch_size": _ints(whole),
+                "median_shape": _ints(shape_at(_median_mm(plan), spacing)), "reasons": reasons})
+    side = "x".join(str(int(s)) for s in largest)
+    raise MedsegError(f"the largest training volume ({side} voxels at {list(spacing)} mm) is "
                       f"too large to train whole (at most {max_voxels:,} voxels); choose a "
                       "coarser --spacing")
 

@@ -1,8 +1,9 @@
 """The plan of one training run: the dataset's plan fitted to this network, device and length.
 
 ``planning`` derives a plan from a dataset alone; here the run's choices join in. A patch-free
-network trains on whole volumes and a fixed-size one on its one input size
-(``apply_network_rules``); a run folder's own ``plan.json`` is reused (``saved_plan``); a run with
+network trains on whole volumes, its input the largest training volume (``apply_network_rules``,
+``hold_whole_volumes``), and a fixed-size one on its one input size; a run folder's own
+``plan.json`` is reused (``saved_plan``); a run with
 a budget, or on a CPU, has its patch and spacing fitted to what one step may cost on this device
 (``step_allowance``, measured by ``measure_step_cost``); the user's ``--patch-size``,
 ``--batch-size`` and ``--spacing`` win over all of it.
@@ -22,6 +23,7 @@ from medseg3d.config import DatasetSpec, Plan, TrainConfig
 from medseg3d.config_files import load_model_file
 from medseg3d.errors import MedsegError
 from medseg3d.inference.precision import autocast_dtype
+from medseg3d.inference.preprocessing import plan_grid
 from medseg3d.io.volumes import Volume
 from medseg3d.networks import NetworkTraits, build_network, network_traits
 from medseg3d.runs import RunFolder
@@ -31,6 +33,7 @@ from medseg3d.training.planning import (
     fingerprint_case,
     fit_plan_to_budget,
     fit_whole_volume,
+    largest_extent_mm,
     make_plan,
     plan_network,
 )
@@ -39,7 +42,8 @@ from medseg3d.training.step import StepContext, train_step, training_loss
 
 # Training patch budget of other networks (before any fit to the time budget).
 DEFAULT_MAX_PATCH_VOXELS = 96**3
-# Training patch budget of patch-free networks: the whole median volume up to about 160³ voxels.
+# Training input budget of patch-free networks: the whole largest training volume up to about
+# 160³ voxels (the spacing coarsens until it fits: planning.fit_whole_volume).
 PATCH_FREE_MAX_VOXELS = 160**3
 # Without a budget, a CPU run is planned to finish its steps within about this many minutes.
 CPU_PLAN_MINUTES = 60
@@ -53,7 +57,7 @@ def apply_network_rules(config: TrainConfig) -> tuple[NetworkTraits, TrainConfig
         overrides = overrides.model_copy(update={"patch_size": traits.fixed_input_size})
     elif traits.whole_volume:
         # Patch-free networks see the whole volume in training too (PFSeg): no patch to choose;
-        # max_patch_voxels caps the whole volume instead (the spacing coarsens to fit it).
+        # max_patch_voxels caps the largest whole volume instead (the spacing coarsens to fit it).
         if overrides.patch_size is not None:
             raise MedsegError(f"{config.network.name} trains on the whole volume, so "
                               "--patch-size cannot apply; choose a coarser --spacing to make "
@@ -76,7 +80,36 @@ def run_plan(config: TrainConfig, spec: DatasetSpec, volumes: list[tuple[Volume,
             shared = [plan]
             dist.broadcast_object_list(shared, src=0)
             plan = shared[0]
+    if network.whole_volume:  # the same on every rank: the same volumes and plan
+        planned = network_traits(config.network.name,
+                                 **with_planned_network(config, plan).network.options)
+        plan = hold_whole_volumes(plan, volumes, planned.size_divisor, log)
     return plan
+
+
+def hold_whole_volumes(plan: Plan, volumes: list[tuple[Volume, Volume]], size_divisor: int,
+                       log: Callable[[str], None]) -> Plan:
+    """``plan`` with an input that holds every training volume whole at the plan's spacing.
+
+    A patch-free network trains on each volume padded (centred) into its input, never cropped
+    (``planning.fit_whole_volume``). A new plan holds them already; a saved one made before that
+    rule (its input the median volume) or edited by hand may not. Its input then grows to the
+    largest volume, the spacing kept. Not a central crop of the larger heads: it would hide
+    their edges from a network that prediction shows whole heads, and silently. The network is
+    convolutional, so a resumed run's weights take the larger input and still see the grid
+    they were trained on; the cost is a larger step (logged).
+    """
+    largest = np.max([plan_grid(image, plan.spacing).plan_shape for image, _ in volumes], axis=0)
+    need = np.ceil(largest / size_divisor).astype(int) * size_divisor
+    i, j, k = (int(n) for n in np.maximum(plan.patch_size, need))
+    if (i, j, k) == plan.patch_size:
+        return plan
+    log(f"plan: input {_shown(plan.patch_size)} grows to {i}x{j}x{k} ({i * j * k:,} voxels) to "
+        "hold the largest training volume whole (patch-free training pads, never crops)")
+    why = (f"the whole largest volume (patch-free training: padded, never cropped); grown from "
+           f"{_shown(plan.patch_size)}")
+    return plan.model_copy(update={"patch_size": (i, j, k),
+                                   "reasons": {**plan.reasons, "patch_size": why}})
 
 
 def saved_plan(config: TrainConfig, log: Callable[[str], None]) -> Plan | None:
@@ -117,8 +150,8 @@ def _make_plan(config: TrainConfig, spec: DatasetSpec, volumes: list, network: N
     if plan.network_options:
         log(f"plan: stem stride {plan.reasons['stem_stride']}")
     if network.whole_volume:
-        plan = fit_whole_volume(plan, network.size_divisor, max_voxels,
-                                fixed_spacing=config.plan_overrides.spacing)
+        plan = fit_whole_volume(plan, largest_extent_mm(fingerprints), network.size_divisor,
+                                max_voxels, fixed_spacing=config.plan_overrides.spacing)
     allowance = step_allowance(config, device)
     fits = network.fixed_input_size is None and not network.whole_volume
     if allowance is not None and fits and not {"spacing", "patch_size"} & overrides.keys():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg3d.networks import asmlp, build_network, network_traits
 from medseg3d.networks.asmlp import (
     ASMLP3d,
     AxialShift3d,
@@ -17,6 +18,8 @@ from medseg3d.networks.asmlp import (
     merge_subgrids,
     shift_group_sizes,
 )
+from medseg3d.networks.mixer import voxel_shuffle
+from medseg3d.networks.registry import preset_options
 
 
 def reference_shift(x: torch.Tensor, axis: int, shift_size: int, dilation: int) -> torch.Tensor:
@@ -198,3 +201,48 @@ def test_asmlp_trains_in_bfloat16_autocast() -> None:
 def test_asmlp_rejects_mismatched_decoder_depths() -> None:
     with pytest.raises(ValueError):
         ASMLP3d(1, 2, depths=(1, 1, 1), decoder_depths=(1,))
+
+
+def test_transposed_conv_is_linear_then_shuffle() -> None:
+    """The decoder's 2x2x2 stride-2 transposed convolution has no spatial kernel in effect: it is
+    a pointwise layer to 8x the channels, then depth-to-space (one bias for all eight)."""
+    up = nn.ConvTranspose3d(5, 3, kernel_size=2, stride=2)
+    x = torch.randn(2, 5, 3, 4, 2)
+    weight = up.weight.permute(1, 2, 3, 4, 0).reshape(3 * 8, 5)  # (C_out * 2³, C_in)
+    pointwise = F.conv3d(x, weight[..., None, None, None], up.bias.repeat_interleave(8))
+    torch.testing.assert_close(up(x), voxel_shuffle(pointwise, 2))
+
+
+def receptive_field(stem_kernel: int, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """Input voxels that move output voxel (5, 5, 5) of asmlp3d_pointstem_1m's layout, with
+    its shifts and norms (global statistics) taken out; a 16³ input."""
+    monkeypatch.setattr(asmlp, "_norm", lambda _channels: nn.Identity())
+    monkeypatch.setattr(asmlp, "axial_shift", lambda x, *_args: x)
+    torch.manual_seed(0)
+    net = build_network("asmlp3d_pointstem_1m", 1, 2, stem_kernel=stem_kernel).double()
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(net(x)[0, :, 5, 5, 5].sum(), x)
+    return grad[0, 0] != 0
+
+
+def test_pointstem_asmlp_mixes_voxels_only_by_shifts_and_rearrangements(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reach = receptive_field(1, monkeypatch)
+    cube = torch.zeros_like(reach)
+    cube[:8, :8, :8] = True  # three 2³ merges: the aligned 8³ cube of voxel (5, 5, 5)
+    assert torch.equal(reach, cube)
+    assert receptive_field(3, monkeypatch)[8].any()  # the 3x3x3 stem reaches past the cube
+
+
+def test_pointstem_preset_is_asmlp3d_1m_but_its_stem() -> None:
+    options = preset_options("asmlp3d_pointstem_1m")
+    assert options == {**preset_options("asmlp3d_1m"), "stem_kernel": 1}
+    net = build_network("asmlp3d_pointstem_1m", 1, 2)
+    assert network_traits("asmlp3d_pointstem_1m") == network_traits("asmlp3d_1m")
+    spatial = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1)]
+    # (ConvTranspose3d is no Conv3d: its non-overlapping 2x2x2 windows are checked above)
+    assert spatial == []
+    assert abs(sum(p.numel() for p in net.parameters()) - 1.1e6) < 0.11e6
+    x = torch.randn(1, 1, 16, 16, 24)
+    net(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

@@ -12,7 +12,8 @@ from synthetic import make_dataset
 from medseg3d.config import ChannelNorm, CheckpointMeta, NetworkConfig, Plan, TrainConfig
 from medseg3d.inference.predict import window_for
 from medseg3d.networks import NetworkTraits, build_network, network_traits
-from medseg3d.networks.mixer import MixerSegmenter3d, voxel_shuffle
+from medseg3d.networks.asmlp import ASMLP3d
+from medseg3d.networks.mixer import MixerSegmenter3d, MixerUNet3d, voxel_shuffle
 from medseg3d.runs import load_checkpoint, save_checkpoint
 from medseg3d.training.loop import train
 
@@ -101,3 +102,54 @@ def test_training_uses_the_fixed_input_size_as_patch(tmp_path) -> None:
                          augment="none", plan_overrides={"patch_size": [16, 16, 16]})
     train(config, log=lambda *_: None)
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["patch_size"] == [8, 8, 8]
+
+
+UNET_TINY = {"input_size": [16, 8, 24], "patch_size": 4, "embed_dim": 4, "depth": 2}
+
+
+def tiny_unet(**options: object) -> MixerUNet3d:
+    torch.manual_seed(0)
+    return build_network("mixer3d_convstem_1m", 1, 3,  # type: ignore[return-value]
+                         **{**UNET_TINY, **options}).eval()
+
+
+def test_convstem_mixer_shapes_traits_and_fixed_size() -> None:
+    net = tiny_unet()
+    assert network_traits("mixer3d_convstem_1m", **UNET_TINY) == NetworkTraits(
+        size_divisor=4, fixed_input_size=(16, 8, 24))
+    assert net.blocks[0].mlp_tokens.fc1.in_features == 4 * 2 * 6  # one token per 4³ cube
+    x = torch.randn(2, 1, 13, 8, 21)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 16, 8, 24)).shape == (2, 3, 16, 8, 24)
+        torch.testing.assert_close(net(x), net(F.pad(x, (0, 3, 0, 0, 0, 3)))[:, :, :13, :, :21])
+    with pytest.raises(ValueError, match="fixed input size"):
+        net(torch.randn(1, 1, 16, 16, 24))
+    with pytest.raises(ValueError, match="power of two"):
+        tiny_unet(patch_size=6, input_size=12)
+
+
+def test_convstem_mixer_mixes_tokens_globally_and_every_parameter_learns() -> None:
+    net = tiny_unet().train()
+    x = torch.randn(2, 1, 16, 8, 24)
+    net(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    y = x.clone()
+    y[:, :, 0, 0, 0] += 5.0
+    with torch.no_grad():
+        change = (net.eval()(x) - net(y)).abs()
+    assert change[..., 12:, 4:, 20:].amax() > 1e-6  # the farthest patch moves
+
+
+def test_convstem_mixer_has_the_asmlp_stem_and_decoder() -> None:
+    """The control keeps asmlp3d_1m's full-resolution convolution stem and its decoder, and
+    sits in the comparison's parameter band at its 48x48x64 input and at the preset's 64³."""
+    mixer = build_network("mixer3d_convstem_1m", 1, 2, input_size=[48, 48, 64])
+    asmlp = build_network("asmlp3d_1m", 1, 2)
+    assert isinstance(mixer, MixerUNet3d) and isinstance(asmlp, ASMLP3d)
+    assert str(mixer.stem) == str(asmlp.stem)
+    assert [str(s.upsample) for s in mixer.decoder] == [str(s.upsample) for s in asmlp.decoder]
+    assert mixer.grid == (6, 6, 8) and len(mixer.blocks) == 5
+    for options in ({"input_size": [48, 48, 64]}, {}):
+        count = sum(p.numel() for p in build_network("mixer3d_convstem_1m", 1, 2,
+                                                     **options).parameters())
+        assert abs(count - 1.1e6) < 0.11e6, (options, count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medseg3d.networks import NetworkTraits, build_network, network_traits
 from medseg3d.networks.patchfree import PatchFreeNet3d, guidance_box, task_fusion_loss
 
 
@@ -130,3 +131,33 @@ def test_rejects_bad_options() -> None:
         small_net(w_sr=-1.0)
     with pytest.raises(ValueError):
         PatchFreeNet3d(1, 2, filters=(8,))
+
+
+def test_five_level_preset_has_pfseg_depth_and_about_1_1_m_parameters() -> None:
+    traits = network_traits("patchfree5_1m")
+    assert traits == NetworkTraits(size_divisor=32, whole_volume=True)
+    net = build_network("patchfree5_1m", 1, 2)
+    assert len(net.down) == 4  # four halvings after the x2 pooling: bottleneck at 1/32
+    assert abs(sum(p.numel() for p in net.parameters()) - 1.1e6) < 0.11e6
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 1, 96, 96, 96)).shape == (1, 2, 96, 96, 96)
+
+
+def test_five_level_preset_trains_on_an_odd_whole_head() -> None:
+    """Padded to 96x96x64, the bottleneck and the guidance branch's last level keep 3x3x2 voxels
+    for instance norm (a 1x1x1 map would normalise to zero), and every parameter learns."""
+    torch.manual_seed(0)
+    net = build_network("patchfree5_1m", 1, 2).train()
+    smallest: list[int] = []
+    for module in net.modules():
+        if isinstance(module, torch.nn.InstanceNorm3d):
+            module.register_forward_hook(
+                lambda _m, inputs, _o: smallest.append(inputs[0].shape[2:].numel()))
+    image = torch.randn(1, 1, 70, 85, 61)
+    label = (image > 0.5).long()
+    logits = net(image)
+    assert logits.shape == (1, 2, 70, 85, 61)
+    assert min(smallest) == 3 * 3 * 2
+    loss = torch.nn.functional.cross_entropy(logits, label[:, 0]) + net.auxiliary_loss(image, label)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

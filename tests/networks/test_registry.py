@@ -113,10 +113,12 @@ def test_training_segments_larger_ellipsoids(name: str) -> None:
 
 
 def test_comparison_presets_match_in_parameters() -> None:
-    # issue 14: the four families at 1.08-1.20 M parameters (at 64³ for the Mixers)
+    # issue 14: the four families at 1.08-1.20 M parameters (at 64³ for the Mixers); issue 29's
+    # PFSeg at its five levels and the two stem controls joined them
     counts = {name: sum(p.numel() for p in build_network(name, 1, 2).parameters())
               for name in ("unet_1m", "asmlp3d_1m", "patchfree_1m", "mixer3d_1m",
-                           "mixer3d_skip_1m")}
+                           "mixer3d_skip_1m", "patchfree5_1m", "asmlp3d_pointstem_1m",
+                           "mixer3d_convstem_1m")}
     assert max(counts.values()) / min(counts.values()) < 1.12, counts
     assert all(1.0e6 < n < 1.25e6 for n in counts.values()), counts
 

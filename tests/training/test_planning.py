@@ -1,9 +1,19 @@
 """Planning: spacing, patch size and normalisation follow from the dataset."""
 
+import nibabel as nib
 import numpy as np
+from synthetic import make_affine
 
 from medseg3d.config import DatasetSpec
-from medseg3d.training.planning import CaseFingerprint, fingerprint_case, make_plan, mirror_confusion
+from medseg3d.training.planning import (
+    CaseFingerprint,
+    fingerprint_case,
+    fit_whole_volume,
+    largest_extent_mm,
+    make_plan,
+    mirror_confusion,
+    shape_at,
+)
 
 
 def _fingerprint(spacing, shape, values=None):
@@ -93,18 +103,52 @@ def test_whole_volume_plans_coarsen_the_spacing_instead_of_cutting_patches():
     import pytest
 
     from medseg3d.errors import MedsegError
-    from medseg3d.training.planning import fit_whole_volume
 
     plan = _brain_plan()  # 200x230x200 at 1 mm: 9.2 M voxels
-    fitted = fit_whole_volume(plan, 8, 160**3)
+    largest = (200.0, 230.0, 200.0)
+    fitted = fit_whole_volume(plan, largest, 8, 160**3)
     assert np.prod(fitted.patch_size) <= 160**3 and fitted.spacing[0] > 1.0
     assert all(p >= m and p % 8 == 0 for p, m in zip(fitted.patch_size, fitted.median_shape,
                                                         strict=True))
-    assert "whole" in fitted.reasons["patch_size"]
-    kept = fit_whole_volume(plan, 8, 160**3, fixed_spacing=(2.0, 2.0, 2.0))
+    assert "whole largest volume" in fitted.reasons["patch_size"]
+    kept = fit_whole_volume(plan, largest, 8, 160**3, fixed_spacing=(2.0, 2.0, 2.0))
     assert kept.spacing == (2.0, 2.0, 2.0) and kept.patch_size == (104, 120, 104)
     with pytest.raises(MedsegError, match="coarser --spacing"):
-        fit_whole_volume(plan, 8, 160**3, fixed_spacing=(1.0, 1.0, 1.0))
+        fit_whole_volume(plan, largest, 8, 160**3, fixed_spacing=(1.0, 1.0, 1.0))
+
+
+def test_whole_volume_input_is_the_largest_case_not_the_median():
+    spec = DatasetSpec(channel_names={"0": "T1"}, labels={"background": 0, "brain": 1})
+    fps = [_fingerprint((1.0, 1.0, 1.0), (100, 100, 100)),
+           _fingerprint((1.0, 1.0, 1.0), (200, 230, 200))]
+    plan = make_plan(spec, fps, size_divisor=8, max_patch_voxels=160**3)
+    # the median (150x165x150) would fit 160³ at 1 mm; the largest needs 1.5 mm
+    fitted = fit_whole_volume(plan, largest_extent_mm(fps), 8, 160**3)
+    assert fitted.spacing == (1.5, 1.5, 1.5) and fitted.patch_size == (136, 160, 136)
+    assert fitted.median_shape == (100, 110, 100)  # still the median, at the new spacing
+    assert "never cropped" in fitted.reasons["patch_size"]
+    small = fit_whole_volume(plan, largest_extent_mm(fps[:1]), 8, 160**3)
+    assert small.spacing == (1.0, 1.0, 1.0) and small.patch_size == (104, 104, 104)
+
+
+def test_largest_extent_gives_the_largest_resampled_case_exactly():
+    from medseg3d.inference.preprocessing import plan_grid
+    from medseg3d.io.volumes import Volume
+
+    rng = np.random.default_rng(0)
+    volumes = []
+    for shape, spacing, codes in (((37, 51, 23), (0.7, 1.3, 2.1), "LPS"),
+                                  ((60, 29, 41), (0.9, 1.1, 1.7), "RAS"),
+                                  ((45, 45, 19), (1.05, 0.95, 2.5), "LIA")):
+        labels = np.zeros(shape, np.uint8)
+        labels[5:15, 5:15, 5:15] = 1
+        affine = make_affine(spacing, codes)
+        volumes.append((Volume(rng.normal(size=shape).astype(np.float32), affine,
+                               nib.Nifti1Header()), Volume(labels, affine, nib.Nifti1Header())))
+    fps = [fingerprint_case(image, labels, rng) for image, labels in volumes]
+    for target in ((1.0, 1.0, 1.0), (0.93, 1.17, 1.71), (2.5, 2.5, 2.5)):
+        largest = np.max([plan_grid(image, target).plan_shape for image, _ in volumes], axis=0)
+        assert shape_at(largest_extent_mm(fps), target).tolist() == largest.tolist()
 
 
 def test_class_thickness_is_the_widest_ball_inside_each_class():
