@@ -32,6 +32,7 @@ the way a user would, and nothing in the core imports it (the CLI loads it for `
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import shutil
 import time
@@ -304,17 +305,17 @@ def run_protocol(protocol: Protocol, output: str | Path,
                 time.sleep(5)
     settings = chosen_settings(protocol, output)
     wall_steps = equal_time_steps(protocol, output)
-    for stage in ("final", "time"):
+    # seed by seed, so that an interrupted study has every subject for its first seeds
+    for seed, stage in itertools.product(protocol.seeds, ("final", "time")):
         for fold in folds:
             tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
-            for seed in protocol.seeds:
-                for name in protocol.networks:
-                    if stage == "time" and name not in wall_steps:
-                        continue
-                    lr, wd = settings[name]
-                    _run_or_skip(protocol, output, stage, name, lr, wd, seed, fold.index,
-                                 [by_id[c] for c in fold.train], tests, log,
-                                 wall_steps.get(name) if stage == "time" else None)
+            for name in protocol.networks:
+                if stage == "time" and name not in wall_steps:
+                    continue
+                lr, wd = settings[name]
+                _run_or_skip(protocol, output, stage, name, lr, wd, seed, fold.index,
+                             [by_id[c] for c in fold.train], tests, log,
+                             wall_steps.get(name) if stage == "time" else None)
     return folds
 
 
