@@ -112,6 +112,8 @@ def compare(
     wall_reference: Annotated[str | None, typer.Option(
         help="Also train every network for the wall time this network's --steps take "
              "(equal-wall-time cells).")] = None,
+    widen_lr: Annotated[bool, typer.Option(help="A network whose best swept rate is at an end "
+                                           "of --lr also tries the next one beyond it.")] = False,
     report_only: Annotated[bool, typer.Option(help="Write the report from the cells finished "
                                               "so far; train nothing.")] = False,
 ) -> None:
@@ -139,7 +141,7 @@ def compare(
         plan_overrides=plan_overrides(patch_size, batch_size, spacing),
         augment=cast(Augment, augment), device=device, split=cast(Any, split),
         validation_cases=_names(validation_cases),
-        curve_every=curve_every, wall_reference=wall_reference)
+        curve_every=curve_every, wall_reference=wall_reference, widen_lr=widen_lr)
     output = output or Path("runs") / f"compare_{dataset.name}"
     if report_only:
         check_protocol(protocol, output)

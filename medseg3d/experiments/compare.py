@@ -262,6 +262,45 @@ def has_sweep(protocol: Protocol) -> bool:
     return bool(protocol.sweep_steps) and len(grid(protocol)) > 1
 
 
+# widen_lr: at most this many rates beyond each end of the given grid
+MAX_WIDENING = 2
+
+
+def next_rate(rate: float, step: int) -> float:
+    """The rate ``step`` half-decades away on the 1-3-10 ladder (1e-3 -> 3e-3 -> 1e-2 ...)."""
+    k = round(2 * math.log10(rate)) + step  # even k: 10^(k/2); odd k: 3 x 10^((k-1)/2)
+    return float(f"{(3.0 if k % 2 else 1.0) * 10.0 ** ((k - k % 2) // 2):.1g}")
+
+
+def network_grid(protocol: Protocol, output: Path, name: str) -> tuple[list[tuple[float, float]],
+                                                                       bool]:
+    """A network's sweep grid so far and whether it is complete.
+
+    Without ``widen_lr`` it is the protocol's grid. With it, a network whose best rate is at an
+    end of its grid also tries the next rate beyond that end, until the best lies inside (or
+    ``MAX_WIDENING`` rates were added on that side): a best value on the edge of a grid says
+    only that the optimum may lie beyond it.
+    """
+    pairs = grid(protocol)
+    if not protocol.widen_lr:
+        return pairs, True
+    wd = protocol.weight_decays[0]
+    rates = sorted(protocol.learning_rates)
+    low, high = rates[0], rates[-1]
+    while True:
+        paths = {lr: cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0) for lr in rates}
+        pairs = [(lr, wd) for lr in rates]
+        if not all(p.is_file() for p in paths.values()):
+            return pairs, False
+        best = max(rates, key=lambda lr: _validation_dice(load_cell(paths[lr])))
+        if best == rates[-1] and rates[-1] < next_rate(high, MAX_WIDENING):
+            rates.append(next_rate(rates[-1], 1))
+        elif best == rates[0] and rates[0] > next_rate(low, -MAX_WIDENING):
+            rates.insert(0, next_rate(rates[0], -1))
+        else:
+            return pairs, True
+
+
 def _validation_dice(cell: Cell) -> float:
     dice = float(np.nanmean([s.dice for s in cell.cases])) if cell.cases else math.nan
     return dice if math.isfinite(dice) else -math.inf  # a NaN run never wins
@@ -274,7 +313,7 @@ def chosen_settings(protocol: Protocol, output: Path) -> dict[str, tuple[float, 
     chosen = {}
     for name in protocol.networks:
         cells = [load_cell(cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0))
-                 for lr, wd in grid(protocol)]
+                 for lr, wd in network_grid(protocol, output, name)[0]]
         best = max(cells, key=_validation_dice)
         chosen[name] = (best.learning_rate, best.weight_decay)
     return chosen
@@ -294,7 +333,7 @@ def run_protocol(protocol: Protocol, output: str | Path,
         last_log = 0.0
         while not sweep_done(protocol, output):  # others' cells: wait, or run them if dropped
             for name in protocol.networks:
-                for lr, wd in grid(protocol):
+                for lr, wd in network_grid(protocol, output, name)[0]:
                     _run_or_skip(protocol, output, "sweep", name, lr, wd, protocol.seeds[0], 0,
                                  [by_id[c] for c in fit],
                                  {"validation": [by_id[c] for c in val]}, log)
@@ -375,11 +414,11 @@ def sweep_cells(protocol: Protocol, output: Path) -> list[Cell]:
     if not has_sweep(protocol):
         return []
     paths = [cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0)
-             for name in protocol.networks for lr, wd in grid(protocol)]
+             for name in protocol.networks for lr, wd in network_grid(protocol, output, name)[0]]
     return [load_cell(p) for p in paths if p.is_file()]
 
 
 def sweep_done(protocol: Protocol, output: Path) -> bool:
     """Whether every sweep cell is finished (True when the protocol has no sweep)."""
-    return not has_sweep(protocol) or len(sweep_cells(protocol, output)) == (
-        len(protocol.networks) * len(grid(protocol)))
+    return not has_sweep(protocol) or all(network_grid(protocol, output, name)[1]
+                                          for name in protocol.networks)

@@ -59,6 +59,8 @@ class Protocol(Record):
     curve_every: int = Field(default=0, ge=0)  # steps between learning-curve points; 0: none
     # the network whose seconds for ``steps`` set the equal-wall-time budget; None: no "time" stage
     wall_reference: str | None = None
+    # a network whose best swept rate is at an end of the grid also tries the next one beyond
+    widen_lr: bool = False
 
     @field_validator("networks", "seeds", "learning_rates", "weight_decays", "extra_tests",
                      "validation_cases")
@@ -72,6 +74,8 @@ class Protocol(Record):
     def _consistent(self) -> Protocol:
         if self.wall_reference is not None and self.wall_reference not in self.networks:
             raise ValueError(f"wall_reference {self.wall_reference!r} is not one of the networks")
+        if self.widen_lr and len(self.weight_decays) != 1:
+            raise ValueError("widen_lr widens the learning rates at one weight decay only")
         if self.curve_every and not self.validation_cases:
             raise ValueError("learning curves (curve_every) need validation_cases")
         return self

@@ -233,3 +233,37 @@ def test_subject_split_curves_and_equal_wall_time(tmp_path):
     assert [p["step"] for p in cell["curve"]] == [2, 4] and cell["step_seconds"] > 0
     assert {c["network"] for c in ranking["curves"]} == set(networks)
     assert all(s["curve"] for s in ranking["sweep"])
+
+
+def test_a_best_rate_on_the_grid_edge_widens_the_grid(tmp_path):
+    from medseg3d.experiments.compare import network_grid, next_rate
+    from medseg3d.experiments.records import CaseScore, Cell
+
+    assert [next_rate(r, 1) for r in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert next_rate(1e-3, -1) == 3e-4
+    protocol = Protocol(dataset="d", networks=["unet"], steps=2, seeds=[0],
+                        learning_rates=[1e-3, 3e-3], sweep_steps=2, widen_lr=True)
+
+    def finish(lr: float, dice: float) -> None:
+        score = CaseScore(case="v", test_set="validation", dice=dice, hd95_mm=1.0, nsd=1.0,
+                          classes={})
+        cell = Cell(stage="sweep", network="unet", options={}, learning_rate=lr,
+                    weight_decay=1e-5, seed=0, fold=0, train_cases=[], parameters=1,
+                    input_size=(8, 8, 8), gflops_per_forward=0.0, steps=2, train_seconds=1.0,
+                    predict_seconds_per_case=0.1, device="cpu", cases=[score])
+        path = cell_path(tmp_path, "sweep", "unet", lr, 1e-5, 0, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(cell.model_dump_json())
+
+    assert network_grid(protocol, tmp_path, "unet") == ([(1e-3, 1e-5), (3e-3, 1e-5)], False)
+    finish(1e-3, 0.8)
+    finish(3e-3, 0.9)  # best at the top: 1e-2 is tried next
+    assert network_grid(protocol, tmp_path, "unet") == (
+        [(1e-3, 1e-5), (3e-3, 1e-5), (1e-2, 1e-5)], False)
+    finish(1e-2, 0.85)  # inside now: complete
+    assert network_grid(protocol, tmp_path, "unet")[1]
+    finish(1e-2, 0.95)
+    finish(3e-2, 0.96)  # still the top after two more rates: the widening stops there
+    rates = [lr for lr, _ in network_grid(protocol, tmp_path, "unet")[0]]
+    assert rates == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert network_grid(protocol, tmp_path, "unet")[1]
