@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything medseg3d claims about CUDA, in one run of under 8 minutes on one GPU.
+# Everything medseg3d claims about CUDA, in one run on one GPU (step limits: 13.5 minutes in all).
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]        (default runs/gpu; PYTHON=... picks the interpreter)
 #
