@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole `medseg3d predict` command timed for two source trees of medseg3d, interleaved so
 # that both see the same load: bash benchmarks/predict_time_ab.sh OLD_TREE NEW_TREE SCAN [RUNS]
-# (a tree: a checkout, e.g. `git worktree add /tmp/old <commit>`; the model: the shipped default).
+# (a tree: a checkout, e.g. `git worktree add ../old <commit>`; the model: the shipped default).
 set -euo pipefail
 old=$(realpath "$1"); new=$(realpath "$2"); scan=$(realpath "$3"); runs=${4:-3}
 python=$(realpath -s "${PYTHON:-.venv/bin/python}")  # -s: a venv python is a symlink
