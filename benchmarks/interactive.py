@@ -131,7 +131,7 @@ def run_case(model: medseg3d.Model, image: Path, reference_path: Path, method: s
         began = time.perf_counter()
         if method == "adapt":
             current = current.adapt(volume, labels, marks, config=config)
-            labels = current.predict_marked(volume, marks, config, previous=labels).labels
+            labels = current.predict_marked(volume, marks, config).labels
         elif method == "constraints":
             labels = honour_marks(start.labels, marks, volume.spacing, config.radius_mm)
         elif method == "randomwalker":
@@ -162,7 +162,7 @@ def transfer(model: medseg3d.Model, cases: list[tuple[str, Path, Path]], clicks:
         click = model.marks([voxel], [value], volume.spatial_shape)
         marks = click if marks is None else marks + click
         current = current.adapt(volume, labels, marks, config=config)
-        labels = current.predict_marked(volume, marks, config, previous=labels).labels
+        labels = current.predict_marked(volume, marks, config).labels
     with tempfile.TemporaryDirectory() as folder:
         current.save(Path(folder) / "adapted")
         adapted = medseg3d.load_model(Path(folder) / "adapted", device="cpu")

@@ -27,14 +27,7 @@ from medseg3d.datasets.folder import find_cases, held_out_cases, load_spec
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation.measures import LabelVolume, label_volumes
 from medseg3d.inference.devices import check_device_text, describe_device, resolve_device
-from medseg3d.inference.interactive import (
-    Marks,
-    adapt_network,
-    honour_marks,
-    prepare,
-    read_marks,
-    within_reach,
-)
+from medseg3d.inference.interactive import Marks, adapt_network, honour_marks, prepare, read_marks
 from medseg3d.inference.plan import ExecutionPlan
 from medseg3d.inference.predict import Prediction, predict_volume
 from medseg3d.io.atomic import remove_stale_temps_in
@@ -195,21 +188,17 @@ class Model:
         volume = as_volume(image, affine)
         config = config or RefineConfig()
         adapted = self.adapt(volume, prediction, marks, config=config, should_stop=should_stop)
-        return adapted.predict_marked(volume, marks, config, previous=prediction,
-                                      progress=progress, should_stop=should_stop)
+        return adapted.predict_marked(volume, marks, config, progress=progress,
+                                      should_stop=should_stop)
 
     def predict_marked(self, volume: Volume, marks: Marks, config: RefineConfig | None = None,
-                       *, previous: np.ndarray | None = None,
-                       progress: Callable[[int, int], None] | None = None,
+                       *, progress: Callable[[int, int], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> Prediction:
-        """This model's labels with every mark's ball set to the mark's value; with
-        ``config.reach_mm`` and the ``previous`` labels, they change only that near the marks."""
-        config = config or RefineConfig()
+        """This model's labels with every mark's ball set to the mark's value."""
+        radius = (config or RefineConfig()).radius_mm
         labels = self.predict_volume(volume, InferenceConfig(), progress=progress,
                                      should_stop=should_stop).labels
-        if config.reach_mm is not None and previous is not None:
-            labels = within_reach(labels, previous, marks, volume.spacing, config.reach_mm)
-        return Prediction(honour_marks(labels, marks, volume.spacing, config.radius_mm))
+        return Prediction(honour_marks(labels, marks, volume.spacing, radius))
 
     def save(self, folder: str | Path) -> Path:
         """Write this model as a run folder that ``load_model`` and ``medseg3d predict --model``

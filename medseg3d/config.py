@@ -344,9 +344,6 @@ class RefineConfig(Frozen):
     # nearer than this to the previous prediction's boundary, only the marks decide
     band_mm: float = Field(default=6.0, ge=0, le=200.0, allow_inf_nan=False)
     keep_weight: float = Field(default=1.0, ge=0, le=100.0, allow_inf_nan=False)
-    # the new prediction replaces the previous one only within this distance of a mark (None:
-    # everywhere); the adapted model itself, saved for other scans, keeps its global change
-    reach_mm: float | None = Field(default=None, gt=0, le=1000.0, allow_inf_nan=False)
     seed: int = 0
 
 

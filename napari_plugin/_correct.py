@@ -134,8 +134,8 @@ class CorrectionSession:
         volume = self.volume()
         adapted = self.model.adapt(volume, self.labels, marks, config=self.config,
                                    should_stop=should_stop)
-        labels = adapted.predict_marked(volume, marks, self.config, previous=self.labels,
-                                        progress=progress, should_stop=should_stop).labels
+        labels = adapted.predict_marked(volume, marks, self.config, progress=progress,
+                                        should_stop=should_stop).labels
         self.history.append((adapted, labels))
         return labels
 

@@ -201,7 +201,7 @@ def refine(
     marked = api.read_marks(marks, volume.spatial_shape, predictor.labels)
     started = time.perf_counter()
     adapted = predictor.adapt(volume, previous.array, marked, config=config)
-    corrected = adapted.predict_marked(volume, marked, config, previous=previous.array).labels
+    corrected = adapted.predict_marked(volume, marked, config).labels
     api.write_labels(corrected, volume, output)
     changed = int((corrected != previous.array).sum())
     out.print(f"{len(marked)} mark(s): {changed} voxel(s) changed in "

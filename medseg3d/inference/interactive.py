@@ -213,19 +213,6 @@ def honour_marks(labels: np.ndarray, marks: Marks, spacing: Sequence[float],
     return out
 
 
-def within_reach(new: np.ndarray, previous: np.ndarray, marks: Marks,
-                 spacing: Sequence[float], reach_mm: float) -> np.ndarray:
-    """``new`` within ``reach_mm`` of a mark, ``previous`` elsewhere.
-
-    An update adapts the whole network, so a click can move boundaries far from where the user
-    looked; here the user's view decides what may change in this prediction.
-    """
-    near = np.zeros(new.shape[:3], dtype=np.uint8)
-    paint_balls(near, marks.voxels.astype(np.float64), [1] * len(marks),
-                [reach_mm / s for s in spacing])
-    return np.where(near.astype(bool), new, previous).astype(new.dtype, copy=False)
-
-
 def prepare(volume: Volume, plan: Plan, marks: Marks, previous: np.ndarray,
             config: RefineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """The plan-grid image, mark targets, keep targets and mark positions for ``adapt_network``."""

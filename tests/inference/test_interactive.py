@@ -16,14 +16,7 @@ from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, Plan, RefineConfig
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation.metrics import dice
-from medseg3d.inference.interactive import (
-    Marks,
-    honour_marks,
-    keep_targets,
-    marks_on_plan_grid,
-    read_marks,
-    within_reach,
-)
+from medseg3d.inference.interactive import Marks, honour_marks, keep_targets, marks_on_plan_grid, read_marks
 from medseg3d.inference.preprocessing import label_map_on_grid, plan_grid
 from medseg3d.io.volumes import Volume
 from tests.synthetic import make_affine, save_nifti
@@ -77,15 +70,6 @@ def test_honoured_marks_set_a_ball_in_millimetres() -> None:
     assert out[10, 14, 5] == 1 and out[10, 15, 5] == 0  # 4 voxels of 1 mm
     assert out[10, 10, 7] == 1 and out[10, 10, 8] == 0  # 2 voxels of 2 mm
     assert labels.max() == 0  # the input is untouched
-
-
-def test_a_new_prediction_changes_only_within_reach_of_the_marks() -> None:
-    previous, new = np.zeros((40, 20, 20), np.uint8), np.ones((40, 20, 20), np.uint8)
-    marks = Marks(np.array([[5, 10, 10]]), np.array([1]))
-    merged = within_reach(new, previous, marks, (2.0, 1.0, 1.0), reach_mm=6.0)
-    assert merged[5, 10, 10] == merged[8, 10, 10] == merged[5, 10, 16] == 1  # 6 mm away
-    assert merged[9, 10, 10] == merged[5, 10, 17] == 0  # 8 and 7 mm away: as before
-    assert merged.dtype == new.dtype
 
 
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
