@@ -283,7 +283,8 @@ def network_grid(protocol: Protocol, output: Path, name: str) -> tuple[list[tupl
     """
     pairs = grid(protocol)
     if not protocol.widen_lr:
-        return pairs, True
+        return pairs, all(cell_path(output, "sweep", name, lr, wd, protocol.seeds[0], 0).is_file()
+                          for lr, wd in pairs)
     wd = protocol.weight_decays[0]
     rates = sorted(protocol.learning_rates)
     low, high = rates[0], rates[-1]
