@@ -70,10 +70,13 @@ def group_markdown(group: GroupResult, unit: str = "case") -> list[str]:
 def markdown(ranking: Ranking) -> str:
     """The ranking as Markdown tables (what ``ranking.md`` holds)."""
     p = ranking.protocol
+    timed = ranking.expected_cells // max(1, len(ranking.folds) * len(p.seeds)) - len(p.networks)
     lines = [f"# Ranking on {Path(p.dataset).name}", "",
-             f"{ranking.finished_cells} of {ranking.expected_cells} final cells finished "
-             f"({len(ranking.folds)} folds x {len(p.seeds)} seeds x {len(p.networks)} networks); "
-             f"{p.steps} optimizer steps each, augmentation `{p.augment}`.", ""]
+             f"{ranking.finished_cells} of {ranking.expected_cells} cells finished "
+             f"({len(ranking.folds)} folds x {len(p.seeds)} seeds x ({len(p.networks)} networks at "
+             f"{p.steps} optimizer steps" + (f" + {timed} at {p.wall_reference}'s wall time for "
+                                              "them" if timed > 0 else "") +
+             f")); augmentation `{p.augment}`.", ""]
     for group in ranking.groups:
         across = group.group in (CROSS_VALIDATION, EQUAL_WALL_TIME)
         lines += group_markdown(group, "subject" if across and ranking.subjects else "case")
@@ -91,10 +94,13 @@ def markdown(ranking: Ranking) -> str:
                 for k in ranking.curves[0].steps) + " |")
         lines.append("")
     if ranking.sweep:
+        where = ("held out of every fold: never trained on or tested" if p.validation_cases
+                 else "fold 0's training cases less these; they are test cases of the "
+                      "cross-validation group only")
         lines += ["## Sweep", "",
                   f"Validation case(s): {', '.join(ranking.sweep_validation_cases)} "
-                  f"({p.sweep_steps} steps, seed {p.seeds[0]}, fold 0's training cases less "
-                  "these). They are test cases of the cross-validation group only.", "",
+                  f"({p.sweep_steps} steps, seed {p.seeds[0]}, trained on fold 0's training "
+                  f"cases; {where}).", "",
                   "| network | LR | WD | validation Dice | chosen |", "|---|---:|---:|---:|---|"]
         for s in sorted(ranking.sweep, key=lambda s: (s.network, s.learning_rate,
                                                       s.weight_decay)):
@@ -154,7 +160,9 @@ def plot_ranking(ranking: Ranking, path: Path) -> Path:
         finite = [m for m in means if math.isfinite(m)]
         ax.set_xlim(max(0.0, min(finite, default=0.0) - 0.05), 1.0)
         ax.set_xlabel("mean Dice ± 95 % CI")
-        ax.set_title(f"{group.group}: {group.cases} cases", fontsize=10)
+        across = group.group in (CROSS_VALIDATION, EQUAL_WALL_TIME) and ranking.subjects
+        ax.set_title(f"{group.group}: {group.cases} {'subjects' if across else 'cases'}",
+                     fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{Path(ranking.protocol.dataset).name}: {ranking.protocol.steps} steps, "
                  f"{len(ranking.protocol.seeds)} seeds", fontsize=10)
