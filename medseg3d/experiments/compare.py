@@ -346,7 +346,8 @@ def run_protocol(protocol: Protocol, output: str | Path,
     settings = chosen_settings(protocol, output)
     wall_steps = equal_time_steps(protocol, output)
     # seed by seed, so that an interrupted study has every subject for its first seeds
-    for seed, stage in itertools.product(protocol.seeds, ("final", "time")):
+    stages: tuple[Stage, ...] = ("final", "time")
+    for seed, stage in itertools.product(protocol.seeds, stages):
         for fold in folds:
             tests = {"fold": [by_id[c] for c in fold.test], **(extra if fold.extra else {})}
             for name in protocol.networks:
@@ -388,12 +389,14 @@ def equal_time_steps(protocol: Protocol, output: Path) -> dict[str, int]:
     if reference is None or not has_sweep(protocol) or not sweep_done(protocol, output):
         return {}
     settings = chosen_settings(protocol, output)
-    pace = {name: load_cell(cell_path(output, "sweep", name, *settings[name],
+    pace: dict[str, float] = {}
+    for name in protocol.networks:
+        seconds = load_cell(cell_path(output, "sweep", name, *settings[name],
                                       protocol.seeds[0], 0)).step_seconds
-            for name in protocol.networks}
-    if any(p is None for p in pace.values()):
-        raise MedsegError("equal wall time needs each sweep cell's seconds per step, which "
-                          "cells from before they were recorded lack", output)
+        if seconds is None:
+            raise MedsegError("equal wall time needs each sweep cell's seconds per step, which "
+                              "cells from before they were recorded lack", output)
+        pace[name] = seconds
     budget = protocol.steps * pace[reference]
     return {name: max(1, round(budget / p)) for name, p in pace.items() if name != reference}
 
