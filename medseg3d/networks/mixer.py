@@ -144,16 +144,19 @@ def pad_to_input_size(x: torch.Tensor, input_size: tuple[int, int, int]
     return x, (slice(None), slice(None), *(slice(0, s) for s in size))
 
 
-class MixerSegmenter3d(nn.Module):
-    """3D MLP-Mixer with a voxel-shuffle decoder; see the module docstring for the input size."""
+class _OneInputSize(nn.Module):
+    """A Mixer is built for one input size: its token count fixes the token MLPs' width."""
 
     whole_volume = False
 
     @classmethod
     def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
-        """Built for one input size: its token count fixes the token MLPs' width."""
         return NetworkTraits(size_divisor=int(options["patch_size"]),
                              fixed_input_size=_triple(options["input_size"]))
+
+
+class MixerSegmenter3d(_OneInputSize):
+    """3D MLP-Mixer with a voxel-shuffle decoder; see the module docstring for the input size."""
 
     def __init__(self, in_channels: int, out_channels: int,
                  input_size: int | Sequence[int] = 64, patch_size: int = 8, dim: int = 128,
@@ -194,7 +197,7 @@ class MixerSegmenter3d(nn.Module):
         return self.forward_head(self.forward_features(x), x)[crop]
 
 
-class MixerUNet3d(nn.Module):
+class MixerUNet3d(_OneInputSize):
     """Mixer blocks at the bottom of the AS-MLP's U; see the module docstring.
 
     Level i has ``embed_dim * 2**i`` channels at 1/2**i resolution, down to one token per
@@ -202,14 +205,6 @@ class MixerUNet3d(nn.Module):
     ``embed_dim * patch_size`` mix the tokens. Only the Mixer mixes: the decoder stages upsample,
     concatenate their skip and fuse, with no blocks of their own.
     """
-
-    whole_volume = False
-
-    @classmethod
-    def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
-        """Built for one input size: its token count fixes the token MLPs' width."""
-        return NetworkTraits(size_divisor=int(options["patch_size"]),
-                             fixed_input_size=_triple(options["input_size"]))
 
     def __init__(self, in_channels: int, out_channels: int,
                  input_size: int | Sequence[int] = 64, patch_size: int = 8, embed_dim: int = 16,
