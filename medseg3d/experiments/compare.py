@@ -142,13 +142,14 @@ def score_case(model: Any, case: Case, spec: Any, test_set: str) -> tuple[CaseSc
 def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float, seed: int,
                 steps: int, data: Path, run: Path, curve: bool, log: Callable[[str], None]
                 ) -> float:
-    """Train one cell from scratch (an interrupted run is discarded); the training seconds.
+    """Train one cell; the training seconds.
 
-    With ``curve``, the run validates on the protocol's validation cases (which ``data`` then
-    holds) every ``curve_every`` steps: a record only, as prediction uses the final weights.
+    An interrupted run of the same config resumes from its last epoch (the loop's resume state
+    restores weights, optimizer and sampling RNG, so it ends as an uninterrupted run would, and
+    a session's end costs at most one epoch); a run of another config is discarded. With
+    ``curve``, the run validates on the protocol's validation cases (which ``data`` then holds)
+    every ``curve_every`` steps: a record only, as prediction uses the final weights.
     """
-    if run.exists():
-        shutil.rmtree(run)
     every = protocol.curve_every if curve else min(50, steps)
     split = ({"validation_cases": list(protocol.validation_cases), "val_every": 1} if curve
              else {"fold": -1, "val_every": 10**6})
@@ -157,9 +158,23 @@ def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float
         steps=steps, iterations_per_epoch=min(every, steps), **split,
         learning_rate=lr, weight_decay=wd, seed=seed, device=protocol.device,
         augment=protocol.augment, plan_overrides=network_overrides(protocol, network))
+    resume = _resumable(RunFolder(run), config)
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    earlier = RunFolder(run).progress()[2] if resume else 0.0
     started = time.perf_counter()
-    train(config, log=log)
-    return time.perf_counter() - started
+    train(config, resume=resume, log=log)
+    return earlier + time.perf_counter() - started
+
+
+def _resumable(run: RunFolder, config: TrainConfig) -> bool:
+    """Whether ``run`` holds an interrupted run of exactly ``config``."""
+    if not (run.state_file.is_file() and run.config_file.is_file()):
+        return False
+    try:
+        return load_model_file(TrainConfig, run.config_file) == config
+    except MedsegError:
+        return False
 
 
 def learning_curve(run: Path) -> tuple[list[CurvePoint], float | None]:

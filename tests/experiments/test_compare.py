@@ -267,3 +267,46 @@ def test_a_best_rate_on_the_grid_edge_widens_the_grid(tmp_path):
     rates = [lr for lr, _ in network_grid(protocol, tmp_path, "unet")[0]]
     assert rates == [1e-3, 3e-3, 1e-2, 3e-2]
     assert network_grid(protocol, tmp_path, "unet")[1]
+
+
+def test_an_interrupted_cell_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from medseg3d.config import NetworkConfig, PlanOverrides
+    from medseg3d.experiments.compare import _train_cell
+    from medseg3d.runs import RunFolder
+
+    root = make_dataset(tmp_path / "data", num_cases=3, shape=(16, 16, 16), num_classes=2)
+    protocol = Protocol(dataset=str(root), networks=["unet"], steps=4, seeds=[0], device="cpu",
+                        augment="none", validation_cases=["case002"], curve_every=2,
+                        plan_overrides=PlanOverrides(
+                            patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0)))
+    network = NetworkConfig(name="unet", options={"filters": [4, 8]})
+
+    def cell(run: Path, log) -> float:
+        return _train_cell(protocol, network, 1e-3, 1e-5, 0, 4, root, run, True, log)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(line: str) -> None:
+        if "epoch 1" in line:
+            raise Stop
+
+    cell(tmp_path / "whole", lambda _: None)
+    with pytest.raises(Stop):
+        cell(tmp_path / "cut", stop_after_first_epoch)
+    assert RunFolder(tmp_path / "cut").progress()[1] == 2  # half the steps, saved
+    lines: list[str] = []
+    assert cell(tmp_path / "cut", lines.append) > 0
+    assert any("resumed after epoch 1 (step 2)" in line for line in lines)
+    whole, cut = (load_file(RunFolder(tmp_path / r).weights("final")) for r in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    cell(tmp_path / "cut", lines.append)  # a finished run (killed while testing) trains no more
+    again = load_file(RunFolder(tmp_path / "cut").weights("final"))
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+    other = protocol.model_copy(update={"augment": "strong"})  # another config starts over
+    lines.clear()
+    _train_cell(other, network, 1e-3, 1e-5, 0, 4, root, tmp_path / "cut", True, lines.append)
+    assert not any("resumed" in line for line in lines)
