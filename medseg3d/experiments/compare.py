@@ -18,7 +18,8 @@ The protocol (``Protocol``, saved as ``protocol.json``):
    and predicts its test cases with the final weights.
 
 Every finished run is a **cell**, saved at once as ``cells/<stage>/<network>/<tag>.json`` with
-its per-case metrics; a rerun skips finished cells and so resumes an interrupted study. Several
+its per-case metrics; a rerun skips finished cells and resumes an interrupted cell from its last
+epoch (the training loop's resume state), so it continues an interrupted study. Several
 processes may work on one output folder at the same time: each claims a cell with a lock
 (``medseg3d.io.lock``) and skips the cells others hold, so two processes use two cores.
 The records and their files are in ``experiments.records``, which cases each cell trains and is
