@@ -183,6 +183,9 @@ def refine(
                                                     "this new folder (for predict --model).")
                           ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the adaptation.")] = 12,
+    keep_weight: Annotated[float, typer.Option(
+        min=0, help="How firmly the prediction away from the marks stays as it was (300: a mostly "
+        "right mask; about 1 when the model missed a structure entirely).")] = 300.0,
     device: Annotated[str, typer.Option(callback=check_device, help=DEVICE_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
@@ -194,7 +197,7 @@ def refine(
     if save_model is not None:  # before minutes of work, not after
         api.check_new_folder(save_model)
     with option_errors():
-        config = RefineConfig(steps=steps)
+        config = RefineConfig(steps=steps, keep_weight=keep_weight)
     volume = api.as_volume(image)
     previous = api.read_labels(labels, reference=volume)
     predictor = api.load_model(model, device)

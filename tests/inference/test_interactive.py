@@ -162,11 +162,13 @@ def test_refine_command_writes_the_correction_and_the_model(wrong_model, tmp_pat
     (tmp_path / "marks.csv").write_text("i,j,k,value\n16,16,24,1\n2,2,2,0\n")
     args = ["refine", str(scan), "--labels", str(labels), "--marks", str(tmp_path / "marks.csv"),
             "-o", str(tmp_path / "fixed.nii.gz"), "--model", str(tmp_path / "model"),
-            "--save-model", str(tmp_path / "adapted"), "--steps", "2", "--device", "cpu"]
+            "--save-model", str(tmp_path / "adapted"), "--steps", "2", "--keep-weight", "10",
+            "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     fixed = nib.load(tmp_path / "fixed.nii.gz")
     assert np.allclose(fixed.affine, affine) and fixed.get_fdata()[16, 16, 24] == 1
-    assert medseg3d.load_model(tmp_path / "adapted").meta.adaptations
+    recorded = medseg3d.load_model(tmp_path / "adapted").meta.adaptations[0].config
+    assert (recorded.steps, recorded.keep_weight) == (2, 10.0)  # the card says how it adapted
     again = CliRunner().invoke(app, args)  # never overwrites what the user has
     assert again.exit_code != 0 and "exists" in again.output
