@@ -182,10 +182,12 @@ def refine(
     save_model: Annotated[Path | None, typer.Option(help="Also write the adapted model to "
                                                     "this new folder (for predict --model).")
                           ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the adaptation.")] = 12,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the adaptation.")
+                     ] = RefineConfig().steps,
     keep_weight: Annotated[float, typer.Option(
-        min=0, help="How firmly the prediction away from the marks stays as it was (300: a mostly "
-        "right mask; about 1 when the model missed a structure entirely).")] = 300.0,
+        min=0, help="How firmly the prediction away from the marks stays as it was (the default "
+        "suits a mostly right mask; about 1 when the model missed a structure entirely).")
+    ] = RefineConfig().keep_weight,
     device: Annotated[str, typer.Option(callback=check_device, help=DEVICE_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:

@@ -159,10 +159,11 @@ def _train_cell(protocol: Protocol, network: NetworkConfig, lr: float, wd: float
         steps=steps, iterations_per_epoch=min(every, steps), **split,
         learning_rate=lr, weight_decay=wd, seed=seed, device=protocol.device,
         augment=protocol.augment, plan_overrides=network_overrides(protocol, network))
-    resume = _resumable(RunFolder(run), config)
+    folder = RunFolder(run)
+    resume = _resumable(folder, config)
     if run.exists() and not resume:
         shutil.rmtree(run)
-    earlier = RunFolder(run).progress()[2] if resume else 0.0
+    earlier = folder.progress()[2] if resume else 0.0
     started = time.perf_counter()
     train(config, resume=resume, log=log)
     return earlier + time.perf_counter() - started
