@@ -134,7 +134,11 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     so that the whole volume stays as it was where no mark says otherwise.
     """
     adapted = copy.deepcopy(network).to(device).train()
-    optimizer = torch.optim.Adam(adaptable_parameters(adapted, config), lr=config.learning_rate)
+    trained = adaptable_parameters(adapted, config)
+    chosen = {id(p) for p in trained}
+    for parameter in adapted.parameters():  # no gradients for frozen weights: half a step's time
+        parameter.requires_grad_(id(parameter) in chosen)
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
     rng = np.random.default_rng(config.seed)
     amp = autocast_dtype(device)
     size = [min(w, s) for w, s in zip(window, image.shape[1:], strict=True)]

@@ -16,7 +16,14 @@ from medseg3d.cli import app
 from medseg3d.config import ChannelNorm, Plan, RefineConfig
 from medseg3d.errors import MedsegError
 from medseg3d.evaluation.metrics import dice
-from medseg3d.inference.interactive import Marks, honour_marks, keep_targets, marks_on_plan_grid, read_marks
+from medseg3d.inference.interactive import (
+    Marks,
+    adaptable_parameters,
+    honour_marks,
+    keep_targets,
+    marks_on_plan_grid,
+    read_marks,
+)
 from medseg3d.inference.preprocessing import label_map_on_grid, plan_grid
 from medseg3d.io.volumes import Volume
 from tests.synthetic import make_affine, save_nifti
@@ -136,6 +143,20 @@ def test_refine_corrects_a_wrong_model_beyond_its_marks(wrong_model) -> None:
     honoured = honour_marks(before, marks, (1, 1, 1), 1.0)
     assert dice(after > 0, mask > 0) > dice(honoured > 0, mask > 0) + 0.1
     assert all(after[tuple(v)] == c for v, c in zip(marks.voxels, marks.values, strict=True))
+
+
+def test_norms_adapt_alone_and_frozen_weights_take_no_gradient(wrong_model) -> None:
+    model, image, _ = wrong_model
+    before = model.predict(image)
+    adapted = model.adapt(image, before, _marks_on_the_miss(model, image, before),
+                          config=RefineConfig(steps=3, learning_rate=1e-2))
+    base = dict(model.network.named_parameters())
+    norms = {id(p) for p in adaptable_parameters(adapted.network, RefineConfig())}
+    changed = {name for name, p in adapted.network.named_parameters()
+               if not torch.equal(p.detach(), base[name].detach())}
+    assert changed and changed == {name for name, p in adapted.network.named_parameters()
+                                   if id(p) in norms}
+    assert not any(p.requires_grad and id(p) not in norms for p in adapted.network.parameters())
 
 
 def test_an_adapted_model_saves_loads_and_records_its_marks(wrong_model, tmp_path: Path) -> None:
