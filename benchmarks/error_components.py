@@ -25,6 +25,7 @@ from scipy import ndimage
 
 import medseg3d
 from medseg3d.config import InferenceConfig
+from medseg3d.evaluation.metrics import dice
 from medseg3d.io.volumes import read_volume
 
 THRESHOLDS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
@@ -64,9 +65,7 @@ def main() -> None:
           np.percentile(foreground[missed], [10, 50, 90]).round(3).tolist())
     print("false: ", describe(false, ~reference, volume.spacing))
     for threshold in THRESHOLDS:
-        cut = foreground >= threshold
-        score = 2 * (cut & reference).sum() / (cut.sum() + reference.sum())
-        print(f"threshold {threshold}: Dice {score:.4f}")
+        print(f"threshold {threshold}: Dice {dice(foreground >= threshold, reference):.4f}")
 
 
 if __name__ == "__main__":

@@ -133,11 +133,10 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     on a mark (every fourth on the newest), jittered by a quarter window; the others lie anywhere,
     so that the whole volume stays as it was where no mark says otherwise.
     """
-    adapted = copy.deepcopy(network).to(device).train()
+    adapted = copy.deepcopy(network).to(device).train().requires_grad_(False)
     trained = adaptable_parameters(adapted, config)
-    chosen = {id(p) for p in trained}
-    for parameter in adapted.parameters():  # no gradients for frozen weights: half a step's time
-        parameter.requires_grad_(id(parameter) in chosen)
+    for parameter in trained:  # gradients for these alone: frozen ones cost half a step's time
+        parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
     rng = np.random.default_rng(config.seed)
     amp = autocast_dtype(device)
