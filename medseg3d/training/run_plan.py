@@ -214,10 +214,22 @@ def measure_step_cost(config: TrainConfig, spec: DatasetSpec, network: NetworkTr
                       device, dtype)
     times = []
     for _ in range(3):  # the first step pays for allocation and kernel selection
-        started = time.perf_counter()
+        started = time.perf_counter(), time.process_time()
         train_step(ctx, {"image": image, "label": label})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
+        times.append(step_seconds(started, device))
     # x1.25: patch sampling and augmentation run in the same thread as the step
     return 1.25 * min(times[1:]) / (shape[0] * side**3)
+
+
+def step_seconds(started: tuple[float, float], device: torch.device) -> float:
+    """Seconds since ``started`` (wall, CPU) as this device would take them unshared.
+
+    On a CPU, other jobs stretch the wall time but not this process's CPU time: the CPU time
+    per thread keeps one command's plan the same on a busy machine and an idle one.
+    """
+    wall = time.perf_counter() - started[0]
+    if device.type != "cpu":
+        return wall
+    return min(wall, (time.process_time() - started[1]) / torch.get_num_threads())

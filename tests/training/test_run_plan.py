@@ -1,4 +1,5 @@
-"""A run's plan: a patch-free network's input holds every training volume whole, padded centrally."""
+"""A run's plan: a patch-free network's input holds every training volume whole, padded centrally;
+a CPU plan does not depend on what else the machine is running."""
 
 import numpy as np
 import pytest
@@ -90,3 +91,19 @@ def test_a_saved_plan_too_small_for_a_volume_grows_instead_of_cropping(two_sizes
     save_model_file(roomy, RunFolder(tmp_path / "run").plan_file)
     assert run_plan(config, spec, volumes, traits, Rank(), torch.device("cpu"),
                     lambda *_: None) == roomy
+
+
+def test_a_step_on_a_shared_cpu_costs_its_cpu_time_per_thread(monkeypatch):
+    """Other jobs stretch the wall clock, not this process's CPU time: the plan ignores them."""
+    from medseg3d.training import run_plan as module
+
+    clocks = {"wall": 100.0, "cpu": 50.0}
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clocks["wall"])
+    monkeypatch.setattr(module.time, "process_time", lambda: clocks["cpu"])
+    monkeypatch.setattr(module.torch, "get_num_threads", lambda: 2)
+    started = (clocks["wall"], clocks["cpu"])
+    clocks.update(wall=110.0, cpu=54.0)  # 10 s waited, 2 s of CPU on each of 2 threads
+    assert module.step_seconds(started, torch.device("cpu")) == 2.0
+    assert module.step_seconds(started, torch.device("cuda")) == 10.0
+    clocks.update(cpu=70.0)  # idle threads that spin count as CPU time: the wall clock bounds it
+    assert module.step_seconds(started, torch.device("cpu")) == 10.0
