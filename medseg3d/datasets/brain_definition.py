@@ -4,8 +4,7 @@ and a brain model may apply it to its own mask (``CheckpointMeta.brain_rule``).
 Brain = cerebrum, cerebellum and brainstem with the CSF they enclose, bounded by the outer brain
 surface; not the CSF between that surface and the skull (data/README.md). ``brain_envelope``
 turns brain tissue into that region; ``csf_rim`` finds the extra-cerebral CSF that a
-skull-stripping mask kept; ``brain_from_strip`` chains the two; ``strip_around`` goes the other
-way, from a brain to the skull strip it implies.
+skull-stripping mask kept; ``brain_from_strip`` chains the two.
 
 Morphology runs on exact Euclidean distance transforms (the ``edt`` package) inside the mask's
 bounding box: a closing with a ball of radius r is the set within r of the tissue, eroded to the
@@ -129,27 +128,6 @@ def brain_from_strip(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, 
     mask = mask.astype(bool)
     rim = csf_rim(image, mask, spacing) if rim is None else rim
     return brain_envelope(mask & ~rim, spacing, within=mask)
-
-
-def strip_around(image: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...],
-                 margin_mm: float = CSF_RIM_MM) -> np.ndarray:
-    """The skull strip that a brain mask implies: the brain plus the CSF-dark voxels within
-    ``margin_mm`` outside it (dark by ``csf_threshold`` inside that wider mask).
-
-    ``brain_from_strip`` turns it back into the brain (on the T1 heads of data/BrainMask, Dice
-    0.990-0.999: ``benchmarks/strip_targets.py``), so a model can learn the strip, a smooth
-    target that ends in CSF, and leave the boundary to that rule at the input's resolution.
-    """
-    brain = brain.astype(bool)
-    strip = brain.copy()
-    box = _box(brain, max(int(np.ceil(margin_mm / s)) for s in spacing) + 1)
-    if box is None:
-        return strip
-    distance = _distance(~brain[box], spacing, outside_is_background=False)
-    near = (distance > 0) & (distance <= margin_mm + _TIE)
-    values = image[box]
-    strip[box] |= near & (values < csf_threshold(values, brain[box] | near))
-    return strip
 
 
 def kmeans_centres(values: np.ndarray, k: int, iterations: int = 100) -> np.ndarray:

@@ -1,0 +1,33 @@
+"""benchmarks/strip_targets.py: the strip a brain implies peels back to that brain."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import ndimage as ndi
+
+from medseg3d.datasets import brain_definition as bd
+
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "strip_targets.py"
+_spec = importlib.util.spec_from_file_location("strip_targets", _path)
+assert _spec is not None and _spec.loader is not None
+strip_targets = importlib.util.module_from_spec(_spec)
+sys.modules["strip_targets"] = strip_targets
+_spec.loader.exec_module(strip_targets)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
+from test_brain_definition import blobby_head  # noqa: E402
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 3.0)])
+def test_the_strip_a_brain_implies_peels_back_to_that_brain(spacing) -> None:
+    tissue, strip, image = blobby_head((40, 36, 30), 4)
+    brain = bd.brain_envelope(tissue, spacing, within=strip)
+    implied = strip_targets.strip_around(image, brain, spacing)
+    assert (implied >= brain).all() and implied.sum() > 1.05 * brain.sum()
+    reach = ndi.distance_transform_edt(~brain, sampling=spacing) <= 3.0
+    assert (implied <= reach).all() and not (implied & (image > 90) & ~brain).any()
+    back = bd.brain_from_strip(image, implied, spacing)
+    assert 2 * (back & brain).sum() / (back.sum() + brain.sum()) > 0.99
