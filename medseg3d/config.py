@@ -24,7 +24,8 @@ from pydantic import (
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 NormScheme = Literal["ct", "zscore", "none"]
-Augment = Literal["none", "light", "strong", "synth"]  # training augmentation (augmentation.patch_transform)
+# training augmentation (augmentation.patch_transform)
+Augment = Literal["none", "light", "strong", "contrast", "synth"]
 IntTriple = tuple[int, int, int]
 # A voxel size in mm: finite and positive (no guess is truthful for 0, a negative or NaN).
 PositiveMm = Annotated[float, Field(gt=0, allow_inf_nan=False)]

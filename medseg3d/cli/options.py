@@ -33,7 +33,8 @@ from medseg3d.logs import LogConsole
 console = LogConsole(stderr=True)  # no wrapped paths in log files
 out = LogConsole()
 
-AUGMENT_HELP = "none, light, strong or synth (strong + images drawn from tissue maps; MR)."
+AUGMENT_HELP = ("none, light, strong, contrast (strong with a wider gamma) or synth (strong + images "
+                "drawn from tissue maps; MR).")
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N."
 SERIES_HELP = "The SeriesInstanceUID to read where a DICOM folder holds several series."
 

@@ -131,7 +131,8 @@ def compare(
     for name in networks:
         check_network(name)
     if augment not in get_args(Augment):
-        raise typer.BadParameter(f"--augment must be none, light, strong or synth, got {augment!r}")
+        raise typer.BadParameter(f"--augment must be one of {', '.join(get_args(Augment))}, "
+                                 f"got {augment!r}")
     protocol = _protocol(
         dataset=str(dataset), networks=networks,
         options=_network_options(option or [], networks), steps=steps,

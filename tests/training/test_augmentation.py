@@ -68,7 +68,7 @@ def test_patch_transform_yields_patch_sized_pairs_for_every_level():
     labels = torch.zeros(24, 24, 24, dtype=torch.uint8)
     labels[8:16, 8:16, 8:16] = 1
     item = prepare_item(image, labels, (16, 16, 16), np.random.default_rng(0), 2)
-    for level in ("none", "light", "strong"):
+    for level in ("none", "light", "strong", "contrast"):
         transform = patch_transform(_plan(), level)
         transform.set_random_state(seed=1)
         sample = transform(dict(item))
@@ -82,3 +82,14 @@ def test_patch_transform_mirrors_only_the_plans_axes():
     plan = _plan().model_copy(update={"mirror_axes": (2,)})
     flips = [t for t in patch_transform(plan, "light").transforms if type(t).__name__ == "RandFlipd"]
     assert [t.flipper.spatial_axis for t in flips] == [2]
+
+
+def test_contrast_draws_a_wider_gamma_more_often_than_strong():
+    def gamma(level):
+        [step] = [t for t in patch_transform(_plan(), level).transforms
+                  if type(t).__name__ == "RandAdjustContrastd"]
+        return step.adjuster.gamma, step.prob
+    assert gamma("strong") == ((0.7, 1.5), 0.2)
+    assert gamma("contrast") == ((0.5, 2.0), 0.5)
+    assert {type(t).__name__ for t in patch_transform(_plan(), "strong").transforms} == {
+        type(t).__name__ for t in patch_transform(_plan(), "contrast").transforms}
