@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage as ndi
 
 
 def rotation(angles: tuple[float, float, float]) -> np.ndarray:
@@ -119,3 +120,16 @@ def make_multiscale_dataset(root: Path, num_cases: int = 3) -> Path:
             "numTraining": num_cases, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(spec))
     return root
+
+
+def blobby_head(shape, seed):
+    """A lumpy ball of 'tissue' with slots and a cavity, and a T1-like image with a CSF shell."""
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.normal(size=shape), 2.0)
+    xyz = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    radius = np.linalg.norm(xyz, axis=-1)
+    tissue = (radius < 0.7 + 0.6 * field) & ~(np.abs(xyz[..., 0] - 0.2) < 0.05)
+    strip = ndi.binary_dilation(tissue, iterations=2)
+    image = np.where(tissue, 100 + (rng.random(shape) * 20).astype(int), 25)
+    image[~strip] = 60
+    return tissue, strip, image.astype(np.int16)

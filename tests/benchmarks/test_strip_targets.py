@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from scipy import ndimage as ndi
+from synthetic import blobby_head
 
 from medseg3d.datasets import brain_definition as bd
 
@@ -17,8 +18,6 @@ assert _spec is not None and _spec.loader is not None
 strip_targets = importlib.util.module_from_spec(_spec)
 sys.modules["strip_targets"] = strip_targets
 _spec.loader.exec_module(strip_targets)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
-from test_brain_definition import blobby_head  # noqa: E402
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 3.0)])

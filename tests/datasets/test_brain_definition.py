@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from synthetic import blobby_head
 
 from medseg3d.datasets import brain_definition as bd
 
@@ -46,19 +47,6 @@ def slow_kmeans(values, k, iterations=100):
             break
         centres = updated
     return np.sort(centres)
-
-
-def blobby_head(shape, seed):
-    """A lumpy ball of 'tissue' with slots and a cavity, and a T1-like image with a CSF shell."""
-    rng = np.random.default_rng(seed)
-    field = ndi.gaussian_filter(rng.normal(size=shape), 2.0)
-    xyz = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
-    radius = np.linalg.norm(xyz, axis=-1)
-    tissue = (radius < 0.7 + 0.6 * field) & ~(np.abs(xyz[..., 0] - 0.2) < 0.05)
-    strip = ndi.binary_dilation(tissue, iterations=2)
-    image = np.where(tissue, 100 + (rng.random(shape) * 20).astype(int), 25)
-    image[~strip] = 60
-    return tissue, strip, image.astype(np.int16)
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 3.0),
