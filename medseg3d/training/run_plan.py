@@ -227,7 +227,8 @@ def step_seconds(started: tuple[float, float], device: torch.device) -> float:
     """Seconds since ``started`` (wall, CPU) as this device would take them unshared.
 
     On a CPU, other jobs stretch the wall time but not this process's CPU time: the CPU time
-    per thread keeps one command's plan the same on a busy machine and an idle one.
+    per thread keeps one command's plan nearly the same on a busy machine and an idle one
+    (shared caches and memory still slow a step a little).
     """
     wall = time.perf_counter() - started[0]
     if device.type != "cpu":
