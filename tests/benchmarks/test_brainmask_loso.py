@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load
 
-_path = Path(__file__).resolve().parents[2] / "benchmarks" / "brainmask_loso.py"
-_spec = importlib.util.spec_from_file_location("brainmask_loso", _path)
-assert _spec is not None and _spec.loader is not None
-loso = importlib.util.module_from_spec(_spec)
-sys.modules["brainmask_loso"] = loso
-_spec.loader.exec_module(loso)
+loso = load("brainmask_loso")
 
 SPEC = {"name": "Heads", "numTraining": 4, "cases": {
     "avg_a": {"role": "train", "subject": "icbm"}, "avg_b": {"role": "test", "subject": "icbm"},

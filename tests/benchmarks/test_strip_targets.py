@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_module import load
 from scipy import ndimage as ndi
 from synthetic import blobby_head
 
 from medseg3d.datasets import brain_definition as bd
 
-_path = Path(__file__).resolve().parents[2] / "benchmarks" / "strip_targets.py"
-_spec = importlib.util.spec_from_file_location("strip_targets", _path)
-assert _spec is not None and _spec.loader is not None
-strip_targets = importlib.util.module_from_spec(_spec)
-sys.modules["strip_targets"] = strip_targets
-_spec.loader.exec_module(strip_targets)
+strip_targets = load("strip_targets")
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 3.0)])
