@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load
 
-_bench = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_bench))
-_spec = importlib.util.spec_from_file_location("brainmask_choices", _bench / "brainmask_choices.py")
-assert _spec is not None and _spec.loader is not None
-choices = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(choices)
+choices = load("brainmask_choices")
 
 
 def test_folds_come_from_the_positional_model_or_from_fold_pairs() -> None:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load
 
-_bench = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_bench))
-_spec = importlib.util.spec_from_file_location("throughput", _bench / "throughput.py")
-assert _spec is not None and _spec.loader is not None
-throughput = importlib.util.module_from_spec(_spec)
-sys.modules["throughput"] = throughput  # its dataclass looks its module up
-_spec.loader.exec_module(throughput)
+throughput = load("throughput")
 
 
 def _case(tmp_path: Path, name: str) -> object:

@@ -4,26 +4,19 @@ first, and a paired table that says "not significant" unless it is."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmark_module import load
 from synthetic import make_dataset
 
 from medseg3d.config import Plan
 from medseg3d.config_files import save_model_file
 from medseg3d.evaluation.statistics import PairedDifference
 
-_bench = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_bench))
-_spec = importlib.util.spec_from_file_location("training_loso", _bench / "training_loso.py")
-assert _spec is not None and _spec.loader is not None
-loso = importlib.util.module_from_spec(_spec)
-sys.modules["training_loso"] = loso
-_spec.loader.exec_module(loso)
+loso = load("training_loso")
 
 # tmpl: a training case and a test case of one subject (as mni152 and mni152fsl of icbm152)
 CASES = {"case000": {"role": "train", "subject": "tmpl"}, "case001": {"role": "test", "subject": "tmpl"},
