@@ -124,9 +124,10 @@ def keep_targets(previous: np.ndarray, grid: GridTransform, plan: Plan,
 
 def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
                   keep: torch.Tensor, centres: np.ndarray, window: tuple[int, int, int],
-                  config: RefineConfig, *, device: torch.device,
+                  config: RefineConfig, *, device: torch.device, update: int = 1,
                   should_stop: Callable[[], bool] | None = None) -> nn.Module:
-    """A copy of ``network`` after ``config.steps`` Adam steps on windows around the marks.
+    """A copy of ``network`` after ``config.steps`` Adam steps on windows around the marks, at
+    ``config.learning_rate / update ** config.rate_decay`` for the ``update``-th of one image.
 
     ``image`` ``(C, X, Y, Z)`` on the plan grid; ``marked`` and ``keep`` are class indices there
     (-1: no target) and ``centres`` the marks' positions. Every other step centres its window
@@ -137,7 +138,7 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     trained = adaptable_parameters(adapted, config)
     for parameter in trained:  # gradients for these alone: frozen ones cost half a step's time
         parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate / max(update, 1) ** config.rate_decay)
     rng = np.random.default_rng(config.seed)
     amp = autocast_dtype(device)
     size = [min(w, s) for w, s in zip(window, image.shape[1:], strict=True)]

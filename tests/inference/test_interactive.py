@@ -159,6 +159,28 @@ def test_norms_adapt_alone_and_frozen_weights_take_no_gradient(wrong_model) -> N
     assert not any(p.requires_grad and id(p) not in norms for p in adapted.network.parameters())
 
 
+def test_later_updates_of_one_image_take_smaller_steps(wrong_model, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    model, image, _ = wrong_model
+    rates: list[float] = []
+    adam = torch.optim.Adam
+
+    def recording_adam(params, lr: float):
+        rates.append(lr)
+        return adam(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording_adam)
+    config = RefineConfig(steps=1, learning_rate=8e-3, rate_decay=1.0)
+    before = model.predict(image)
+    marks = _marks_on_the_miss(model, image, before)
+    twice = model.adapt(image, before, marks, config=config).adapt(image, before, marks,
+                                                                   config=config)
+    other = save_nifti(image, make_affine(), tmp_path / "other.nii.gz")
+    twice.adapt(other, before, marks, config=config)  # the next scan starts afresh
+    twice.adapt(image, before, marks, config=config.model_copy(update={"rate_decay": 0.0}))
+    assert rates == pytest.approx([8e-3, 4e-3, 8e-3, 8e-3])
+
+
 def test_an_adapted_model_saves_loads_and_records_its_marks(wrong_model, tmp_path: Path) -> None:
     model, image, _ = wrong_model
     before = model.predict(image)
