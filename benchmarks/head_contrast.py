@@ -12,27 +12,24 @@ the heads are. It reads images and reference labels only, never a model's output
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from medseg3d.datasets.brain_definition import kmeans_centres
+from medseg3d.datasets.folder import load_spec
+from medseg3d.io.volumes import read_volume
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset", type=Path)
     args = parser.parse_args()
-    cases = json.loads((args.dataset / "dataset.json").read_text())["cases"]
+    cases = load_spec(args.dataset).cases
     print("| case | role | contrast | CSF / WM | GM / WM |\n|---|---|---|---:|---:|")
     for case, notes in sorted(cases.items()):
-        image = np.asarray(nib.load(str(args.dataset / "imagesTr" / f"{case}_0000.nii.gz")).dataobj,
-                           dtype=np.float64)
-        brain = np.asarray(nib.load(str(args.dataset / "labelsTr" / f"{case}.nii.gz")).dataobj) > 0
+        image = read_volume(args.dataset / "imagesTr" / f"{case}_0000.nii.gz").array
+        brain = read_volume(args.dataset / "labelsTr" / f"{case}.nii.gz").array > 0
         csf, gm, wm = kmeans_centres(image[brain], 3)
-        print(f"| {case} | {notes.get('role', '')} | {notes.get('contrast', 'T1')} | "
+        print(f"| {case} | {notes.role or ''} | {notes.contrast or 'T1'} | "
               f"{csf / wm:.2f} | {gm / wm:.2f} |")
 
 

@@ -166,11 +166,11 @@ class Model:
         volume = as_volume(image, affine)
         config = config or RefineConfig()
         tensors = prepare(volume, self.plan, marks, prediction, config)
-        image = str(volume.path or "image array")
+        source = str(volume.path or "image array")
         network = adapt_network(self.network, *tensors, self.plan.patch_size, config,
-                                device=self.device, update=self._updates_of(image) + 1,
+                                device=self.device, update=self._updates_of(source) + 1,
                                 should_stop=should_stop)
-        record = Adaptation(base_model=self.name, image=image,
+        record = Adaptation(base_model=self.name, image=source,
                             marks=[(int(i), int(j), int(k), int(c)) for (i, j, k), c in
                                    zip(marks.voxels, marks.values, strict=True)],
                             config=config)
@@ -179,12 +179,12 @@ class Model:
         return Model(network, meta, f"{base} (adapted {len(meta.adaptations)}x)", self.device,
                      self.traits)
 
-    def _updates_of(self, image: str) -> int:
-        """How many of the last adaptations in a row were made on ``image``: a saved adapted
+    def _updates_of(self, source: str) -> int:
+        """How many of the last adaptations in a row were made on ``source``: a saved adapted
         model starts afresh on the next scan of a cohort."""
         count = 0
         for record in reversed(self.meta.adaptations):
-            if record.image != image:
+            if record.image != source:
                 break
             count += 1
         return count

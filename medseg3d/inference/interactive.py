@@ -138,7 +138,7 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     trained = adaptable_parameters(adapted, config)
     for parameter in trained:  # gradients for these alone: frozen ones cost half a step's time
         parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=config.learning_rate / max(update, 1) ** config.rate_decay)
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate / update ** config.rate_decay)
     rng = np.random.default_rng(config.seed)
     amp = autocast_dtype(device)
     size = [min(w, s) for w, s in zip(window, image.shape[1:], strict=True)]
