@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import import_module
@@ -166,7 +167,7 @@ class Model:
         volume = as_volume(image, affine)
         config = config or RefineConfig()
         tensors = prepare(volume, self.plan, marks, prediction, config)
-        source = str(volume.path or "image array")
+        source = image_source(volume)
         network = adapt_network(self.network, *tensors, self.plan.patch_size, config,
                                 device=self.device, update=self._updates_of(source) + 1,
                                 should_stop=should_stop)
@@ -229,6 +230,15 @@ def check_new_folder(folder: str | Path) -> Path:
 
 
 MAX_CHANNELS_FIRST = 8  # a first axis this short, before a longer last one, is read as channels
+
+
+def image_source(volume: Volume) -> str:
+    """What an adaptation record names as its image: the file, or for an array (a napari layer)
+    a digest of its voxels, so that a second array does not continue the first one's updates."""
+    if volume.path is not None:
+        return str(volume.path)
+    digest = hashlib.blake2b(np.ascontiguousarray(volume.array).data, digest_size=8).hexdigest()
+    return f"image array {digest}"
 
 
 def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None = None) -> Volume:

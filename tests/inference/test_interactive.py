@@ -177,8 +177,9 @@ def test_later_updates_of_one_image_take_smaller_steps(wrong_model, tmp_path: Pa
                                                                    config=config)
     other = save_nifti(image, make_affine(), tmp_path / "other.nii.gz")
     twice.adapt(other, before, marks, config=config)  # the next scan starts afresh
+    twice.adapt(image[::-1].copy(), before, marks, config=config)  # so does another array
     twice.adapt(image, before, marks, config=config.model_copy(update={"rate_decay": 0.0}))
-    assert rates == pytest.approx([8e-3, 4e-3, 8e-3, 8e-3])
+    assert rates == pytest.approx([8e-3, 4e-3, 8e-3, 8e-3, 8e-3])
 
 
 def test_an_adapted_model_saves_loads_and_records_its_marks(wrong_model, tmp_path: Path) -> None:
