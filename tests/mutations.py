@@ -157,8 +157,8 @@ MUTANTS = [
            ("tests/training/test_resume.py",),
            "--resume restarts the weight average's warm-up"),
     Mutant("split_class_chosen", "medseg3d/inference/postprocessing.py",
-           "if present and all(n == 1 for n in present):",
-           "if present and any(n == 1 for n in present):",
+           "if shares and min(shares) >= ONE_PIECE_SHARE:",
+           "if shares and max(shares) >= ONE_PIECE_SHARE:",
            ("tests/inference/test_postprocessing.py",),
            "a class split in some training label is still postprocessed"),
 ]

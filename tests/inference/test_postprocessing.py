@@ -21,6 +21,18 @@ def test_only_classes_that_are_always_one_piece_are_chosen():
     assert single_component_classes([one_piece, _two_blobs()], values) == ["other"]
 
 
+def test_stray_voxels_of_an_annotation_do_not_split_a_class():
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[2:30, 2:30, 2:30] = 1  # 21,952 voxels
+    labels[36, 36, 36] = 1  # one stray voxel, as references have
+    assert single_component_classes([labels], {"background": 0, "brain": 1}) == ["brain"]
+    labels[33:38, 33:38, 33:38] = 1  # 125 voxels more: still under 1 % of the class
+    assert single_component_classes([labels], {"background": 0, "brain": 1}) == ["brain"]
+    halves = np.zeros((20, 20, 20), np.uint8)
+    halves[1:8, 1:8, 1:8] = halves[12:19, 12:19, 12:19] = 1  # two kidneys in one class
+    assert single_component_classes([labels, halves], {"background": 0, "brain": 1}) == []
+
+
 def test_keep_largest_component_removes_islands_of_the_named_values_only():
     labels = _two_blobs()
     labels[18, 18, 18] = 2  # an island of class 2, kept because 2 is not named
