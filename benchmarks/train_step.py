@@ -9,7 +9,8 @@ autocast where the CPU has it, Dice + cross-entropy, backward, gradient clipping
 step. medseg3d's step is ``medseg3d.training.step.train_step`` on the ``unet`` preset with the
 stem stride its planner picks for brains (2); MONAI's is its ``UNet`` (16-256 channels, two
 residual units, stride 2 from the first layer), built by ``peers/monai_recipe.build_network``.
-The two take turns within each round (median of ``--repeats`` after two warm-up steps), so load
+The two take turns within each round (``networks._interleaved_ms``: median of ``--repeats``
+after a warm-up step), so load
 from other processes hits both alike. ``--profile`` prints each network's ten most expensive
 operators (self CPU time, by input shape).
 """
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 from monai_recipe import build_network  # noqa: E402
 from monai_tuned import recipe_of  # noqa: E402
+from networks import _interleaved_ms  # noqa: E402
 
 from medseg3d.inference.precision import autocast_dtype  # noqa: E402
 from medseg3d.networks import build_network as build_medseg3d  # noqa: E402
@@ -50,18 +50,6 @@ def networks(patch: list[int], batch: int) -> dict[str, nn.Module]:
             "mirror_axes": (0, 1, 2)}
     return {"medseg3d unet (stem stride 2)": build_medseg3d("unet", 1, 2, stem_stride=2),
             "MONAI UNet (tuned recipe)": build_network(recipe_of(plan))}
-
-
-def median_seconds(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    for step in steps.values():
-        step(), step()  # oneDNN builds its kernels on the first calls
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def profile(step: Callable[[], None], count: int = 10) -> list[str]:
@@ -90,7 +78,7 @@ def main() -> None:
              "label": (torch.rand(shape, generator=generator) > 0.7).float()}
     nets = networks(args.patch, args.batch)
     steps = {name: stepper(net, batch) for name, net in nets.items()}
-    seconds = median_seconds(steps, args.repeats)
+    seconds = {name: ms / 1e3 for name, ms in _interleaved_ms(steps, args.repeats).items()}
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} thread(s), load "
           f"average {os.getloadavg()[0]:.1f}, batch {args.batch} x {args.patch}, autocast "
           f"{autocast_dtype(torch.device('cpu'))}, median of {args.repeats}\n")
