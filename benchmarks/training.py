@@ -15,6 +15,9 @@ wall-clock budget of training (``--budgets``, minutes) or a number of optimizer 
 * ``medseg3d``: ``python -m medseg3d train DATASET --budget B --seed S`` with its defaults (plus
   ``--train-args``), then ``python -m medseg3d predict`` per test folder;
 * ``medseg3d_synth``: the same with ``--augment synth`` (images synthesised from tissue maps);
+* ``medseg3d_<ablation>``: the same with one part of the recipe removed (``ABLATIONS``: a
+  constant rate, no weight average, light augmentation, no largest-component step, an unstrided
+  stem);
 * ``monai_script``: ``benchmarks/peers/monai_script.py``, a MONAI tutorial-style script;
 * ``monai_tuned``: ``benchmarks/peers/monai_tuned.py``, the MONAI recipe a careful user writes
   (warm-up + cosine schedule, weight average, largest component, medseg3d's strong augmentation
@@ -305,9 +308,21 @@ def _nnunet_missing() -> str | None:
     return None
 
 
+# medseg3d's recipe with one part removed (issue #32); "label alignment" (labels sampled at the
+# image's own sample points) has no switch: it is how the data are read, not an option
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "constant_lr": ("--schedule", "constant"),  # no poly decay
+    "no_ema": ("--no-ema",),  # predicts with the last weights
+    "light_augment": ("--augment", "light"),  # no strong augmentation
+    "no_largest_component": ("--no-largest-component",),
+    "stem_stride1": ("--option", "stem_stride=1"),  # full-resolution first level
+}
+
 METHODS: dict[str, Method] = {
     "medseg3d": Method(medseg3d_commands(), medseg3d_result, lambda: None),
     "medseg3d_synth": Method(medseg3d_commands("--augment", "synth"), medseg3d_result, lambda: None),
+    **{f"medseg3d_{name}": Method(medseg3d_commands(*options), medseg3d_result, lambda: None)
+       for name, options in ABLATIONS.items()},
     "monai_script": Method(script_commands(python(), "benchmarks/peers/monai_script.py"), script_result,
                            lambda: None),
     "monai_tuned": Method(monai_tuned_commands, script_result, lambda: None, needs_plan=True),

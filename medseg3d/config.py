@@ -302,6 +302,10 @@ class TrainConfig(Frozen):
     amp: bool = True  # fp16 autocast on CUDA, bf16 on CPUs that compute it natively
     ema: float | None = Field(default=0.99, gt=0, lt=1)  # decay of the weight average; None: off
     augment: Augment = "strong"
+    # "poly": nnU-Net's decay to 0 over the run; "constant": the rate throughout (an ablation)
+    schedule: Literal["poly", "constant"] = "poly"
+    # keep only the largest piece of each class that is one piece in every training label map
+    largest_component: bool = True
     # at most a year: an infinite or astronomic budget overflows the planner's arithmetic
     time_budget_minutes: float | None = Field(default=None, gt=0, le=MAX_BUDGET_MINUTES,
                                               allow_inf_nan=False)

@@ -64,6 +64,13 @@ def train(
                                                  "fitted to it, the learning rate anneals over "
                                                  "it and training stops at the step that ends "
                                                  "it (or at --steps).")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Learning-rate schedule: poly (default, "
+                                                 "decays to 0 over the run) or constant.")] = None,
+    ema: Annotated[bool, typer.Option(help="Predict with an average of the weights (decay "
+                                      "0.99) rather than the last ones.")] = True,
+    largest_component: Annotated[bool, typer.Option(
+        help="Keep only the largest piece of each class that is one piece in every training "
+        "label map.")] = True,
     config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output; --epochs, "
                                          "--steps, --budget or --iterations given with it "
@@ -89,14 +96,16 @@ def train(
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
                                                    "output": str(output)})
     else:
-        recipe = {"seed": seed, "learning_rate": lr, "augment": augment}  # None: TrainConfig's
+        recipe: dict[str, Any] = {"seed": seed, "learning_rate": lr, "augment": augment,
+                                  "schedule": schedule}  # None: TrainConfig's default
+        switches: dict[str, Any] = {} if ema else {"ema": None}  # None turns the average off
         train_config = _new_config(dict(
             dataset=str(dataset), output=str(output),
             network=NetworkConfig(name=model or DEFAULT_NETWORK, options=key_values(option or [])),
             epochs=epochs or 50, iterations_per_epoch=iterations or 50, val_every=val_every,
             fold=fold, device=device, plan_overrides=overrides, num_workers=workers, amp=amp,
-            time_budget_minutes=budget, steps=steps,
-            **{k: v for k, v in recipe.items() if v is not None}))
+            time_budget_minutes=budget, steps=steps, largest_component=largest_component,
+            **switches, **{k: v for k, v in recipe.items() if v is not None}))
     final = _train_with_progress(train_config, resume=resume, main_rank=main_rank)
     if main_rank:
         out.print(f"final checkpoint: {final}")

@@ -2,7 +2,7 @@
 
 ``train(config)`` runs ``setup`` (the data split, planned and preprocessed once: ``data``,
 ``run_plan``; network, optimizer and weight average, restored on ``--resume``: ``resume``), then
-``run_epoch`` (``step.train_step`` on sampled, augmented patches at ``schedule.poly_lr``) and
+``run_epoch`` (``step.train_step`` on sampled, augmented patches at ``schedule.learning_rate``) and
 ``end_epoch`` (``validation`` when due, checkpoints, resume state, ``progress`` log) until the
 ``schedule.RunLength`` is spent, then ``finish`` (the final checkpoint, which prediction uses).
 ``medseg3d.runs.RunFolder`` names the files. Under ``torchrun`` the same loop runs with DDP
@@ -55,7 +55,7 @@ from medseg3d.training.progress import (
 from medseg3d.training.resume import load_state, save_state
 from medseg3d.training.run_plan import apply_network_rules
 from medseg3d.training.sampling import EpochBatches, PatchDataset, patch_batches
-from medseg3d.training.schedule import RunLength, poly_lr
+from medseg3d.training.schedule import RunLength, learning_rate
 from medseg3d.training.step import (
     StepContext,
     WeightAverage,
@@ -173,7 +173,7 @@ def setup(requested: TrainConfig, rank: Rank, resume: bool, log: Callable[[str],
     transform = patch_transform(data.plan, config.augment)
     length = RunLength.of(config, state.elapsed_seconds)
     log(run_line(config, length, amp_dtype, device))
-    single = largest_component_classes(data, log)
+    single = largest_component_classes(data, log) if config.largest_component else []
     dataset = PatchDataset(rank_share(data.train, rank), transform,
                            config.iterations_per_epoch * data.plan.batch_size,
                            seed=config.seed * 100_003 + rank.index)
@@ -193,7 +193,7 @@ def run_epoch(run: Run) -> list[torch.Tensor]:
 
     def before_step() -> None:
         for group in optimizer.param_groups:
-            group["lr"] = poly_lr(run.config.learning_rate, run.length.fraction(run.step))
+            group["lr"] = learning_rate(run.config, run.length.fraction(run.step))
 
     def after_step(losses: list[torch.Tensor]) -> bool:
         run.step += 1

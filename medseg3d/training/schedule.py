@@ -2,8 +2,9 @@
 
 ``RunLength`` is the one value that says how long a run is: ``TrainConfig.steps``, else
 ``epochs x iterations_per_epoch``, and the budget ``time_budget_minutes``; the run ends at
-whichever is spent first. The learning rate follows a poly schedule over the fraction spent, so a
-budgeted run anneals fully (timm builds its schedule from the updates that will really run).
+whichever is spent first. The learning rate follows a poly schedule over the fraction spent (or,
+as an ablation, stays constant: ``TrainConfig.schedule``), so a budgeted run anneals fully
+(timm builds its schedule from the updates that will really run).
 """
 
 from __future__ import annotations
@@ -60,3 +61,10 @@ class RunLength:
 def poly_lr(base: float, fraction: float) -> float:
     """nnU-Net's poly schedule over the fraction of the run that is spent."""
     return base * (1.0 - min(fraction, 1.0)) ** 0.9
+
+
+def learning_rate(config: TrainConfig, fraction: float) -> float:
+    """The rate of ``config.schedule`` after ``fraction`` of the run."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    return poly_lr(config.learning_rate, fraction)

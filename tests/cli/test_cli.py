@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from medseg3d.api import Model
 from medseg3d.cli import app
-from medseg3d.config import ChannelNorm, Plan
-from medseg3d.runs import save_checkpoint
+from medseg3d.config import ChannelNorm, Plan, TrainConfig
+from medseg3d.runs import RunFolder, save_checkpoint
 
 runner = CliRunner()
 
@@ -131,3 +131,20 @@ def test_predict_parts_running_side_by_side_write_each_output_once(tmp_path, mod
     logs = run_parts("--continue")
     assert "nothing to do" in logs[0] and "wrote 1 segmentation(s)" in logs[1], logs
     assert sorted(os.listdir(out)) == [f"s{i}.nii.gz" for i in range(6)]
+
+
+def test_train_switches_turn_off_parts_of_the_recipe(dataset_dir, tmp_path):
+    """The ablation switches reach the run: a constant rate, no weight average, no
+    largest-component step (issue #32's ablations train through them)."""
+    out = tmp_path / "run"
+    result = _run("train", dataset_dir, "--output", out, "--steps", "2", "--iterations", "2",
+                  "--patch-size", "16,16,16", "--batch-size", "1", "--device", "cpu",
+                  "--option", "filters=[4,8]", "--schedule", "constant", "--no-ema", "--no-largest-component")
+    assert result.exit_code == 0, result.output
+    run = RunFolder(out)
+    config = TrainConfig.model_validate_json(run.config_file.read_text())
+    assert (config.schedule, config.ema, config.largest_component) == ("constant", None, False)
+    assert run.meta("final").largest_component == []
+    assert "lr 1.00e-03" in result.output  # the last step's rate: not annealed
+    bad = _run("train", dataset_dir, "--output", tmp_path / "bad", "--schedule", "cosine")
+    assert bad.exit_code == 1 and "schedule" in bad.output and "Traceback" not in bad.output

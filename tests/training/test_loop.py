@@ -265,3 +265,12 @@ def test_the_defaults_learn_every_class_of_a_multiscale_task(tmp_path, monkeypat
     last = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
     dice = json.loads(last)["val_dice"]
     assert min(dice.values()) > 0.6 and set(dice) == {"organ", "nodule", "vessel"}, dice
+
+
+def test_constant_schedule_keeps_the_rate():
+    from medseg3d.training.schedule import learning_rate
+
+    config = _config("d", "o", learning_rate=2e-3)
+    assert learning_rate(config, 0.5) < 2e-3 and learning_rate(config, 1.0) == 0.0  # poly
+    constant = config.model_copy(update={"schedule": "constant"})
+    assert learning_rate(constant, 0.0) == learning_rate(constant, 1.0) == 2e-3
