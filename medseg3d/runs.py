@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel
@@ -246,6 +246,17 @@ class RunFolder:
         if not resume and self.state_file.is_file():
             raise MedsegError("folder already holds a training run; pass --resume to continue "
                               "it or choose another --output", self.path)
+        taken = [f.name for f in self.replaced_files() if f.exists()]
+        if not resume and taken:
+            raise MedsegError(f"folder already holds {', '.join(taken)}, which a new run would "
+                              "replace; choose another --output", self.path)
+
+    def replaced_files(self) -> list[Path]:
+        """What a new run writes over (a ``plan.json`` already there is read, not replaced:
+        a hand-edited plan is how a user overrides the planner, as with nnU-Net)."""
+        checkpoints = [f for which in get_args(Checkpoint)
+                       for f in (self.weights(which), self.meta_file(which))]
+        return [self.config_file, self.metrics_file, self.figure_file, *checkpoints]
 
     def write_state(self, tensors: dict[str, torch.Tensor], state: TrainingState) -> None:
         """Write the resume state: ``tensors`` with ``state`` in the file's metadata."""

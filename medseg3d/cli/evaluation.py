@@ -3,6 +3,8 @@ predictions of a dataset's labelled test cases."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,9 +22,9 @@ if TYPE_CHECKING:
 
 @user_errors
 def evaluate(
-    predictions: Annotated[Path, typer.Argument(help="Prediction file or folder (or, with "
+    predictions: Annotated[Path, typer.Argument(readable=False, help="Prediction file or folder (or, with "
                                                      "--model, a dataset folder).")],
-    references: Annotated[Path | None, typer.Argument(help="Reference label file or folder.")
+    references: Annotated[Path | None, typer.Argument(readable=False, help="Reference label file or folder.")
                           ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Predict the dataset's "
                                               "test cases (imagesTs/labelsTs) with this model "
@@ -31,10 +33,12 @@ def evaluate(
                                                 "(and predictions) go.")] = None,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Surface Dice tolerance, mm.")] = 2.0,
     device: Annotated[str, typer.Option(callback=check_device, help=DEVICE_HELP)] = "auto",
-    labels_from: Annotated[Path | None, typer.Option(help="A dataset.json that names the labels "
-                                                     "(default: REF_DIR/dataset.json, or the "
-                                                     "dataset's own for labelsTr/labelsTs).")
+    labels_from: Annotated[Path | None, typer.Option(
+        readable=False, help="A dataset.json that names the labels (default: "
+        "REF_DIR/dataset.json, or the dataset's own for labelsTr/labelsTs).")
                            ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the metrics.json/csv of an earlier "
+                                            "evaluation in the output folder.")] = False,
 ) -> None:
     """Dice, HD95 and surface Dice per case and class.
 
@@ -47,25 +51,53 @@ def evaluate(
     if model is not None:
         if references is not None:
             raise MedsegError("--model takes one DATASET_DIR, not a second path", references)
-        predictions, references, output = _predict_dataset(predictions, model, output, device)
+        output = output or Path("runs") / f"eval_{predictions.name}_{Path(model).name}"
+        check_metrics_folder(output, overwrite)
+        predictions, references = _predict_dataset(predictions, model, output, device)
     elif references is None:
         raise MedsegError("give PRED REF (two files or two folders), or --model MODEL DATASET_DIR")
     elif _is_file_form(predictions, references):
+        if output is not None:
+            check_metrics_folder(output, overwrite)
         out.print(f"evaluating two files: {predictions} against {references}", highlight=False,
                   soft_wrap=True)
         summary = api.evaluate_files(predictions, references, tolerance_mm=tolerance,
                                      dataset_json=labels_from)
         if output is not None:  # written only once the scores exist: a failure leaves nothing
-            output.mkdir(parents=True, exist_ok=True)
-            api.write_metrics(summary, output)
+            with _writing(output):
+                output.mkdir(parents=True, exist_ok=True)
+                api.write_metrics(summary, output)
         _print_summary(summary, tolerance, output)
         return
     else:
+        check_metrics_folder(output or predictions, overwrite)
         out.print(f"evaluating two folders: {predictions} against {references} (cases matched "
                   "by file name)", highlight=False, soft_wrap=True)
-    summary = api.evaluate_folders(predictions, references, out_dir=output or predictions,
-                                   tolerance_mm=tolerance, dataset_json=labels_from)
+    with _writing(output or predictions):
+        summary = api.evaluate_folders(predictions, references, out_dir=output or predictions,
+                                       tolerance_mm=tolerance, dataset_json=labels_from)
     _print_summary(summary, tolerance, output or predictions)
+
+
+def check_metrics_folder(folder: Path, overwrite: bool) -> None:
+    """Before any work: ``folder`` can take metrics.json/csv without replacing an earlier
+    evaluation's unless ``overwrite``."""
+    if folder.exists() and not folder.is_dir():
+        raise MedsegError("is a file; --output takes a folder (metrics.json and metrics.csv go "
+                          "in it)", folder)
+    if not overwrite and any((folder / name).exists() for name in ("metrics.json", "metrics.csv")):
+        raise MedsegError("holds the metrics of an earlier evaluation; pass --overwrite to "
+                          "replace them", folder)
+
+
+@contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """A folder that cannot be made or written is one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise MedsegError(f"cannot write the metrics ({exc.strerror or exc.__class__.__name__})",
+                          folder) from None
 
 
 def _is_file_form(predictions: Path, references: Path) -> bool:
@@ -80,24 +112,22 @@ def _is_file_form(predictions: Path, references: Path) -> bool:
     return files[0]
 
 
-def _predict_dataset(dataset: Path, model: str, output: Path | None, device: str
-                     ) -> tuple[Path, Path, Path]:
+def _predict_dataset(dataset: Path, model: str, output: Path, device: str) -> tuple[Path, Path]:
     """``evaluate --model``: predict a dataset's labelled test cases (imagesTs/labelsTs; without
-    labelsTs, its training cases); (predictions, references, output)."""
+    labelsTs, its training cases) into ``output``/predictions; (predictions, references)."""
     from medseg3d import api, cohort
 
     spec = api.load_spec(dataset)  # a wrong folder fails here, before anything is written
     held_out = api.held_out_cases(dataset, spec)
     split = "Tr" if held_out is None else "Ts"
     cases = api.find_cases(dataset, spec) if held_out is None else held_out
-    output = output or Path("runs") / f"eval_{dataset.name}_{Path(model).name}"
     out.print(f"evaluating model {model} on {dataset} (images{split} against labels{split})",
               highlight=False, soft_wrap=True)
     plan = cohort.plan_cases([cohort.InputCase(case.case_id, case.images) for case in cases],
                              output / "predictions")
     predict_planned(plan, model, device, InferenceConfig(), overwrite=True,
                     destination=output / "predictions")
-    return output / "predictions", dataset / f"labels{split}", output
+    return output / "predictions", dataset / f"labels{split}"
 
 
 def _print_summary(summary: Summary, tolerance: float, written_to: Path | None) -> None:

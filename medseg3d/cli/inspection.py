@@ -15,7 +15,7 @@ from medseg3d.errors import MedsegError
 
 
 @user_errors
-def info(path: Annotated[Path, typer.Argument(help="A volume file, or a DICOM series (its "
+def info(path: Annotated[Path, typer.Argument(readable=False, help="A volume file, or a DICOM series (its "
                                               "folder, or one of its files).")],
          series: Annotated[str | None, typer.Option(help=SERIES_HELP)] = None) -> None:
     """Show a volume's shape, spacing, orientation and intensity range."""

@@ -57,7 +57,8 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except MedsegError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)  # "[nan, 1.0]" in a message is text, not markup
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")

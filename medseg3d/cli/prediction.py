@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 @user_errors
 def predict(
-    input: Annotated[Path, typer.Argument(help="A scan (a DICOM series: its folder or one of its "
-                                            "files), or a folder of scans or series folders.")],
+    input: Annotated[Path, typer.Argument(
+        readable=False, help="A scan (a DICOM series: its folder or one of its files), or a "
+        "folder of scans or series folders.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file or folder.")
                       ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name, run folder "
@@ -171,10 +172,10 @@ def _print_volumes(target_console: Console, case_id: str, path: Path,
 
 @user_errors
 def refine(
-    image: Annotated[Path, typer.Argument(help="The scan that was segmented.")],
-    labels: Annotated[Path, typer.Option("--labels", "-l", help="Its segmentation (made by "
+    image: Annotated[Path, typer.Argument(readable=False, help="The scan that was segmented.")],
+    labels: Annotated[Path, typer.Option("--labels", "-l", readable=False, help="Its segmentation (made by "
                                          "--model), on the scan's grid.")],
-    marks: Annotated[Path, typer.Option(help="CSV of i,j,k,value rows: voxel indices of the "
+    marks: Annotated[Path, typer.Option(readable=False, help="CSV of i,j,k,value rows: voxel indices of the "
                                         "scan and the label value each should have.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Corrected segmentation.")],
     model: Annotated[str, typer.Option("--model", "-m", help="The model that made --labels.")
@@ -196,6 +197,7 @@ def refine(
 
     if output.exists() and not overwrite:
         raise MedsegError("exists; pass --overwrite to replace it", output)
+    _refuse_overwriting_inputs(output, image, labels, marks)
     if save_model is not None:  # before minutes of work, not after
         api.check_new_folder(save_model)
     with option_errors():
@@ -216,3 +218,14 @@ def refine(
         out.print(f"adapted model: {adapted.save(save_model).parent}", highlight=False,
                   soft_wrap=True)
 
+
+def _refuse_overwriting_inputs(output: Path, *inputs: Path) -> None:
+    """``--overwrite`` replaces an earlier output, never a file this command reads (a DICOM
+    folder's slices included, and the same file under another name or link)."""
+    if not output.exists():
+        return
+    for source in inputs:
+        files = [f for f in source.iterdir() if f.is_file()] if source.is_dir() else [source]
+        if any(f.exists() and output.samefile(f) for f in files):
+            raise MedsegError(f"output would overwrite an input ({source}); choose another --output",
+                              output)

@@ -30,7 +30,8 @@ DEFAULT_NETWORK = "unet"
 
 @user_errors
 def train(
-    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net or Decathlon layout).")],
+    dataset: Annotated[Path, typer.Argument(readable=False,
+                                            help="Dataset folder (nnU-Net or Decathlon layout).")],
     model: Annotated[str | None, typer.Option(
         "--model", "-m", callback=check_optional_network,
         help="Network name (see `medseg3d models`); default unet.")] = None,
@@ -71,7 +72,7 @@ def train(
     largest_component: Annotated[bool, typer.Option(
         help="Keep only the largest piece of each class that is one piece in every training "
         "label map.")] = True,
-    config: Annotated[Path | None, typer.Option(help="TrainConfig JSON/YAML file.")] = None,
+    config: Annotated[Path | None, typer.Option(readable=False, help="TrainConfig JSON/YAML file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output; --epochs, "
                                          "--steps, --budget or --iterations given with it "
                                          "replace the saved length (to extend a finished "

@@ -28,6 +28,7 @@ from medseg3d.config import Plan, RefineConfig
 from medseg3d.errors import Cancelled, MedsegError
 from medseg3d.inference.precision import autocast_dtype
 from medseg3d.inference.preprocessing import GridTransform, label_map_on_grid, preprocess_image
+from medseg3d.inference.windows import pad_to_window
 from medseg3d.io.volumes import Volume
 
 
@@ -134,6 +135,9 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     on a mark (every fourth on the newest), jittered by a quarter window; the others lie anywhere,
     so that the whole volume stays as it was where no mark says otherwise.
     """
+    image, padded, before = pad_to_window(image, window)  # a small scan, padded as prediction pads it
+    marked, keep = (_padded_targets(t, padded, before) for t in (marked, keep))
+    centres = np.asarray(centres, dtype=np.float64) + np.asarray(before)
     adapted = copy.deepcopy(network).to(device).train().requires_grad_(False)
     trained = adaptable_parameters(adapted, config)
     for parameter in trained:  # gradients for these alone: frozen ones cost half a step's time
@@ -141,7 +145,7 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
     optimizer = torch.optim.Adam(trained, lr=config.learning_rate / update ** config.rate_decay)
     rng = np.random.default_rng(config.seed)
     amp = autocast_dtype(device)
-    size = [min(w, s) for w, s in zip(window, image.shape[1:], strict=True)]
+    size = list(window)
     for step in range(config.steps):
         if should_stop is not None and should_stop():
             raise Cancelled("refinement cancelled")
@@ -161,6 +165,15 @@ def adapt_network(network: nn.Module, image: torch.Tensor, marked: torch.Tensor,
         loss.backward()
         optimizer.step()
     return adapted.eval()
+
+
+def _padded_targets(targets: torch.Tensor, shape: tuple[int, ...], before: list[int]) -> torch.Tensor:
+    """``targets`` placed at ``before`` in a ``shape`` array of -1 (no target in the padding)."""
+    if tuple(targets.shape) == tuple(shape):
+        return targets
+    out = torch.full(tuple(shape), -1, dtype=targets.dtype)
+    out[tuple(slice(b, b + n) for b, n in zip(before, targets.shape, strict=True))] = targets
+    return out
 
 
 NORMS = (nn.InstanceNorm3d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
@@ -224,6 +237,12 @@ def prepare(volume: Volume, plan: Plan, marks: Marks, previous: np.ndarray,
         raise MedsegError(f"the prediction's shape {previous.shape[:3]} differs from the image's "
                           f"{volume.spatial_shape}: refine the prediction made on this image",
                           volume.path)
+    foreign = ~np.isin(previous, plan.label_values)  # O(n), no sort: this runs every update
+    if foreign.any():
+        unknown = np.unique(previous[foreign])
+        raise MedsegError(f"the segmentation holds label value(s) {unknown[:8].tolist()} that the "
+                          f"model does not have ({plan.labels}): refine the prediction this "
+                          "model made", volume.path)
     image, grid = preprocess_image(volume, plan)
     marked = marks_on_plan_grid(marks, grid, plan, config.radius_mm)
     keep = keep_targets(previous, grid, plan, config)

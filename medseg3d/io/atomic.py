@@ -81,7 +81,7 @@ def atomic_files(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
         if not replace:
             for file in written:
                 if (path.parent / file.name).exists():
-                    raise MedsegError("output appeared while this job ran; not replaced "
+                    raise MedsegError(f"exists (the data file of {path.name}); not replaced "
                                       "without --overwrite", path.parent / file.name)
         for file in written:
             os.chmod(file, 0o666 & ~_UMASK)

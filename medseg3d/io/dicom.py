@@ -35,10 +35,12 @@ non-uniform spacing, gantry tilt, and compressed transfer syntaxes that GDCM can
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -60,7 +62,9 @@ __all__ = ["holds_dicom", "is_dicom_file", "read_series", "series_in", "slice_fi
 _MAGIC_OFFSET = 128  # the 128-byte preamble, then b"DICM"
 _TAGS = ["SeriesInstanceUID", "Modality", "SeriesDescription", "ImageType", "Rows", "Columns",
          "NumberOfFrames", "SamplesPerPixel", "ImagePositionPatient", "ImageOrientationPatient",
-         "PixelSpacing"]
+         "PixelSpacing", "SOPClassUID", "BitsAllocated"]
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")  # (7FE0,0010/0008/0009)
+_UNCOMPRESSED_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit, explicit little endian
 # What GDCM inside SimpleITK decodes (others fail: HTJ2K, JPEG XL, MPEG/H.264/HEVC video ...).
 _DECODED = {
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
@@ -222,9 +226,13 @@ def _header(path: Path, folder: Path) -> SliceHeader | None:
         raise MedsegError(f"{path.name} is not a DICOM file (no 'DICM' marker at byte 128)",
                           folder)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        if ds.get("Rows") is None or ds.get("Columns") is None:
-            return None
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_TAGS)
+            if ds.get("Rows") is None or ds.get("Columns") is None:
+                _refuse_a_damaged_image(ds, path, folder)
+                return None  # a report, a structure set, a DICOMDIR
+            if (problem := _pixel_data_problem(fp, ds)) is not None:
+                raise MedsegError(f"{path.name}: {problem}", folder)
         return SliceHeader(
             path, str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("Modality", "") or ""),
             str(ds.get("SeriesDescription", "") or ""),
@@ -242,6 +250,42 @@ def _header(path: Path, folder: Path) -> SliceHeader | None:
     except (pydicom.errors.InvalidDicomError, *_HEADER_ERRORS) as exc:
         raise MedsegError(f"{path.name}: cannot read its DICOM header ({_short(exc)})",
                           folder) from exc
+
+
+def _refuse_a_damaged_image(ds: pydicom.Dataset, path: Path, folder: Path) -> None:
+    """MedsegError when a header without an image size belongs to an image (or to nothing
+    known): a truncated or damaged slice must not vanish from its series unnoticed."""
+    classes = [UID(str(uid)) for uid in (ds.get("SOPClassUID"),
+                                         ds.file_meta.get("MediaStorageSOPClassUID")) if uid]
+    # a known class that is not an image (a cut file may end inside its UID: unknown)
+    other_object = bool(classes) and all(c.name != str(c) and "Image Storage" not in c.name
+                                         for c in classes)
+    if not other_object:
+        raise MedsegError(f"{path.name}: its DICOM header ends before the image size (Rows, "
+                          "Columns); the file is truncated or damaged", folder)
+
+
+def _pixel_data_problem(fp: BinaryIO, ds: pydicom.Dataset) -> str | None:
+    """Why the pixel data that follows the header (``fp`` stands at its tag) cannot be the
+    image the header describes, or None. Uncompressed data must hold every pixel, in a file
+    long enough for it; GDCM would fill what is missing with zeros."""
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8 or head[:4] not in _PIXEL_TAGS:
+        return "it has no pixel data"
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    if syntax not in _UNCOMPRESSED_LE:
+        return None  # encapsulated or deflated: the decoder judges
+    explicit = syntax != "1.2.840.10008.1.2" and head[4:6] in (b"OB", b"OW")
+    length = struct.unpack("<I", head[8:12] if explicit else head[4:8])[0]
+    bits = int(ds.get("BitsAllocated") or 16)
+    # one frame of one sample at least: several frames or colour are refused later, by name
+    expected = (int(ds.Rows) * int(ds.Columns) * bits + 7) // 8
+    available = os.fstat(fp.fileno()).st_size - start - (12 if explicit else 8)
+    if min(length, available) < expected:
+        return (f"its pixel data holds {min(length, available)} bytes where its header asks "
+                f"for {expected}; the file is truncated or damaged")
+    return None
 
 
 def _values(value: object) -> list[object]:

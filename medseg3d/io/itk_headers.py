@@ -126,6 +126,12 @@ def check_metaimage_data(path: Path) -> None:
     """
     header = read_header(path)
     fields = {_key(line): _value(line) for line in header.lines}
+    ndims, sizes = _integer(fields.get("ndims", "")), fields.get("dimsize", "").split()
+    if ndims is None or not 1 <= ndims <= 4 or len(sizes) != ndims:  # else MetaIO prints to
+        # stderr and ITK blames the file system ("No such file or directory")
+        raise MedsegError(f"MetaImage header gives NDims {fields.get('ndims', '(none)')!r} and "
+                          f"DimSize {fields.get('dimsize', '(none)')!r}: expected 1 to 4 sizes, "
+                          "one per dimension", path)
     name = fields.get("elementdatafile", "")
     if name.upper() == "LOCAL":
         data, start = path, header.end

@@ -148,3 +148,37 @@ def test_train_switches_turn_off_parts_of_the_recipe(dataset_dir, tmp_path):
     assert "lr 1.00e-03" in result.output  # the last step's rate: not annealed
     bad = _run("train", dataset_dir, "--output", tmp_path / "bad", "--schedule", "cosine")
     assert bad.exit_code == 1 and "schedule" in bad.output and "Traceback" not in bad.output
+
+
+def test_evaluate_keeps_what_the_output_folder_holds(tmp_path):
+    pred = save_nifti(np.ones((8, 8, 8), np.uint8), np.eye(4), tmp_path / "pred.nii.gz")
+    ref = save_nifti(np.ones((8, 8, 8), np.uint8), np.eye(4), tmp_path / "ref.nii.gz")
+    onto_file = _run("evaluate", pred, ref, "-o", ref)
+    assert onto_file.exit_code == 1 and "takes a folder" in onto_file.output
+    assert "Traceback" not in onto_file.output
+    assert _run("evaluate", pred, ref, "-o", tmp_path / "ev").exit_code == 0
+    (tmp_path / "ev" / "metrics.json").write_text("the user's")
+    again = _run("evaluate", pred, ref, "-o", tmp_path / "ev")
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert (tmp_path / "ev" / "metrics.json").read_text() == "the user's"
+    assert _run("evaluate", pred, ref, "-o", tmp_path / "ev", "--overwrite").exit_code == 0
+
+
+def test_a_new_run_never_replaces_files_in_its_folder(dataset_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("the user's")
+    result = _run("train", dataset_dir, "--output", out, "--steps", "1", "--iterations", "1",
+                  "--patch-size", "16,16,16", "--option", "filters=[4,8]", "--device", "cpu")
+    assert result.exit_code == 1 and "metrics.jsonl" in result.output
+    assert (out / "metrics.jsonl").read_text() == "the user's"
+
+
+def test_brackets_in_an_error_are_printed_not_taken_for_markup(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), None)
+    image.header.set_sform(None, code=0)
+    image.header.set_qform(None, code=0)
+    image.header["pixdim"][1:4] = [np.nan, 1.0, 1.0]
+    nib.save(image, tmp_path / "nan.nii.gz")
+    result = _run("info", tmp_path / "nan.nii.gz")
+    assert result.exit_code == 1 and "[nan, 1.0, 1.0]" in result.output

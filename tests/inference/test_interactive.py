@@ -216,3 +216,26 @@ def test_refine_command_writes_the_correction_and_the_model(wrong_model, tmp_pat
     assert (recorded.steps, recorded.keep_weight) == (2, 10.0)  # the card says how it adapted
     again = CliRunner().invoke(app, args)  # never overwrites what the user has
     assert again.exit_code != 0 and "exists" in again.output
+    for output in (scan, labels):  # --overwrite replaces an output, never an input
+        refused = CliRunner().invoke(app, [*args[:6], "-o", str(output), "--model",
+                                           str(tmp_path / "model"), "--overwrite", "--device", "cpu"])
+        assert refused.exit_code == 1 and "would overwrite an input" in refused.output
+    assert np.allclose(nib.load(scan).get_fdata(), image, atol=1e-4)  # the scan is untouched
+
+
+def test_refine_refuses_labels_the_model_cannot_have_made(wrong_model) -> None:
+    model, image, mask = wrong_model
+    marks = model.marks([[16, 16, 16]], [1], image.shape)
+    with pytest.raises(MedsegError, match=r"label value\(s\) \[5\]"):
+        model.refine(image, np.where(mask > 0, 5, 0).astype(np.uint8), marks)
+
+
+def test_refine_adapts_on_a_scan_smaller_than_the_patch(wrong_model) -> None:
+    """The adaptation pads a small scan to the patch, as prediction does (a 1-voxel deepest
+    level made instance norm fail in training mode)."""
+    model, image, _ = wrong_model
+    small = np.ascontiguousarray(image[8:24, 8:24, 8:24])
+    previous = model.predict(small)
+    marks = model.marks([[8, 8, 8]], [1], small.shape)
+    refined = model.refine(small, previous, marks, config=RefineConfig(steps=2))
+    assert refined.labels.shape == small.shape and refined.labels[8, 8, 8] == 1

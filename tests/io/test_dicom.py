@@ -371,3 +371,35 @@ def test_evaluate_model_on_dataset_of_series_folders(tmp_path: Path, model_file:
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "ev" / "predictions").iterdir()) == [
         "case000.nii.gz", "case001.nii.gz"]
+
+
+def _cut_pixel_data(file: Path) -> None:
+    ds = pydicom.dcmread(file)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(file)
+
+
+def _drop_pixel_data(file: Path) -> None:
+    ds = pydicom.dcmread(file)
+    del ds.PixelData
+    ds.save_as(file)
+
+
+def _truncate(file: Path, size: int) -> None:
+    file.write_bytes(file.read_bytes()[:size])
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (_cut_pixel_data, "its pixel data holds 100 bytes where its header asks for 512"),
+    (_drop_pixel_data, "it has no pixel data"),
+    (lambda f: _truncate(f, 400), "its DICOM header ends before the image size"),
+    (lambda f: _truncate(f, f.stat().st_size - 50), "its pixel data holds"),
+])
+def test_a_damaged_slice_is_named_not_dropped_or_zero_filled(tmp_path: Path, damage,
+                                                             fragment: str) -> None:
+    """GDCM would read a short slice with zeros, and a header cut before Rows looked like a
+    report beside the images: the series came back a slice short, or with a black one."""
+    folder = tmp_path / "series"
+    files = write_series(folder, count=5)
+    damage(files[2])
+    assert files[2].name in refused(folder, fragment)

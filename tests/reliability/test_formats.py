@@ -196,6 +196,21 @@ def test_truncated_mha_says_truncated_and_prints_nothing_raw(
     assert capfd.readouterr().err == ""  # MetaIO never ran: no "data not read completely"
 
 
+@pytest.mark.parametrize("dims", ["NDims = 7\nDimSize = 16 16 16", "NDims = 3\nDimSize = 16 16",
+                                  "DimSize = 16 16 16"])
+def test_mha_whose_ndims_and_dimsize_disagree_is_refused_before_metaio_reads_it(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], dims: str) -> None:
+    scan = tmp_path / "scan.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(image()), str(scan))
+    header, _, voxels = scan.read_bytes().partition(b"ElementDataFile = LOCAL\n")
+    kept = [line for line in header.decode().splitlines()
+            if not line.startswith(("NDims", "DimSize"))]
+    scan.write_bytes("\n".join([*kept, dims, "ElementDataFile = LOCAL", ""]).encode() + voxels)
+    capfd.readouterr()
+    refused(scan, "expected 1 to 4 sizes, one per dimension")
+    assert capfd.readouterr().err == ""  # no raw MetaIO lines
+
+
 def test_mhd_whose_data_file_is_missing_is_refused(tmp_path: Path) -> None:
     scan = tmp_path / "scan.mhd"
     scan.write_text(MHD + "ElementDataFile = scan.raw\n")
