@@ -160,13 +160,16 @@ class Model:
 
     def adapt(self, image: str | Path | np.ndarray | Volume, prediction: np.ndarray,
               marks: Marks, *, affine: np.ndarray | None = None,
-              config: RefineConfig | None = None,
+              config: RefineConfig | dict[str, Any] | None = None,
               should_stop: Callable[[], bool] | None = None) -> Model:
         """A copy of this model adapted to ``marks`` on ``image`` (inference/interactive.py), which
         ``prediction`` (this model's labels there) says how to keep elsewhere."""
         volume = as_volume(image, affine)
-        config = config or RefineConfig()
-        tensors = prepare(volume, self.plan, marks, prediction, config)
+        config = _refine_config(config)
+        if not isinstance(marks, Marks):
+            raise MedsegError(f"marks: expected model.marks(voxels, values, shape), got "
+                              f"{type(marks).__name__}")
+        tensors = prepare(volume, self.plan, marks, np.asarray(prediction), config)
         source = image_source(volume)
         network = adapt_network(self.network, *tensors, self.plan.patch_size, config,
                                 device=self.device, update=self._updates_of(source) + 1,
@@ -192,14 +195,14 @@ class Model:
 
     def refine(self, image: str | Path | np.ndarray | Volume, prediction: np.ndarray,
                marks: Marks, *, affine: np.ndarray | None = None,
-               config: RefineConfig | None = None,
+               config: RefineConfig | dict[str, Any] | None = None,
                progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> Prediction:
         """``prediction`` corrected by ``marks``: the model adapts to them and predicts again,
         and the marked voxels take their value (``adapt`` + ``predict_marked`` keep the adapted
         model, to save it or to go on correcting)."""
         volume = as_volume(image, affine)
-        config = config or RefineConfig()
+        config = _refine_config(config)
         adapted = self.adapt(volume, prediction, marks, config=config, should_stop=should_stop)
         return adapted.predict_marked(volume, marks, config, progress=progress,
                                       should_stop=should_stop)
@@ -217,12 +220,27 @@ class Model:
         """Write this model as a run folder that ``load_model`` and ``medseg3d predict --model``
         accept; refuses a folder that already holds anything (nothing a user had is lost)."""
         folder = check_new_folder(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        return RunFolder(folder).save_checkpoint("final", self.network, self.meta)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return RunFolder(folder).save_checkpoint("final", self.network, self.meta)
+        except OSError as exc:
+            raise MedsegError(f"cannot write the model here ({exc.strerror or exc})",
+                              folder) from None
+
+
+def _refine_config(config: RefineConfig | dict[str, Any] | None) -> RefineConfig:
+    """A RefineConfig from one, a dict of its fields, or None (the defaults)."""
+    if config is None or isinstance(config, RefineConfig):
+        return config or RefineConfig()
+    if not isinstance(config, dict):
+        raise MedsegError(f"config: expected a RefineConfig or a dict, got {type(config).__name__}")
+    return checked(RefineConfig, "config", **config)
 
 
 def check_new_folder(folder: str | Path) -> Path:
     """``folder`` if a model may be written there: it does not exist yet or is empty."""
+    if not isinstance(folder, str | Path):
+        raise MedsegError(f"a model is saved into a folder path, not a {type(folder).__name__}")
     folder = Path(folder).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise MedsegError("will not write a model into a folder that is not empty", folder)
@@ -267,6 +285,10 @@ def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None
         # C-voxel-thin volume of Z channels
         raise MedsegError(f"image array: shape {array.shape} looks channels-first; channels go "
                           "last, (X, Y, Z, C): pass np.moveaxis(array, 0, -1)")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and np.isfinite(array).all() and \
+            np.abs(array).max(initial=0) > np.finfo(np.float32).max:
+        raise MedsegError("image array: finite values beyond float32's range (|x| > 3.4e38), "
+                          "which segmentation computes in; rescale the intensities")
     header = nib.Nifti1Header()
     volume = Volume(array.astype(np.float32), affine, header)
     volume = check_volume(volume, allow_channels=True, source="image array")

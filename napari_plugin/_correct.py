@@ -109,7 +109,7 @@ class CorrectionSession:
         # points last: the adaptation centres every fourth window on the newest mark, which
         # should be the latest click rather than an arbitrary voxel of a painted stroke
         voxels.append(self.voxels(points, points_to_world))
-        classes.append(np.asarray(values, dtype=np.int64).reshape(-1))
+        classes.append(np.asarray(values).reshape(-1))  # Marks.of checks they are classes
         return self.model.marks(np.concatenate(voxels), np.concatenate(classes),
                                 self.image.shape[:3])
 

@@ -607,14 +607,33 @@ class SegmentWidget(QWidget):
             if "value" not in points.features:
                 raise MedsegError(f"layer {points.name!r} has no 'value' feature: the class of "
                                   "each mark")
+            if np.asarray(points.data).shape[1] != 3:
+                raise MedsegError(f"layer {points.name!r} holds {points.ndim}D points; marks need "
+                                  "the image's three axes (the marks button makes such a layer)")
             inputs.update(points=np.array(points.data),
-                          values=np.array(points.features["value"], dtype=np.int64),
+                          values=np.array(points.features["value"]),  # Marks.of checks them
                           points_to_world=layer_world_affine(points))
         scribbles = self.scribbles_layer()
         if scribbles is not None and np.any(scribbles.data):
             if not np.allclose(layer_world_affine(scribbles), self.session.affine):
                 raise MedsegError(f"layer {scribbles.name!r} is not on the image's grid")
             inputs["scribbles"] = np.array(scribbles.data)
+        return self._with_result_edits(inputs)
+
+    def _with_result_edits(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Voxels the user painted in the result layer since the last update count as
+        scribbles of the class painted there: an update must build on them, not drop them."""
+        assert self.session is not None
+        if self.corrected is None or np.shape(self.corrected.data) != self.session.labels.shape:
+            return inputs
+        edited = np.asarray(self.corrected.data)
+        changed = edited != self.session.labels
+        if not changed.any():
+            return inputs
+        scribbles = np.array(inputs.get("scribbles", np.zeros(edited.shape, np.int64)),
+                             dtype=np.int64)
+        scribbles[changed] = np.where(edited[changed] == 0, SCRIBBLE_BACKGROUND, edited[changed])
+        inputs["scribbles"] = scribbles
         return inputs
 
     def update_correction(self) -> GeneratorWorker | None:
@@ -640,6 +659,12 @@ class SegmentWidget(QWidget):
     def undo_correction(self) -> None:
         """Back to the labels before the last update (the marks stay)."""
         if self.worker is not None or self.session is None:
+            return
+        if self.corrected is not None and np.shape(self.corrected.data) == \
+                self.session.labels.shape and np.any(self.corrected.data != self.session.labels):
+            self._on_error(MedsegError("the result layer has edits since the last update: press "
+                                       "Update to use them, or undo them in napari (Ctrl+Z) "
+                                       "before undoing the update"))
             return
         try:
             labels = self.session.undo()

@@ -43,16 +43,25 @@ class Marks:
     def of(cls, voxels: Sequence[Sequence[float]] | np.ndarray, values: Sequence[int] | np.ndarray,
            shape: tuple[int, ...], labels: dict[str, int]) -> Marks:
         """Checked marks: integer voxels inside ``shape``, values among the model's ``labels``."""
-        points = np.rint(np.asarray(voxels, dtype=np.float64)).reshape(-1, 3).astype(np.int64)
-        classes = np.asarray(values, dtype=np.int64).reshape(-1)
+        shape = _checked_shape(shape)
+        coordinates = _numbers(voxels, "voxels")
+        if coordinates.size and (coordinates.ndim != 2 or coordinates.shape[1] != 3):
+            raise MedsegError(f"marks: voxels must be rows of three indices (i, j, k), got an "
+                              f"array of shape {coordinates.shape}")
+        points = np.rint(coordinates).reshape(-1, 3).astype(np.int64)
+        labelled = _numbers(values, "label values").reshape(-1)
+        if np.any(labelled != np.round(labelled)):
+            raise MedsegError(f"marks: label values must be whole numbers, got "
+                              f"{labelled[labelled != np.round(labelled)][:3].tolist()}")
+        classes = labelled.astype(np.int64)
         if len(points) != len(classes):
             raise MedsegError(f"marks: {len(points)} voxel(s) but {len(classes)} label value(s)")
         if len(points) == 0:
             raise MedsegError("marks: none given; place at least one foreground or background mark")
-        outside = (points < 0) | (points >= np.asarray(shape[:3]))
+        outside = (points < 0) | (points >= np.asarray(shape))
         if outside.any():
             bad = points[outside.any(axis=1)][0].tolist()
-            raise MedsegError(f"marks: voxel {bad} lies outside the image of shape {tuple(shape[:3])}")
+            raise MedsegError(f"marks: voxel {bad} lies outside the image of shape {shape}")
         unknown = sorted(set(classes.tolist()) - set(labels.values()))
         if unknown:
             raise MedsegError(f"marks: label value(s) {unknown} are not among the model's labels "
@@ -65,6 +74,27 @@ class Marks:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+def _numbers(values: object, what: str) -> np.ndarray:
+    """``values`` as finite float64 numbers, or one line saying why not."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise MedsegError(f"marks: {what} must be numbers, got {str(values)[:60]!r}") from None
+    if not np.all(np.isfinite(array)) or np.any(np.abs(array) > 2**53):
+        raise MedsegError(f"marks: {what} must be finite numbers of a sensible size")
+    return array
+
+
+def _checked_shape(shape: object) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(n) for n in shape[:3])  # type: ignore[index]
+    except (TypeError, ValueError):
+        raise MedsegError(f"marks: the image shape must be three sizes, got {shape!r}") from None
+    if len(dims) != 3:
+        raise MedsegError(f"marks: the image shape must be three sizes, got {shape!r}")
+    return dims[0], dims[1], dims[2]
 
 
 def marks_on_plan_grid(marks: Marks, grid: GridTransform, plan: Plan,
@@ -233,10 +263,14 @@ def honour_marks(labels: np.ndarray, marks: Marks, spacing: Sequence[float],
 def prepare(volume: Volume, plan: Plan, marks: Marks, previous: np.ndarray,
             config: RefineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """The plan-grid image, mark targets, keep targets and mark positions for ``adapt_network``."""
-    if previous.shape[:3] != volume.spatial_shape:
-        raise MedsegError(f"the prediction's shape {previous.shape[:3]} differs from the image's "
+    if previous.ndim != 3 or previous.shape != volume.spatial_shape:
+        raise MedsegError(f"the prediction's shape {previous.shape} differs from the image's "
                           f"{volume.spatial_shape}: refine the prediction made on this image",
                           volume.path)
+    beyond = marks.voxels >= np.asarray(volume.spatial_shape)
+    if beyond.any():
+        raise MedsegError(f"marks: voxel {marks.voxels[beyond.any(axis=1)][0].tolist()} lies "
+                          f"outside the image of shape {volume.spatial_shape}", volume.path)
     foreign = ~np.isin(previous, plan.label_values)  # O(n), no sort: this runs every update
     if foreign.any():
         unknown = np.unique(previous[foreign])

@@ -239,3 +239,35 @@ def test_refine_adapts_on_a_scan_smaller_than_the_patch(wrong_model) -> None:
     marks = model.marks([[8, 8, 8]], [1], small.shape)
     refined = model.refine(small, previous, marks, config=RefineConfig(steps=2))
     assert refined.labels.shape == small.shape and refined.labels[8, 8, 8] == 1
+
+
+@pytest.mark.parametrize("voxels, values, shape, fault", [
+    ([[1, 2], [3, 4], [5, 6]], [1, 1], SHAPE, "rows of three indices"),
+    ([[1, 2, 3]], [1.7], SHAPE, "whole numbers"),
+    ([[1, 2, 3]], [2**70], SHAPE, "sensible size"),
+    ([[np.nan, 2, 3]], [1], SHAPE, "finite numbers"),
+    ([[1, 2, 3]], ["ball"], SHAPE, "must be numbers"),
+    ([[1, 2, 3]], [1], (20, 20), "three sizes"),
+    ([[1, 2, 3]], [1], None, "three sizes"),
+])
+def test_malformed_marks_are_one_line(voxels, values, shape, fault: str) -> None:
+    with pytest.raises(MedsegError, match=fault):
+        Marks.of(voxels, values, shape, LABELS)
+
+
+def test_refine_checks_what_it_is_given(wrong_model, tmp_path: Path) -> None:
+    model, image, _ = wrong_model
+    previous = model.predict(image)
+    marks = model.marks([[16, 16, 16]], [1], image.shape)
+    for kwargs, fault in ((dict(marks=[[16, 16, 16]]), "expected model.marks"),
+                          (dict(prediction=None), "prediction's shape"),
+                          (dict(config={"steps": 0}), "config: steps"),
+                          (dict(marks=model.marks([[40, 40, 40]], [1], (64, 64, 64))),
+                           "outside the image of shape")):
+        arguments = {"image": image, "prediction": previous, "marks": marks, **kwargs}
+        with pytest.raises(MedsegError, match=fault):
+            model.refine(**arguments)
+    assert model.refine(image, previous, marks, config={"steps": 1}).labels[16, 16, 16] == 1
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(MedsegError, match="cannot write the model here"):
+        model.save(tmp_path / "afile" / "sub")

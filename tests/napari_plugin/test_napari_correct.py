@@ -181,3 +181,53 @@ def test_a_model_that_cannot_adapt_says_so(make_napari_viewer: MakeViewer, qtbot
     np.testing.assert_array_equal(labels.data, before)
     assert widget.session is not None and not widget.session.can_undo
     assert widget.update_button.isEnabled() and widget.run_button.isEnabled()
+
+
+def test_brush_edits_in_the_result_survive_update_and_block_undo(
+        make_napari_viewer: MakeViewer, qtbot: QtBot, errors: list[str]) -> None:
+    """What the user painted into the result layer is a correction too: an update builds on it
+    (as scribbles of the painted class) and an undo will not silently drop it."""
+    viewer = make_napari_viewer()
+    viewer.add_image(ball(), name="scan")
+    widget = open_widget(viewer)
+    widget.set_model_source(tiny_model())
+    widget.run()
+    wait_done(widget, qtbot)
+    labels = viewer.layers[-1]
+    points = widget.add_marks_layer()
+    assert points is not None
+    points.add([16, 16, 16])
+    widget.update_correction()
+    wait_done(widget, qtbot)
+    painted = 1 - np.array(labels.data[0:3, 0:3, 0:3])  # a brush stroke in a corner
+    labels.data[0:3, 0:3, 0:3] = painted
+    widget.undo_correction()
+    assert len(errors) == 1 and "edits since the last update" in errors[0]
+    np.testing.assert_array_equal(labels.data[0:3, 0:3, 0:3], painted)
+    widget.update_correction()
+    wait_done(widget, qtbot)
+    np.testing.assert_array_equal(labels.data[0:3, 0:3, 0:3], painted)
+    assert len(errors) == 1
+
+
+@pytest.mark.parametrize("layer_points, values, fault", [
+    ([[5, 5], [6, 6]], [1, 1], "2D points"),
+    ([[5, 5, 5]], ["ball"], "must be numbers"),
+    ([[5, 5, 5]], [0.6], "whole numbers"),
+    ([[np.nan, 5, 5]], [1], "finite numbers"),
+])
+def test_malformed_marks_layers_are_one_message(make_napari_viewer: MakeViewer, qtbot: QtBot,
+                                                errors: list[str], layer_points, values,
+                                                fault: str) -> None:
+    viewer = make_napari_viewer()
+    viewer.add_image(ball(), name="scan")
+    widget = open_widget(viewer)
+    widget.set_model_source(tiny_model())
+    widget.run()
+    wait_done(widget, qtbot)
+    assert widget.corrected is not None
+    viewer.add_points(np.asarray(layer_points, dtype=np.float64),
+                      name=f"{widget.corrected.name} marks", features={"value": values})
+    widget.update_correction()
+    wait_done(widget, qtbot)
+    assert len(errors) == 1 and fault in errors[0], errors

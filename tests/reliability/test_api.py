@@ -119,3 +119,8 @@ def test_tiny_intensities_give_the_same_prediction(predictor, scale: float) -> N
 def test_constant_image_normalises_to_zero() -> None:
     flat = np.full((1, 8, 8, 8), 3.0, np.float32)
     assert not normalize(flat, [ChannelNorm()]).any()
+
+
+def test_finite_values_beyond_float32_are_named_not_called_infinite() -> None:
+    with pytest.raises(MedsegError, match="beyond float32's range"):
+        as_volume(np.full((8, 8, 8), 1e300))
