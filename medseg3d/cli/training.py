@@ -97,20 +97,25 @@ def train(
         train_config = TrainConfig.model_validate({**base, "dataset": str(dataset),
                                                    "output": str(output)})
     else:
-        recipe: dict[str, Any] = {"seed": seed, "learning_rate": lr, "augment": augment,
-                                  "schedule": schedule}  # None: TrainConfig's default
-        switches: dict[str, Any] = {} if ema else {"ema": None}  # None turns the average off
+        recipe = _recipe(seed=seed, learning_rate=lr, augment=augment, schedule=schedule, ema=ema)
         train_config = _new_config(dict(
             dataset=str(dataset), output=str(output),
             network=NetworkConfig(name=model or DEFAULT_NETWORK, options=key_values(option or [])),
             epochs=epochs or 50, iterations_per_epoch=iterations or 50, val_every=val_every,
             fold=fold, device=device, plan_overrides=overrides, num_workers=workers, amp=amp,
             time_budget_minutes=budget, steps=steps, largest_component=largest_component,
-            **switches, **{k: v for k, v in recipe.items() if v is not None}))
+            **recipe))
     final = _train_with_progress(train_config, resume=resume, main_rank=main_rank)
     if main_rank:
         out.print(f"final checkpoint: {final}")
         out.print(f"predict with: medseg3d predict SCAN -o OUT.nii.gz --model {output}")
+
+
+def _recipe(*, ema: bool, **given: Any) -> dict[str, Any]:
+    """The recipe options given on the command line (None: TrainConfig's default); ``ema``
+    False turns the weight average off, which TrainConfig spells ``ema=None``."""
+    recipe = {key: value for key, value in given.items() if value is not None}
+    return recipe if ema else {**recipe, "ema": None}
 
 
 def _extended_config(output: Path, main_rank: bool, overrides: PlanOverrides,
