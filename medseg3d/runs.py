@@ -238,8 +238,10 @@ class RunFolder:
     metrics_file = _File("metrics.jsonl")
     figure_file = _File("progress.png")
 
-    def check_start(self, resume: bool) -> None:
-        """Refuse to resume a run without a state file, or to start a run over another."""
+    def check_start(self, resume: bool, writer: bool = True) -> None:
+        """Refuse to resume a run without a state file, or to start a run over another (or,
+        for the process that will write the run's files, ``writer``, over files it would
+        replace: other ranks start while rank 0 may already have written its config)."""
         check_run_folder(self.path)
         if resume and not self.state_file.is_file():
             raise MedsegError(f"nothing to resume: no {self.state_file.name}", self.path)
@@ -247,7 +249,7 @@ class RunFolder:
             raise MedsegError("folder already holds a training run; pass --resume to continue "
                               "it or choose another --output", self.path)
         taken = [f.name for f in self.replaced_files() if f.exists()]
-        if not resume and taken:
+        if writer and not resume and taken:
             raise MedsegError(f"folder already holds {', '.join(taken)}, which a new run would "
                               "replace; choose another --output", self.path)
 

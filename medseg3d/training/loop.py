@@ -109,7 +109,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
           progress: OnProgress | None = None) -> Path:
     """Run a training job; returns the path of the final checkpoint's weights."""
     rank = current_rank()
-    RunFolder(Path(config.output)).check_start(resume)
+    RunFolder(Path(config.output)).check_start(resume, writer=rank.is_main)
     device = training_device(config, rank)  # the one place a training command resolves it
     owns_group = start_process_group(device, rank)
     try:
