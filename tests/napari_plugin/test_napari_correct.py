@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import napari
 import numpy as np
@@ -49,6 +50,16 @@ def ball() -> np.ndarray:
     inside = ((grid - 15.5) ** 2).sum(0) <= 81
     noise = np.random.default_rng(0).normal(0, 0.2, SHAPE).astype(np.float32)
     return inside.astype(np.float32) + noise
+
+
+def segmented(viewer: napari.Viewer, qtbot: QtBot, model: Any) -> Any:
+    """The widget on ``viewer`` after segmenting the ball with ``model``."""
+    viewer.add_image(ball(), name="scan")
+    widget = open_widget(viewer)
+    widget.set_model_source(model)
+    widget.run()
+    wait_done(widget, qtbot)
+    return widget
 
 
 def test_session_updates_undoes_and_saves_without_qt(tmp_path: Path) -> None:
@@ -165,11 +176,7 @@ def test_scribbles_mark_background_with_255(make_napari_viewer: MakeViewer, qtbo
 def test_a_model_that_cannot_adapt_says_so(make_napari_viewer: MakeViewer, qtbot: QtBot,
                                            errors: list[str]) -> None:
     viewer = make_napari_viewer()
-    viewer.add_image(ball(), name="scan")
-    widget = open_widget(viewer)
-    widget.set_model_source(ThresholdModel())
-    widget.run()
-    wait_done(widget, qtbot)
+    widget = segmented(viewer, qtbot, ThresholdModel())
     labels = viewer.layers[-1]
     before = np.array(labels.data)
     points = widget.add_marks_layer()
@@ -188,11 +195,7 @@ def test_brush_edits_in_the_result_survive_update_and_block_undo(
     """What the user painted into the result layer is a correction too: an update builds on it
     (as scribbles of the painted class) and an undo will not silently drop it."""
     viewer = make_napari_viewer()
-    viewer.add_image(ball(), name="scan")
-    widget = open_widget(viewer)
-    widget.set_model_source(tiny_model())
-    widget.run()
-    wait_done(widget, qtbot)
+    widget = segmented(viewer, qtbot, tiny_model())
     labels = viewer.layers[-1]
     points = widget.add_marks_layer()
     assert points is not None
@@ -220,11 +223,7 @@ def test_malformed_marks_layers_are_one_message(make_napari_viewer: MakeViewer, 
                                                 errors: list[str], layer_points, values,
                                                 fault: str) -> None:
     viewer = make_napari_viewer()
-    viewer.add_image(ball(), name="scan")
-    widget = open_widget(viewer)
-    widget.set_model_source(tiny_model())
-    widget.run()
-    wait_done(widget, qtbot)
+    widget = segmented(viewer, qtbot, tiny_model())
     assert widget.corrected is not None
     viewer.add_points(np.asarray(layer_points, dtype=np.float64),
                       name=f"{widget.corrected.name} marks", features={"value": values})
