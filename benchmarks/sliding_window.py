@@ -25,7 +25,8 @@ Engines (window = the plan's patch, overlap 0.5, Gaussian weights with sigma = w
 * ``ours overlap X`` (``--overlaps X ...``): ``ours`` with fewer overlapping windows.
 
 Usage: ``python benchmarks/sliding_window.py [--quick] [--repeats N] [--device cuda]
-[--overlaps 0.33 0.25]`` (``--quick``: the shipped ``brainmask`` on Colin27 only).
+[--overlaps 0.33 0.25] [--case MODEL=SCAN ...]`` (``--quick``: the shipped ``brainmask`` on
+Colin27 only; ``--case``: other models, e.g. a run folder, on other scans).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from medseg3d.inference.engine import sliding_window  # noqa: E402
 from medseg3d.inference.memory import PeakMemory  # noqa: E402
 from medseg3d.inference.plan import ExecutionPlan  # noqa: E402
 from medseg3d.inference.precision import autocast_dtype, cpu_bf16_network  # noqa: E402
+from medseg3d.inference.predict import window_for  # noqa: E402
 from medseg3d.inference.preprocessing import preprocess_image  # noqa: E402
 from medseg3d.inference.windows import Windows  # noqa: E402
 from medseg3d.io.volumes import read_volume  # noqa: E402
@@ -110,16 +112,21 @@ Engine = Callable[[torch.Tensor], torch.Tensor]
 
 
 def engines(network: TimedNetwork, window: tuple[int, int, int], num_classes: int,
-            device: torch.device, divisor: int, overlaps: tuple[float, ...] = ()
-            ) -> dict[str, Engine]:
-    """Each engine maps a plan-grid image ``(C, D, H, W)`` to labels ``(D, H, W)`` on the CPU."""
+            device: torch.device, divisor: int, overlaps: tuple[float, ...] = (),
+            ours_window: tuple[int, int, int] | None = None) -> dict[str, Engine]:
+    """Each engine maps a plan-grid image ``(C, D, H, W)`` to labels ``(D, H, W)`` on the CPU.
+
+    MONAI slides the plan's patch (``window``); ours slides what prediction slides
+    (``ours_window``, ``predict.window_for``: the whole grid for a window-independent network).
+    """
     amp = autocast_dtype(device)
 
     def ours(dtype: torch.dtype | None, tile: bool = False, overlap: float = OVERLAP,
              **options: str) -> Engine:
         def run(image: torch.Tensor) -> torch.Tensor:
             # tile: the whole plan grid in one window (rounded up to the network's divisor)
-            size = tuple(-(-s // divisor) * divisor for s in image.shape[1:]) if tile else window
+            size = (tuple(-(-s // divisor) * divisor for s in image.shape[1:]) if tile
+                    else ours_window or window)
             return sliding_window(network, image,
                                   Windows(size, overlap, **options),  # type: ignore[arg-type]
                                   num_classes, ExecutionPlan(device, dtype, BATCH))
@@ -178,7 +185,7 @@ def bench_case(model_name: str, scan: Path, repeats: int, device: torch.device,
     image, _ = preprocess_image(read_volume(scan), plan)
     timed = TimedNetwork(model.network).to(device).eval()
     runs = engines(timed, plan.patch_size, plan.num_classes, device, model.traits.size_divisor,
-                   overlaps)
+                   overlaps, window_for(model.traits, plan, tuple(image.shape[1:])))
     results = {name: Result() for name in runs}
     names = list(runs)
     once = names[-1]
@@ -237,11 +244,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overlaps", type=float, nargs="*", default=[],
                         help="extra rows: our engine at these overlaps (default 0.5)")
+    parser.add_argument("--case", action="append", default=[], metavar="MODEL=SCAN",
+                        help="these cases instead (a model name or folder, and a scan)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"CPU {torch.backends.cpu.get_cpu_capability()}, autocast {autocast_dtype(device)}")
-    for model_name, scan in QUICK if args.quick else FULL:
+    cases = [tuple(c.split("=", 1)) for c in args.case] or (QUICK if args.quick else FULL)
+    for model_name, scan in cases:
         path = ROOT / scan
         if not path.is_file():
             sys.exit(f"{scan}: missing; run `python data/prepare.py "
