@@ -7,8 +7,9 @@ connections are visible (MONAI's recursive builders hide them, and DynUNet's sha
 its state dict alias tensors, which safetensors rejects).
 
 ``norm="layer"`` swaps every instance norm for a norm over each voxel's channels (ConvNeXt's
-LayerNorm): no statistic then depends on the window, so prediction may run one tile as large as
-memory allows instead of overlapping windows of the training patch (``NetworkTraits``).
+LayerNorm), ``norm="batch"`` for batch norm (its running statistics at prediction): no statistic
+then depends on the window, so prediction may run one tile as large as memory allows instead of
+overlapping windows of the training patch (``NetworkTraits``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_n
 __all__ = ["FullResolutionHead", "LayerNorm3d", "ResidualBlock", "UNet3d", "norm_layer", "pointwise",
            "unet", "unet_1m", "unet_large"]
 
-Norm = Literal["instance", "layer"]
+Norm = Literal["instance", "layer", "batch"]
 
 
 class LayerNorm3d(nn.LayerNorm):
@@ -38,12 +39,15 @@ class LayerNorm3d(nn.LayerNorm):
 
 
 def norm_layer(norm: Norm, channels: int) -> nn.Module:
-    """The normalisation after each convolution: per window and channel, or per voxel."""
+    """The normalisation after each convolution: per window and channel, per voxel, or by the
+    training set's running statistics."""
     if norm == "instance":
         return nn.InstanceNorm3d(channels, affine=True)
     if norm == "layer":
         return LayerNorm3d(channels)
-    raise ValueError(f"norm must be 'instance' or 'layer', got {norm!r}")
+    if norm == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"norm must be 'instance', 'layer' or 'batch', got {norm!r}")
 
 
 class ResidualBlock(nn.Module):
@@ -116,7 +120,7 @@ class UNet3d(nn.Module):
     def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
         """Each level after the first halves resolution, and so does a strided stem."""
         return NetworkTraits(size_divisor=2 ** (len(options["filters"]) - 1) * options["stem_stride"],
-                             window_independent=options.get("norm", "instance") == "layer")
+                             window_independent=options.get("norm", "instance") != "instance")
 
     def __init__(self, in_channels: int, out_channels: int,
                  filters: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),

@@ -56,11 +56,12 @@ def test_layer_norm_normalises_each_voxel_over_its_channels(layout: torch.memory
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm", ["instance", "layer"])
-def test_only_the_layer_norm_unet_is_blind_beyond_its_receptive_field(norm: str) -> None:
+@pytest.mark.parametrize("norm", ["instance", "layer", "batch"])
+def test_only_the_instance_norm_unet_sees_beyond_its_receptive_field(norm: str) -> None:
     """A voxel's output under instance norm moves with every voxel of the window (through the
-    statistics); under the per-voxel norm, voxels far from a change keep their output, which
-    is what lets prediction use one large tile (``NetworkTraits.window_independent``)."""
+    statistics); under the per-voxel norm or batch norm's running statistics, voxels far from a
+    change keep their output, which is what lets prediction use one large tile
+    (``NetworkTraits.window_independent``)."""
     torch.manual_seed(0)
     net = UNet3d(1, 2, filters=[4, 8, 16], stem_stride=1, norm=norm).eval()  # type: ignore[arg-type]
     x = torch.randn(1, 1, 8, 8, 160)
@@ -68,9 +69,9 @@ def test_only_the_layer_norm_unet_is_blind_beyond_its_receptive_field(norm: str)
     y[..., :4] += 3.0
     with torch.no_grad():
         far = (net(x) - net(y))[..., 120:].abs().amax()
-    assert (far == 0) == (norm == "layer")
+    assert (far == 0) == (norm != "instance")
     traits = UNet3d.traits({"filters": [4, 8, 16], "stem_stride": 1, "norm": norm})
-    assert traits.window_independent == (norm == "layer")
+    assert traits.window_independent == (norm != "instance")
 
 
 def test_a_window_independent_network_predicts_the_whole_volume_at_once() -> None:
