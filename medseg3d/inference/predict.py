@@ -30,8 +30,8 @@ from medseg3d.inference.windows import Windows
 from medseg3d.io.volumes import Volume
 from medseg3d.networks import NetworkTraits, network_traits
 
-# A patch-free or window-independent network sees the whole volume unless that exceeds this many
-# voxels per window batch, where prediction falls back to sliding windows of the plan's patch.
+# A patch-free network sees the whole volume unless that exceeds this many voxels per window
+# batch, where prediction falls back to sliding windows of the plan's patch.
 WHOLE_VOLUME_MAX_VOXELS = 256**3
 # When the plan grid differs from the input grid, probabilities are resampled (trilinear) before
 # the argmax, as nnU-Net does: smoother boundaries than nearest-neighbour label resampling. Above
@@ -48,11 +48,10 @@ class Prediction:
 
 
 def window_for(traits: NetworkTraits, plan: Plan, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """The window to slide: the whole (padded) volume for patch-free and window-independent
-    networks, else the patch."""
+    """The window to slide: the whole (padded) volume for patch-free networks, else the patch."""
     if traits.fixed_input_size is not None:  # token-mixing MLPs are built for one input size only
         return traits.fixed_input_size
-    if traits.whole_volume or traits.window_independent:
+    if traits.whole_volume:
         i, j, k = (-(-s // traits.size_divisor) * traits.size_divisor for s in shape)
         if i * j * k <= WHOLE_VOLUME_MAX_VOXELS:
             return i, j, k

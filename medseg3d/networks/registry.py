@@ -37,15 +37,11 @@ class NetworkTraits:
     * ``whole_volume``: True when the network is meant to see the whole volume at once
       (patch-free); prediction then skips the sliding window when memory allows.
     * ``fixed_input_size``: the one input size a token-mixing network accepts (None: any).
-    * ``window_independent``: no statistic depends on the window (no instance norm), so a tile
-      larger than the training patch predicts what overlapping patches would: prediction then
-      runs the whole volume at once when memory allows. Training still uses patches.
     """
 
     size_divisor: int
     whole_volume: bool = False
     fixed_input_size: tuple[int, int, int] | None = None
-    window_independent: bool = False
 
 
 class HasTraits(Protocol):

@@ -5,67 +5,37 @@ https://arxiv.org/abs/2404.09556): residual blocks, instance norm, leaky ReLU, s
 convolutions down, transposed convolutions up, skips concatenated. Written out flat so the skip
 connections are visible (MONAI's recursive builders hide them, and DynUNet's shared modules make
 its state dict alias tensors, which safetensors rejects).
-
-``norm="layer"`` swaps every instance norm for a norm over each voxel's channels (ConvNeXt's
-LayerNorm), ``norm="batch"`` for batch norm (its running statistics at prediction): no statistic
-then depends on the window, so prediction may run one tile as large as memory allows instead of
-overlapping windows of the training patch (``NetworkTraits``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medseg3d.networks.registry import NetworkTraits, pad_to_divisor, register_network
 
-__all__ = ["FullResolutionHead", "LayerNorm3d", "ResidualBlock", "UNet3d", "norm_layer", "pointwise",
-           "unet", "unet_1m", "unet_large"]
-
-Norm = Literal["instance", "layer", "batch"]
-
-
-class LayerNorm3d(nn.LayerNorm):
-    """LayerNorm over the channels of each voxel of an ``(N, C, *spatial)`` tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels last is the layout the engine runs in: the moved view is then contiguous
-        y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
-
-
-def norm_layer(norm: Norm, channels: int) -> nn.Module:
-    """The normalisation after each convolution: per window and channel, per voxel, or by the
-    training set's running statistics."""
-    if norm == "instance":
-        return nn.InstanceNorm3d(channels, affine=True)
-    if norm == "layer":
-        return LayerNorm3d(channels)
-    if norm == "batch":
-        return nn.BatchNorm3d(channels)
-    raise ValueError(f"norm must be 'instance', 'layer' or 'batch', got {norm!r}")
+__all__ = ["FullResolutionHead", "ResidualBlock", "UNet3d", "pointwise", "unet", "unet_1m",
+           "unet_large"]
 
 
 class ResidualBlock(nn.Module):
     """conv-norm-act-conv-norm plus a (projected) shortcut, then act."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
-                 norm: Norm = "instance") -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.norm1 = norm_layer(norm, out_channels)
+        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.norm2 = norm_layer(norm, out_channels)
+        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv3d(in_channels, out_channels, 1, stride, bias=False),
-                norm_layer(norm, out_channels))
+                nn.InstanceNorm3d(out_channels, affine=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.norm1(self.conv1(x)))
@@ -80,12 +50,11 @@ class FullResolutionHead(nn.Module):
     of a residual level there (a few channels instead of ``filters[0]``).
     """
 
-    def __init__(self, in_channels: int, features: int, width: int, out_channels: int,
-                 norm: Norm = "instance") -> None:
+    def __init__(self, in_channels: int, features: int, width: int, out_channels: int) -> None:
         super().__init__()
         self.up = nn.ConvTranspose3d(features, width, 2, 2, bias=False)
         self.conv = nn.Conv3d(width + in_channels, width, 3, 1, 1, bias=False)
-        self.norm = norm_layer(norm, width)
+        self.norm = nn.InstanceNorm3d(width, affine=True)
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.out = nn.Conv3d(width, out_channels, 1)
 
@@ -119,12 +88,11 @@ class UNet3d(nn.Module):
     @classmethod
     def traits(cls, options: Mapping[str, Any]) -> NetworkTraits:
         """Each level after the first halves resolution, and so does a strided stem."""
-        return NetworkTraits(size_divisor=2 ** (len(options["filters"]) - 1) * options["stem_stride"],
-                             window_independent=options.get("norm", "instance") != "instance")
+        return NetworkTraits(size_divisor=2 ** (len(options["filters"]) - 1) * options["stem_stride"])
 
     def __init__(self, in_channels: int, out_channels: int,
                  filters: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),
-                 blocks_per_level: int = 1, stem_stride: int = 1, norm: Norm = "instance") -> None:
+                 blocks_per_level: int = 1, stem_stride: int = 1) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError("stem_stride must be 1 or 2")
@@ -132,19 +100,19 @@ class UNet3d(nn.Module):
         self.encoder = nn.ModuleList()
         previous = in_channels
         for level, width in enumerate(filters):
-            blocks = [ResidualBlock(previous, width, stride=stem_stride if level == 0 else 2, norm=norm)]
-            blocks += [ResidualBlock(width, width, norm=norm) for _ in range(blocks_per_level - 1)]
+            blocks = [ResidualBlock(previous, width, stride=stem_stride if level == 0 else 2)]
+            blocks += [ResidualBlock(width, width) for _ in range(blocks_per_level - 1)]
             self.encoder.append(nn.Sequential(*blocks))
             previous = width
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         for deep, shallow in zip(filters[:0:-1], filters[-2::-1], strict=True):
             self.upsample.append(nn.ConvTranspose3d(deep, shallow, 2, 2, bias=False))
-            self.decoder.append(ResidualBlock(2 * shallow, shallow, norm=norm))
+            self.decoder.append(ResidualBlock(2 * shallow, shallow))
         self.head: nn.Module = nn.Conv3d(filters[0], out_channels, 1)
         if stem_stride == 2:
             self.head = FullResolutionHead(in_channels, filters[0], max(filters[0] // 2, 4),
-                                           out_channels, norm)
+                                           out_channels)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
