@@ -285,12 +285,15 @@ def as_volume(image: str | Path | np.ndarray | Volume, affine: np.ndarray | None
         # C-voxel-thin volume of Z channels
         raise MedsegError(f"image array: shape {array.shape} looks channels-first; channels go "
                           "last, (X, Y, Z, C): pass np.moveaxis(array, 0, -1)")
-    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and np.isfinite(array).all() and \
-            np.abs(array).max(initial=0) > np.finfo(np.float32).max:
+    with np.errstate(over="ignore"):
+        data = array.astype(np.float32)
+    # only a wide float can overflow the cast: the scan for why runs only when it did
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and not np.isfinite(data).all() \
+            and np.isfinite(array).all():
         raise MedsegError("image array: finite values beyond float32's range (|x| > 3.4e38), "
                           "which segmentation computes in; rescale the intensities")
     header = nib.Nifti1Header()
-    volume = Volume(array.astype(np.float32), affine, header)
+    volume = Volume(data, affine, header)
     volume = check_volume(volume, allow_channels=True, source="image array")
     header.set_sform(affine, code=1)
     header.set_qform(affine, code=1)
