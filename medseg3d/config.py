@@ -23,7 +23,7 @@ from pydantic import (
 # auto, cpu, cuda (the current GPU) or cuda:N; resolved and checked by medseg3d.inference.devices
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
-NormScheme = Literal["ct", "zscore", "rank", "none"]
+NormScheme = Literal["ct", "zscore", "none"]
 # training augmentation (augmentation.patch_transform)
 Augment = Literal["none", "light", "strong", "contrast", "synth"]
 IntTriple = tuple[int, int, int]

@@ -109,29 +109,11 @@ def normalize(image: np.ndarray, norms: list[ChannelNorm]) -> np.ndarray:
         elif norm.scheme == "zscore":
             out[c] = channel
             mean, std = _mean_std(channel)
-        elif norm.scheme == "rank":
-            _equalise(out[c], channel)
-            continue
         else:
             out[c] = channel
             continue
         _standardise(out[c], channel if norm.scheme == "zscore" else out[c], mean, std)
     return out
-
-
-def _equalise(out: np.ndarray, channel: np.ndarray, levels: int = 1024,
-              sample_voxels: int = 1 << 21, slab: int = 16) -> None:
-    """Histogram equalisation: every voxel gets its intensity's quantile in the image, mapped to
-    [-1, 1]. A monotone change of intensities (gamma, a scanner's GM/WM contrast) leaves the result
-    as it was, up to the sampling of the quantiles; a z-score keeps such changes."""
-    flat = channel.reshape(-1)
-    sample = flat[::max(1, flat.size // sample_voxels)].astype(np.float64)
-    fractions = np.linspace(0.0, 1.0, levels + 1)
-    # tied quantiles (a flat background, 8-bit scans) share the mean of their levels
-    values, which = np.unique(np.quantile(sample, fractions), return_inverse=True)
-    shares = np.bincount(which, fractions) / np.bincount(which)
-    for i in range(0, channel.shape[0], slab):
-        out[i:i + slab] = np.interp(channel[i:i + slab], values, shares) * 2.0 - 1.0
 
 
 def _standardise(out: np.ndarray, source: np.ndarray, mean: float, std: float,
