@@ -12,6 +12,7 @@ and then put through the product's postprocessing (largest component, and the de
 when ``--brain-rule``), it writes per case: Dice, the volume ratio, and the wrong voxels split by
 their distance to the reference's edge (within ``--near-mm`` of it: an edge placed differently;
 farther: a wrong region). Validation heads only: what it shows is used to choose.
+(``error_components.py`` describes one case's missed and false components and their depth.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ model trained on the strips and followed by the same rule (``CheckpointMeta.brai
 its mask as the references were made, as deepbet + the rule does; a model trained on the
 references must guess where each source's rule peeled. The other heads' references came from
 tissue labels (fsaverage's aseg, ds205's parcellation, nilearn's MNI152 GM + WM), not from a strip,
-so they keep their reference. Images are hard links; ``dataset.json`` is the same, so roles and
+so they keep their reference. (``strip_targets.py`` instead derives every strip from its brain:
+brain plus the CSF-dark voxels within 3 mm.) Images are hard links; ``dataset.json`` is the same, so roles and
 subjects (and the folds of ``brainmask_loso.py``) are unchanged. Prints, per strip, the Dice of
 the rule applied to it against the reference (1.0: the strip is the one the reference came from).
 """
