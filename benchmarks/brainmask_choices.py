@@ -26,8 +26,6 @@ candidate) and ``choice.json`` (means per candidate, the choice, the command) to
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shlex
 import sys
@@ -36,7 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from peer_common import PEER_RUNS, evaluate_mask
+from peer_common import PEER_RUNS, evaluate_mask, write_rows_csv
 from robex_peer import _relative, find_cases, save_mask
 
 from medseg3d.api import load_model
@@ -120,11 +118,7 @@ def main() -> None:
     means = fold_means(rows, candidates)
     chosen = max(candidates, key=lambda c: (round(means[c], 4), not c[2], not c[1], -abs(c[0] - 0.5)))
     args.results.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(args.results / "cases.csv", text.getvalue())
+    write_rows_csv(args.results / "cases.csv", rows)
     command = shlex.join(["python", "benchmarks/brainmask_choices.py", *sys.argv[1:]])
     write_text_atomic(args.results / "choice.json", json.dumps({
         "models": [_label(model) for model, _ in folds],

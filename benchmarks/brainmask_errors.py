@@ -18,8 +18,6 @@ farther: a wrong region). Validation heads only: what it shows is used to choose
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shlex
 import sys
@@ -29,6 +27,7 @@ import edt
 import numpy as np
 import torch
 from brainmask_choices import _label, parse_folds
+from peer_common import write_rows_csv
 from robex_peer import find_cases
 
 from medseg3d.api import load_model
@@ -50,9 +49,16 @@ def grow(mask: np.ndarray, spacing: tuple[float, ...], mm: float) -> np.ndarray:
     return mask if mm <= 0 else _distance_mm(~mask, spacing) <= mm + 1e-5
 
 
-def error_split(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], near_mm: float) -> dict:
-    """Wrong voxels (mL) within ``near_mm`` of the reference's edge and farther away."""
-    to_edge = np.where(ref, _distance_mm(ref, spacing), _distance_mm(~ref, spacing))
+def distance_to_edge(ref: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance (mm) of every voxel, inside or outside ``ref``, to the reference's edge."""
+    return np.where(ref, _distance_mm(ref, spacing), _distance_mm(~ref, spacing))
+
+
+def error_split(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], near_mm: float,
+                to_edge: np.ndarray | None = None) -> dict:
+    """Wrong voxels (mL) within ``near_mm`` of the reference's edge and farther away
+    (``to_edge``: ``distance_to_edge(ref, spacing)`` when the caller has it)."""
+    to_edge = distance_to_edge(ref, spacing) if to_edge is None else to_edge
     false_pos, false_neg = pred & ~ref, ~pred & ref
     near = to_edge <= near_mm
 
@@ -70,11 +76,12 @@ def score_case(probabilities: np.ndarray, meta: CheckpointMeta, volume: Volume, 
     """One row per growth: the grown mask through the product's postprocessing, scored."""
     rows = []
     base = probabilities > args.threshold
+    to_edge = distance_to_edge(ref, volume.spacing)  # the same for every growth
     for mm in args.grow_mm:
         mask = postprocess(grow(base, volume.spacing, mm).astype(np.uint8), meta, volume) > 0
         rows.append({"grow_mm": mm, "dice": dice(mask, ref),
                      "volume_ratio": float(mask.sum() / max(ref.sum(), 1)),
-                     **error_split(mask, ref, volume.spacing, args.near_mm)})
+                     **error_split(mask, ref, volume.spacing, args.near_mm, to_edge)})
     return rows
 
 
@@ -104,11 +111,7 @@ def main() -> None:
                 print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in rows[-1].items()), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(args.results / "cases.csv", text.getvalue())
+    write_rows_csv(args.results / "cases.csv", rows)
     command = shlex.join(["python", "benchmarks/brainmask_errors.py", *sys.argv[1:]])
     write_text_atomic(args.results / "command.json", json.dumps({"command": command}, indent=2) + "\n")
 

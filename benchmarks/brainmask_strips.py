@@ -21,6 +21,7 @@ the rule applied to it against the reference (1.0: the strip is the one the refe
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import shutil
@@ -46,6 +47,7 @@ STRIPS = {
 }
 
 
+@functools.cache  # loaded once, not once per head
 def _prepare_module():  # noqa: ANN202 - data/prepare.py is a script, not a package
     spec = importlib.util.spec_from_file_location("data_prepare", ROOT / "data" / "prepare.py")
     assert spec is not None and spec.loader is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -31,6 +33,15 @@ def evaluate_mask(mask_path: Path, image_path: Path = TEST_IMAGE,
                             image.spacing, {"brain": 1}, tolerance_mm=2.0)["brain"]
     return {"dice": metrics["dice"], "hd95_mm": metrics["hd95_mm"], "nsd": metrics["nsd"],
             "pred_voxels": metrics["pred_voxels"], "ref_voxels": metrics["ref_voxels"]}
+
+
+def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows (dicts with the first row's keys) as a CSV file, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def record_peer(row: dict[str, Any], path: Path = PEERS_JSON) -> Path:

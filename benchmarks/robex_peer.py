@@ -30,8 +30,6 @@ ROBEX's row in ``docs/comparison/BrainMaskT1/peers.json``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
@@ -48,7 +46,15 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import psutil
-from peer_common import PEER_RUNS, ROOT, TEST_IMAGE, evaluate_mask, load_average, record_peer
+from peer_common import (
+    PEER_RUNS,
+    ROOT,
+    TEST_IMAGE,
+    evaluate_mask,
+    load_average,
+    record_peer,
+    write_rows_csv,
+)
 
 from medseg3d.datasets.brain_definition import brain_envelope
 from medseg3d.io.atomic import write_text_atomic
@@ -229,11 +235,7 @@ def write_cases_csv(records: list[dict[str, Any]], path: Path) -> None:
              **{f"{kind}_{key}": r[kind][key] for kind in ("raw", "envelope")
                 for key in ("dice", "hd95_mm", "nsd", "pred_voxels")},
              "ref_voxels": r["raw"]["ref_voxels"]} for r in records]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
+    write_rows_csv(path, rows)
 
 
 def summary_markdown(records: list[dict[str, Any]], command: str) -> str:
