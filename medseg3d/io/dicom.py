@@ -23,8 +23,9 @@ instances through it):
 * Files are ordered along the slice normal ``n = row direction x column direction`` of
   ImageOrientationPatient (LPS), so ``k`` grows along ``n``.
 * File ``k``'s ImagePositionPatient equals ``diag(-1, -1, 1) @ (affine @ [0, 0, k, 1])[:3]`` (the
-  RAS affine's point converted to LPS) within ``max(0.02 mm, 1 % of the slice step)``. Every slice
-  is checked against the affine on reading; a series that cannot keep this promise is refused.
+  RAS affine's point converted to LPS) within ``max(0.1 mm, 1 % of the slice step)`` (0.1 mm:
+  positions written to one decimal, as GE writes them, still fit). Every slice is checked against
+  the affine on reading; a series that cannot keep this promise is refused.
 
 Refused with one MedsegError naming the folder (and the file, in the message): several series
 without a choice, no DICOM files, a non-DICOM ``.dcm`` file, localizers, mixed orientations,
@@ -50,7 +51,7 @@ from pydicom.uid import UID
 
 from medseg3d.errors import MedsegError
 from medseg3d.io import sitk_log
-from medseg3d.io.dicom_geometry import STEP_RTOL, SliceHeader, SliceStack, check_grid, stacked
+from medseg3d.io.dicom_geometry import SliceHeader, SliceStack, check_grid, stacked
 from medseg3d.io.memory_limit import refuse_over_limit
 from medseg3d.io.nifti import nifti_header
 from medseg3d.io.paths import not_a_file
@@ -317,7 +318,8 @@ def _decode(stack: SliceStack) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in stack.slices])
     reader.SetOutputPixelType(sitk.sitkFloat32)  # each slice's own rescale, fractions kept
-    reader.SetSpacingWarningRelThreshold(2 * STEP_RTOL)  # steps were checked above
+    # steps were checked above; two neighbouring steps may differ by twice their tolerance
+    reader.SetSpacingWarningRelThreshold(4 * stack.tolerance_mm / stack.step_mm)
     try:
         with sitk_log.about(stack.folder):
             return reader.Execute()

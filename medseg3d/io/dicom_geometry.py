@@ -16,11 +16,13 @@ import numpy as np
 
 from medseg3d.errors import MedsegError
 
-__all__ = ["STEP_RTOL", "SliceHeader", "SliceStack", "check_grid", "stacked"]
+__all__ = ["SliceHeader", "SliceStack", "check_grid", "stacked"]
 
 _ORIENTATION_ATOL = 1e-4  # direction cosines; writers keep 6 or more decimals
-_POSITION_ATOL_MM = 0.02  # positions written with 2 decimals still fit
-STEP_RTOL = 0.01  # slice steps may differ by 1 % of their median (rounded positions)
+# GE (and others) write ImagePositionPatient to 0.1 mm: rounding each coordinate moves a slice
+# up to 0.087 mm off its grid, which a 7 mm step's 1 % would refuse.
+_POSITION_ATOL_MM = 0.1
+STEP_RTOL = 0.01  # and 1 % of the median step, for long steps
 _GAP_FACTOR = 1.5  # a step this many medians long means slices are missing
 _MAX_STRAYS = 3  # this few slices of another orientation among many are localizers
 
@@ -46,11 +48,12 @@ class SliceHeader:
 
 @dataclass(frozen=True)
 class SliceStack:
-    """A series' slices in volume order and the tolerance on their positions."""
+    """A series' slices in volume order, their step and the tolerance on their positions."""
 
     folder: Path
     slices: list[SliceHeader]
     tolerance_mm: float
+    step_mm: float
 
 
 def stacked(slices: list[SliceHeader], folder: Path) -> SliceStack:
@@ -81,9 +84,10 @@ def stacked(slices: list[SliceHeader], folder: Path) -> SliceStack:
     affine = np.eye(4)  # as ITK builds it: orthogonal axes, step = first-to-last distance / (n-1)
     affine[:3, 0] = row * spacing[1]
     affine[:3, 1] = column * spacing[0]
-    affine[:3, 2] = normal * float(np.linalg.norm(travel)) / (len(ordered) - 1)
+    step = float(np.linalg.norm(travel)) / (len(ordered) - 1)
+    affine[:3, 2] = normal * step
     affine[:3, 3] = _position(ordered[0])
-    stack = SliceStack(folder, ordered, tolerance)
+    stack = SliceStack(folder, ordered, tolerance, step)
     check_grid(stack, affine)
     return stack
 
@@ -166,10 +170,11 @@ def _check_steps(ordered: list[SliceHeader], depth: np.ndarray, steps: np.ndarra
         raise MedsegError(f"missing slices: a gap of {steps[k]:.4g} mm between "
                           f"{ordered[k].path.name} and {ordered[k + 1].path.name} where the "
                           f"slices are {median:.4g} mm apart (about {missing} missing)", folder)
-    if np.abs(steps - median).max() > STEP_RTOL * median:
+    # a step is the difference of two positions, each rounded by up to ``tolerance``
+    if np.abs(steps - median).max() > 2 * tolerance:
         raise MedsegError(f"non-uniform slice spacing: steps from {steps.min():.4g} to "
-                          f"{steps.max():.4g} mm, more than 1 % from their median {median:.4g} mm",
-                          folder)
+                          f"{steps.max():.4g} mm, more than {2 * tolerance:.3g} mm from their "
+                          f"median {median:.4g} mm", folder)
 
 
 def check_grid(stack: SliceStack, affine_lps: np.ndarray) -> None:

@@ -209,6 +209,18 @@ def test_uneven_steps_within_one_percent_are_read(tmp_path: Path) -> None:
     assert read_volume(tmp_path / "s").spacing[2] == pytest.approx(2.5)
 
 
+def test_positions_rounded_to_a_tenth_of_a_mm_are_read(tmp_path: Path) -> None:
+    # as a GE scanner wrote a 20-slice PD series: an oblique 6.97 mm stack, each coordinate of
+    # ImagePositionPatient rounded to 0.1 mm, so steps read 6.96-7.07 mm (1.4 % off their median)
+    orientation = (1.0, 0.0, 0.0, 0.0, 0.99096, 0.134158)
+    exact = positions_along(orientation, 20, 6.972)
+    rounded = [np.round(p, 1) for p in exact]
+    write_series(tmp_path / "s", rounded, orientation)
+    volume = read_volume(tmp_path / "s")
+    assert volume.spacing[2] == pytest.approx(6.972, abs=0.01)
+    assert volume.spatial_shape[2] == 20
+
+
 def test_undecodable_transfer_syntax_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "htj2k"
     for file in write_series(folder, count=3):
