@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's left, columns to posterior
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -77,7 +77,8 @@ def ct_slice(index: int, position: Sequence[float], orientation: Sequence[float]
     ds.PixelRepresentation = 0
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
     row, column = np.mgrid[:rows, :columns]
-    ds.PixelData = (100 * index + column + 20 * row + 1024).astype("<u2").tobytes()
+    order = ">" if transfer_syntax == ExplicitVRBigEndian else "<"  # pydicom writes bytes as given
+    ds.PixelData = (100 * index + column + 20 * row + 1024).astype(f"{order}u2").tobytes()
     for name, value in tags.items():
         setattr(ds, name, value)
     return ds

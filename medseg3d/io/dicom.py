@@ -47,7 +47,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from medseg3d.errors import MedsegError
 from medseg3d.io import sitk_log
@@ -270,11 +270,13 @@ def _pixel_data_problem(fp: BinaryIO, ds: pydicom.Dataset) -> str | None:
     """Why the pixel data that follows the header (``fp`` stands at its tag) cannot be the
     image the header describes, or None. Uncompressed data must hold every pixel, in a file
     long enough for it; GDCM would fill what is missing with zeros."""
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    if syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+        return None  # zlib data or byte-swapped tags past the meta header: the decoder judges
     start = fp.tell()
     head = fp.read(12)
     if len(head) < 8 or head[:4] not in _PIXEL_TAGS:
         return "it has no pixel data"
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     if syntax not in _UNCOMPRESSED_LE:
         return None  # encapsulated or deflated: the decoder judges
     explicit = syntax != "1.2.840.10008.1.2" and head[4:6] in (b"OB", b"OW")
