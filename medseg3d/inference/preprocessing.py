@@ -140,8 +140,12 @@ def preprocess_image(volume: Volume, plan: Plan) -> tuple[torch.Tensor, GridTran
     grid = plan_grid(volume, plan.spacing)
     array = volume.array if volume.array.ndim == 4 else volume.array[..., None]
     if array.shape[3] != plan.num_channels:
+        # a 4D fMRI, ASL or diffusion file reads as one channel per volume
+        series = ("; a series over time or directions (fMRI, ASL, DWI)? segment one of its "
+                  "volumes, or their mean, saved as a 3D file"
+                  if array.shape[3] > plan.num_channels == 1 else "")
         raise MedsegError(f"image has {array.shape[3]} channel(s) but the model expects "
-                          f"{plan.num_channels}", volume.path)
+                          f"{plan.num_channels}{series}", volume.path)
     canonical = np.moveaxis(reorient(array, grid.to_canonical), 3, 0)
     image = torch.from_numpy(normalize(canonical, plan.normalization))
     return resize(image, grid.plan_shape), grid
