@@ -204,16 +204,19 @@ def _grouped(slices: list[SliceHeader]) -> dict[str, list[SliceHeader]]:
 
 
 def _chosen(folder: Path, series_uid: str | None) -> list[SliceHeader]:
-    """The slices of the one series in ``folder``, or of ``series_uid``."""
+    """The slices of the one series in ``folder``, or of ``series_uid``; a damaged slice of
+    that series is refused by name (one of another series does not stop it)."""
     groups = _grouped(_images(folder))
-    if series_uid is None:
-        if len(groups) == 1:
-            return next(iter(groups.values()))
+    if series_uid is None and len(groups) > 1:
         raise MedsegError(f"holds {len(groups)} DICOM series; choose one with --series UID: "
                           f"{_listing(groups)}", folder)
-    if series_uid not in groups:
+    if series_uid is not None and series_uid not in groups:
         raise MedsegError(f"holds no series {series_uid!r}; it holds {_listing(groups)}", folder)
-    return groups[series_uid]
+    chosen = groups[series_uid] if series_uid is not None else next(iter(groups.values()))
+    for s in chosen:
+        if s.problem:
+            raise MedsegError(f"{s.path.name}: {s.problem}", folder)
+    return chosen
 
 
 def _listing(groups: dict[str, list[SliceHeader]]) -> str:
@@ -232,8 +235,7 @@ def _header(path: Path, folder: Path) -> SliceHeader | None:
             if ds.get("Rows") is None or ds.get("Columns") is None:
                 _refuse_a_damaged_image(ds, path, folder)
                 return None  # a report, a structure set, a DICOMDIR
-            if (problem := _pixel_data_problem(fp, ds)) is not None:
-                raise MedsegError(f"{path.name}: {problem}", folder)
+            problem = _pixel_data_problem(fp, ds) or ""
         return SliceHeader(
             path, str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("Modality", "") or ""),
             str(ds.get("SeriesDescription", "") or ""),
@@ -243,7 +245,7 @@ def _header(path: Path, folder: Path) -> SliceHeader | None:
             int(ds.get("SamplesPerPixel") or 1),
             _numbers(ds, "ImagePositionPatient", 3, path, folder),
             _numbers(ds, "ImageOrientationPatient", 6, path, folder),
-            _numbers(ds, "PixelSpacing", 2, path, folder))
+            _numbers(ds, "PixelSpacing", 2, path, folder), problem)
     except MedsegError:
         raise
     except PermissionError as exc:

@@ -44,6 +44,7 @@ class SliceHeader:
     position: tuple[float, ...]  # () where the tag is missing
     orientation: tuple[float, ...]
     pixel_spacing: tuple[float, ...]
+    problem: str = ""  # why its pixel data cannot be the image, raised if its series is read
 
 
 @dataclass(frozen=True)

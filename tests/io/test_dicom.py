@@ -424,3 +424,14 @@ def test_a_damaged_slice_is_named_not_dropped_or_zero_filled(tmp_path: Path, dam
     files = write_series(folder, count=5)
     damage(files[2])
     assert files[2].name in refused(folder, fragment)
+
+
+def test_a_damaged_slice_of_another_series_does_not_stop_the_chosen_one(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    good = write_series(folder, count=4, series_uid="1.2.3.4")
+    damaged = write_series(folder, count=3, series_uid="1.2.3.5", description="other")
+    _cut_pixel_data(damaged[1])
+    for chosen, series in ((folder, "1.2.3.4"), (good[0], None)):
+        np.testing.assert_array_equal(read_volume(chosen, series=series).array,
+                                      expected_array(4))
+    assert damaged[1].name in refused(folder, "its pixel data holds", series="1.2.3.5")
