@@ -280,7 +280,7 @@ def _pixel_data_problem(fp: BinaryIO, ds: pydicom.Dataset) -> str | None:
     if len(head) < 8 or head[:4] not in _PIXEL_TAGS:
         return "it has no pixel data"
     if syntax not in _UNCOMPRESSED_LE:
-        return None  # encapsulated or deflated: the decoder judges
+        return None  # encapsulated: the decoder judges
     explicit = syntax != "1.2.840.10008.1.2" and head[4:6] in (b"OB", b"OW")
     length = struct.unpack("<I", head[8:12] if explicit else head[4:8])[0]
     bits = int(ds.get("BitsAllocated") or 16)

@@ -22,7 +22,7 @@ _ORIENTATION_ATOL = 1e-4  # direction cosines; writers keep 6 or more decimals
 # GE (and others) write ImagePositionPatient to 0.1 mm: rounding each coordinate moves a slice
 # up to 0.087 mm off its grid, which a 7 mm step's 1 % would refuse.
 _POSITION_ATOL_MM = 0.1
-STEP_RTOL = 0.01  # and 1 % of the median step, for long steps
+_STEP_RTOL = 0.01  # and 1 % of the median step, for long steps
 _GAP_FACTOR = 1.5  # a step this many medians long means slices are missing
 _MAX_STRAYS = 3  # this few slices of another orientation among many are localizers
 
@@ -54,7 +54,12 @@ class SliceStack:
     folder: Path
     slices: list[SliceHeader]
     tolerance_mm: float
-    step_mm: float
+
+    @property
+    def step_mm(self) -> float:
+        """First-to-last distance over the gaps between them, as ITK builds the grid."""
+        travel = _position(self.slices[-1]) - _position(self.slices[0])
+        return float(np.linalg.norm(travel)) / (len(self.slices) - 1)
 
 
 def stacked(slices: list[SliceHeader], folder: Path) -> SliceStack:
@@ -71,7 +76,7 @@ def stacked(slices: list[SliceHeader], folder: Path) -> SliceStack:
     depth = np.array([np.dot(_position(s), normal) for s in ordered])
     steps = np.diff(depth)
     median = float(np.median(steps))
-    tolerance = max(_POSITION_ATOL_MM, STEP_RTOL * median)
+    tolerance = max(_POSITION_ATOL_MM, _STEP_RTOL * median)
     _check_steps(ordered, depth, steps, median, tolerance, folder)
     travel = _position(ordered[-1]) - _position(ordered[0])
     along = float(travel @ normal)
@@ -82,13 +87,12 @@ def stacked(slices: list[SliceHeader], folder: Path) -> SliceStack:
                           f"{along:.4g} mm along their normal, a tilt of {angle:.3g} degrees; "
                           "resample it onto a regular grid first (dcm2niix corrects tilt)", folder)
     spacing = ordered[0].pixel_spacing  # [between rows, between columns]
+    stack = SliceStack(folder, ordered, tolerance)
     affine = np.eye(4)  # as ITK builds it: orthogonal axes, step = first-to-last distance / (n-1)
     affine[:3, 0] = row * spacing[1]
     affine[:3, 1] = column * spacing[0]
-    step = float(np.linalg.norm(travel)) / (len(ordered) - 1)
-    affine[:3, 2] = normal * step
+    affine[:3, 2] = normal * stack.step_mm
     affine[:3, 3] = _position(ordered[0])
-    stack = SliceStack(folder, ordered, tolerance, step)
     check_grid(stack, affine)
     return stack
 
