@@ -1,10 +1,8 @@
-"""`make demo`: segment a real T1 scan with the shipped brain model, and check it.
+"""`make demo`: segment a real T1 scan that the shipped brain model never saw, and check it.
 
 Builds the BrainMaskT1 dataset when missing (downloads packages, see data/README.md), runs
-`medseg3d predict` with the shipped `brainmask` model on the Colin27 head, prints the per-label
-volumes and the Dice against its reference mask, and writes a three-slice overlay PNG. The
-shipped model trains on every labelled head, Colin27 included, so this Dice shows the pipeline
-works, not how it generalises: that is the leave-one-subject-out table of models/README.md.
+`medseg3d predict` with the shipped `brainmask` model on the held-out Colin27 head, prints the
+per-label volumes and the Dice against its reference mask, and writes a three-slice overlay PNG.
 """
 
 from __future__ import annotations
@@ -44,8 +42,8 @@ def main() -> int:
     png = save_overlay(image, pred.array, OUT / f"{CASE}_overlay.png", reference=ref.array,
                        title=f"{CASE}: predicted brain (fill) vs reference (yellow), "
                              f"Dice {brain['dice']:.3f}")
-    print(f"\n{CASE}, a training head of the shipped model (not a test score; heads it never saw: "
-          f"models/README.md): Dice {brain['dice']:.4f}, "
+    print(f"\nvalidation case {CASE} (not in training, but it chose the model's settings: not a "
+          f"test score): Dice {brain['dice']:.4f}, "
           f"HD95 {brain['hd95_mm']:.2f} mm, surface Dice@2mm {brain['nsd']:.4f}")
     print(f"segmentation: {prediction}\noverlay:      {png}")
     return 0

