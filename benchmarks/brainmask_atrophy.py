@@ -43,8 +43,7 @@ def smooth_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray
     """A smooth random field in [0, 1] over ``shape`` (cubic interpolation of a coarse lattice)."""
     coarse = rng.random((FIELD_NODES,) * len(shape))
     zoom = [n / FIELD_NODES for n in shape]
-    return np.clip(ndi.zoom(coarse, zoom, order=3, mode="nearest"), 0.0, 1.0)[
-        tuple(slice(0, n) for n in shape)]
+    return np.clip(ndi.zoom(coarse, zoom, order=3, mode="nearest"), 0.0, 1.0)
 
 
 def shrink_brain(image: np.ndarray, brain: np.ndarray, strip: np.ndarray,
