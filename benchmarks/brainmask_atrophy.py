@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from brainmask_strips import STRIPS, shipped_strip
+from peer_common import derived_dataset
 from scipy import ndimage as ndi
 
 from medseg3d.datasets.brain_definition import brain_from_strip, csf_rim, csf_threshold
@@ -80,14 +79,8 @@ def main() -> None:
                         help="one variant per depth (the field's maximum)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    for folder in ("imagesTr", "labelsTr"):
-        (args.out / folder).mkdir(parents=True)
+    derived_dataset(args.dataset, args.out, link=["imagesTr", "labelsTr"])
     spec = json.loads((args.dataset / "dataset.json").read_text())
-    for folder in ("imagesTr", "labelsTr"):
-        for path in sorted((args.dataset / folder).glob("*.nii.gz")):
-            os.link(path, args.out / folder / path.name)
     rng = np.random.default_rng(args.seed)
     for case in sorted(set(STRIPS) & set(spec["cases"])):
         image_file = nib.load(str(args.dataset / "imagesTr" / f"{case}_0000.nii.gz"))

@@ -24,12 +24,12 @@ import argparse
 import functools
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from peer_common import derived_dataset
 
 from medseg3d.datasets.brain_definition import brain_from_strip
 from medseg3d.evaluation.metrics import dice
@@ -69,13 +69,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw")
     args = parser.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    for folder in ("imagesTr", "labelsTr"):
-        (args.out / folder).mkdir(parents=True)
-    shutil.copy2(args.dataset / "dataset.json", args.out / "dataset.json")
-    for image in sorted((args.dataset / "imagesTr").glob("*.nii.gz")):
-        os.link(image, args.out / "imagesTr" / image.name)
+    derived_dataset(args.dataset, args.out, link=["imagesTr"])
     for label in sorted((args.dataset / "labelsTr").glob("*.nii.gz")):
         case = label.name.removesuffix(".nii.gz")
         if case not in STRIPS:

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,20 @@ TEST_IMAGE = DATASET / "imagesTs" / "colin27_0000.nii.gz"
 TEST_LABEL = DATASET / "labelsTs" / "colin27.nii.gz"
 PEERS_JSON = ROOT / "docs" / "comparison" / "BrainMaskT1" / "peers.json"
 PEER_RUNS = ROOT / "runs" / "peers"  # git-ignored: masks derived from third-party scans stay here
+
+
+def derived_dataset(source: Path, out: Path, link: Iterable[str] = ()) -> None:
+    """Start ``out`` as a dataset derived from ``source``: emptied, with imagesTr and labelsTr,
+    ``source``'s dataset.json copied, and every file of the ``link`` folders hard-linked (the
+    derived dataset's scripts write only what they change)."""
+    if out.exists():
+        shutil.rmtree(out)
+    for folder in ("imagesTr", "labelsTr"):
+        (out / folder).mkdir(parents=True)
+    shutil.copy2(source / "dataset.json", out / "dataset.json")
+    for folder in link:
+        for path in sorted((source / folder).glob("*.nii.gz")):
+            os.link(path, out / folder / path.name)
 
 
 def evaluate_mask(mask_path: Path, image_path: Path = TEST_IMAGE,

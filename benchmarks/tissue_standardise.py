@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from peer_common import derived_dataset
 
 from medseg3d.datasets.brain_definition import kmeans_centres
 
@@ -60,11 +60,7 @@ def _save_like(data: np.ndarray, like: Path, out: Path) -> None:
 
 def standardise_dataset(dataset: Path, out: Path) -> None:
     """Every image of ``dataset`` standardised on its own reference; labels and dataset.json kept."""
-    if out.exists():
-        shutil.rmtree(out)
-    for folder in ("imagesTr", "labelsTr"):
-        (out / folder).mkdir(parents=True)
-    shutil.copy2(dataset / "dataset.json", out / "dataset.json")
+    derived_dataset(dataset, out)
     for label in sorted((dataset / "labelsTr").glob("*.nii.gz")):
         case = label.name.removesuffix(".nii.gz")
         image = dataset / "imagesTr" / f"{case}_0000.nii.gz"
