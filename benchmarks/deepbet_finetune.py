@@ -143,6 +143,8 @@ def predict(network: torch.jit.ScriptModule, locator: torch.jit.ScriptModule,
     located = largest_component(locator(standardise(small, low, high)[None, None])[0, 1].numpy() > 0.5)
     located = F.interpolate(torch.from_numpy(located.astype(np.float32))[None, None], image.shape,
                             mode="nearest-exact")[0, 0].numpy() > 0.5
+    if not located.any():
+        raise SystemExit("deepbet's locator found no head in the scan")
     box = box_around(located)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = network(standardise(to_frame(image, box, frame), low, high)[None, None])[0, 1]
@@ -194,7 +196,8 @@ def main() -> None:
     parser.add_argument("--summarise", action="store_true",
                         help="only write RESULTS/summary.md from the runs there")
     parser.add_argument("--held", help="the case whose subject is left out and scored")
-    parser.add_argument("--labels", type=Path, help="training targets (default: the references)")
+    parser.add_argument("--labels", type=Path, help="training targets (default: the references); "
+                        "a folder under a name holding 'Strip' is recorded as strip targets")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--frame", type=int, default=192, help="deepbet's is 256")
     parser.add_argument("--lr", type=float, default=3e-4)

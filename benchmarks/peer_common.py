@@ -1,4 +1,5 @@
-"""Shared helpers of the peer scripts: evaluate a mask on colin27 and record it in peers.json."""
+"""Shared helpers of the peer scripts: evaluate a mask on colin27, record it in peers.json, and
+start a dataset derived from another (the brain-mask trial datasets)."""
 
 from __future__ import annotations
 
