@@ -178,7 +178,9 @@ def summarise(results: Path) -> str:
             cell.setdefault(threshold, []).append(dice_at["rule"])
     heads = sorted({held for _, held in table})
     settings = sorted({setting for setting, _ in table})
-    lines = ["| setting | threshold | " + " | ".join(heads) + " |",
+    lines = ["# deepbet fine-tuned, leave one subject out: Dice after the rule (mean over seeds)", "",
+             "Written by `python benchmarks/deepbet_finetune.py --summarise`; the runs: README.md.", "",
+             "| setting | threshold | " + " | ".join(heads) + " |",
              "|---|---|" + "---|" * len(heads)]
     for setting in settings:
         for threshold in map(str, THRESHOLDS):
