@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from brainmask_loso import subjects_of
 from scipy import ndimage as ndi
 
 from medseg3d.datasets.brain_definition import brain_from_strip, largest_component
@@ -68,9 +69,13 @@ def box_around(mask: np.ndarray, margin: float = MARGIN) -> Box:
     return tuple(sides)  # type: ignore[return-value]
 
 
-def window(volume: np.ndarray) -> tuple[float, float]:
-    """deepbet's intensity window: the 0.5 and 99.5 % quantiles of a 128³ nearest copy."""
-    small = F.interpolate(torch.from_numpy(volume)[None, None], (128,) * 3, mode="nearest-exact")
+def thumbnail(volume: np.ndarray) -> torch.Tensor:
+    """The 128³ nearest-neighbour copy deepbet's locator sees and its window is taken from."""
+    return F.interpolate(torch.from_numpy(volume)[None, None], (128,) * 3, mode="nearest-exact")[0, 0]
+
+
+def window(small: torch.Tensor) -> tuple[float, float]:
+    """deepbet's intensity window: the 0.5 and 99.5 % quantiles of the ``thumbnail``."""
     return float(small.quantile(0.005)), float(small.quantile(0.995))
 
 
@@ -91,18 +96,18 @@ def standardise(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 def training_cases(dataset: Path, labels: Path, held: str, frame: int
                    ) -> list[tuple[torch.Tensor, torch.Tensor, float, float]]:
     """Every case of every other subject in deepbet's frame (box from the reference)."""
-    spec = json.loads((dataset / "dataset.json").read_text())["cases"]
-    subject = {case: notes.get("subject", case) for case, notes in spec.items()}
+    subject = subjects_of(json.loads((dataset / "dataset.json").read_text()))
     cases = []
-    for case in sorted(spec):
+    for case in sorted(subject):
         if subject[case] == subject[held]:
             continue
         image, _ = canonical(dataset / "imagesTr" / f"{case}_0000.nii.gz")
         brain, _ = canonical(dataset / "labelsTr" / f"{case}.nii.gz")
-        target, _ = canonical(labels / f"{case}.nii.gz")
+        same = labels.resolve() == (dataset / "labelsTr").resolve()
+        target = brain if same else canonical(labels / f"{case}.nii.gz")[0]
         box = box_around(brain > 0)
         cases.append((to_frame(image, box, frame), to_frame(target > 0, box, frame, labels=True),
-                      *window(image)))
+                      *window(thumbnail(image))))
     return cases
 
 
@@ -138,8 +143,8 @@ def predict(network: torch.jit.ScriptModule, locator: torch.jit.ScriptModule,
             image: np.ndarray, frame: int) -> np.ndarray:
     """deepbet's two stages on ``image``: box from its locator, probability in the frame, back."""
     network.eval()
-    low, high = window(image)
-    small = F.interpolate(torch.from_numpy(image)[None, None], (128,) * 3, mode="nearest-exact")[0, 0]
+    small = thumbnail(image)
+    low, high = window(small)
     located = largest_component(locator(standardise(small, low, high)[None, None])[0, 1].numpy() > 0.5)
     located = F.interpolate(torch.from_numpy(located.astype(np.float32))[None, None], image.shape,
                             mode="nearest-exact")[0, 0].numpy() > 0.5
